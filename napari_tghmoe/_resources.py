@@ -1,0 +1,24 @@
+"""Locate files bundled with the project (demo model, presets, WordNet list)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+_PACKAGE_DIR = Path(__file__).resolve().parent
+
+
+def resources_dir() -> Path:
+    """The project's ``resources/`` folder (beside the package in a source checkout)."""
+    for candidate in (_PACKAGE_DIR.parent / "resources", _PACKAGE_DIR / "resources"):
+        if candidate.is_dir():
+            return candidate
+    raise FileNotFoundError(f"resources folder not found next to {_PACKAGE_DIR}")
+
+
+def resource_path(*parts: str) -> Path:
+    return resources_dir().joinpath(*parts)
+
+
+def demo_model_path() -> Path:
+    """Folder of the bundled demo model (``resources/demo-model``)."""
+    return resource_path("demo-model")
