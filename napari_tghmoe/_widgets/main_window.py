@@ -214,9 +214,18 @@ def launch(
     viewer = napari.Viewer(title="napari-tghmoe", show=True)
     _napari_private.main_qt_window(viewer).resize(*window_size)
     workspace = setup_viewer(viewer, volume)
+    # Chat + routing docks (issue 5); a screenshot run uses a throw-away transcript.
+    from napari_tghmoe._widgets.chat import answer_and_wait, dock_assistant
+
+    chat_options = {} if screenshot is None else {"autosave": False, "max_new_tokens": 48}
+    chat, routing = dock_assistant(viewer, **chat_options)
     if screenshot is None:
         napari.run()
         return 0
+    record = answer_and_wait(chat)  # "Generate report" to completion, then the overlay
+    if record is not None and routing.trace is not None:
+        routing.update_overlay(create=True)
+    routing.wait_until_rendered()
     for _ in range(5):
         QApplication.processEvents()
     workspace.ortho_views.fit_all()

@@ -1,0 +1,397 @@
+"""Routing view: what the question asked for, which experts worked, and where in the volume.
+
+For the answer selected in the chat transcript (the latest by default) it draws, with
+matplotlib (rendered in a worker thread, shown in the dock as a picture so the viewer
+never waits for a redraw):
+
+* a bar chart of the task-group probabilities (level 1: text -> task group);
+* a heatmap of mean expert weight per MoE block (level 2: token -> expert utilisation);
+* a per-slice curve of the dominant expert in the chosen block;
+
+and puts a "routing: ..." layer over the CT, with the CT layer's own scale and translate so
+it lines up in world coordinates: the dominant expert per voxel as Labels, or one chosen
+expert's weight as an Image heatmap. The numbers all come from the answer's
+``RoutingTrace``; this module only draws them.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+from napari.layers import Image, Labels
+from qtpy.QtCore import Qt, QTimer, Signal
+from qtpy.QtWidgets import QComboBox, QGridLayout, QLabel, QPushButton, QSizePolicy, QVBoxLayout, QWidget
+
+from napari_tghmoe._widgets.chat import AnswerRecord, ChatWidget, chat_hub
+
+DOMINANT = "dominant expert (labels)"
+BODY_THRESHOLD_HU = -500.0  # the dominant-expert labels cover voxels above this (the body)
+OVERLAY_PREFIX = "routing: "
+
+_BACKGROUND = "#262930"  # napari's dark theme, so the plots do not glare beside the canvas
+_FOREGROUND = "#d0d3d9"
+_ACCENT = "#58a6ff"
+
+
+def overlay_name(block: int, expert_name: str | None) -> str:
+    what = "dominant expert" if expert_name is None else f"{expert_name} weight"
+    return f"{OVERLAY_PREFIX}block {block} {what}"
+
+
+class RoutingView(QWidget):
+    """Plots and overlay of the TGH-MoE routing of one answer."""
+
+    plot_rendered = Signal()  # the picture of the current record's plots is on screen
+
+    def __init__(self, napari_viewer: Any, chat: ChatWidget | None = None) -> None:
+        super().__init__()
+        self.viewer = napari_viewer
+        self.chat: ChatWidget | None = None
+        self.record: AnswerRecord | None = None
+        self.overlay_layer: Labels | Image | None = None
+        self._build_ui()
+        hub = chat_hub()
+        chat = chat or hub.chat_for(napari_viewer)
+        if chat is not None:
+            self.connect_chat(chat)
+        else:
+            hub.chat_created.connect(self._on_chat_created)
+        self.show_record(None)
+
+    # ------------------------------------------------------------------ UI
+    def _build_ui(self) -> None:
+        self.answer_combo = QComboBox()
+        self.answer_combo.setToolTip("Answer whose routing is shown (the latest by default)")
+        self.block_combo = QComboBox()
+        self.block_combo.setToolTip("Vision block with experts")
+        self.expert_combo = QComboBox()
+        self.expert_combo.setToolTip("Overlay: the dominant expert per voxel, or one expert's weight")
+        self.overlay_button = QPushButton("Show overlay")
+        self.overlay_button.setToolTip("Add or update the 'routing: ...' layer over the CT")
+        self.info_label = QLabel()
+        self.info_label.setWordWrap(True)
+
+        controls = QGridLayout()
+        controls.addWidget(QLabel("Answer"), 0, 0)
+        controls.addWidget(self.answer_combo, 0, 1, 1, 3)
+        controls.addWidget(QLabel("Block"), 1, 0)
+        controls.addWidget(self.block_combo, 1, 1)
+        controls.addWidget(QLabel("Overlay"), 1, 2)
+        controls.addWidget(self.expert_combo, 1, 3)
+        controls.setColumnStretch(3, 1)
+
+        # The matplotlib figure is drawn (Agg) in a worker thread and shown as a picture: a
+        # FigureCanvasQTAgg redraw took 0.3-0.5 s on the GUI thread here, freezing the viewer.
+        self.figure: Any = None  # the last rendered matplotlib Figure
+        self.canvas = QLabel()
+        self.canvas.setAlignment(Qt.AlignmentFlag.AlignTop | Qt.AlignmentFlag.AlignHCenter)
+        self.canvas.setSizePolicy(QSizePolicy.Policy.Expanding, QSizePolicy.Policy.Expanding)
+        self.canvas.setMinimumSize(300, 430)
+        self.rendered_turn: int | None = None
+        self._render_serial = 0
+        self._resize_timer = QTimer(self)
+        self._resize_timer.setSingleShot(True)
+        self._resize_timer.setInterval(250)
+        self._resize_timer.timeout.connect(lambda: self._redraw())
+
+        layout = QVBoxLayout(self)
+        layout.addLayout(controls)
+        layout.addWidget(self.canvas, 1)
+        row = QGridLayout()
+        row.addWidget(self.overlay_button, 0, 0)
+        row.addWidget(self.info_label, 0, 1)
+        row.setColumnStretch(1, 1)
+        layout.addLayout(row)
+
+        self.answer_combo.activated.connect(self._on_answer_picked)
+        self.block_combo.activated.connect(lambda _: self._redraw(update_overlay=True))
+        self.expert_combo.activated.connect(lambda _: self.update_overlay())
+        self.overlay_button.clicked.connect(lambda: self.update_overlay(create=True))
+
+    # ------------------------------------------------------------------ chat link
+    def _on_chat_created(self, chat: ChatWidget) -> None:
+        if self.chat is None and chat.viewer is self.viewer:
+            self.connect_chat(chat)
+
+    def connect_chat(self, chat: ChatWidget) -> None:
+        self.chat = chat
+        chat.answer_recorded.connect(self._on_answer_recorded)
+        chat.answer_selected.connect(self._on_answer_selected)
+        self._refresh_answers()
+        latest = chat.latest_record()
+        if latest is not None:
+            self.show_record(latest)
+
+    def _refresh_answers(self) -> None:
+        self.answer_combo.blockSignals(True)
+        self.answer_combo.clear()
+        if self.chat is not None:
+            for turn_id, record in sorted(self.chat.records.items()):
+                if getattr(record.answer, "routing", None) is not None:
+                    self.answer_combo.addItem(record.label, turn_id)
+        if self.record is not None:
+            index = self.answer_combo.findData(self.record.turn_id)
+            if index >= 0:
+                self.answer_combo.setCurrentIndex(index)
+        self.answer_combo.blockSignals(False)
+
+    def _on_answer_recorded(self, turn_id: int) -> None:
+        self._refresh_answers()
+
+    def _on_answer_selected(self, turn_id: int) -> None:
+        if self.chat is None:
+            return
+        if turn_id < 0:  # transcript cleared
+            self._refresh_answers()
+            self.show_record(None)
+            return
+        record = self.chat.records.get(turn_id)
+        if record is not None:
+            self._refresh_answers()
+            self.show_record(record)
+
+    def _on_answer_picked(self, index: int) -> None:
+        turn_id = self.answer_combo.itemData(index)
+        if self.chat is not None and turn_id in self.chat.records:
+            self.chat.select_answer(turn_id)  # keeps transcript and plots in step
+
+    # ------------------------------------------------------------------ showing
+    @property
+    def trace(self) -> Any:
+        return getattr(self.record.answer, "routing", None) if self.record is not None else None
+
+    def show_record(self, record: AnswerRecord | None) -> None:
+        """Show the routing of ``record`` (None: clear the plots)."""
+        self.record = record
+        trace = self.trace
+        previous_block, previous_expert = self.current_block(), self.current_expert()
+        self.block_combo.clear()
+        self.expert_combo.clear()
+        if trace is not None:
+            for block in trace.blocks:
+                self.block_combo.addItem(f"block {block}", int(block))
+            self.expert_combo.addItem(DOMINANT, None)
+            for index, name in enumerate(trace.expert_names):
+                self.expert_combo.addItem(f"{name} weight", index)
+            # keep the user's block / expert when the new answer has them; else the deepest
+            # block (the one with task groups) and the dominant-expert labels
+            block_index = self.block_combo.findData(previous_block) if previous_block is not None else -1
+            self.block_combo.setCurrentIndex(block_index if block_index >= 0 else len(trace.blocks) - 1)
+            expert_index = self.expert_combo.findData(previous_expert) if previous_expert is not None else -1
+            self.expert_combo.setCurrentIndex(max(expert_index, 0))
+            index = self.answer_combo.findData(record.turn_id)
+            if index >= 0:
+                self.answer_combo.setCurrentIndex(index)
+        self.overlay_button.setEnabled(trace is not None)
+        self._redraw(update_overlay=True)
+
+    def current_block(self) -> int | None:
+        return self.block_combo.currentData()
+
+    def current_expert(self) -> int | None:
+        return self.expert_combo.currentData()
+
+    def _redraw(self, update_overlay: bool = False) -> None:
+        """Render the plots for the current record in a worker; the picture replaces the old one."""
+        from napari.qt.threading import create_worker
+
+        trace = self.trace
+        block = self.current_block()
+        if trace is None:
+            message = "No answer yet" if self.record is None else "This answer has no routing record"
+            self.info_label.setText("")
+        else:
+            message = ""
+            self.info_label.setText(f"{self.record.label} \u2192 layer {self.record.layer_name!r}")
+        n_slices = self.record.volume.shape[0] if self.record is not None else 0
+        size = (max(self.canvas.width(), 300), max(self.canvas.height(), 430))
+        self._render_serial += 1
+        serial, turn = self._render_serial, (self.record.turn_id if self.record is not None else None)
+        worker = create_worker(
+            render_routing_figure, trace, block, n_slices, size, message, _start_thread=False, _ignore_errors=True
+        )
+        worker.returned.connect(lambda result: self._on_rendered(result, serial, turn))
+        worker.errored.connect(lambda err: self.info_label.setText(f"Plot failed: {err}"))
+        worker.start()
+        if update_overlay and self.overlay_layer is not None:
+            self.update_overlay()
+
+    def _on_rendered(self, result: tuple[Any, np.ndarray], serial: int, turn: int | None) -> None:
+        if serial != self._render_serial:
+            return  # a newer request is on its way
+        from qtpy.QtGui import QImage, QPixmap
+
+        figure, rgba = result
+        height, width = rgba.shape[:2]
+        image = QImage(rgba.data, width, height, 4 * width, QImage.Format.Format_RGBA8888).copy()
+        self.canvas.setPixmap(QPixmap.fromImage(image))
+        self.figure = figure
+        self.rendered_turn = turn
+        self.plot_rendered.emit()
+
+    def wait_until_rendered(self, timeout_s: float = 60.0) -> bool:
+        """Run the event loop until the plots of the current record are shown (scripted demos)."""
+        import time
+
+        from qtpy.QtWidgets import QApplication
+
+        want = self.record.turn_id if self.record is not None else None
+        deadline = time.perf_counter() + timeout_s
+        while self.rendered_turn != want or self.figure is None:
+            if time.perf_counter() > deadline:
+                return False
+            QApplication.processEvents()
+            time.sleep(0.01)
+        return True
+
+    def resizeEvent(self, event: Any) -> None:  # noqa: N802
+        super().resizeEvent(event)
+        self._resize_timer.start()
+
+    # ------------------------------------------------------------------ overlay
+    def update_overlay(self, create: bool = False) -> Labels | Image | None:
+        """Add (``create``) or refresh the overlay layer for the chosen block and expert."""
+        trace = self.trace
+        if trace is None or (self.overlay_layer is None and not create):
+            return None
+        ct_layer = self.record.layer
+        if ct_layer is None or ct_layer not in self.viewer.layers:
+            if self.chat is not None:
+                self.chat._report_error(f"The CT layer {self.record.layer_name!r} of this answer is no longer open.")
+            return None
+        block = self.current_block()
+        expert = self.current_expert()
+        target_shape = tuple(int(s) for s in ct_layer.data.shape)
+        name = overlay_name(block, None if expert is None else trace.expert_names[expert])
+        geometry = {
+            "scale": tuple(ct_layer.scale),
+            "translate": tuple(ct_layer.translate),
+            "rotate": ct_layer.rotate,
+            "shear": ct_layer.shear,
+        }
+        if expert is None:
+            labels = np.asarray(trace.expert_map(block, target_shape), dtype=np.int32) + 1  # 0 is see-through
+            # Label the body only: air around the patient would fill the 3D view with a box.
+            labels[np.asarray(ct_layer.data) < BODY_THRESHOLD_HU] = 0
+            layer = self._replace_overlay(Labels, labels, name, geometry, opacity=0.35, blending="translucent")
+        else:
+            weights = np.asarray(trace.expert_map(block, target_shape, expert=expert), dtype=np.float32)
+            high = float(weights.max()) or 1.0
+            layer = self._replace_overlay(
+                Image, weights, name, geometry,
+                colormap="inferno", contrast_limits=(0.0, high), opacity=0.55, blending="additive",
+            )
+        return layer
+
+    def _replace_overlay(self, kind: type, data: np.ndarray, name: str, geometry: dict, **style: Any) -> Any:
+        old = self.overlay_layer
+        if old is not None and old in self.viewer.layers and isinstance(old, kind) and old.data.shape == data.shape:
+            old.data = data
+            old.name = name
+            for key, value in geometry.items():
+                setattr(old, key, value)
+            if kind is Image:
+                old.contrast_limits = style["contrast_limits"]
+            layer = old
+        else:
+            if old is not None and old in self.viewer.layers:
+                self.viewer.layers.remove(old)
+            layer = kind(data, name=name, metadata={"routing_overlay": True}, **geometry, **style)
+            self.viewer.add_layer(layer)
+        if self.record is not None and self.record.layer is not None:
+            self.viewer.layers.selection.active = self.record.layer  # keep the chat on the CT
+        self.overlay_layer = layer
+        return layer
+
+
+def _row_outline(row: int, width: int) -> Any:
+    from matplotlib.patches import Rectangle
+
+    return Rectangle((-0.5, row - 0.5), width, 1.0, fill=False, edgecolor="#7ee787", linewidth=1.5)
+
+
+# ---------------------------------------------------------------------------- plotting
+# Pure matplotlib (Agg, no pyplot, no Qt): safe to run in a worker thread.
+
+
+def _style(ax: Any) -> None:
+    ax.set_facecolor(_BACKGROUND)
+    ax.tick_params(colors=_FOREGROUND, labelsize=7)
+    for spine in ax.spines.values():
+        spine.set_color("#5a5f68")
+    ax.title.set_color(_FOREGROUND)
+    ax.title.set_fontsize(8)
+    ax.xaxis.label.set_color(_FOREGROUND)
+    ax.yaxis.label.set_color(_FOREGROUND)
+
+
+def render_routing_figure(
+    trace: Any, block: int | None, n_slices: int, size_px: tuple[int, int], message: str = ""
+) -> tuple[Any, np.ndarray]:
+    """Draw the three routing plots; return the Figure and its RGBA pixels (H, W, 4) uint8."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    dpi = 100
+    # constrained layout keeps tick labels and titles apart; it costs extra draws, but this
+    # runs in a worker thread
+    figure = Figure(figsize=(size_px[0] / dpi, size_px[1] / dpi), dpi=dpi, facecolor=_BACKGROUND, layout="constrained")
+    canvas = FigureCanvasAgg(figure)
+    if trace is None:
+        ax = figure.add_subplot(1, 1, 1)
+        _style(ax)
+        ax.text(0.5, 0.5, (message or "No answer yet") + "\n(ask a question in the chat)",
+                ha="center", va="center", color=_FOREGROUND)
+        ax.set_axis_off()
+    else:
+        axes = figure.subplots(3, 1, height_ratios=[0.8, 1.0, 1.5])
+        _plot_task_probs(axes[0], trace)
+        _plot_utilisation(figure, axes[1], trace, block)
+        _plot_dominant_per_slice(axes[2], trace, block, n_slices)
+    canvas.draw()
+    rgba = np.asarray(canvas.buffer_rgba()).copy()
+    return figure, rgba
+
+
+def _plot_task_probs(ax: Any, trace: Any) -> None:
+    probs = trace.task_probs()
+    names, values = list(probs), [float(v) for v in probs.values()]
+    ax.barh(names, values, color=_ACCENT)
+    ax.set_xlim(0, 1)
+    ax.invert_yaxis()
+    for y, value in enumerate(values):
+        ax.text(min(value + 0.02, 0.9), y, f"{value:.2f}", va="center", color=_FOREGROUND, fontsize=7)
+    ax.set_title("What the text asked for: task-group probability")
+    _style(ax)
+
+
+def _plot_utilisation(figure: Any, ax: Any, trace: Any, block: int | None) -> None:
+    rows = np.stack([np.asarray(trace.utilisation(b), dtype=float).reshape(-1) for b in trace.blocks])
+    image = ax.imshow(rows, aspect="auto", cmap="magma", vmin=0.0, interpolation="nearest")
+    ax.set_yticks(range(len(trace.blocks)), [f"block {b}" for b in trace.blocks])
+    ax.set_xticks(range(len(trace.expert_names)), trace.expert_names, rotation=90, fontsize=6)
+    if block is not None and block in trace.blocks:
+        row = list(trace.blocks).index(block)
+        ax.add_patch(_row_outline(row, len(trace.expert_names)))
+    colorbar = figure.colorbar(image, ax=ax, fraction=0.04, pad=0.01)
+    colorbar.ax.tick_params(colors=_FOREGROUND, labelsize=6)
+    ax.set_title("Mean expert weight per MoE block")
+    _style(ax)
+
+
+def _plot_dominant_per_slice(ax: Any, trace: Any, block: int | None, n_slices: int) -> None:
+    if block is None or n_slices < 1:
+        return
+    dominant = np.asarray(trace.dominant_per_slice(block, n_slices)).reshape(-1)
+    # Only this block's experts on the axis (shallow blocks carry the shared group only).
+    carried = [i for i, name in enumerate(trace.expert_names) if name.split(".")[0] in trace.block_groups[block]]
+    rows = {expert: row for row, expert in enumerate(carried)}
+    ax.step(np.arange(len(dominant)), [rows.get(int(e), 0) for e in dominant], where="mid",
+            color=_ACCENT, linewidth=1.5)
+    ax.set_yticks(range(len(carried)), [trace.expert_names[i] for i in carried], fontsize=6)
+    ax.set_ylim(-0.5, len(carried) - 0.5)
+    ax.set_xlim(0, max(len(dominant) - 1, 1))
+    ax.set_xlabel("axial slice (feet \u2192 head)", fontsize=7)
+    ax.set_title(f"Dominant expert per slice, block {block}")
+    _style(ax)

@@ -1,0 +1,368 @@
+"""Load a model once; answer questions about a CT volume as a stream of text, then an Answer.
+
+``InferenceEngine.answer`` is a plain generator so the napari chat dock can drive it from a
+``thread_worker`` (each yielded chunk becomes a signal) and the CLI from a ``for`` loop.
+Generation runs in a background thread feeding a transformers ``TextIteratorStreamer``;
+a ``StoppingCriteria`` polls ``stop_event`` after every token, so a stop request ends the
+generation within one token. No Qt here.
+"""
+
+from __future__ import annotations
+
+import inspect
+import logging
+import threading
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class Answer:
+    """The model's answer and everything needed to show, trust and export it."""
+
+    text: str
+    task_probs: dict[str, float]  # task group -> probability, from the text router
+    routing: Any  # napari_tghmoe.model.RoutingTrace or None
+    timings: dict[str, float]  # preprocess_s, time_to_first_token_s, generate_s, tokens_per_s, n_tokens
+    device: str
+    peak_memory: int  # bytes: CUDA max allocated, or the process's peak RSS on the CPU
+    question: str = ""
+    prompt_kind: str = "question"  # "report" | "question"
+    prompt: str = ""  # the instruction actually sent after the volume
+    model_name: str = ""
+    weights_sha256: str | None = None
+    precision: str = ""
+    stopped: bool = False  # stop_event ended the generation early
+    tokens_after_stop: int = 0  # tokens the streamer received after stop_event was set
+    warnings: list[str] = field(default_factory=list)
+
+
+def _token_streamer(tokenizer: Any, stop_event: threading.Event):
+    """A TextIteratorStreamer that also counts tokens, times the first one and flushes per token."""
+    from transformers import TextIteratorStreamer
+
+    class _Streamer(TextIteratorStreamer):
+        def __init__(self) -> None:
+            super().__init__(tokenizer, skip_prompt=True, skip_special_tokens=True)
+            self.n_tokens = 0
+            self.tokens_after_stop = 0
+            self.first_token_time: float | None = None
+
+        def put(self, value: Any) -> None:
+            if not (self.skip_prompt and self.next_tokens_are_prompt):
+                self.n_tokens += int(value.numel())
+                if self.first_token_time is None:
+                    self.first_token_time = time.perf_counter()
+                if stop_event.is_set():
+                    self.tokens_after_stop += int(value.numel())
+            super().put(value)
+            # TextStreamer holds text back until a space; a chat wants every token at once.
+            # Keep back only an incomplete UTF-8 character (decoded as U+FFFD).
+            if self.token_cache:
+                text = self.tokenizer.decode(self.token_cache, **self.decode_kwargs)
+                pending = text[self.print_len :]
+                if pending and not pending.endswith("\ufffd"):
+                    self.print_len += len(pending)
+                    self.on_finalized_text(pending)
+
+    return _Streamer()
+
+
+def _stop_criteria(*events: threading.Event):
+    from transformers import StoppingCriteria, StoppingCriteriaList
+
+    class _EventStop(StoppingCriteria):
+        def __call__(self, input_ids, scores, **kwargs):  # noqa: ANN001 - transformers API
+            import torch
+
+            stop = any(event.is_set() for event in events)
+            return torch.full((input_ids.shape[0],), stop, dtype=torch.bool, device=input_ids.device)
+
+    return StoppingCriteriaList([_EventStop()])
+
+
+@dataclass
+class PromptInputs:
+    """Token-level inputs for one (volume, question) pair."""
+
+    input_ids: Any  # (1, L) long
+    attention_mask: Any  # (1, L) long
+    mm_token_type_ids: Any  # (1, L) int: 2 on video tokens
+    text_guidance_mask: Any  # (1, L) bool: the user's instruction tokens only
+    prompt_text: str  # rendered prompt with one video placeholder
+
+
+class InferenceEngine:
+    """A loaded model + tokenizer answering questions about CT volumes (thread-safe, one at a time)."""
+
+    def __init__(self, model: Any, tokenizer: Any, info: Any = None):
+        self.model = model
+        self.tokenizer = tokenizer
+        self.info = info
+        self._lock = threading.Lock()
+        config = model.config
+        self.video_token_id = int(config.video_token_id)
+        self.vision_start_token = "<|vision_start|>"
+        self.vision_end_token = "<|vision_end|>"
+        self.video_token = tokenizer.convert_ids_to_tokens(self.video_token_id)
+        forward_params = inspect.signature(model.forward).parameters
+        self.accepts_text_guidance = "text_guidance_mask" in forward_params
+
+    @classmethod
+    def from_pretrained(cls, path: str | Path, **load_options: Any) -> InferenceEngine:
+        """Load once (see :func:`napari_tghmoe.model.load_model` for the options)."""
+        from napari_tghmoe.model.loading import load_model
+
+        loaded = load_model(path, **load_options)
+        return cls(loaded.model, loaded.tokenizer, loaded.info)
+
+    # ------------------------------------------------------------------ properties
+
+    @property
+    def device(self) -> str:
+        return str(getattr(self.model, "device", "cpu"))
+
+    @property
+    def model_name(self) -> str:
+        if self.info is not None:
+            return self.info.model_name
+        return str(getattr(self.model.config, "_name_or_path", "") or type(self.model).__name__)
+
+    @property
+    def precision(self) -> str:
+        if self.info is not None:
+            return self.info.precision
+        return str(self.model.dtype).replace("torch.", "")
+
+    # ------------------------------------------------------------------ prompts
+
+    def render_prompt(self, instruction: str) -> str:
+        """Chat prompt with ONE video placeholder (expanded to the real count in token space)."""
+        content = f"{self.vision_start_token}{self.video_token}{self.vision_end_token}{instruction}"
+        messages = [{"role": "user", "content": content}]
+        if getattr(self.tokenizer, "chat_template", None):
+            return self.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+        return f"<|im_start|>user\n{content}<|im_end|>\n<|im_start|>assistant\n"
+
+    def build_inputs(self, instruction: str, num_video_tokens: int) -> PromptInputs:
+        """Tokenise the prompt, expand the video placeholder, mark the instruction tokens."""
+        import torch
+
+        prompt = self.render_prompt(instruction)
+        start = prompt.rfind(instruction)
+        end = start + len(instruction)
+        encoded = self.tokenizer(prompt, add_special_tokens=False, return_offsets_mapping=True)
+        ids: list[int] = []
+        guidance: list[bool] = []
+        for token_id, (s, e) in zip(encoded["input_ids"], encoded["offset_mapping"]):
+            if token_id == self.video_token_id:
+                ids.extend([token_id] * num_video_tokens)
+                guidance.extend([False] * num_video_tokens)
+            else:
+                ids.append(token_id)
+                guidance.append(start >= 0 and e > s and s < end and e > start)
+        if ids.count(self.video_token_id) != num_video_tokens:
+            raise RuntimeError("the tokenizer split the video placeholder: tokenizer and model do not match")
+        input_ids = torch.tensor([ids], dtype=torch.long)
+        return PromptInputs(
+            input_ids=input_ids,
+            attention_mask=torch.ones_like(input_ids),
+            mm_token_type_ids=(input_ids == self.video_token_id).to(torch.int32) * 2,
+            text_guidance_mask=torch.tensor([guidance], dtype=torch.bool),
+            prompt_text=prompt,
+        )
+
+    # ------------------------------------------------------------------ answering
+
+    def prepare(self, volume: Any, spacing: Any = None):
+        """``VolumeInputs`` for a CTVolume / array (+ spacing); VolumeInputs pass through."""
+        from napari_tghmoe.model.preprocess import VolumeInputs, prepare_volume
+
+        if isinstance(volume, VolumeInputs):
+            return volume
+        return prepare_volume(volume, spacing, self.model.config)
+
+    def answer(
+        self,
+        volume: Any,
+        question: str,
+        max_new_tokens: int = 256,
+        stop_event: threading.Event | None = None,
+        trace: bool = True,
+        *,
+        spacing: Any = None,
+        generation_options: dict[str, Any] | None = None,
+    ) -> Iterator[str | Answer]:
+        """Yield the answer's text chunks as they are generated, then the :class:`Answer`.
+
+        ``volume``: a ``CTVolume``, a (z, y, x) HU array with ``spacing``, or ``VolumeInputs``.
+        ``stop_event``: set it (from any thread) to stop within one token; the Answer then
+        has ``stopped=True``. Closing the generator early also stops the generation.
+        ``generation_options`` go to ``model.generate`` (greedy decoding by default).
+        """
+        import torch
+
+        from napari_tghmoe.model.prompts import plan_prompt
+
+        plan = plan_prompt(question)  # raises ValueError on an empty question, before any work
+        stop_event = stop_event or threading.Event()
+        abandoned = threading.Event()  # set when the consumer closes the generator early
+        with self._lock:
+            t_start = time.perf_counter()
+            inputs = self.prepare(volume, spacing)
+            prompt = self.build_inputs(plan.text, inputs.num_video_tokens)
+            preprocess_s = time.perf_counter() - t_start
+
+            device = self.model.device
+            on_cuda = device.type == "cuda"
+            if on_cuda:
+                torch.cuda.reset_peak_memory_stats(device)
+            model_kwargs: dict[str, Any] = {
+                "input_ids": prompt.input_ids.to(device),
+                "attention_mask": prompt.attention_mask.to(device),
+                "mm_token_type_ids": prompt.mm_token_type_ids.to(device),
+                **inputs.model_kwargs(device=device),
+            }
+            if self.accepts_text_guidance:
+                model_kwargs["text_guidance_mask"] = prompt.text_guidance_mask.to(device)
+            streamer = _token_streamer(self.tokenizer, stop_event)
+            generate_kwargs = {
+                **model_kwargs,
+                "max_new_tokens": max_new_tokens,
+                "do_sample": False,
+                "streamer": streamer,
+                "stopping_criteria": _stop_criteria(stop_event, abandoned),
+                "pad_token_id": self.tokenizer.pad_token_id,
+                **(generation_options or {}),
+            }
+            outcome: dict[str, Any] = {}
+            recording = trace and hasattr(self.model, "record_routing")
+
+            def run() -> None:
+                try:
+                    with torch.inference_mode():
+                        if recording:
+                            with self.model.record_routing() as recorder:
+                                outcome["sequences"] = self.model.generate(**generate_kwargs)
+                            outcome["trace"] = recorder.trace
+                        else:
+                            outcome["sequences"] = self.model.generate(**generate_kwargs)
+                except BaseException as err:  # noqa: BLE001 - handed to the consuming thread
+                    outcome["error"] = err
+                    streamer.end()  # unblock the consumer
+
+            t_generate = time.perf_counter()
+            worker = threading.Thread(target=run, name="tghmoe-generate", daemon=True)
+            worker.start()
+            pieces: list[str] = []
+            finished = False
+            try:
+                for chunk in streamer:
+                    if chunk:
+                        pieces.append(chunk)
+                        yield chunk
+                finished = True
+            finally:
+                if not finished:  # the consumer closed the generator: stop at the next token
+                    abandoned.set()
+                worker.join()
+            t_end = time.perf_counter()
+            if "error" in outcome:
+                raise outcome["error"]
+
+            routing = outcome.get("trace")
+            task_probs = self._task_probs(routing, model_kwargs)
+            n_tokens = streamer.n_tokens
+            first = streamer.first_token_time
+            decode_s = (t_end - first) if first is not None else 0.0
+            timings = {
+                "preprocess_s": preprocess_s,
+                "time_to_first_token_s": (first - t_generate) if first is not None else float("nan"),
+                "generate_s": t_end - t_generate,
+                "tokens_per_s": (n_tokens - 1) / decode_s if n_tokens > 1 and decode_s > 0 else 0.0,
+                "n_tokens": float(n_tokens),
+            }
+            answer_text = "".join(pieces).strip()
+            yield Answer(
+                text=answer_text,
+                task_probs=task_probs,
+                routing=routing,
+                timings=timings,
+                device=str(device),
+                peak_memory=_peak_memory(device),
+                question=question,
+                prompt_kind=plan.kind,
+                prompt=plan.text,
+                model_name=self.model_name,
+                weights_sha256=getattr(self.info, "weights_sha256", None),
+                precision=self.precision,
+                stopped=stop_event.is_set(),
+                tokens_after_stop=streamer.tokens_after_stop,
+                warnings=list(getattr(self.info, "warnings", []) or []),
+            )
+
+    def ask(self, volume: Any, question: str, **kwargs: Any) -> Answer:
+        """Run :meth:`answer` to the end and return only the :class:`Answer`."""
+        result = None
+        for item in self.answer(volume, question, **kwargs):
+            result = item
+        assert isinstance(result, Answer)
+        return result
+
+    def _task_probs(self, routing: Any, model_kwargs: dict[str, Any]) -> dict[str, float]:
+        """Task-group probabilities from the trace, else from the level-1 routers alone (cheap)."""
+        if routing is not None and hasattr(routing, "task_probs"):
+            return {str(k): float(v) for k, v in routing.task_probs().items()}
+        return self.router_task_probs(model_kwargs)
+
+    def router_task_probs(self, model_kwargs: dict[str, Any]) -> dict[str, float]:
+        """Text -> task-group probabilities without running the vision tower or the LLM.
+
+        Averages the level-1 routers of the MoE blocks that carry task groups, as
+        ``RoutingTrace.task_probs`` does; {} for a model without experts.
+        """
+        text_features = getattr(self.model, "text_features", None)
+        moe_layers = getattr(self.model, "moe_layers", None)
+        if not callable(text_features) or not callable(moe_layers):
+            return {}
+        import torch
+
+        task_groups = [g for g in self.model.config.group_names if g != "shared"]
+        totals = dict.fromkeys(task_groups, 0.0)
+        n_blocks = 0
+        with torch.inference_mode():
+            text = text_features(
+                input_ids=model_kwargs["input_ids"],
+                attention_mask=model_kwargs.get("attention_mask"),
+                text_guidance_mask=model_kwargs.get("text_guidance_mask"),
+            )
+            for layer in moe_layers().values():
+                if layer.task_router is None:
+                    continue
+                weight = layer.task_router.weight
+                probs = layer.task_router(text.to(device=weight.device, dtype=weight.dtype)).float().softmax(-1)[0]
+                for name, value in zip(layer.task_group_names, probs.tolist()):
+                    totals[name] += value
+                n_blocks += 1
+        if n_blocks == 0:
+            return {}
+        return {name: value / n_blocks for name, value in totals.items()}
+
+
+def _peak_memory(device: Any) -> int:
+    """Peak bytes: CUDA max allocated for a GPU run, else the process's peak resident set."""
+    import torch
+
+    if getattr(device, "type", str(device)) == "cuda":
+        return int(torch.cuda.max_memory_allocated(device))
+    try:
+        import resource
+
+        return int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss) * 1024  # KiB on Linux
+    except (ImportError, OSError):  # pragma: no cover - non-POSIX
+        return 0

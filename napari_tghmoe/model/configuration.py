@@ -1,0 +1,201 @@
+"""``TGHMoEConfig``: a Qwen2.5-VL config + the text-guided hierarchical MoE + CT input fields.
+
+It subclasses ``Qwen2_5_VLConfig`` (own ``model_type`` so a saved TGH-MoE folder is recognised), so
+every piece of ``Qwen2_5_VLForConditionalGeneration`` machinery (generation, rope index, loading)
+keeps working unchanged. All MoE fields are plain JSON values so ``save_pretrained`` /
+``from_pretrained`` round-trip them through ``config.json``.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from huggingface_hub.dataclasses import strict
+from transformers import AutoConfig, Qwen2_5_VLConfig
+
+DEFAULT_GROUP_NAMES = ("shared", "report", "vqa_closed", "vqa_open")
+SHARED_GROUP = "shared"
+# (centre, width) in HU: lung, soft tissue, bone -> the three input channels.
+DEFAULT_CT_WINDOWS = ((-600.0, 1500.0), (40.0, 400.0), (400.0, 1800.0))
+# Qwen2.5-VL's processor normalises with the OpenAI CLIP statistics.
+CLIP_IMAGE_MEAN = (0.48145466, 0.4578275, 0.40821073)
+CLIP_IMAGE_STD = (0.26862954, 0.26130258, 0.27577711)
+LLM_LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+
+
+def _round_to_multiple(value: int, multiple: int) -> int:
+    """Nearest positive multiple (256 with multiple 28 -> 252)."""
+    return max(multiple, int(round(value / multiple)) * multiple)
+
+
+@strict
+class TGHMoEConfig(Qwen2_5_VLConfig):
+    r"""Qwen2.5-VL config + TGH-MoE.
+
+    MoE fields:
+        moe_blocks: vision block indices with experts (default: the deepest quarter, at least 2).
+        group_names: expert groups; ``"shared"`` must be first and is always on with weight 1.
+        block_groups: ``{"<block>": [group, ...]}``; every MoE block carries "shared". Default: the
+            shallower half of ``moe_blocks`` carries only "shared", the deeper half all groups (the
+            hierarchy also runs over depth).
+        experts_per_group: LoRA experts per group (an int for all groups, or a dict per group).
+        router_top_k: experts chosen per visual token inside each group (softmax renormalised over
+            the top-k). Not ``top_k``: transformers would read that as a sampling setting.
+        lora_rank, lora_alpha, lora_dropout: the experts' LoRA shape; delta scaled by alpha / rank.
+        text_pooling: how the text vector is pooled from the LLM input embeddings ("mean" only).
+        text_guidance: False = ablation without text guidance: the text vector is zero, so routing
+            depends on the visual tokens only (level-1 group probabilities become constants).
+        router_aux_loss_coef, router_z_loss_coef, task_loss_coef: loss weights in ``loss``.
+        llm_lora_rank, llm_lora_alpha, llm_lora_dropout, llm_lora_targets: LoRA on the LLM's linear
+            layers, trained in stage 1 (rank 0 disables it).
+    Model-input fields (read by ``prepare_volume``):
+        volume_grid: (depth, height, width) the CT is resampled to; rounded in ``__post_init__`` to
+            multiples of temporal_patch_size (depth) and patch_size * spatial_merge_size (h, w).
+        ct_windows: one (centre, width) HU window per input channel.
+        image_mean, image_std: per-channel normalisation after windowing to [0, 1].
+        depth_mm_per_position: None = one temporal rope position per temporal patch; a float =
+            positions follow physical depth, one position per that many mm.
+    """
+
+    model_type = "tghmoe_qwen2_5_vl"
+
+    moe_blocks: list[int] | tuple[int, ...] | None = None
+    group_names: list[str] | tuple[str, ...] = DEFAULT_GROUP_NAMES
+    block_groups: dict[str, list[str]] | None = None
+    experts_per_group: int | dict[str, int] = 4
+    router_top_k: int = 2
+    lora_rank: int = 8
+    lora_alpha: float | int = 16.0
+    lora_dropout: float | int = 0.0
+    text_pooling: str = "mean"
+    text_guidance: bool = True
+    router_aux_loss_coef: float | int = 0.01
+    router_z_loss_coef: float | int = 0.001
+    task_loss_coef: float | int = 0.1
+    llm_lora_rank: int = 8
+    llm_lora_alpha: float | int = 16.0
+    llm_lora_dropout: float | int = 0.0
+    llm_lora_targets: list[str] | tuple[str, ...] = ("q_proj", "v_proj")
+    volume_grid: list[int] | tuple[int, ...] = (32, 256, 256)
+    ct_windows: list[list[float]] | list[tuple[float, float]] | tuple[tuple[float, float], ...] = (
+        DEFAULT_CT_WINDOWS
+    )
+    image_mean: list[float] | tuple[float, ...] = CLIP_IMAGE_MEAN
+    image_std: list[float] | tuple[float, ...] = CLIP_IMAGE_STD
+    depth_mm_per_position: float | int | None = None
+
+    def __post_init__(self, **kwargs: Any) -> None:
+        super().__post_init__(**kwargs)
+        self._normalise_moe_fields()
+        self._normalise_input_fields()
+
+    # ------------------------------------------------------------------ validation
+    def _normalise_moe_fields(self) -> None:
+        depth = int(self.vision_config.depth)
+        self.group_names = [str(name) for name in self.group_names]
+        if not self.group_names or self.group_names[0] != SHARED_GROUP:
+            raise ValueError(
+                f"group_names must start with {SHARED_GROUP!r}, got {self.group_names}"
+            )
+        if len(set(self.group_names)) != len(self.group_names):
+            raise ValueError(f"group_names must be unique, got {self.group_names}")
+        if self.moe_blocks is None:
+            count = min(depth, max(2, depth // 4))
+            self.moe_blocks = list(range(depth - count, depth))
+        self.moe_blocks = sorted({int(b) for b in self.moe_blocks})
+        if any(b < 0 or b >= depth for b in self.moe_blocks):
+            raise ValueError(f"moe_blocks {self.moe_blocks} outside the {depth} vision blocks")
+        if self.block_groups is None:
+            n_shallow = len(self.moe_blocks) // 2
+            self.block_groups = {
+                str(b): [SHARED_GROUP] if i < n_shallow else list(self.group_names)
+                for i, b in enumerate(self.moe_blocks)
+            }
+        block_groups = {str(int(k)): [str(g) for g in v] for k, v in self.block_groups.items()}
+        for block in self.moe_blocks:
+            groups = block_groups.setdefault(str(block), list(self.group_names))
+            unknown = [g for g in groups if g not in self.group_names]
+            if unknown:
+                raise ValueError(
+                    f"block {block}: unknown groups {unknown} (known: {self.group_names})"
+                )
+            if SHARED_GROUP not in groups:
+                raise ValueError(
+                    f"block {block}: every MoE block carries the {SHARED_GROUP!r} group"
+                )
+            # Keep the config order so expert indices are stable.
+            block_groups[str(block)] = [g for g in self.group_names if g in groups]
+        extra = set(block_groups) - {str(b) for b in self.moe_blocks}
+        if extra:
+            raise ValueError(
+                f"block_groups names blocks {sorted(extra)} that are not in moe_blocks"
+            )
+        self.block_groups = block_groups
+        if isinstance(self.experts_per_group, int):
+            self.experts_per_group = {g: int(self.experts_per_group) for g in self.group_names}
+        else:
+            missing = [g for g in self.group_names if g not in self.experts_per_group]
+            if missing:
+                raise ValueError(f"experts_per_group has no count for groups {missing}")
+            self.experts_per_group = {g: int(self.experts_per_group[g]) for g in self.group_names}
+        if any(n < 1 for n in self.experts_per_group.values()):
+            raise ValueError(f"every group needs at least one expert: {self.experts_per_group}")
+        if self.router_top_k < 1:
+            raise ValueError(f"router_top_k must be >= 1, got {self.router_top_k}")
+        if self.lora_rank < 1:
+            raise ValueError(f"lora_rank must be >= 1, got {self.lora_rank}")
+        if self.text_pooling != "mean":
+            raise ValueError(f"text_pooling {self.text_pooling!r} is not supported (only 'mean')")
+        self.llm_lora_targets = [str(t) for t in self.llm_lora_targets]
+        bad = [t for t in self.llm_lora_targets if t not in LLM_LORA_TARGETS]
+        if bad:
+            raise ValueError(f"llm_lora_targets {bad} unknown (choose from {LLM_LORA_TARGETS})")
+
+    def _normalise_input_fields(self) -> None:
+        vision = self.vision_config
+        if len(self.volume_grid) != 3:
+            raise ValueError(f"volume_grid must be (depth, height, width), got {self.volume_grid}")
+        temporal = int(vision.temporal_patch_size)
+        spatial = int(vision.patch_size) * int(vision.spatial_merge_size)
+        depth, height, width = (int(v) for v in self.volume_grid)
+        self.volume_grid = [
+            _round_to_multiple(depth, temporal),
+            _round_to_multiple(height, spatial),
+            _round_to_multiple(width, spatial),
+        ]
+        self.ct_windows = [[float(c), float(w)] for c, w in self.ct_windows]
+        channels = int(vision.in_channels)
+        for name in ("ct_windows", "image_mean", "image_std"):
+            if len(getattr(self, name)) != channels:
+                raise ValueError(f"{name} needs one entry per input channel ({channels})")
+        self.image_mean = [float(v) for v in self.image_mean]
+        self.image_std = [float(v) for v in self.image_std]
+
+    # ------------------------------------------------------------------ helpers
+    @property
+    def task_group_names(self) -> list[str]:
+        """The groups chosen by the level-1 (text) router; "shared" is always on beside them."""
+        return [g for g in self.group_names if g != SHARED_GROUP]
+
+    def groups_for_block(self, block: int) -> list[str]:
+        return list(self.block_groups[str(int(block))])
+
+    def expert_names(self) -> list[str]:
+        """Global expert list ("shared.0", "report.1", ...): the expert axis of routing traces."""
+        return [f"{g}.{i}" for g in self.group_names for i in range(self.experts_per_group[g])]
+
+    @classmethod
+    def from_base_config(cls, base_config: Qwen2_5_VLConfig, **moe_kwargs: Any) -> TGHMoEConfig:
+        """A TGH-MoE config that keeps every field of a plain Qwen2.5-VL config."""
+        values = base_config.to_dict()
+        for key in ("model_type", "transformers_version", "architectures"):
+            values.pop(key, None)
+        values.update(moe_kwargs)
+        config = cls(**values)
+        attn = getattr(base_config, "_attn_implementation_internal", None)
+        if attn is not None:
+            config._attn_implementation = attn
+        return config
+
+
+AutoConfig.register(TGHMoEConfig.model_type, TGHMoEConfig, exist_ok=True)

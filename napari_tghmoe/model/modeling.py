@@ -1,0 +1,648 @@
+"""TGH-MoE on Qwen2.5-VL: the model class, ``adapt_2d_mllm`` and ``set_stage``.
+
+How text guidance reaches the vision tower (also inside ``generate()``): ``forward`` computes the
+text vector of every sample from ``input_ids`` / ``inputs_embeds`` *before* any visual feature
+exists, then runs the vision tower itself (``model.get_video_features`` / ``get_image_features``)
+with a ``VisionRouting`` passed down as the ``tghmoe_routing`` keyword, and hands the finished
+features to the stock Qwen2.5-VL forward through its ``mm_encoder_outputs`` argument. In
+``generate()`` the pixel inputs exist only in the prefill step (transformers drops them afterwards),
+which is exactly when the full prompt is available; decode steps skip the vision path.
+``_supports_mm_encoder_outputs`` returns False so ``generate()`` does not encode the pixels on its
+own, without the prompt, before the prefill.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from transformers import AutoModelForImageTextToText, Qwen2_5_VLForConditionalGeneration
+from transformers.conversion_mapping import (
+    get_checkpoint_conversion_mapping,
+    register_checkpoint_conversion_mapping,
+)
+from transformers.modeling_outputs import ModelOutput
+from transformers.vision_utils import get_vision_window_index
+
+from napari_tghmoe.model.configuration import SHARED_GROUP, TGHMoEConfig
+from napari_tghmoe.model.lora import LLMLoRASite, LoRAAdapter, install_llm_lora
+from napari_tghmoe.model.moe import (
+    ROUTING_KWARG,
+    TGHMoELayer,
+    TGHMoEVisionBlock,
+    VisionRouting,
+    rms_normalise,
+)
+from napari_tghmoe.model.routing import (
+    RoutingRecorder,
+    RoutingTrace,
+    unpermute_to_grids,
+    window_order_to_rows,
+)
+
+# TGHMoEConfig fields beyond the base Qwen2.5-VL config (the MoE and the model-input settings).
+MOE_CONFIG_FIELDS = (
+    "moe_blocks",
+    "group_names",
+    "block_groups",
+    "experts_per_group",
+    "router_top_k",
+    "lora_rank",
+    "lora_alpha",
+    "lora_dropout",
+    "text_pooling",
+    "text_guidance",
+    "router_aux_loss_coef",
+    "router_z_loss_coef",
+    "task_loss_coef",
+    "llm_lora_rank",
+    "llm_lora_alpha",
+    "llm_lora_dropout",
+    "llm_lora_targets",
+    "volume_grid",
+    "ct_windows",
+    "image_mean",
+    "image_std",
+    "depth_mm_per_position",
+)
+
+
+@dataclass
+class TGHMoEOutput(ModelOutput):
+    """Causal-LM output plus the TGH-MoE losses, each on its own and in the weighted ``loss``.
+
+    ``loss = lm_loss + router_aux_loss_coef * load_balancing_loss + router_z_loss_coef * z_loss
+    + task_loss_coef * task_loss`` over the parts that exist (lm_loss needs ``labels``, task_loss
+    ``task_labels``; the router losses exist when the vision tower ran in training or with labels).
+    ``group_probs``: (B, G) over ``config.group_names``, averaged over the blocks with task groups;
+    shared = 1 (always on).
+    """
+
+    loss: torch.Tensor | None = None
+    lm_loss: torch.Tensor | None = None
+    load_balancing_loss: torch.Tensor | None = None
+    z_loss: torch.Tensor | None = None
+    task_loss: torch.Tensor | None = None
+    logits: torch.Tensor | None = None
+    past_key_values: Any = None
+    hidden_states: tuple[torch.Tensor, ...] | None = None
+    attentions: tuple[torch.Tensor, ...] | None = None
+    group_probs: torch.Tensor | None = None
+
+
+class TGHMoEForConditionalGeneration(Qwen2_5_VLForConditionalGeneration):
+    """Qwen2.5-VL + text-guided hierarchical LoRA experts in vision blocks + LoRA on the LLM."""
+
+    config_class = TGHMoEConfig
+    config: TGHMoEConfig
+
+    def __init__(self, config: TGHMoEConfig) -> None:
+        super().__init__(config)
+        self._install_tghmoe(match_base_placement=False)
+
+    # ------------------------------------------------------------------ construction
+    def _install_tghmoe(self, match_base_placement: bool) -> None:
+        """Add experts, routers and LLM LoRA to the (already built) base modules.
+
+        ``match_base_placement``: put every new module on the device / dtype of the base module next
+        to it (used by ``adapt_2d_mllm`` on a model that may already sit on a GPU, in bf16).
+        """
+        config = self.config
+        visual = self.model.visual
+        text_size = config.text_config.hidden_size
+        offsets, offset = {}, 0
+        for group in config.group_names:
+            offsets[group] = offset
+            offset += config.experts_per_group[group]
+        for block_index in config.moe_blocks:
+            block = visual.blocks[block_index]
+            moe = TGHMoELayer(
+                block_index=block_index,
+                hidden_size=config.vision_config.hidden_size,
+                text_size=text_size,
+                groups=config.groups_for_block(block_index),
+                experts_per_group=config.experts_per_group,
+                global_expert_offset=offsets,
+                top_k=config.router_top_k,
+                rank=config.lora_rank,
+                alpha=config.lora_alpha,
+                dropout=config.lora_dropout,
+            )
+            if match_base_placement:
+                reference = block.norm2.weight
+                moe.to(device=reference.device, dtype=reference.dtype)
+            TGHMoEVisionBlock.convert(block, moe)
+        language_model = self.model.language_model
+        self._llm_lora_sites: list[LLMLoRASite] = install_llm_lora(
+            language_model,
+            list(config.llm_lora_targets),
+            config.llm_lora_rank,
+            config.llm_lora_alpha,
+            config.llm_lora_dropout,
+        )
+        if match_base_placement:
+            for layer in language_model.layers:
+                reference = layer.input_layernorm.weight
+                for module in (layer.self_attn, layer.mlp):
+                    for name, child in module.named_children():
+                        if name.startswith("lora_"):
+                            child.to(device=reference.device, dtype=reference.dtype)
+        self._routing_recorder: RoutingRecorder | None = None
+
+    def initialize_weights(self) -> None:
+        """Base init, then the TGH-MoE init of experts / LoRA (B = 0).
+
+        ``from_pretrained`` calls this for missing keys (e.g. a plain Qwen2.5-VL folder gets fresh
+        experts); ``transformers.initialization`` leaves the loaded tensors alone.
+        """
+        super().initialize_weights()
+        for module in self.modules():
+            if isinstance(module, (TGHMoELayer, LoRAAdapter)):
+                module.reset_parameters()
+
+    @classmethod
+    def from_pretrained(cls, *args: Any, **kwargs: Any):
+        """``PreTrainedModel.from_pretrained``, then aligned storage for the small TGH-MoE tensors.
+
+        On CPU transformers leaves loaded tensors in buffers that are not 64-byte aligned, and BLAS
+        then takes a differently rounded path for the small router / LoRA products: a reloaded
+        model would differ from the saved one in the last bits. Copying the adapter tensors (a few
+        MB) restores bit-identity.
+        """
+        loaded = super().from_pretrained(*args, **kwargs)
+        model = loaded[0] if isinstance(loaded, tuple) else loaded
+        model._realign_adapter_tensors()
+        return loaded
+
+    @torch.no_grad()
+    def _realign_adapter_tensors(self) -> None:
+        adapters = [m for m in self.modules() if isinstance(m, (TGHMoELayer, LoRAAdapter))]
+        for module in adapters:
+            for param in module.parameters():
+                if (
+                    param.device.type == "cpu"
+                    and type(param) is torch.nn.Parameter
+                    and param.data_ptr() % 64
+                ):
+                    param.data = param.data.clone()
+
+    def _supports_mm_encoder_outputs(self) -> bool:
+        """Keep ``generate()`` from encoding pixels before the prefill step.
+
+        transformers >= 5 pre-encodes images / videos in ``generate()`` without the prompt; the
+        experts need the prompt's text vector, so the raw pixels must reach ``forward`` (prefill
+        only; transformers drops them for decode steps). Chunked prefill (``prefill_chunk_size``) is
+        therefore not supported.
+        """
+        return False
+
+    def moe_layers(self) -> dict[int, TGHMoELayer]:
+        return {i: self.model.visual.blocks[i].moe for i in self.config.moe_blocks}
+
+    # ------------------------------------------------------------------ text guidance
+    def _vision_token_ids(self) -> list[int]:
+        config = self.config
+        return [
+            config.image_token_id,
+            config.video_token_id,
+            config.vision_start_token_id,
+            config.vision_end_token_id,
+        ]
+
+    def _token_mask(
+        self, token_ids: list[int], input_ids: torch.Tensor | None, inputs_embeds: torch.Tensor
+    ):
+        """(B, L) bool: positions holding one of ``token_ids`` (by id, or by embedding equality)."""
+        if input_ids is not None:
+            return torch.isin(input_ids, torch.tensor(token_ids, device=input_ids.device))
+        ids = torch.tensor(token_ids, device=inputs_embeds.device)
+        special = self.get_input_embeddings()(ids).to(inputs_embeds.dtype)  # (K, D)
+        return (inputs_embeds[:, :, None, :] == special[None, None]).all(-1).any(-1)
+
+    def text_features(
+        self,
+        input_ids: torch.Tensor | None = None,
+        inputs_embeds: torch.Tensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        text_guidance_mask: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """The text vector ``t`` of each sample: (B, D_text) float32, RMS-normalised.
+
+        Mean of the LLM's own input embeddings over the instruction tokens: attended tokens that are
+        not image / video / vision_start / vision_end, or exactly ``text_guidance_mask`` when given.
+        """
+        if inputs_embeds is None:
+            if input_ids is None:
+                raise ValueError("text guidance needs input_ids or inputs_embeds")
+            inputs_embeds = self.get_input_embeddings()(input_ids)
+        if text_guidance_mask is not None:
+            mask = text_guidance_mask.to(inputs_embeds.device).bool()
+        else:
+            mask = ~self._token_mask(self._vision_token_ids(), input_ids, inputs_embeds)
+            if (
+                attention_mask is None
+                and input_ids is not None
+                and self.config.text_config.pad_token_id is not None
+            ):
+                mask &= input_ids != self.config.text_config.pad_token_id
+        if attention_mask is not None and attention_mask.dim() == 2:
+            mask &= attention_mask.to(mask.device).bool()
+        if not getattr(self.config, "text_guidance", True):
+            mask = torch.zeros_like(mask)  # ablation: no text guidance (pooled vector is zero)
+        weights = mask.to(torch.float32)[..., None]
+        pooled = (inputs_embeds.float() * weights).sum(1) / weights.sum(1).clamp(min=1.0)
+        return rms_normalise(pooled)
+
+    def _visual_samples(
+        self,
+        token_id: int,
+        grid_thw: torch.Tensor,
+        input_ids: torch.Tensor | None,
+        inputs_embeds: torch.Tensor | None,
+    ) -> torch.Tensor:
+        """Sample of each image / video (they fill placeholders in (sample, position) order)."""
+        unit = self.model.visual.spatial_merge_unit
+        tokens_per_visual = grid_thw.prod(-1) // unit
+        per_sample = (
+            self._token_mask([token_id], input_ids, inputs_embeds).sum(1).to(grid_thw.device)
+        )
+        batch_size = per_sample.shape[0]
+        if int(per_sample.sum()) != int(tokens_per_visual.sum()):
+            # Placeholders do not match (the stock forward raises on that later): best effort.
+            if len(grid_thw) == batch_size:
+                return torch.arange(batch_size, device=grid_thw.device)
+            return torch.zeros(len(grid_thw), dtype=torch.long, device=grid_thw.device)
+        starts = tokens_per_visual.cumsum(0) - tokens_per_visual
+        return torch.searchsorted(per_sample.cumsum(0), starts, right=True)
+
+    def _vision_routing(
+        self,
+        grid_thw: torch.Tensor,
+        token_id: int,
+        text: torch.Tensor,
+        input_ids: torch.Tensor | None,
+        inputs_embeds: torch.Tensor,
+        device: torch.device,
+        compute_aux: bool,
+    ) -> VisionRouting:
+        visual = self.model.visual
+        window_index, cu_window_seqlens = get_vision_window_index(
+            grid_thw,
+            spatial_merge_size=visual.spatial_merge_size,
+            window_size=visual.window_size,
+            patch_size=visual.patch_size,
+        )
+        visual_sample = self._visual_samples(token_id, grid_thw, input_ids, inputs_embeds).to(
+            device
+        )
+        patches_per_visual = grid_thw.prod(-1).to(device)
+        sample_per_row = visual_sample.repeat_interleave(patches_per_visual)
+        rows = window_order_to_rows(window_index.to(device), visual.spatial_merge_unit)
+        return VisionRouting(
+            text_features=text.to(device),
+            token_sample=sample_per_row[rows],
+            window_index=window_index,
+            cu_window_seqlens=cu_window_seqlens,
+            grid_thw=grid_thw,
+            visual_sample=visual_sample,
+            compute_aux=compute_aux,
+            record=self._routing_recorder is not None,
+        )
+
+    # ------------------------------------------------------------------ forward
+    def forward(
+        self,
+        input_ids: torch.LongTensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        position_ids: torch.LongTensor | None = None,
+        past_key_values: Any = None,
+        inputs_embeds: torch.Tensor | None = None,
+        labels: torch.LongTensor | None = None,
+        use_cache: bool | None = None,
+        pixel_values: torch.Tensor | None = None,
+        pixel_values_videos: torch.Tensor | None = None,
+        image_grid_thw: torch.LongTensor | None = None,
+        video_grid_thw: torch.LongTensor | None = None,
+        mm_token_type_ids: torch.IntTensor | None = None,
+        second_per_grid_ts: torch.Tensor | None = None,
+        logits_to_keep: int | torch.Tensor = 0,
+        mm_encoder_outputs: dict | None = None,
+        task_labels: torch.LongTensor | None = None,
+        text_guidance_mask: torch.Tensor | None = None,
+        **kwargs: Any,
+    ) -> TGHMoEOutput:
+        r"""Qwen2.5-VL forward with text-guided routing.
+
+        task_labels: (B,) index into ``config.group_names`` of each sample's task, for the optional
+            task-supervision loss of the level-1 routers (-100 or "shared": no task, ignored).
+        text_guidance_mask: (B, L) bool, the tokens whose embeddings form the text vector
+            (default: all attended non-vision tokens).
+        """
+        for site in self._llm_lora_sites:
+            site.ensure_hooked()
+        kwargs.pop("return_dict", None)  # always a ModelOutput (generate passes return_dict=True)
+        compute_aux = self.training or labels is not None or task_labels is not None
+        routings: dict[str, VisionRouting] = {}
+        if pixel_values is not None or pixel_values_videos is not None:
+            text = self.text_features(input_ids, inputs_embeds, attention_mask, text_guidance_mask)
+            mm_encoder_outputs = dict(mm_encoder_outputs or {})
+            visual_inputs = {
+                "image": (pixel_values, image_grid_thw),
+                "video": (pixel_values_videos, video_grid_thw),
+            }
+            for modality, (pixels, grid_thw) in visual_inputs.items():
+                if pixels is None:
+                    continue
+                if grid_thw is None:
+                    raise ValueError(f"{modality} pixels need {modality}_grid_thw")
+                token_id = getattr(self.config, f"{modality}_token_id")
+                routing = self._vision_routing(
+                    grid_thw, token_id, text, input_ids, inputs_embeds, pixels.device, compute_aux
+                )
+                encode = getattr(self.model, f"get_{modality}_features")
+                mm_encoder_outputs[modality] = encode(
+                    pixels,
+                    grid_thw,
+                    return_dict=True,
+                    window_index=routing.window_index,  # the permutation the routing was built on
+                    cu_window_seqlens=routing.cu_window_seqlens,
+                    **{ROUTING_KWARG: routing},
+                )
+                routings[modality] = routing
+
+        outputs = super().forward(
+            input_ids=input_ids,
+            attention_mask=attention_mask,
+            position_ids=position_ids,
+            past_key_values=past_key_values,
+            inputs_embeds=inputs_embeds,
+            labels=labels,
+            use_cache=use_cache,
+            pixel_values=None,
+            pixel_values_videos=None,
+            image_grid_thw=image_grid_thw,
+            video_grid_thw=video_grid_thw,
+            mm_token_type_ids=mm_token_type_ids,
+            second_per_grid_ts=second_per_grid_ts,
+            logits_to_keep=logits_to_keep,
+            mm_encoder_outputs=mm_encoder_outputs or None,
+            **kwargs,
+        )
+        result = TGHMoEOutput(
+            lm_loss=outputs.loss,
+            logits=outputs.logits,
+            past_key_values=outputs.past_key_values,
+            hidden_states=outputs.hidden_states,
+            attentions=outputs.attentions,
+        )
+        if routings:
+            self._routing_losses(result, list(routings.values()), task_labels)
+            if self._routing_recorder is not None:
+                modality = "video" if "video" in routings else "image"
+                self._routing_recorder.traces.append(
+                    self._build_trace(routings[modality], modality)
+                )
+        parts = [
+            (result.lm_loss, 1.0),
+            (result.load_balancing_loss, self.config.router_aux_loss_coef),
+            (result.z_loss, self.config.router_z_loss_coef),
+            (result.task_loss, self.config.task_loss_coef),
+        ]
+        if labels is not None or task_labels is not None:
+            present = [value * coef for value, coef in parts if value is not None]
+            result.loss = torch.stack(present).sum() if present else None
+        return result
+
+    def _routing_losses(
+        self, result: TGHMoEOutput, routings: list[VisionRouting], task_labels: torch.Tensor | None
+    ) -> None:
+        blocks = [b for r in routings for b in r.blocks]
+        balancing = [b.load_balancing for b in blocks if b.load_balancing is not None]
+        z_terms = [b.z_loss for b in blocks if b.z_loss is not None]
+        result.load_balancing_loss = torch.stack(balancing).mean() if balancing else None
+        result.z_loss = torch.stack(z_terms).mean() if z_terms else None
+
+        group_names = self.config.group_names
+        task_blocks = [b for b in routings[-1].blocks if b.task_probs is not None]
+        if task_blocks:
+            batch = task_blocks[0].task_probs.shape[0]
+            probs = task_blocks[0].task_probs.new_zeros(len(task_blocks), batch, len(group_names))
+            for i, block in enumerate(task_blocks):
+                columns = [group_names.index(g) for g in block.groups if g != SHARED_GROUP]
+                probs[i, :, columns] = block.task_probs
+            result.group_probs = probs.mean(0)
+            result.group_probs[:, group_names.index(SHARED_GROUP)] = 1.0
+
+        if task_labels is not None:
+            losses = []
+            for block in (b for b in blocks if b.task_logits is not None):
+                task_groups = [g for g in block.groups if g != SHARED_GROUP]
+                # group_names index -> index among this block's task groups (-100: none)
+                lookup = torch.full(
+                    (len(group_names),), -100, dtype=torch.long, device=block.task_logits.device
+                )
+                for j, g in enumerate(task_groups):
+                    lookup[group_names.index(g)] = j
+                labels = task_labels.to(block.task_logits.device).long()
+                valid = (labels >= 0) & (labels < len(group_names))
+                targets = torch.where(valid, lookup[labels.clamp(0, len(group_names) - 1)], -100)
+                if (targets != -100).any():
+                    losses.append(F.cross_entropy(block.task_logits, targets, ignore_index=-100))
+            result.task_loss = torch.stack(losses).mean() if losses else None
+
+    # ------------------------------------------------------------------ routing traces
+    @contextmanager
+    def record_routing(self) -> Iterator[RoutingRecorder]:
+        """Record a ``RoutingTrace`` of each vision forward inside the block (none otherwise)."""
+        recorder = RoutingRecorder()
+        previous = self._routing_recorder
+        self._routing_recorder = recorder
+        try:
+            yield recorder
+        finally:
+            self._routing_recorder = previous
+
+    def _build_trace(self, routing: VisionRouting, modality: str) -> RoutingTrace:
+        config = self.config
+        vision = config.vision_config
+        expert_names = config.expert_names()
+        group_names = config.group_names
+        layers = self.moe_layers()
+        expert_weights: dict[int, Any] = {}
+        group_probs = {}
+        block_groups = {}
+        for block in routing.blocks:
+            if block.block in expert_weights or block.gates is None:
+                continue  # a gradient-checkpointing replay appends blocks again
+            layer = layers[block.block]
+            gates = block.gates.float()
+            full = gates.new_zeros(gates.shape[0], len(expert_names))
+            full[:, layer.global_expert_index] = gates
+            grids = unpermute_to_grids(
+                full, routing.window_index, routing.grid_thw, vision.spatial_merge_size
+            )
+            arrays = [g.cpu().numpy() for g in grids]
+            same_shape = all(a.shape == arrays[0].shape for a in arrays)
+            expert_weights[block.block] = np.stack(arrays) if same_shape else arrays
+            batch = routing.text_features.shape[0]
+            probs = torch.zeros(batch, len(group_names))
+            probs[:, group_names.index(SHARED_GROUP)] = 1.0
+            if block.task_probs is not None:
+                columns = [group_names.index(g) for g in block.groups if g != SHARED_GROUP]
+                probs[:, columns] = block.task_probs.detach().float().cpu()
+            group_probs[block.block] = probs.numpy()
+            block_groups[block.block] = list(block.groups)
+        return RoutingTrace(
+            blocks=sorted(expert_weights),
+            group_names=list(group_names),
+            expert_names=expert_names,
+            block_groups=block_groups,
+            group_probs=group_probs,
+            expert_weights=expert_weights,
+            grid_thw=routing.grid_thw.cpu().numpy(),
+            visual_sample=routing.visual_sample.cpu().numpy(),
+            patch_size=int(vision.patch_size),
+            temporal_patch_size=int(vision.temporal_patch_size),
+            spatial_merge_size=int(vision.spatial_merge_size),
+            modality=modality,
+        )
+
+
+# Saved Qwen2.5-VL checkpoints use the legacy key layout ("visual.*", "model.layers.*"), which
+# transformers maps by class name: give this class the same mapping (used for loading and saving).
+register_checkpoint_conversion_mapping(
+    TGHMoEForConditionalGeneration.__name__,
+    get_checkpoint_conversion_mapping("Qwen2_5_VLForConditionalGeneration"),
+    overwrite=True,
+)
+AutoModelForImageTextToText.register(TGHMoEConfig, TGHMoEForConditionalGeneration, exist_ok=True)
+
+
+# ---------------------------------------------------------------------- adapt / stages
+def _moe_kwargs(moe_config: TGHMoEConfig | dict[str, Any] | None) -> dict[str, Any]:
+    if moe_config is None:
+        return {}
+    if isinstance(moe_config, TGHMoEConfig):
+        return {name: getattr(moe_config, name) for name in MOE_CONFIG_FIELDS}
+    if isinstance(moe_config, dict):
+        unknown = set(moe_config) - set(MOE_CONFIG_FIELDS)
+        if unknown:
+            raise ValueError(
+                f"unknown TGH-MoE settings {sorted(unknown)} (known: {MOE_CONFIG_FIELDS})"
+            )
+        return dict(moe_config)
+    raise TypeError(
+        f"moe_config must be a TGHMoEConfig, a dict or None, not {type(moe_config).__name__}"
+    )
+
+
+def adapt_2d_mllm(
+    base_model: Qwen2_5_VLForConditionalGeneration,
+    moe_config: TGHMoEConfig | dict[str, Any] | None = None,
+) -> TGHMoEForConditionalGeneration:
+    """Turn a loaded Qwen2.5-VL model into a TGH-MoE model, in place.
+
+    No base tensor is copied, moved or changed (every key of the base state_dict keeps its value):
+    the object's class becomes ``TGHMoEForConditionalGeneration``, the MoE vision blocks become
+    ``TGHMoEVisionBlock`` and the experts / routers / LLM LoRA are added beside the base modules, on
+    their device and dtype. Experts start with B = 0, so the adapted model computes what the base
+    did. ``moe_config``: None (defaults), a dict of MoE settings, or a ``TGHMoEConfig`` (its MoE
+    fields). Keep a separate copy if the plain 2D model is still needed.
+    """
+    if isinstance(base_model, TGHMoEForConditionalGeneration):
+        raise ValueError("the model is already a TGH-MoE model")
+    if not isinstance(base_model, Qwen2_5_VLForConditionalGeneration):
+        raise TypeError(
+            f"expected a Qwen2_5_VLForConditionalGeneration, got {type(base_model).__name__}"
+        )
+    base_config = base_model.config
+    config = TGHMoEConfig.from_base_config(base_config, **_moe_kwargs(moe_config))
+    # Modules keep references to the sub-configs: share them so there is one source of truth.
+    config.text_config = base_config.text_config
+    config.vision_config = base_config.vision_config
+    base_model.__class__ = TGHMoEForConditionalGeneration
+    base_model.config = config
+    base_model.model.config = config
+    base_model._install_tghmoe(match_base_placement=True)
+    return base_model
+
+
+_STAGE_PARTS = {
+    "shared_experts": re.compile(rf"\.moe\.groups\.{SHARED_GROUP}\."),
+    "task_experts": re.compile(rf"\.moe\.groups\.(?!{SHARED_GROUP}\.)[^.]+\.lora_[AB]$"),
+    "routers": re.compile(
+        rf"\.moe\.(task_router\.|groups\.(?!{SHARED_GROUP}\.)[^.]+\.(router|text_router)\.)"
+    ),
+    "merger": re.compile(r"^model\.visual\.merger\."),
+    "llm_lora": re.compile(r"\.lora_[a-z]+_proj\.lora_[AB]$"),
+}
+_STAGE_TRAINS = {1: ("shared_experts", "merger", "llm_lora"), 2: ("task_experts", "routers")}
+
+
+def parameter_part(name: str) -> str | None:
+    """Which trainable part a parameter belongs to (None: base weights, always frozen by set_stage).
+
+    shared_experts includes the shared group's token/text routers; routers = level-1 task routers
+    and the task groups' token/text routers.
+    """
+    for part, pattern in _STAGE_PARTS.items():
+        if pattern.search(name):
+            return part
+    return None
+
+
+@torch.no_grad()
+def _copy_shared_into_task_experts(model: TGHMoEForConditionalGeneration) -> int:
+    """Task expert j := shared expert (j mod n_shared), once per block (the flag is saved)."""
+    copied = 0
+    for layer in model.moe_layers().values():
+        if bool(layer.task_experts_initialised) or not layer.task_group_names:
+            continue
+        shared = layer.groups[SHARED_GROUP]
+        for group_name in layer.task_group_names:
+            group = layer.groups[group_name]
+            source = (
+                torch.arange(group.num_experts, device=shared.lora_A.device) % shared.num_experts
+            )
+            group.lora_A.copy_(shared.lora_A[source])
+            group.lora_B.copy_(shared.lora_B[source])
+        layer.task_experts_initialised.fill_(True)
+        copied += 1
+    return copied
+
+
+def set_stage(model: TGHMoEForConditionalGeneration, stage: int) -> dict[str, int]:
+    """Freeze everything except the parts trained in ``stage`` and return parameter counts.
+
+    Stage 1 (task-shared): shared experts (+ their routers), the vision->LLM merger, LLM LoRA.
+    Stage 2 (task-specific): copies the shared experts into the task experts (once; recorded in the
+    ``task_experts_initialised`` buffers, so a second call or a reloaded checkpoint does not
+    recopy), then trains the task experts and the routers; shared parts stay frozen.
+    Returns {part: trainable count} for every part, plus "trainable", "total" and
+    "task_experts_copied" (blocks copied by this call).
+    """
+    if stage not in _STAGE_TRAINS:
+        raise ValueError(f"stage must be 1 or 2, got {stage!r}")
+    if not isinstance(model, TGHMoEForConditionalGeneration):
+        raise TypeError("set_stage needs a TGHMoEForConditionalGeneration (see adapt_2d_mllm)")
+    copied = _copy_shared_into_task_experts(model) if stage == 2 else 0
+    trains = _STAGE_TRAINS[stage]
+    counts = dict.fromkeys(_STAGE_PARTS, 0)
+    total = 0
+    for name, param in model.named_parameters():
+        total += param.numel()
+        part = parameter_part(name)
+        trainable = part in trains
+        param.requires_grad_(trainable)
+        if trainable:
+            counts[part] += param.numel()
+    counts["trainable"] = sum(counts[p] for p in _STAGE_PARTS)
+    counts["total"] = total
+    counts["task_experts_copied"] = copied
+    return counts

@@ -1,0 +1,265 @@
+"""CT volume (HU) -> the video input a Qwen2.5-VL vision tower was pretrained on.
+
+Choices, and why:
+
+* **Three CT windows as the three colour channels** (lung (-600, 1500), soft tissue (40, 400),
+  bone (400, 1800) as (centre, width) in HU by default; ``config.ct_windows`` overrides). A 2D
+  MLLM sees RGB; a single grey window would throw away either lung or bone contrast, so, as
+  MedGemma does for CT, each channel carries one window mapped to [0, 1].
+* **The whole volume is resampled to one fixed model grid** (``config.volume_grid``, default
+  32 x 256 x 256, depth a multiple of the temporal patch, height/width of patch x merge), so
+  the token count is fixed and the routing trace maps back by plain scaling. Resampling is
+  done once, in HU, with torch: an area (box) average on every axis that shrinks (otherwise a
+  300-slice series reduced to 32 would skip most slices), then trilinear to the exact grid.
+* **Normalisation and patch layout exactly as transformers' Qwen2-VL processors**: the
+  processor's mean/std (CLIP defaults), then the flattening of ``Qwen2VLVideoProcessor``:
+  ``(grid_t, tp, C, gh/m, m, p, gw/m, m, p)`` permuted to ``(grid_t, gh/m, gw/m, m, m, C, tp, p, p)``.
+  The pretrained Conv3d patch embedding therefore sees what it was trained on, and
+  :func:`patches_to_frames` undoes it.
+* **Depth positions can follow millimetres** the way video positions follow seconds:
+  Qwen2.5-VL advances the temporal rope position by ``tokens_per_second *
+  second_per_grid_ts`` per temporal patch (then truncates to an integer), so with
+  ``config.depth_mm_per_position`` set, ``second_per_grid_ts = mm_per_grid /
+  (depth_mm_per_position * tokens_per_second)`` puts a 1 mm and a 5 mm series at their true
+  depth. With it None (TGHMoEConfig's default) each temporal patch is one position.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+if TYPE_CHECKING:  # pragma: no cover
+    import torch
+
+    from napari_tghmoe.io import CTVolume
+
+DEFAULT_VOLUME_GRID = (32, 256, 256)
+#: (centre, width) in HU: lung, soft tissue (mediastinum/abdomen), bone -> R, G, B.
+DEFAULT_CT_WINDOWS = ((-600.0, 1500.0), (40.0, 400.0), (400.0, 1800.0))
+#: OpenAI CLIP mean/std, the Qwen2-VL image/video processor defaults.
+DEFAULT_IMAGE_MEAN = (0.48145466, 0.4578275, 0.40821073)
+DEFAULT_IMAGE_STD = (0.26862954, 0.26130258, 0.27577711)
+#: None: one temporal rope position per temporal patch (TGHMoEConfig's default). A float such
+#: as 10.0 makes positions follow depth: a 300 mm scan on a 16-step temporal grid then advances
+#: about 2 positions per step, like a Qwen2.5-VL video at 2 frames per second.
+DEFAULT_DEPTH_MM_PER_POSITION: float | None = None
+#: rope truncates ``step * interval`` to an integer; a hair above keeps 3 * (1/3 * 3) at 3.
+_TRUNCATION_GUARD = 1.0 + 1e-6
+#: What air reads as; non-finite voxels (NaN padding of some exports) become air.
+AIR_HU = -1024.0
+
+
+@dataclass(frozen=True)
+class InputSettings:
+    """The model-input fields of a (TGH-MoE or plain Qwen2.5-VL) config, resolved."""
+
+    volume_grid: tuple[int, int, int]
+    ct_windows: tuple[tuple[float, float], ...]
+    image_mean: tuple[float, ...]
+    image_std: tuple[float, ...]
+    patch_size: int
+    temporal_patch_size: int
+    merge_size: int
+    tokens_per_second: float
+    depth_mm_per_position: float | None
+
+    @classmethod
+    def from_config(cls, config: Any = None, volume_grid: tuple[int, int, int] | None = None) -> InputSettings:
+        """Read the fields from ``config`` (TGHMoEConfig or Qwen2_5_VLConfig), with defaults.
+
+        A plain Qwen2.5-VL config lacks the CT fields, so every one falls back to the module
+        defaults; ``volume_grid`` overrides the config's grid (rounded to legal multiples).
+        """
+        vision = getattr(config, "vision_config", None)
+        patch = int(getattr(vision, "patch_size", 14))
+        temporal = int(getattr(vision, "temporal_patch_size", 2))
+        merge = int(getattr(vision, "spatial_merge_size", 2))
+        tokens_per_second = float(getattr(vision, "tokens_per_second", 2) or 2)
+        grid = volume_grid or getattr(config, "volume_grid", None) or DEFAULT_VOLUME_GRID
+        windows = getattr(config, "ct_windows", None) or DEFAULT_CT_WINDOWS
+        mean = getattr(config, "image_mean", None) or DEFAULT_IMAGE_MEAN
+        std = getattr(config, "image_std", None) or DEFAULT_IMAGE_STD
+        depth_mm = getattr(config, "depth_mm_per_position", DEFAULT_DEPTH_MM_PER_POSITION)
+        windows = tuple((float(c), float(w)) for c, w in windows)
+        if len(windows) != 3 or any(w <= 0 for _, w in windows):
+            raise ValueError(f"ct_windows must be three (centre, width>0) pairs, got {windows}")
+        if len(mean) != 3 or len(std) != 3:
+            raise ValueError("image_mean and image_std need one value per channel (3)")
+        return cls(
+            volume_grid=round_grid(grid, temporal, patch * merge),
+            ct_windows=windows,
+            image_mean=tuple(float(m) for m in mean),
+            image_std=tuple(float(s) for s in std),
+            patch_size=patch,
+            temporal_patch_size=temporal,
+            merge_size=merge,
+            tokens_per_second=tokens_per_second,
+            depth_mm_per_position=None if depth_mm in (None, 0) else float(depth_mm),
+        )
+
+
+def round_grid(grid: tuple[int, ...], depth_multiple: int, plane_multiple: int) -> tuple[int, int, int]:
+    """Nearest legal model grid: depth a multiple of the temporal patch, h/w of patch*merge."""
+    if len(grid) != 3:
+        raise ValueError(f"volume_grid must be (depth, height, width), got {grid}")
+
+    def nearest(value: float, multiple: int) -> int:
+        return max(multiple, int(round(float(value) / multiple)) * multiple)
+
+    depth, height, width = grid
+    return (
+        nearest(depth, depth_multiple),
+        nearest(height, plane_multiple),
+        nearest(width, plane_multiple),
+    )
+
+
+@dataclass
+class VolumeInputs:
+    """Everything the model needs about one volume, plus what maps its tokens back."""
+
+    pixel_values_videos: torch.Tensor  # (N patches, C * tp * p * p) float32
+    video_grid_thw: torch.Tensor  # (1, 3) long: (grid_t, grid_h, grid_w) in patches
+    second_per_grid_ts: torch.Tensor  # (1,) float32: temporal rope step / tokens_per_second
+    model_grid: tuple[int, int, int]  # (D, H, W) voxels the volume was resampled to
+    source_shape: tuple[int, int, int]  # (z, y, x) of the HU array
+    source_spacing: tuple[float, float, float]  # mm, (z, y, x)
+    num_video_tokens: int  # LLM tokens after the 2x2 spatial merge
+    mm_per_grid_step: float  # depth in mm one temporal patch covers
+    settings: InputSettings
+
+    def model_kwargs(self, device: Any = None, dtype: Any = None) -> dict[str, Any]:
+        """Keyword arguments for ``model(...)`` / ``model.generate(...)``."""
+        pixels = self.pixel_values_videos
+        if device is not None or dtype is not None:
+            pixels = pixels.to(device=device, dtype=dtype)
+        return {
+            "pixel_values_videos": pixels,
+            "video_grid_thw": self.video_grid_thw.to(device) if device is not None else self.video_grid_thw,
+            "second_per_grid_ts": (
+                self.second_per_grid_ts.to(device) if device is not None else self.second_per_grid_ts
+            ),
+        }
+
+
+def _as_hu_and_spacing(volume: Any, spacing: Any) -> tuple[np.ndarray, tuple[float, float, float]]:
+    hu = getattr(volume, "hu", volume)
+    if spacing is None:
+        spacing = getattr(volume, "spacing", None)
+    if spacing is None:
+        raise ValueError("prepare_volume needs the voxel spacing (z, y, x) in mm for a plain array")
+    hu = np.asarray(hu)
+    if hu.ndim != 3:
+        raise ValueError(f"expected a 3D (z, y, x) volume, got shape {hu.shape}")
+    if min(hu.shape) < 1:
+        raise ValueError(f"volume is empty: shape {hu.shape}")
+    spacing = tuple(float(s) for s in spacing)
+    if len(spacing) != 3 or not all(np.isfinite(spacing)) or min(spacing) <= 0:
+        raise ValueError(f"spacing must be three positive numbers (z, y, x) in mm, got {spacing}")
+    return hu, spacing  # type: ignore[return-value]
+
+
+def resample_to_grid(hu: np.ndarray, grid: tuple[int, int, int]) -> torch.Tensor:
+    """HU array -> float32 tensor (D, H, W) on ``grid``: box average on shrinking axes, then trilinear.
+
+    (A separable, chunked box average was tried to save memory traffic: it cost twice the CPU
+    time of one ``adaptive_avg_pool3d`` call.)
+    """
+    import torch
+    import torch.nn.functional as F
+
+    if hu.dtype.kind == "b":
+        hu = hu.astype(np.uint8)
+    tensor = torch.from_numpy(np.ascontiguousarray(hu)).to(torch.float32)
+    if hu.dtype.kind == "f":  # integer CT data cannot hold NaN; float exports sometimes do
+        tensor = torch.nan_to_num(tensor, nan=AIR_HU, posinf=AIR_HU, neginf=AIR_HU)
+    x = tensor[None, None]
+    shrunk = tuple(min(s, g) for s, g in zip(tensor.shape, grid))
+    if shrunk != tuple(tensor.shape):
+        x = F.adaptive_avg_pool3d(x, shrunk)
+    if tuple(x.shape[2:]) != tuple(grid):
+        x = F.interpolate(x, size=grid, mode="trilinear", align_corners=False)
+    return x[0, 0].contiguous()
+
+
+def window_channels(hu: torch.Tensor, settings: InputSettings) -> torch.Tensor:
+    """(D, H, W) HU -> (D, 3, H, W): each window to [0, 1], then the processor's mean/std."""
+    import torch
+
+    def per_channel(values: list[float]) -> torch.Tensor:
+        return torch.tensor(values, dtype=torch.float32).view(1, -1, 1, 1)
+
+    centres = [c for c, _ in settings.ct_windows]
+    widths = [w for _, w in settings.ct_windows]
+    low = per_channel([c - w / 2.0 for c, w in zip(centres, widths)])
+    unit = ((hu[:, None] - low) * per_channel([1.0 / w for w in widths])).clamp_(0.0, 1.0)
+    return unit.sub_(per_channel(list(settings.image_mean))).div_(per_channel(list(settings.image_std)))
+
+
+def frames_to_patches(frames: torch.Tensor, settings: InputSettings) -> tuple[torch.Tensor, tuple[int, int, int]]:
+    """(D, C, H, W) frames -> (grid_t*grid_h*grid_w, C*tp*p*p) as Qwen2VLVideoProcessor.patchify."""
+    depth, channels, height, width = frames.shape
+    p, tp, m = settings.patch_size, settings.temporal_patch_size, settings.merge_size
+    grid_t, grid_h, grid_w = depth // tp, height // p, width // p
+    patches = frames.reshape(grid_t, tp, channels, grid_h // m, m, p, grid_w // m, m, p)
+    patches = patches.permute(0, 3, 6, 4, 7, 2, 1, 5, 8)
+    flat = patches.reshape(grid_t * grid_h * grid_w, channels * tp * p * p)
+    return flat, (grid_t, grid_h, grid_w)
+
+
+def patches_to_frames(
+    patches: torch.Tensor, grid_thw: tuple[int, int, int], settings: InputSettings, channels: int = 3
+) -> torch.Tensor:
+    """Inverse of :func:`frames_to_patches`: patch rows back to (D, C, H, W) frames."""
+    p, tp, m = settings.patch_size, settings.temporal_patch_size, settings.merge_size
+    grid_t, grid_h, grid_w = (int(v) for v in grid_thw)
+    blocks = patches.reshape(grid_t, grid_h // m, grid_w // m, m, m, channels, tp, p, p)
+    # (t, gh/m, gw/m, mh, mw, C, tp, ph, pw) -> (t, tp, C, gh/m, mh, ph, gw/m, mw, pw)
+    frames = blocks.permute(0, 6, 5, 1, 3, 7, 2, 4, 8)
+    return frames.reshape(grid_t * tp, channels, grid_h * p, grid_w * p)
+
+
+def prepare_volume(
+    volume: CTVolume | np.ndarray,
+    spacing: tuple[float, float, float] | None = None,
+    config: Any = None,
+    *,
+    volume_grid: tuple[int, int, int] | None = None,
+) -> VolumeInputs:
+    """Turn a CT volume in HU (a ``CTVolume`` or a (z, y, x) array + spacing) into model inputs.
+
+    ``config`` is the model config (TGH-MoE or plain Qwen2.5-VL); its ``vision_config`` gives
+    the patch sizes and its CT fields (``volume_grid``, ``ct_windows``, ``image_mean``,
+    ``image_std``, ``depth_mm_per_position``) the rest, with the module defaults when absent.
+    """
+    import torch
+
+    hu, spacing_zyx = _as_hu_and_spacing(volume, spacing)
+    settings = InputSettings.from_config(config, volume_grid=volume_grid)
+    grid = settings.volume_grid
+    resampled = resample_to_grid(hu, grid)
+    frames = window_channels(resampled, settings)
+    patches, grid_thw = frames_to_patches(frames, settings)
+
+    depth_extent_mm = hu.shape[0] * spacing_zyx[0]
+    mm_per_grid_step = settings.temporal_patch_size * depth_extent_mm / grid[0]
+    if settings.depth_mm_per_position is None:
+        positions_per_step = 1.0
+    else:
+        positions_per_step = mm_per_grid_step / settings.depth_mm_per_position
+    seconds = positions_per_step / settings.tokens_per_second * _TRUNCATION_GUARD
+    grid_t, grid_h, grid_w = grid_thw
+    return VolumeInputs(
+        pixel_values_videos=patches,
+        video_grid_thw=torch.tensor([[grid_t, grid_h, grid_w]], dtype=torch.long),
+        second_per_grid_ts=torch.tensor([seconds], dtype=torch.float32),
+        model_grid=grid,
+        source_shape=tuple(int(s) for s in hu.shape),  # type: ignore[arg-type]
+        source_spacing=spacing_zyx,
+        num_video_tokens=grid_t * grid_h * grid_w // settings.merge_size**2,
+        mm_per_grid_step=mm_per_grid_step,
+        settings=settings,
+    )

@@ -1,0 +1,119 @@
+"""What the model is asked: M3D-style report prompts, questions as typed, closed choices.
+
+M3D-Cap trains report generation ("caption with findings") from a handful of paraphrased
+instructions, and M3D-VQA writes closed questions as ``question Choices: A. .. B. .. C. ..
+D. ..``. A model fine-tuned on that data answers best when asked the same way, so a user's
+"write the report" is replaced by one of our own report instructions written in that
+spirit, while real questions go to the model exactly as typed.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from typing import Literal
+
+PromptKind = Literal["report", "question"]
+
+#: Report instructions (our wording, in the spirit of M3D-Cap's caption prompts). The first
+#: is what the engine sends; training code may sample the others to avoid overfitting one.
+REPORT_PROMPTS: tuple[str, ...] = (
+    "Please write a report of the findings in this CT volume.",
+    "Could you describe the findings you see in this CT scan?",
+    "Write a radiology caption that lists the findings of this medical volume.",
+    "What findings does this CT image show? Answer as a short report.",
+    "Give a findings report for this three-dimensional medical scan.",
+    "Summarise the abnormal and normal findings of this CT examination.",
+)
+
+# Normalised phrases that mean "give me the report" when they make up the request.
+_REPORT_VERBS = ("generate", "write", "create", "produce", "draft", "give", "make", "prepare", "provide")
+_REPORT_NOUNS = ("report", "radiology report", "findings report", "caption", "findings", "impression")
+_REPORT_PHRASES = (
+    "report",
+    "findings",
+    "the findings",
+    "describe the findings",
+    "describe findings",
+    "describe this scan",
+    "describe the scan",
+    "describe this image",
+    "describe the image",
+    "describe this volume",
+    "describe this ct",
+    "describe the ct",
+    "what are the findings",
+    "what are the findings in this scan",
+    "what are the findings of this scan",
+    "what do you see",
+    "caption this scan",
+    "caption this image",
+)
+_FILLER = re.compile(r"\b(please|could you|can you|would you|kindly|for me|now|a|an|the|me|us)\b")
+_CHOICE = re.compile(r"(?:^|\s)([A-H])[.)]\s+\S")
+
+
+def normalise(text: str) -> str:
+    """Lower case, punctuation to spaces, single spaces: what report matching compares."""
+    text = re.sub(r"[^\w\s]", " ", text.lower())
+    return re.sub(r"\s+", " ", text).strip()
+
+
+def is_report_request(question: str) -> bool:
+    """True for "generate a report", "write the report", "describe the findings", ... .
+
+    Matching is deliberately simple and conservative: the whole request, once normalised and
+    stripped of politeness fillers, must be a report phrase or "<verb> <report noun>" with an
+    optional "for/of this scan". A question about something specific ("is there a report of
+    a fracture?") stays a question.
+    """
+    text = normalise(question)
+    if not text:
+        return False
+    if text in _REPORT_PHRASES or text in REPORT_PROMPTS_NORMALISED:
+        return True
+    core = re.sub(r"\s+", " ", _FILLER.sub(" ", text)).strip()
+    core = re.sub(r"\s(for|of|on|in) (this|that|my) (scan|ct|image|volume|study|exam|series)$", "", core)
+    core = re.sub(r"\s(for|of|on|in) (scan|ct|image|volume|study|exam|series)$", "", core)
+    if core in _REPORT_PHRASES:
+        return True
+    for verb in _REPORT_VERBS:
+        for noun in _REPORT_NOUNS:
+            if core in (f"{verb} {noun}", f"{verb} {noun}s", f"{verb} radiology {noun}"):
+                return True
+    return False
+
+
+REPORT_PROMPTS_NORMALISED = frozenset(normalise(p) for p in REPORT_PROMPTS)
+
+
+def is_closed_question(question: str) -> bool:
+    """A multiple-choice question in M3D's ``Choices: A. .. B. ..`` form (at least two options)."""
+    return "choices" in question.lower() and len(_CHOICE.findall(question)) >= 2
+
+
+def format_closed_question(question: str, choices: list[str] | tuple[str, ...]) -> str:
+    """``question Choices: A. x B. y ...`` exactly as M3D-VQA writes closed questions."""
+    if not 2 <= len(choices) <= 8:
+        raise ValueError(f"a closed question needs 2 to 8 choices, got {len(choices)}")
+    letters = "ABCDEFGH"
+    options = " ".join(f"{letters[i]}. {choice}" for i, choice in enumerate(choices))
+    return f"{question.strip()} Choices: {options}"
+
+
+@dataclass(frozen=True)
+class PromptPlan:
+    """What will be sent for one user request."""
+
+    kind: PromptKind
+    text: str  # the instruction placed after the volume in the user turn
+    closed: bool  # a multiple-choice question (answer expected as a letter)
+
+
+def plan_prompt(question: str) -> PromptPlan:
+    """Report requests become the first report template; questions are kept verbatim."""
+    if question is None or not question.strip():
+        raise ValueError("the question is empty: type a question or ask for a report")
+    if is_report_request(question):
+        return PromptPlan(kind="report", text=REPORT_PROMPTS[0], closed=False)
+    return PromptPlan(kind="question", text=question.strip(), closed=is_closed_question(question))

@@ -1,0 +1,186 @@
+"""Package a trained model folder as the bundled demo model, with its model card.
+
+``python -m napari_tghmoe.train.card --model runs/demo/stage2 --recipe recipes/demo.toml
+--results runs/demo/eval/heldout.json --dest resources/demo-model``
+
+Copies the weights (safetensors), config and tokenizer, writes ``README.md`` (what the model
+is, how it was made, its held-out numbers) and ``card_check.json``: the greedy answers of the
+shipped weights on a small fixed held-out subset. The test suite re-runs that subset and must
+get exactly the same answers, so the card's numbers are tied to the weights that ship.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import sys
+from pathlib import Path
+from typing import Any
+
+SHIPPED_FILES = (
+    "config.json",
+    "generation_config.json",
+    "model.safetensors",
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "chat_template.jinja",
+)
+
+
+def _fmt(value: Any) -> str:
+    return "n/a" if value is None else (f"{value:.3f}" if isinstance(value, float) else str(value))
+
+
+def card_check(model_dir: str | Path, data: str, limit: int = 16, max_new_tokens: int = 16, seed: int = 0) -> dict:
+    """Greedy closed-VQA answers of ``model_dir`` on the first ``limit`` held-out items."""
+    from napari_tghmoe.engine import InferenceEngine
+    from napari_tghmoe.eval.evaluate import evaluate
+    from napari_tghmoe.train.data import load_dataset_spec
+
+    samples = load_dataset_spec(data, task="vqa_closed", limit=limit, seed=seed)
+    engine = InferenceEngine.from_pretrained(model_dir, device="cpu", quantization="none")
+    results = evaluate(engine, samples, task="vqa_closed", max_new_tokens=max_new_tokens, use_bertscore=False)
+    return {
+        "data": data,
+        "limit": limit,
+        "phrasing_seed": seed,
+        "max_new_tokens": max_new_tokens,
+        "accuracy": results["vqa_closed"]["accuracy"],
+        "predictions": [r["prediction"] for r in results["samples"]],
+    }
+
+
+def results_tables(results: dict[str, Any]) -> str:
+    """The held-out numbers as Markdown (report, closed VQA per type, open VQA)."""
+    from napari_tghmoe.eval.evaluate import results_to_markdown
+
+    text = results_to_markdown(results)
+    return text.split("\n", 2)[2] if text.startswith("# ") else text  # drop the title line
+
+
+def write_card(
+    dest: Path,
+    recipe: Any,
+    results: dict[str, Any],
+    timings: dict[str, float],
+    command: str,
+    summaries: list[dict[str, Any]],
+    check: dict[str, Any],
+) -> str:
+    config = json.loads((dest / "config.json").read_text())
+    size_mb = sum(p.stat().st_size for p in dest.iterdir() if p.is_file()) / 1e6
+    trainable = {f"stage {s['stage']}": s["trainable"]["trainable"] for s in summaries}
+    closed = results.get("vqa_closed") or {}
+    report = results.get("report") or {}
+    findings = report.get("findings") or {}
+    lines = [
+        "# napari-tghmoe demo model",
+        "",
+        "**Synthetic data only. Not for clinical use.** This model has never seen a real CT scan: it",
+        "was trained from scratch, on this machine, on synthetic CT phantoms (`napari_tghmoe.phantom`)",
+        "so that the plugin works offline out of the box and so that the TGH-MoE method can be shown",
+        "end to end. Its answers about a real patient's scan mean nothing.",
+        "",
+        "## What it is",
+        "",
+        f"- Architecture: Qwen2.5-VL (`Qwen2_5_VLForConditionalGeneration`) with TGH-MoE "
+        f"(`{config.get('model_type')}`): vision tower depth {config['vision_config']['depth']}, hidden "
+        f"{config['vision_config']['hidden_size']}, patch {config['vision_config']['patch_size']}; LLM "
+        f"{config['text_config']['num_hidden_layers']} layers, hidden {config['text_config']['hidden_size']}, "
+        f"vocabulary {config['text_config']['vocab_size']} (byte-level BPE trained on the phantom corpus).",
+        f"- Experts in vision blocks {config['moe_blocks']} (groups per block {config['block_groups']}), "
+        f"{config['experts_per_group']} experts per group, top-{config['router_top_k']}, LoRA rank {config['lora_rank']}; "
+        f"LLM LoRA rank {config['llm_lora_rank']} on {config['llm_lora_targets']}.",
+        f"- Input: the CT resampled to {config['volume_grid']} (slices x rows x columns), three HU windows as channels.",
+        f"- Files: {size_mb:.1f} MB in total, safetensors weights.",
+        "- Base weights: none exist offline, so stage 1 also trained the (randomly initialised) base",
+        "  vision tower and LLM (`also_train` in the recipe); stage 2 trained only the task experts and",
+        "  routers, as the method prescribes. A real Qwen2.5-VL base keeps its weights frozen (docs/training.md).",
+        "",
+        "## How it was made",
+        "",
+        f"- Command: `{command}`",
+        f"- Recipe: `recipes/{Path(recipe.path).name}` (seed {recipe.seed}); training data "
+        f"`{', '.join(recipe.data.train)}` with training phrasings.",
+        f"- Stage 1: {timings.get('stage1_note') or f'{recipe.stage1.steps} steps'} (batch {recipe.stage1.batch_size}, "
+        f"accumulation {recipe.stage1.gradient_accumulation_steps}, recipe lr {recipe.stage1.lr}, {recipe.stage1.schedule}); "
+        f"{timings.get('stage1_s', 0) / 60:.1f} min in total.",
+        f"- Stage 2: {recipe.stage2.steps} steps x batch {recipe.stage2.batch_size}, lr {recipe.stage2.lr}; "
+        f"{timings.get('stage2_s', 0) / 60:.1f} min.",
+        f"- Trainable parameters: {trainable}.",
+        f"- Hardware: {timings.get('hardware', 'CPU')}.",
+        "",
+        "## Evaluation on held-out phantoms",
+        "",
+        f"Data `{results.get('data')}`: seeds never used in training, request and question wordings from",
+        "the held-out phrasing lists (never seen in training), greedy decoding through the same engine",
+        "the napari chat uses.",
+        "",
+        f"- Closed-VQA accuracy: **{_fmt(closed.get('accuracy'))}** (target >= 0.85)",
+        f"- Report finding recall: **{_fmt(findings.get('recall'))}** (target >= 0.7), precision: "
+        f"**{_fmt(findings.get('precision'))}** (target >= 0.8)",
+        "",
+        results_tables(results),
+        "",
+        "## Check",
+        "",
+        f"`card_check.json` holds this model's greedy answers to the first {check['limit']} closed questions of",
+        f"`{check['data']}` (accuracy {_fmt(check['accuracy'])} on that subset); `tests/test_train.py` re-runs",
+        "them and requires the same answers.",
+        "",
+    ]
+    return "\n".join(lines)
+
+
+def package(
+    model_dir: Path,
+    recipe_path: Path,
+    results_path: Path,
+    dest: Path,
+    command: str,
+    timings: dict[str, Any],
+    stage1_dir: Path | None = None,
+) -> Path:
+    from napari_tghmoe.train.recipe import load_recipe
+
+    recipe = load_recipe(recipe_path)
+    dest.mkdir(parents=True, exist_ok=True)
+    for name in SHIPPED_FILES:
+        source = model_dir / name
+        if source.is_file():
+            shutil.copy2(source, dest / name)
+    results = json.loads(results_path.read_text())
+    summaries = []
+    for folder in (stage1_dir, model_dir):
+        if folder is not None and (folder / "training_summary.json").is_file():
+            summaries.append(json.loads((folder / "training_summary.json").read_text()))
+    check = card_check(dest, recipe.eval.data)
+    (dest / "card_check.json").write_text(json.dumps(check, indent=2) + "\n")
+    slim = {k: v for k, v in results.items() if k != "samples"}
+    (dest / "eval_results.json").write_text(json.dumps(slim, indent=2, default=str) + "\n")
+    (dest / "README.md").write_text(write_card(dest, recipe, results, timings, command, summaries, check))
+    return dest
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model", required=True, type=Path, help="trained (stage-2) model folder")
+    parser.add_argument("--stage1", type=Path, help="stage-1 folder (for its training summary)")
+    parser.add_argument("--recipe", required=True, type=Path)
+    parser.add_argument("--results", required=True, type=Path, help="tghmoe eval JSON on the held-out seeds")
+    parser.add_argument("--dest", required=True, type=Path)
+    parser.add_argument("--command", default="scripts/train_demo.sh")
+    parser.add_argument("--stage1-seconds", type=float, default=0.0)
+    parser.add_argument("--stage2-seconds", type=float, default=0.0)
+    parser.add_argument("--hardware", default="CPU")
+    parser.add_argument("--stage1-note", default="", help="how stage 1 was run when it took several commands")
+    args = parser.parse_args(argv)
+    timings = {"stage1_s": args.stage1_seconds, "stage2_s": args.stage2_seconds, "hardware": args.hardware, "stage1_note": args.stage1_note}
+    dest = package(args.model, args.recipe, args.results, args.dest, args.command, timings, args.stage1)
+    print(f"wrote {dest}", file=sys.stderr)
+    return 0
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

@@ -1,0 +1,108 @@
+"""``tghmoe train``: one stage (or both) of a TOML recipe, resumable, on ``accelerate``.
+
+    tghmoe train --config recipes/demo.toml --stage 1 --out runs/demo/stage1
+    tghmoe train --config recipes/demo.toml --stage 2 --init runs/demo/stage1 --out runs/demo/stage2
+    tghmoe train --config recipes/demo.toml --stage both --out runs/demo   # stage1/ then stage2/
+    accelerate launch --config_file recipes/accelerate_multi_gpu.yaml -m napari_tghmoe train ...
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import tomllib
+from pathlib import Path
+from typing import Any
+
+
+def register(subparsers: Any) -> None:
+    parser = subparsers.add_parser("train", help="train TGH-MoE (stage 1, stage 2 or both) from a TOML recipe")
+    parser.add_argument("--config", required=True, metavar="TOML", help="recipe file, e.g. recipes/demo.toml")
+    parser.add_argument("--stage", default="1", choices=["1", "2", "both"], help="1, 2, or both (OUT/stage1 then OUT/stage2)")
+    parser.add_argument("--out", required=True, metavar="DIR", help="output folder (model, log, checkpoints)")
+    parser.add_argument("--init", metavar="DIR", help="start from this TGH-MoE folder (stage 2: the stage-1 output)")
+    parser.add_argument("--resume", action="store_true", help="continue from the latest checkpoint in --out")
+    parser.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override a recipe value, e.g. stage1.steps=200 or model.moe.text_guidance=false (TOML values)",
+    )
+    parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+    parser.set_defaults(func=run_train)
+
+
+def _toml_value(text: str) -> Any:
+    try:
+        return tomllib.loads(f"value = {text}")["value"]
+    except tomllib.TOMLDecodeError:
+        return text  # a bare string
+
+
+def apply_overrides(values: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
+    """``a.b.c=VALUE`` -> values["a"]["b"]["c"] = VALUE (VALUE parsed as TOML, else a string)."""
+    from napari_tghmoe.cli import CLIError
+
+    for item in overrides:
+        key, sep, raw = item.partition("=")
+        if not sep or not key.strip():
+            raise CLIError(f"--set {item!r}: expected KEY=VALUE")
+        parts = key.strip().split(".")
+        node = values
+        for part in parts[:-1]:
+            node = node.setdefault(part, {})
+            if not isinstance(node, dict):
+                raise CLIError(f"--set {item!r}: {part} is not a table")
+        node[parts[-1]] = _toml_value(raw.strip())
+    return values
+
+
+def load_recipe_with_overrides(path: str, overrides: list[str]):
+    from napari_tghmoe.cli import CLIError
+    from napari_tghmoe.train.recipe import RecipeError, recipe_from_dict
+
+    file = Path(path)
+    if not file.is_file():
+        raise CLIError(f"{file}: recipe file not found")
+    try:
+        values = tomllib.loads(file.read_text(encoding="utf-8"))
+    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as err:
+        raise CLIError(f"{file}: not valid TOML ({err})") from err
+    try:
+        return recipe_from_dict(apply_overrides(values, overrides), str(file))
+    except RecipeError as err:
+        raise CLIError(str(err)) from err
+
+
+def run_train(args: argparse.Namespace) -> int:
+    from napari_tghmoe.cli import CLIError
+    from napari_tghmoe.train.recipe import RecipeError
+    from napari_tghmoe.train.trainer import load_training_samples, train
+
+    recipe = load_recipe_with_overrides(args.config, args.set)
+    out = Path(args.out)
+    if args.init and not Path(args.init).is_dir():
+        raise CLIError(f"{args.init}: --init folder not found")
+    try:
+        if args.stage == "both":
+            samples = load_training_samples(recipe)
+            first = train(recipe, 1, out / "stage1", init=args.init, resume=args.resume, progress=not args.no_progress, samples=samples)
+            second = train(recipe, 2, out / "stage2", init=out / "stage1", resume=args.resume, progress=not args.no_progress, samples=samples)
+            results = [first, second]
+        else:
+            stage = int(args.stage)
+            if stage == 2 and not args.init:
+                raise CLIError("stage 2 starts from the stage-1 output: pass --init DIR")
+            results = [train(recipe, stage, out, init=args.init, resume=args.resume, progress=not args.no_progress)]
+    except RecipeError as err:
+        raise CLIError(str(err)) from err
+    for result in results:
+        loss = result.last_log.get("total")
+        loss_text = f", last loss {loss:.4f}" if isinstance(loss, float) else ""
+        print(
+            f"stage {result.stage}: {result.steps_done}/{result.total_steps} steps in {result.seconds:.1f} s"
+            f"{loss_text} -> {result.out_dir}",
+            file=sys.stderr,
+        )
+    return 0

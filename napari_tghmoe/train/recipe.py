@@ -1,0 +1,200 @@
+"""Training recipes: one TOML file says what to build, what to train on, and for how long.
+
+A recipe is the reproducible record of a run (the demo model's card quotes its recipe), so
+every knob that changes the result lives here and nothing is read from the environment.
+Layout (all sections optional except ``[data]``)::
+
+    name = "demo"
+    seed = 0
+
+    [model]                      # either a base folder ...
+    base = "/models/Qwen2.5-VL-3B-Instruct"
+    # ... or a small Qwen2.5-VL shape built from scratch (see napari_tghmoe.model.tiny)
+    [model.tiny]
+    vocab_size = 800
+    text_hidden = 128
+    [model.moe]                  # TGHMoEConfig fields
+    moe_blocks = [2, 3]
+    volume_grid = [32, 96, 128]
+
+    [tokenizer]                  # "base" (the base folder's), a folder, or "build" (BPE on the corpus)
+    source = "build"
+    vocab_size = 800
+
+    [data]
+    train = ["phantom:seeds=0-599,region=both,shape=32x96x128"]
+    task_weights = { report = 0.4, vqa_closed = 0.45, vqa_open = 0.15 }
+
+    [stage1]                     # and [stage2]: StageSettings fields
+    steps = 600
+    lr = 2e-3
+
+    [eval]
+    data = "phantom:seeds=100000-100039,region=both,shape=32x96x128"
+    report_phrasings = "report_heldout"
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import tomllib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+
+class RecipeError(ValueError):
+    """A recipe file that cannot be used (names the file and the reason)."""
+
+
+@dataclass
+class ModelSpec:
+    """What to train: a base folder (real Qwen2.5-VL or TGH-MoE) or a small shape built here."""
+
+    base: str | None = None
+    tiny: dict[str, Any] = field(default_factory=dict)  # kwargs of tiny_base_config
+    moe: dict[str, Any] = field(default_factory=dict)  # TGHMoEConfig MoE / input fields
+    gradient_checkpointing: bool = False
+
+
+@dataclass
+class TokenizerSpec:
+    source: str = "base"  # "base", "build", or a folder holding tokenizer.json
+    vocab_size: int = 800
+
+
+@dataclass
+class DataSpec:
+    """Training data: data specs (see ``napari_tghmoe.train.data.load_dataset_spec``)."""
+
+    train: list[str] = field(default_factory=list)
+    tasks: str = "all"  # report, vqa, vqa_closed, vqa_open, all
+    phrasing: str = "train"
+    task_weights: dict[str, float] = field(default_factory=dict)  # sampling weight per task (default: as loaded)
+    max_length: int | None = None  # truncate targets so a sequence fits
+    cache_dir: str | None = None
+    preload: bool = True  # keep prepared volumes in memory (phantoms, small sets)
+
+
+@dataclass
+class StageSettings:
+    """Optimisation settings of one stage."""
+
+    steps: int = 100
+    lr: float = 1e-3
+    min_lr_ratio: float = 0.1
+    schedule: str = "cosine"  # cosine | linear | constant
+    warmup_steps: int = 10
+    batch_size: int = 4
+    gradient_accumulation_steps: int = 1
+    weight_decay: float = 0.0
+    max_grad_norm: float = 1.0
+    log_every: int = 10
+    save_every: int = 100
+    keep_checkpoints: int = 2
+    #: Base parts to train besides the stage's own (``set_stage``) parts: "vision", "llm",
+    #: "embeddings", "lm_head", "patch_embed". Only for a base trained from scratch (the demo):
+    #: a real pretrained base stays frozen, as the method says.
+    also_train: list[str] = field(default_factory=list)
+    #: Which stage's trainable set to use (2 by default in [stage2]); "1" in [stage2] lets an
+    #: ablation continue stage 1 for the second budget.
+    trainable_stage: int | None = None
+
+
+@dataclass
+class EvalSpec:
+    """Held-out evaluation (never trained on): data spec and phrasing lists."""
+
+    data: str = ""
+    phrasing: str = "heldout"
+    report_phrasings: str = "report_heldout"
+    question_phrasings: str = "question_heldout"
+    limit: int | None = None
+    max_new_tokens: int = 256
+
+
+@dataclass
+class Recipe:
+    name: str = "recipe"
+    seed: int = 0
+    model: ModelSpec = field(default_factory=ModelSpec)
+    tokenizer: TokenizerSpec = field(default_factory=TokenizerSpec)
+    data: DataSpec = field(default_factory=DataSpec)
+    stage1: StageSettings = field(default_factory=StageSettings)
+    stage2: StageSettings = field(default_factory=lambda: StageSettings(trainable_stage=2))
+    eval: EvalSpec = field(default_factory=EvalSpec)
+    path: str | None = None  # where it was read from
+
+    def stage(self, stage: int) -> StageSettings:
+        if stage not in (1, 2):
+            raise RecipeError(f"{self.path or self.name}: stage must be 1 or 2, got {stage}")
+        settings = self.stage1 if stage == 1 else self.stage2
+        if settings.trainable_stage is None:
+            settings.trainable_stage = stage
+        return settings
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+_SECTIONS = {
+    "model": ModelSpec,
+    "tokenizer": TokenizerSpec,
+    "data": DataSpec,
+    "stage1": StageSettings,
+    "stage2": StageSettings,
+    "eval": EvalSpec,
+}
+
+
+def _build(cls: type, values: dict[str, Any], where: str) -> Any:
+    known = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(values) - known)
+    if unknown:
+        raise RecipeError(f"{where}: unknown setting(s) {', '.join(unknown)} (known: {', '.join(sorted(known))})")
+    return cls(**values)
+
+
+def recipe_from_dict(values: dict[str, Any], source: str = "recipe") -> Recipe:
+    values = dict(values)
+    sections = {}
+    for name, cls in _SECTIONS.items():
+        section = values.pop(name, {})
+        if not isinstance(section, dict):
+            raise RecipeError(f"{source}: [{name}] must be a table")
+        if name == "stage2":
+            section = {"trainable_stage": 2, **section}
+        sections[name] = _build(cls, section, f"{source} [{name}]")
+    top = _build(Recipe, values, source)
+    for name, value in sections.items():
+        setattr(top, name, value)
+    top.path = source
+    _validate(top)
+    return top
+
+
+def _validate(recipe: Recipe) -> None:
+    where = recipe.path or recipe.name
+    if not recipe.model.base and not recipe.model.tiny:
+        raise RecipeError(f"{where}: [model] needs base = FOLDER or a [model.tiny] shape")
+    if recipe.tokenizer.source == "base" and not recipe.model.base:
+        raise RecipeError(f"{where}: [tokenizer] source = 'base' needs [model] base; use 'build' for a tiny model")
+    if not recipe.data.train:
+        raise RecipeError(f"{where}: [data] train lists no data spec")
+    for stage in (recipe.stage1, recipe.stage2):
+        if stage.schedule not in ("cosine", "linear", "constant"):
+            raise RecipeError(f"{where}: schedule must be cosine, linear or constant, got {stage.schedule!r}")
+        if stage.steps < 0 or stage.batch_size < 1 or stage.gradient_accumulation_steps < 1:
+            raise RecipeError(f"{where}: steps >= 0, batch_size >= 1, gradient_accumulation_steps >= 1")
+
+
+def load_recipe(path: str | Path) -> Recipe:
+    """Read a TOML recipe (a clear ``RecipeError`` naming the file when it is wrong)."""
+    path = Path(path)
+    if not path.is_file():
+        raise RecipeError(f"{path}: recipe file not found")
+    try:
+        values = tomllib.loads(path.read_text(encoding="utf-8"))
+    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as err:
+        raise RecipeError(f"{path}: not valid TOML ({err})") from err
+    return recipe_from_dict(values, str(path))

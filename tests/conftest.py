@@ -1,0 +1,59 @@
+"""Shared pytest fixtures (several helpers append here; keep each block self-contained)."""
+
+import pytest
+
+
+# --- issue 5 (chat, routing, report, CLI): a tiny random TGH-MoE model folder --------------
+@pytest.fixture(scope="session")
+def tiny_tghmoe_folder(tmp_path_factory):
+    """An untrained tiny TGH-MoE folder (safetensors + tokenizer) saved with save_pretrained.
+
+    Built once per session from ``model/tiny.py`` + ``adapt_2d_mllm`` + ``build_tokenizer``
+    (the same builder as the demo's placeholder), volume grid 8x64x64 for speed.
+    """
+    from napari_tghmoe._placeholder_model import build_placeholder_model
+
+    return build_placeholder_model(tmp_path_factory.mktemp("models") / "tiny-tghmoe", volume_grid=(8, 64, 64))
+
+
+# --- issue 3 (model loading / engine, helper M2): tiny model folders ----------------------
+M2_VOLUME_GRID = (8, 64, 64)  # -> video grid (4, 8, 8), 64 LLM video tokens
+
+
+@pytest.fixture(scope="session")
+def m2_tokenizer():
+    """A tiny byte-level BPE tokenizer with the specials at ``TINY_SPECIAL_TOKENS`` ids."""
+    from napari_tghmoe.model.tokenizer import DEFAULT_CORPUS, build_tokenizer
+
+    return build_tokenizer(DEFAULT_CORPUS, vocab_size=512)
+
+
+@pytest.fixture(scope="session")
+def tiny_qwen_folder(tmp_path_factory, m2_tokenizer):
+    """A plain (unadapted) tiny Qwen2.5-VL folder: safetensors + config + tokenizer."""
+    from napari_tghmoe.model.tiny import build_tiny_base_model
+
+    folder = tmp_path_factory.mktemp("m2") / "tiny-qwen2_5_vl"
+    build_tiny_base_model(seed=0).save_pretrained(folder)
+    m2_tokenizer.save_pretrained(folder)
+    return folder
+
+
+@pytest.fixture(scope="session")
+def m2_tghmoe_folder(tmp_path_factory, m2_tokenizer):
+    """A tiny TGH-MoE folder whose experts and LLM LoRA are non-zero (as if trained)."""
+    import torch
+
+    from napari_tghmoe.model.modeling import adapt_2d_mllm
+    from napari_tghmoe.model.tiny import build_tiny_base_model
+
+    model = adapt_2d_mllm(build_tiny_base_model(seed=1), {"volume_grid": list(M2_VOLUME_GRID)})
+    generator = torch.Generator().manual_seed(2)
+    with torch.no_grad():
+        for name, parameter in model.named_parameters():
+            if "lora_B" in name:  # B = 0 at adaptation: make the experts and LoRA matter
+                parameter.copy_(torch.randn(parameter.shape, generator=generator) * 0.05)
+    folder = tmp_path_factory.mktemp("m2") / "tiny-tghmoe"
+    model.save_pretrained(folder)
+    m2_tokenizer.save_pretrained(folder)
+    return folder

@@ -1,0 +1,353 @@
+"""Training/evaluation data: loaders for each format, the phantom cache, phrasings, collation."""
+
+from __future__ import annotations
+
+import csv
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from napari_tghmoe.io import CTVolume, VolumeReadError, write_nifti
+from napari_tghmoe.train import data as D
+from napari_tghmoe.train import phrasings as P
+
+
+@pytest.fixture(autouse=True)
+def _private_cache(tmp_path, monkeypatch):
+    monkeypatch.setenv("TGHMOE_CACHE_DIR", str(tmp_path / "cache"))
+
+
+# --------------------------------------------------------------------------- M3D-Cap
+
+
+def _m3d_npy(path: Path, value: float) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    image = np.full((1, 4, 16, 16), value, dtype=np.float32)  # M3D ships (1, 32, 256, 256)
+    image[0, :, 4:12, 4:12] = 1.0
+    np.save(path, image)
+    return path
+
+
+def test_m3d_cap_case_folders_pair_each_npy_with_its_caption(tmp_path):
+    root = tmp_path / "M3D_Cap_npy"
+    _m3d_npy(root / "ct_case" / "000001" / "Axial_C__portal_venous_phase.npy", 0.0)
+    _m3d_npy(root / "ct_case" / "000001" / "Coronal_non_contrast.npy", 0.5)
+    (root / "ct_case" / "000001" / "text.txt").write_text("Hepatic cyst in segment 4.\n")
+    _m3d_npy(root / "ct_case" / "000002" / "Axial_non_contrast.npy", 0.25)
+    (root / "ct_case" / "000002" / "text.txt").write_text("Normal study.")
+
+    samples = D.load_m3d_cap(root)
+
+    assert [s.target for s in samples] == ["Hepatic cyst in segment 4.", "Hepatic cyst in segment 4.", "Normal study."]
+    assert all(s.task == "report" and s.prompt == P.REPORT_TRAIN[0] for s in samples)
+    volume = D.load_sample_volume(samples[0])
+    assert volume.shape == (4, 16, 16)
+    # [0, 1] intensities land on the soft-tissue window: 0 -> -160 HU, 1 -> 240 HU.
+    assert volume.hu[0, 0, 0] == pytest.approx(-160.0) and volume.hu[0, 8, 8] == pytest.approx(240.0)
+    assert volume.spacing == D.M3D_NOMINAL_SPACING
+
+
+def test_m3d_cap_json_index_selects_the_split(tmp_path):
+    root = tmp_path / "cap"
+    _m3d_npy(root / "a" / "img.npy", 0.1)
+    _m3d_npy(root / "b" / "img.npy", 0.2)
+    (root / "a" / "text.txt").write_text("train caption")
+    (root / "b" / "text.txt").write_text("test caption")
+    index = {"train": [{"image": "a/img.npy", "text": "a/text.txt"}], "test": [{"image": "b/img.npy", "text": "b/text.txt"}]}
+    (root / "M3D_Cap.json").write_text(json.dumps(index))
+
+    assert [s.target for s in D.load_m3d_cap(root, split="test")] == ["test caption"]
+    assert [s.target for s in D.load_m3d_cap(root, split="train")] == ["train caption"]
+    with pytest.raises(VolumeReadError, match="M3D_Cap.json.*no split 'validation'"):
+        D.load_m3d_cap(root, split="validation")
+
+
+def test_a_bad_m3d_array_names_the_file(tmp_path):
+    bad = tmp_path / "bad.npy"
+    np.save(bad, np.zeros((2, 3), dtype=np.float32))
+    sample = D.Sample(str(bad), "Describe.", "x", "report", meta={"intensity": "normalized"})
+    with pytest.raises(VolumeReadError, match=r"bad\.npy: expected a \(1, D, H, W\)"):
+        D.load_sample_volume(sample)
+
+
+# --------------------------------------------------------------------------- M3D-VQA
+
+VQA_COLUMNS = ["Image Path", "Text", "Question Type", "Question", "Choice A", "Choice B", "Choice C", "Choice D", "Answer", "Answer Choice"]
+
+
+def _write_vqa_csv(path: Path, rows: list[dict]) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with path.open("w", newline="") as handle:
+        writer = csv.DictWriter(handle, fieldnames=VQA_COLUMNS)
+        writer.writeheader()
+        writer.writerows(rows)
+    return path
+
+
+def test_m3d_vqa_closed_prompt_and_target_are_exactly_m3d(tmp_path):
+    _m3d_npy(tmp_path / "data" / "M3D_Cap_npy" / "case1" / "axial.npy", 0.3)
+    row = {
+        "Image Path": "M3D_Cap_npy/case1/axial.npy",
+        "Text": "",
+        "Question Type": "3",
+        "Question": "Which organ shows a lesion?",
+        "Choice A": "lung",
+        "Choice B": "liver",
+        "Choice C": "kidney",
+        "Choice D": "spleen",
+        "Answer": "liver",
+        "Answer Choice": "B",
+    }
+    csv_path = _write_vqa_csv(tmp_path / "data" / "M3D-VQA" / "M3D_VQA_test.csv", [row, {**row, "Question Type": "Plane"}])
+
+    samples = D.load_m3d_vqa(csv_path, mode="both")
+
+    closed, opened, closed2, _ = samples
+    assert closed.task == "vqa_closed" and opened.task == "vqa_open"
+    assert closed.prompt == "Which organ shows a lesion? Choices: A. lung B. liver C. kidney D. spleen"
+    assert closed.target == "B. liver"
+    assert opened.prompt == "Which organ shows a lesion?" and opened.target == "liver"
+    assert closed.qtype == "organ" and closed2.qtype == "plane"  # numeric type 3 = organ (M3D order)
+    assert closed.meta["answer_letter"] == "B" and closed.meta["choices"] == ["lung", "liver", "kidney", "spleen"]
+    # "Image Path" is relative to the data root two levels above the CSV, found automatically.
+    assert D.load_sample_volume(closed).shape == (4, 16, 16)
+    assert [s.task for s in D.load_m3d_vqa(csv_path, mode="closed")] == ["vqa_closed", "vqa_closed"]
+
+
+def test_m3d_vqa_with_missing_columns_names_the_csv(tmp_path):
+    path = tmp_path / "broken.csv"
+    path.write_text("Image Path,Question\nx.npy,What?\n")
+    with pytest.raises(VolumeReadError, match=r"broken\.csv: not an M3D-VQA CSV: missing columns"):
+        D.load_m3d_vqa(path)
+
+
+# --------------------------------------------------------------------------- CT-RATE
+
+
+def test_ct_rate_pairs_nifti_volumes_with_their_report_rows(tmp_path):
+    root = tmp_path / "CT-RATE"
+    hu = np.arange(4 * 12 * 12, dtype=np.int16).reshape(4, 12, 12) % 200  # stored without rescale
+    write_nifti(CTVolume(hu=hu, spacing=(3.0, 0.8, 0.8)), root / "valid" / "valid_1" / "valid_1_a" / "valid_1_a_1.nii.gz")
+    reports = root / "radiology_text_reports" / "validation_reports.csv"
+    reports.parent.mkdir(parents=True)
+    with reports.open("w", newline="") as handle:
+        writer = csv.writer(handle)
+        writer.writerow(["VolumeName", "ClinicalInformation_EN", "Technique_EN", "Findings_EN", "Impressions_EN"])
+        writer.writerow(["valid_1_a_1.nii.gz", "Cough.", "Non-contrast chest CT.", "Lungs are clear.", "Normal chest CT."])
+        writer.writerow(["valid_9_a_1.nii.gz", "", "", "Not on disk.", "Skip me."])
+    metadata = root / "metadata" / "validation_metadata.csv"
+    metadata.parent.mkdir(parents=True)
+    metadata.write_text("VolumeName,RescaleSlope,RescaleIntercept\nvalid_1_a_1.nii.gz,1,-1024\n")
+
+    samples = D.load_ct_rate(root)
+
+    assert len(samples) == 1
+    (sample,) = samples
+    assert sample.target == "Findings: Lungs are clear.\nImpression: Normal chest CT."
+    assert sample.task == "report" and sample.meta["rescale"] == [1.0, -1024.0]
+    volume = D.load_sample_volume(sample)
+    assert volume.shape == (4, 12, 12) and volume.spacing == pytest.approx((3.0, 0.8, 0.8))
+    assert float(volume.hu.min()) == pytest.approx(-1024.0)  # the rescale was applied
+    assert D.load_ct_rate(root, target="findings")[0].target == "Lungs are clear."
+
+
+# --------------------------------------------------------------------------- phantoms
+
+
+def test_phantoms_are_generated_once_and_read_back_from_the_cache(tmp_path):
+    from napari_tghmoe.phantom import make_phantom
+
+    cache = tmp_path / "phantoms"
+    samples = D.load_phantoms([5], "abdomen", shape=(8, 48, 48), cache_dir=cache)
+    files = list(cache.glob("*.npz"))
+    assert len(files) == 1
+    stamp = files[0].stat().st_mtime_ns
+    again = D.load_phantoms([5], "abdomen", shape=(8, 48, 48), cache_dir=cache)
+    assert files[0].stat().st_mtime_ns == stamp  # read, not regenerated
+    assert [s.target for s in again] == [s.target for s in samples]
+
+    phantom = make_phantom(5, region="abdomen", shape=(8, 48, 48))
+    report = samples[0]
+    assert report.task == "report" and report.target == phantom.report
+    assert report.meta["findings"] == [
+        {"kind": f.kind, "organ": f.organ, "location": f.location, "size_mm": float(f.size_mm),
+         "center_voxel": list(f.center_voxel), "mean_hu": float(f.mean_hu)}
+        for f in phantom.findings
+    ]
+    volume = D.load_sample_volume(report)
+    np.testing.assert_array_equal(volume.hu, phantom.volume.hu)
+    assert volume.spacing == pytest.approx(phantom.volume.spacing)
+    closed = [s for s in samples if s.task == "vqa_closed"]
+    opened = [s for s in samples if s.task == "vqa_open"]
+    assert len(closed) == len(opened) == len(phantom.vqa)
+    item = phantom.vqa[0]
+    assert closed[0].target == f"{item.answer_letter}. {item.answer_text}" and opened[0].target == item.answer_text
+    assert closed[0].prompt.endswith(" Choices: " + " ".join(f"{l}. {c}" for l, c in zip("ABCD", item.choices)))
+
+
+def test_the_cache_key_separates_seed_region_and_grid(tmp_path):
+    paths = {
+        D.phantom_cache_path(1, "chest", (8, 48, 48), None, tmp_path),
+        D.phantom_cache_path(2, "chest", (8, 48, 48), None, tmp_path),
+        D.phantom_cache_path(1, "abdomen", (8, 48, 48), None, tmp_path),
+        D.phantom_cache_path(1, "chest", (8, 64, 64), None, tmp_path),
+        D.phantom_cache_path(1, "chest", None, (5.0, 1.0, 1.0), tmp_path),
+    }
+    assert len(paths) == 5
+    assert D.phantom_cache_path(1, "chest", (8, 48, 48), None, tmp_path) in paths  # deterministic
+
+
+def test_a_damaged_cache_file_is_regenerated(tmp_path):
+    path = D.phantom_cache_path(7, "chest", (8, 48, 48), None, tmp_path)
+    path.write_bytes(b"not an npz")
+    _, cached = D.cached_phantom(7, "chest", (8, 48, 48), None, tmp_path)
+    assert cached.seed == 7 and cached.volume.shape == (8, 48, 48)
+
+
+# --------------------------------------------------------------------------- phrasings
+
+
+def test_held_out_phrasings_never_appear_in_training():
+    normalise = lambda text: " ".join(text.lower().split())  # noqa: E731
+    train_reports = {normalise(p) for p in P.REPORT_TRAIN}
+    assert not train_reports & {normalise(p) for p in P.REPORT_HELDOUT}
+    assert not {normalise(p) for p in P.QUESTION_TRAIN} & {normalise(p) for p in P.QUESTION_HELDOUT}
+    from napari_tghmoe.model.prompts import REPORT_PROMPTS
+
+    assert set(REPORT_PROMPTS) <= set(P.REPORT_TRAIN)  # what the engine sends is always trained
+    assert len(P.REPORT_TRAIN) >= 20 and len(P.REPORT_HELDOUT) >= 5
+
+
+def test_held_out_style_uses_only_held_out_wordings():
+    samples = D.load_phantoms(range(3), "both", shape=(8, 48, 48), phrasing="heldout")
+    reports = [s.prompt for s in samples if s.task == "report"]
+    assert set(reports) <= set(P.REPORT_HELDOUT)
+    opened = [s for s in samples if s.task == "vqa_open"]
+    heldout_forms = [P.apply_question_template(t, s.meta["question"]) for s in opened for t in P.QUESTION_HELDOUT]
+    assert all(s.prompt in heldout_forms for s in opened)
+    assert any(s.prompt != s.meta["question"] for s in opened)  # questions really are reframed
+
+
+def test_question_templates_keep_the_question_and_phrasing_files_load(tmp_path):
+    assert P.apply_question_template("Based on the scan, {question_lc}", "Which organ?") == "Based on the scan, which organ?"
+    assert P.apply_question_template("Based on the scan, {question_lc}", "CT phase?") == "Based on the scan, CT phase?"
+    listing = tmp_path / "mine.txt"
+    listing.write_text("# my wordings\nReport this.\n\nSummarise the scan.\n")
+    assert P.get_phrasings(listing) == ("Report this.", "Summarise the scan.")
+    with pytest.raises(ValueError, match="unknown phrasing list"):
+        P.get_phrasings("no_such_list")
+
+
+# --------------------------------------------------------------------------- specs
+
+
+def test_dataset_specs_select_source_and_task(tmp_path):
+    samples = D.load_dataset_spec("phantom:seeds=1-2,region=chest,shape=8x48x48", task="vqa_closed")
+    assert samples and {s.task for s in samples} == {"vqa_closed"} and {s.meta["seed"] for s in samples} == {1, 2}
+    assert D.parse_seed_range("1000-1003+7") == [1000, 1001, 1002, 1003, 7]
+    assert len(D.load_dataset_spec("phantom:seeds=1-2,region=chest,shape=8x48x48", task="report", limit=1)) == 1
+    with pytest.raises(ValueError, match="unknown data kind 'mnist'"):
+        D.load_dataset_spec("mnist:/x")
+    with pytest.raises(ValueError, match="unknown option"):
+        D.load_dataset_spec("phantom:seeds=1,colour=red")
+
+
+# --------------------------------------------------------------------------- collation
+
+
+@pytest.fixture(scope="module")
+def tokenizer_and_config():
+    from napari_tghmoe.model.tiny import tiny_base_config
+    from napari_tghmoe.model.tokenizer import DEFAULT_CORPUS, build_tokenizer
+
+    tokenizer = build_tokenizer(list(DEFAULT_CORPUS) + list(P.REPORT_TRAIN), vocab_size=512)
+    config = tiny_base_config()
+    config.volume_grid = (8, 64, 64)  # 64 video tokens per volume (4 x 8 x 8 patches, 2x2 merge)
+    config.group_names = ["shared", "report", "vqa_closed", "vqa_open"]
+    return tokenizer, config
+
+
+def _volume_sample(prompt: str, target: str, task: str, seed: int) -> D.Sample:
+    hu = np.random.default_rng(seed).normal(0, 100, (8, 32, 32)).astype(np.float32)
+    return D.Sample(hu, prompt, target, task, meta={"spacing": (5.0, 1.0, 1.0)})
+
+
+def test_collation_masks_prompt_and_padding_out_of_the_labels(tokenizer_and_config):
+    tokenizer, config = tokenizer_and_config
+    short = _volume_sample("Which organ? Choices: A. lung B. liver C. kidney D. spleen", "B. liver", "vqa_closed", 0)
+    long = _volume_sample("Describe the findings.", "The lungs are clear. No pleural effusion.", "report", 1)
+
+    batch = D.collate([short, long], tokenizer, config)
+
+    from napari_tghmoe.model.tiny import TINY_SPECIAL_TOKENS as T
+
+    ids, labels, attention = batch["input_ids"], batch["labels"], batch["attention_mask"]
+    eos = tokenizer.eos_token_id
+    for row, sample in enumerate([short, long]):
+        target_ids = tokenizer(sample.target, add_special_tokens=False)["input_ids"] + [eos]
+        length = int(attention[row].sum())
+        prompt_length = length - len(target_ids)
+        # The target and end-of-turn are learned; everything before (chat, vision, question) is not.
+        assert labels[row, :prompt_length].eq(-100).all()
+        assert labels[row, prompt_length:length].tolist() == target_ids
+        assert ids[row, prompt_length:length].tolist() == target_ids
+        # Padding (right side): not attended, not learned.
+        assert attention[row, length:].eq(0).all() and labels[row, length:].eq(-100).all()
+        assert ids[row, length:].eq(tokenizer.pad_token_id).all()
+        # Vision placeholder expanded: start, 64 video tokens, end, all before the question.
+        video = (ids[row] == T["video"]).nonzero().flatten()
+        assert len(video) == 64 and int(video[-1] - video[0]) == 63
+        assert ids[row, video[0] - 1] == T["vision_start"] and ids[row, video[-1] + 1] == T["vision_end"]
+        assert batch["mm_token_type_ids"][row].eq(2).sum() == 64
+    assert int(attention[0].sum()) < int(attention[1].sum())  # the short row really was padded
+    # The text router sees the instruction only: not the chat boilerplate, vision or the answer.
+    assert tokenizer.decode(ids[0][batch["text_guidance_mask"][0]]) == short.prompt
+    assert not (batch["text_guidance_mask"] & (labels != -100)).any()
+    assert batch["task_labels"].tolist() == [2, 1]  # index in group_names
+    assert batch["pixel_values_videos"].shape == (2 * 256, 3 * 2 * 8 * 8)
+    assert batch["video_grid_thw"].tolist() == [[4, 8, 8], [4, 8, 8]]
+    assert batch["second_per_grid_ts"].shape == (2,)
+
+
+def test_collation_sends_what_the_engine_sends(tokenizer_and_config):
+    from napari_tghmoe.model.prompts import REPORT_PROMPTS
+
+    tokenizer, config = tokenizer_and_config
+    batch = D.collate([_volume_sample("Write the report.", "Normal.", "report", 0)], tokenizer, config)
+    # "Write the report." is a report request: the engine replaces it by its report template.
+    assert tokenizer.decode(batch["input_ids"][0][batch["text_guidance_mask"][0]]) == REPORT_PROMPTS[0]
+    verbatim = D.collate([_volume_sample("Write the report.", "Normal.", "report", 0)], tokenizer, config, rewrite_like_engine=False)
+    assert tokenizer.decode(verbatim["input_ids"][0][verbatim["text_guidance_mask"][0]]) == "Write the report."
+
+
+def test_max_length_truncates_the_target_only(tokenizer_and_config):
+    tokenizer, config = tokenizer_and_config
+    sample = _volume_sample("Describe the findings.", "The lungs are clear. No pleural effusion.", "report", 0)
+    full = D.collate([sample], tokenizer, config)
+    length = full["input_ids"].shape[1]
+    cut = D.collate([sample], tokenizer, config, max_length=length - 3)
+    assert cut["input_ids"].shape[1] == length - 3
+    assert cut["input_ids"][0].tolist() == full["input_ids"][0, : length - 3].tolist()
+    with pytest.raises(ValueError, match="the prompt alone has"):
+        D.collate([sample], tokenizer, config, max_length=10)
+
+
+def test_collated_batch_trains_the_tghmoe_model(tokenizer_and_config):
+    import torch
+
+    from napari_tghmoe.model.modeling import adapt_2d_mllm
+    from napari_tghmoe.model.tiny import build_tiny_base_model
+
+    tokenizer, _ = tokenizer_and_config
+    model = adapt_2d_mllm(build_tiny_base_model(seed=0), {"volume_grid": [8, 64, 64], "experts_per_group": 2, "lora_rank": 4})
+    samples = [
+        _volume_sample("Which organ? Choices: A. lung B. liver C. kidney D. spleen", "B. liver", "vqa_closed", 0),
+        _volume_sample("Describe the findings.", "The lungs are clear.", "report", 1),
+    ]
+    batch = D.collate(samples, tokenizer, model.config)
+    output = model(**batch)
+    assert torch.isfinite(output.loss)
+    output.loss.backward()
+    assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in model.parameters() if p.requires_grad)

@@ -1,0 +1,212 @@
+"""InferenceEngine: streaming answers, stopping within one token, prompts, and a complete Answer."""
+
+from __future__ import annotations
+
+import copy
+import threading
+
+import numpy as np
+import pytest
+
+from napari_tghmoe.engine import Answer, InferenceEngine
+from napari_tghmoe.io import CTVolume
+from napari_tghmoe.model.prompts import (
+    REPORT_PROMPTS,
+    format_closed_question,
+    is_closed_question,
+    is_report_request,
+    plan_prompt,
+)
+
+LONG = {"min_new_tokens": 400}  # the random model may otherwise say <|im_end|> at once
+
+
+@pytest.fixture(scope="module")
+def engine(m2_tghmoe_folder):
+    return InferenceEngine.from_pretrained(m2_tghmoe_folder, device="cpu")
+
+
+@pytest.fixture(scope="module")
+def volume():
+    rng = np.random.default_rng(0)
+    return CTVolume(rng.normal(0, 300, (12, 70, 60)).astype(np.float32), spacing=(2.5, 0.8, 0.8))
+
+
+def generation_threads() -> list[threading.Thread]:
+    return [t for t in threading.enumerate() if t.name == "tghmoe-generate" and t.is_alive()]
+
+
+# ------------------------------------------------------------------ streaming and stopping
+
+
+def test_streams_text_chunks_then_the_answer_last(engine, volume):
+    items = list(engine.answer(volume, "Is the liver normal?", max_new_tokens=12, generation_options={"min_new_tokens": 12}))
+    chunks, answer = items[:-1], items[-1]
+    assert isinstance(answer, Answer)
+    assert len(chunks) >= 2 and all(isinstance(c, str) and c for c in chunks)
+    assert "".join(chunks).strip() == answer.text
+    assert answer.timings["n_tokens"] == 12
+
+
+def test_stop_event_stops_within_one_token_and_text_arrived_before_the_end(engine, volume):
+    stop = threading.Event()
+    seen = []
+    for item in engine.answer(volume, "Where is the nodule?", max_new_tokens=400, stop_event=stop, generation_options=LONG):
+        if isinstance(item, str):
+            seen.append(item)
+            stop.set()  # from the consumer side, as the chat's Stop button does
+        else:
+            answer = item
+    assert seen and answer.stopped
+    assert answer.tokens_after_stop <= 1  # counted by the streamer after the event was set
+    assert answer.timings["n_tokens"] < 400  # the first chunk came long before the end
+    assert not generation_threads()
+
+
+def test_stop_event_set_before_the_start_generates_at_most_one_token(engine, volume):
+    stop = threading.Event()
+    stop.set()
+    answer = engine.ask(volume, "Describe the liver.", max_new_tokens=50, stop_event=stop, generation_options=LONG)
+    assert answer.stopped and answer.timings["n_tokens"] <= 1
+
+
+def test_closing_the_generator_stops_the_generation_and_frees_the_engine(engine, volume):
+    stream = engine.answer(volume, "Is there a fracture?", max_new_tokens=400, generation_options=LONG)
+    assert isinstance(next(stream), str)
+    stream.close()
+    assert not generation_threads()
+    answer = engine.ask(volume, "Is there a fracture?", max_new_tokens=3)  # the lock was released
+    assert answer.timings["n_tokens"] <= 3
+
+
+def test_concurrent_callers_are_served_one_at_a_time(engine, volume):
+    results: dict[str, Answer] = {}
+
+    def ask(question: str) -> None:
+        results[question] = engine.ask(volume, question, max_new_tokens=6, generation_options={"min_new_tokens": 6})
+
+    threads = [threading.Thread(target=ask, args=(q,)) for q in ("Is the liver normal?", "Generate a report")]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(timeout=120)
+    assert set(results) == {"Is the liver normal?", "Generate a report"}
+    alone = engine.ask(volume, "Is the liver normal?", max_new_tokens=6, generation_options={"min_new_tokens": 6})
+    assert results["Is the liver normal?"].text == alone.text  # greedy and undisturbed by the other call
+
+
+# ------------------------------------------------------------------ the Answer
+
+
+def test_answer_fields_are_populated(engine, volume):
+    answer = engine.ask(volume, "Is the liver normal?", max_new_tokens=8, generation_options={"min_new_tokens": 8})
+
+    assert answer.text
+    assert answer.question == "Is the liver normal?" and answer.prompt_kind == "question"
+    assert answer.prompt == "Is the liver normal?"
+    assert set(answer.task_probs) == {"report", "vqa_closed", "vqa_open"}
+    assert sum(answer.task_probs.values()) == pytest.approx(1.0, abs=1e-5)
+    assert answer.routing is not None and answer.routing.blocks == engine.model.config.moe_blocks
+    assert answer.routing.task_probs() == answer.task_probs
+    assert answer.routing.expert_map(answer.routing.blocks[-1], volume.shape).shape == volume.shape
+    timings = answer.timings
+    assert timings["n_tokens"] == 8
+    for key in ("preprocess_s", "time_to_first_token_s", "generate_s", "tokens_per_s"):
+        assert timings[key] > 0, key
+    assert timings["time_to_first_token_s"] <= timings["generate_s"]
+    assert answer.device == "cpu" and answer.peak_memory > 10 * 2**20
+    assert answer.model_name == "tiny-tghmoe"
+    assert answer.weights_sha256 == engine.info.weights_sha256 and len(answer.weights_sha256) == 64
+    assert answer.precision == "float32"
+    assert not answer.stopped
+
+
+def test_without_trace_the_task_probabilities_come_from_the_routers_alone(engine, volume):
+    traced = engine.ask(volume, "Which organ is abnormal?", max_new_tokens=2)
+    untraced = engine.ask(volume, "Which organ is abnormal?", max_new_tokens=2, trace=False)
+    assert untraced.routing is None
+    assert untraced.task_probs == pytest.approx(traced.task_probs, abs=1e-5)
+
+
+def test_task_probabilities_follow_the_question(engine, volume):
+    report = engine.ask(volume, "Write the report", max_new_tokens=1, trace=False)
+    closed = engine.ask(volume, "Which organ? Choices: A. liver B. lung C. kidney D. spleen", max_new_tokens=1, trace=False)
+    assert report.task_probs != pytest.approx(closed.task_probs, abs=1e-4)
+
+
+def test_report_requests_use_the_m3d_style_template(engine, volume):
+    answer = engine.ask(volume, "Please generate a radiology report for this scan.", max_new_tokens=2)
+    assert answer.prompt_kind == "report" and answer.prompt == REPORT_PROMPTS[0]
+    assert answer.question == "Please generate a radiology report for this scan."
+
+
+def test_empty_question_is_refused_before_any_work(engine, volume):
+    with pytest.raises(ValueError, match="empty"):
+        next(engine.answer(volume, "   "))
+
+
+def test_accepts_an_array_with_spacing_and_prepared_inputs(engine, volume):
+    from napari_tghmoe.model.preprocess import prepare_volume
+
+    from_array = engine.ask(volume.hu, "Is the liver normal?", spacing=volume.spacing, max_new_tokens=3)
+    prepared = prepare_volume(volume, None, engine.model.config)
+    from_inputs = engine.ask(prepared, "Is the liver normal?", max_new_tokens=3)
+    assert from_array.text == from_inputs.text
+
+
+# ------------------------------------------------------------------ prompt construction
+
+
+def test_prompt_holds_the_video_tokens_and_guidance_covers_only_the_question(engine):
+    question = "Is there a nodule in the left lung?"
+    inputs = engine.build_inputs(question, num_video_tokens=64)
+    ids = inputs.input_ids[0].tolist()
+    video = engine.model.config.video_token_id
+
+    assert ids.count(video) == 64
+    start = ids.index(engine.model.config.vision_start_token_id)
+    assert ids[start + 1 : start + 65] == [video] * 64
+    assert ids[start + 65] == engine.model.config.vision_end_token_id
+    assert (inputs.mm_token_type_ids[0] == 2).tolist() == [i == video for i in ids]
+    guided = [i for i, keep in zip(ids, inputs.text_guidance_mask[0].tolist()) if keep]
+    assert engine.tokenizer.decode(guided) == question
+    assert inputs.prompt_text.startswith("<|im_start|>user\n<|vision_start|>")
+    assert inputs.prompt_text.endswith("<|im_end|>\n<|im_start|>assistant\n")
+
+
+def test_minimal_template_when_the_tokenizer_has_none(engine):
+    tokenizer = copy.deepcopy(engine.tokenizer)
+    tokenizer.chat_template = None
+    bare = InferenceEngine(engine.model, tokenizer, engine.info)
+    assert bare.render_prompt("Q?") == (
+        "<|im_start|>user\n<|vision_start|><|video_pad|><|vision_end|>Q?<|im_end|>\n<|im_start|>assistant\n"
+    )
+
+
+@pytest.mark.parametrize(
+    "request_text",
+    ["Generate a report", "write the report.", "Describe the findings", "What are the findings?",
+     "Can you write me a report of this CT?", "Please generate a radiology report for this scan", "findings"],
+)
+def test_report_requests_are_recognised(request_text):
+    assert is_report_request(request_text)
+    assert plan_prompt(request_text).kind == "report"
+
+
+@pytest.mark.parametrize(
+    "question",
+    ["Is there a fracture?", "Is there a report of a fracture?", "Describe the liver",
+     "What is the finding in the left kidney?", "Which organ? Choices: A. liver B. lung"],
+)
+def test_questions_go_as_typed(question):
+    plan = plan_prompt(question)
+    assert plan.kind == "question" and plan.text == question
+
+
+def test_closed_questions_keep_the_m3d_choices_format():
+    text = format_closed_question("Which plane is this?", ["axial", "coronal", "sagittal", "oblique"])
+    assert text == "Which plane is this? Choices: A. axial B. coronal C. sagittal D. oblique"
+    assert is_closed_question(text) and plan_prompt(text).closed and plan_prompt(text).text == text
+    assert not is_closed_question("What are my choices for treatment?")
+    with pytest.raises(ValueError):
+        format_closed_question("Q?", ["only one"])

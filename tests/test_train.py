@@ -1,0 +1,187 @@
+"""Two-stage training on a tiny recipe, resuming, stage-2 trainables, and the shipped demo model.
+
+Everything runs on a few 8x64x64 phantoms with a model of ~0.2 M parameters, so the whole
+file takes seconds on a CPU. Numbers are never compared with wall-clock time.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+torch = pytest.importorskip("torch")
+from safetensors.torch import load_file  # noqa: E402
+
+from napari_tghmoe.cli import main  # noqa: E402
+from napari_tghmoe.train.recipe import RecipeError, load_recipe, recipe_from_dict  # noqa: E402
+
+ROOT = Path(__file__).resolve().parents[1]
+TINY = ROOT / "recipes" / "tiny-test.toml"
+DEMO = ROOT / "resources" / "demo-model"
+EVAL_SPEC = "phantom:seeds=900-901,region=both,shape=8x64x64"
+
+
+@pytest.fixture(scope="module")
+def env(tmp_path_factory):
+    """Phantom cache + one thread per process (the CPU is shared), for the whole module."""
+    cache = tmp_path_factory.mktemp("phantom-cache")
+    patch = pytest.MonkeyPatch()
+    patch.setenv("TGHMOE_CACHE_DIR", str(cache))
+    patch.setenv("TGHMOE_TRAIN_THREADS", "1")
+    patch.setenv("HF_HUB_OFFLINE", "1")
+    yield cache
+    patch.undo()
+
+
+@pytest.fixture(scope="module")
+def two_stages(env, tmp_path_factory):
+    """`tghmoe train` stage 1, then stage 2 from its output (the CLI, as a user runs it)."""
+    out = tmp_path_factory.mktemp("runs")
+    stage1, stage2 = out / "stage1", out / "stage2"
+    assert main(["train", "--config", str(TINY), "--stage", "1", "--out", str(stage1), "--no-progress"]) == 0
+    assert main(
+        ["train", "--config", str(TINY), "--stage", "2", "--init", str(stage1), "--out", str(stage2), "--no-progress"]
+    ) == 0
+    return stage1, stage2
+
+
+def _log(folder: Path) -> list[dict]:
+    return [json.loads(line) for line in (folder / "train_log.jsonl").read_text().splitlines()]
+
+
+def test_stage1_writes_a_loadable_model_log_and_checkpoints(two_stages):
+    stage1, _ = two_stages
+    for name in ("config.json", "model.safetensors", "tokenizer.json", "training_summary.json"):
+        assert (stage1 / name).is_file(), name
+    log = _log(stage1)
+    assert [e["step"] for e in log] == [1, 2, 4]  # log_every = 2, plus the first step
+    for entry in log:
+        for key in ("lm", "load_balancing", "z", "task", "total", "lr"):
+            assert isinstance(entry[key], float), key
+        util = entry["expert_utilisation"]
+        assert set(util) == {"2", "3"}
+        assert abs(sum(util["2"]) - 1.0) < 1e-3  # block 2 carries only the shared group (gate mass 1)
+    state = json.loads((stage1 / "checkpoints" / "step-0000004" / "trainer_state.json").read_text())
+    assert state["stage"] == 1 and state["step"] == 4
+    assert (stage1 / "checkpoints" / "step-0000004" / "model.safetensors").is_file()
+
+
+def test_stage2_trains_only_task_experts_and_routers(two_stages):
+    from napari_tghmoe.model.modeling import parameter_part
+
+    stage1, stage2 = two_stages
+    before, after = load_file(str(stage1 / "model.safetensors")), load_file(str(stage2 / "model.safetensors"))
+    assert before.keys() == after.keys()
+    changed = {key for key in before if not torch.equal(before[key], after[key])}
+    parts = {parameter_part(key) for key in changed if not key.endswith("task_experts_initialised")}
+    assert parts == {"task_experts", "routers"}
+    # every task expert started as a copy of the shared expert and the copy is recorded
+    flags = [key for key in after if key.endswith("task_experts_initialised")]
+    assert flags and all(bool(after[key]) for key in flags if ".blocks.3." in key)
+    summary = json.loads((stage2 / "training_summary.json").read_text())
+    assert summary["trainable"]["shared_experts"] == 0 and summary["trainable"]["task_experts"] > 0
+
+
+def test_eval_runs_end_to_end_on_the_trained_model(two_stages, tmp_path):
+    _, stage2 = two_stages
+    out = tmp_path / "results.json"
+    code = main(
+        ["eval", "--model", str(stage2), "--data", EVAL_SPEC, "--task", "all", "--out", str(out),
+         "--no-bertscore", "--max-new-tokens", "12", "--limit", "6", "--no-progress", "--device", "cpu"]
+    )
+    assert code == 0
+    results = json.loads(out.read_text())
+    assert results["n"] == 6
+    assert len(results["samples"]) == 6 and all(isinstance(s["prediction"], str) for s in results["samples"])
+    assert out.with_suffix(".md").read_text().startswith("# Evaluation")
+
+
+def test_killed_and_resumed_run_ends_where_an_unbroken_run_ends(env, tmp_path):
+    from napari_tghmoe.train.trainer import load_training_samples, train
+
+    recipe = load_recipe(TINY)
+    samples = load_training_samples(recipe)
+    unbroken = train(recipe, 1, tmp_path / "unbroken", progress=False, samples=samples)
+    killed = train(recipe, 1, tmp_path / "resumed", progress=False, samples=samples, stop_after=2)
+    assert not killed.finished and not (tmp_path / "resumed" / "model.safetensors").exists()
+    resumed = train(recipe, 1, tmp_path / "resumed", progress=False, samples=samples, resume=True)
+    assert resumed.finished and resumed.steps_done == unbroken.steps_done == 4
+    a = load_file(str(tmp_path / "unbroken" / "model.safetensors"))
+    b = load_file(str(tmp_path / "resumed" / "model.safetensors"))
+    for key in a:
+        torch.testing.assert_close(a[key], b[key], rtol=1e-4, atol=1e-5, msg=key)
+    # the resumed log has each step once, as the unbroken one
+    assert [e["step"] for e in _log(tmp_path / "resumed")] == [e["step"] for e in _log(tmp_path / "unbroken")]
+
+
+def test_recipe_errors_name_the_file_and_the_setting(tmp_path):
+    bad = tmp_path / "bad.toml"
+    bad.write_text('name = "x"\n[model.tiny]\ntext_hidden = 64\n[data]\ntrain = ["phantom:seeds=0-1"]\n[stage1]\nstepz = 3\n')
+    with pytest.raises(RecipeError, match=r"bad\.toml.*stepz"):
+        load_recipe(bad)
+    with pytest.raises(RecipeError, match="train lists no data"):
+        recipe_from_dict({"model": {"tiny": {"text_hidden": 64}}, "tokenizer": {"source": "build"}, "data": {"train": []}}, "inline")
+    assert main(["train", "--config", str(tmp_path / "missing.toml"), "--out", str(tmp_path / "o")]) == 2
+    assert main(["train", "--config", str(TINY), "--stage", "2", "--out", str(tmp_path / "o")]) == 2  # no --init
+
+
+def test_schedule_warms_up_then_decays_to_the_floor():
+    from napari_tghmoe.train.recipe import StageSettings
+    from napari_tghmoe.train.trainer import lr_lambda
+
+    factor = lr_lambda(StageSettings(steps=100, warmup_steps=10, min_lr_ratio=0.1, schedule="cosine"))
+    assert factor(0) == pytest.approx(0.1) and factor(9) == pytest.approx(1.0)
+    assert factor(10) == pytest.approx(1.0) and factor(100) == pytest.approx(0.1)
+    assert factor(30) > factor(60) > factor(90)
+    linear = lr_lambda(StageSettings(steps=20, warmup_steps=0, min_lr_ratio=0.0, schedule="linear"))
+    assert linear(10) == pytest.approx(0.5)
+
+
+def test_overrides_reach_the_recipe():
+    from napari_tghmoe.train.cli import load_recipe_with_overrides
+
+    recipe = load_recipe_with_overrides(str(TINY), ["stage1.steps=7", "model.moe.text_guidance=false", 'name="x"'])
+    assert recipe.stage1.steps == 7 and recipe.model.moe["text_guidance"] is False and recipe.name == "x"
+
+
+# --------------------------------------------------------------------------- the shipped demo model
+
+
+def test_demo_model_is_small_safetensors_with_its_card():
+    files = {p.name: p.stat().st_size for p in DEMO.iterdir() if p.is_file()}
+    for name in ("config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json", "README.md"):
+        assert name in files, name
+    assert sum(files.values()) <= 25 * 1024 * 1024
+    assert not any(name.endswith((".bin", ".pt", ".pkl", ".pth")) for name in files)
+    card = (DEMO / "README.md").read_text()
+    assert "synthetic" in card.lower() and "not for clinical use" in card.lower()
+
+
+def test_demo_model_reproduces_the_check_in_its_card(env):
+    """Greedy decoding is deterministic: the shipped weights must give exactly the recorded answers
+    on the card's fixed held-out subset (so the card's numbers describe these weights)."""
+    from napari_tghmoe.engine import InferenceEngine
+    from napari_tghmoe.eval.evaluate import evaluate
+    from napari_tghmoe.train.data import load_dataset_spec
+
+    check = json.loads((DEMO / "card_check.json").read_text())
+    samples = load_dataset_spec(check["data"], task="vqa_closed", limit=check["limit"], seed=check["phrasing_seed"])
+    engine = InferenceEngine.from_pretrained(DEMO, device="cpu", quantization="none")
+    results = evaluate(engine, samples, task="vqa_closed", max_new_tokens=check["max_new_tokens"], use_bertscore=False)
+    assert [r["prediction"] for r in results["samples"]] == check["predictions"]
+    assert results["vqa_closed"]["accuracy"] == pytest.approx(check["accuracy"])
+
+
+def test_ablation_switch_without_text_guidance_zeroes_the_text_vector():
+    """Arm (d) of the ablation: ``text_guidance = false`` makes routing ignore the instruction."""
+    from napari_tghmoe.model.modeling import adapt_2d_mllm
+    from napari_tghmoe.model.tiny import build_tiny_base_model
+
+    ids = torch.tensor([[2, 10, 11, 12, 1]])
+    guided = adapt_2d_mllm(build_tiny_base_model(0), {"moe_blocks": [2, 3]})
+    unguided = adapt_2d_mllm(build_tiny_base_model(0), {"moe_blocks": [2, 3], "text_guidance": False})
+    assert guided.text_features(input_ids=ids).abs().sum() > 0
+    assert torch.count_nonzero(unguided.text_features(input_ids=ids)) == 0
+    assert unguided.config.to_dict()["text_guidance"] is False  # saved with the model
