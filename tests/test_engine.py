@@ -186,7 +186,9 @@ def test_minimal_template_when_the_tokenizer_has_none(engine):
 @pytest.mark.parametrize(
     "request_text",
     ["Generate a report", "write the report.", "Describe the findings", "What are the findings?",
-     "Can you write me a report of this CT?", "Please generate a radiology report for this scan", "findings"],
+     "Can you write me a report of this CT?", "Please generate a radiology report for this scan", "findings",
+     "Generate a radiology report for this CT scan.", "Describe the findings in this chest CT scan.",
+     "What are the findings in these images?", "Report the findings of this CT."],
 )
 def test_report_requests_are_recognised(request_text):
     assert is_report_request(request_text)
@@ -195,7 +197,7 @@ def test_report_requests_are_recognised(request_text):
 
 @pytest.mark.parametrize(
     "question",
-    ["Is there a fracture?", "Is there a report of a fracture?", "Describe the liver",
+    ["Is there a fracture?", "Is there a report of a fracture?", "Describe the liver", "Is there a nodule in this CT scan?",
      "What is the finding in the left kidney?", "Which organ? Choices: A. liver B. lung"],
 )
 def test_questions_go_as_typed(question):

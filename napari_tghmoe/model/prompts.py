@@ -45,11 +45,20 @@ _REPORT_PHRASES = (
     "what are the findings",
     "what are the findings in this scan",
     "what are the findings of this scan",
+    "report the findings",
+    "list the findings",
     "what do you see",
     "caption this scan",
     "caption this image",
 )
 _FILLER = re.compile(r"\b(please|could you|can you|would you|kindly|for me|now|a|an|the|me|us)\b")
+#: "... for this chest CT scan", "... of the study", "... in these images": what a report request
+#: may end with (after fillers such as "the" are gone).
+_SCAN_SUFFIX = re.compile(
+    r"\s(?:for|of|on|in|from) (?:(?:this|that|my|these|those) )?"
+    r"(?:(?:chest|abdominal|abdomen|thoracic|pelvic|head|body|ct|3d) )*"
+    r"(?:scan|ct|image|images|volume|study|exam|examination|series)$"
+)
 _CHOICE = re.compile(r"(?:^|\s)([A-H])[.)]\s+\S")
 
 
@@ -72,10 +81,8 @@ def is_report_request(question: str) -> bool:
         return False
     if text in _REPORT_PHRASES or text in REPORT_PROMPTS_NORMALISED:
         return True
-    core = re.sub(r"\s+", " ", _FILLER.sub(" ", text)).strip()
-    core = re.sub(r"\s(for|of|on|in) (this|that|my) (scan|ct|image|volume|study|exam|series)$", "", core)
-    core = re.sub(r"\s(for|of|on|in) (scan|ct|image|volume|study|exam|series)$", "", core)
-    if core in _REPORT_PHRASES:
+    core = _SCAN_SUFFIX.sub("", _strip_fillers(text))
+    if core in _REPORT_CORES:
         return True
     for verb in _REPORT_VERBS:
         for noun in _REPORT_NOUNS:
@@ -84,7 +91,12 @@ def is_report_request(question: str) -> bool:
     return False
 
 
+def _strip_fillers(text: str) -> str:
+    return re.sub(r"\s+", " ", _FILLER.sub(" ", text)).strip()
+
+
 REPORT_PROMPTS_NORMALISED = frozenset(normalise(p) for p in REPORT_PROMPTS)
+_REPORT_CORES = frozenset(_strip_fillers(p) for p in _REPORT_PHRASES)
 
 
 def is_closed_question(question: str) -> bool:

@@ -60,17 +60,10 @@ def apply_overrides(values: dict[str, Any], overrides: list[str]) -> dict[str, A
 
 def load_recipe_with_overrides(path: str, overrides: list[str]):
     from napari_tghmoe.cli import CLIError
-    from napari_tghmoe.train.recipe import RecipeError, recipe_from_dict
+    from napari_tghmoe.train.recipe import RecipeError, read_recipe_values, recipe_from_dict
 
-    file = Path(path)
-    if not file.is_file():
-        raise CLIError(f"{file}: recipe file not found")
     try:
-        values = tomllib.loads(file.read_text(encoding="utf-8"))
-    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as err:
-        raise CLIError(f"{file}: not valid TOML ({err})") from err
-    try:
-        return recipe_from_dict(apply_overrides(values, overrides), str(file))
+        return recipe_from_dict(apply_overrides(read_recipe_values(path), overrides), str(path))
     except RecipeError as err:
         raise CLIError(str(err)) from err
 

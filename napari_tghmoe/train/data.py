@@ -358,6 +358,7 @@ def load_phantoms(
             "phase": cached.phase,
             "spacing": list(cached.volume.spacing),
             "intensity": "hu",
+            "phantom_findings": cached.findings,  # ground truth for the demo's vision probe
         }
         if "report" in tasks:
             for copy in range(reports_per_phantom):

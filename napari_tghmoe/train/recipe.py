@@ -99,6 +99,9 @@ class StageSettings:
     #: Which stage's trainable set to use (2 by default in [stage2]); "1" in [stage2] lets an
     #: ablation continue stage 1 for the second budget.
     trainable_stage: int | None = None
+    #: Weight of the demo's auxiliary vision loss from phantom ground truth
+    #: (``napari_tghmoe.train.vision_probe``); 0 = off. Only for a vision tower trained from scratch.
+    vision_probe_coef: float = 0.0
 
 
 @dataclass
@@ -188,13 +191,17 @@ def _validate(recipe: Recipe) -> None:
             raise RecipeError(f"{where}: steps >= 0, batch_size >= 1, gradient_accumulation_steps >= 1")
 
 
-def load_recipe(path: str | Path) -> Recipe:
-    """Read a TOML recipe (a clear ``RecipeError`` naming the file when it is wrong)."""
+def read_recipe_values(path: str | Path) -> dict[str, Any]:
+    """The raw tables of a TOML recipe (a ``RecipeError`` naming the file when it is unreadable)."""
     path = Path(path)
     if not path.is_file():
         raise RecipeError(f"{path}: recipe file not found")
     try:
-        values = tomllib.loads(path.read_text(encoding="utf-8"))
+        return tomllib.loads(path.read_text(encoding="utf-8"))
     except (tomllib.TOMLDecodeError, UnicodeDecodeError) as err:
         raise RecipeError(f"{path}: not valid TOML ({err})") from err
-    return recipe_from_dict(values, str(path))
+
+
+def load_recipe(path: str | Path) -> Recipe:
+    """Read a TOML recipe (a clear ``RecipeError`` naming the file when it is wrong)."""
+    return recipe_from_dict(read_recipe_values(path), str(path))

@@ -336,7 +336,15 @@ def train(
         raise RecipeError(f"stage {stage}: nothing to train for this model (trainable parameter count is 0)")
     model.train()
 
+    probe = None
+    if settings.vision_probe_coef > 0:
+        from napari_tghmoe.train.vision_probe import make_probe
+
+        vision = model.config.vision_config
+        probe = make_probe(int(vision.out_hidden_size), int(vision.spatial_merge_size) ** 2).to(accelerator.device)
     params = [p for p in model.parameters() if p.requires_grad]
+    if probe is not None:
+        params += list(probe.parameters())
     decay = [p for p in params if p.ndim >= 2]
     no_decay = [p for p in params if p.ndim < 2]
     optimizer = torch.optim.AdamW(
@@ -349,6 +357,12 @@ def train(
     # The schedule counts optimiser steps itself (one per step on every process), so it is not
     # wrapped by accelerate (which would scale it by the number of processes); it is saved with it.
     accelerator.register_for_checkpointing(scheduler)
+    probe_loss = None
+    if probe is not None:
+        from napari_tghmoe.train.vision_probe import VisionProbeLoss
+
+        accelerator.register_for_checkpointing(probe)
+        probe_loss = VisionProbeLoss(accelerator.unwrap_model(model), probe)
 
     start_step = 0
     log_path = out_dir / LOG_NAME
@@ -387,8 +401,16 @@ def train(
             if first_batch is None:
                 first_batch = batch
             with accelerator.accumulate(model):
+                if probe_loss is not None:
+                    probe_loss.reset()
                 output = model(**batch)
-                accelerator.backward(output.loss)
+                loss = output.loss
+                if probe_loss is not None:
+                    aux = probe_loss.loss(chosen, accelerator.unwrap_model(model).config)
+                    if aux is not None:
+                        loss = loss + settings.vision_probe_coef * aux
+                        sums["probe"] = sums.get("probe", 0.0) + float(aux.detach()) / settings.gradient_accumulation_steps
+                accelerator.backward(loss)
                 if accelerator.sync_gradients and settings.max_grad_norm > 0:
                     norm = accelerator.clip_grad_norm_(params, settings.max_grad_norm)
                     if norm is not None:  # DeepSpeed clips inside its engine and returns None
@@ -410,6 +432,7 @@ def train(
                 "load_balancing": sums.get("load_balancing_loss"),
                 "z": sums.get("z_loss"),
                 "task": sums.get("task_loss"),
+                "probe": sums.get("probe"),
                 "total": sums.get("loss"),
                 "grad_norm": sums.get("grad_norm"),
                 "seconds": round(time.perf_counter() - started, 2),
@@ -432,6 +455,8 @@ def train(
             break
     if bar is not None:
         bar.close()
+    if probe_loss is not None:
+        probe_loss.close()
     seconds = time.perf_counter() - started
     steps_done = done
     accelerator.wait_for_everyone()

@@ -1,0 +1,152 @@
+"""Dense phantom supervision for a vision tower trained from scratch (the demo model only).
+
+A real Qwen2.5-VL base brings a pretrained vision transformer; the demo's tiny base starts
+random, and the language-model loss alone (one answer letter per closed question) teaches it
+to *see* too slowly for a CPU budget: after 1,900 steps the demo answered phase, organ and
+location questions at chance while plane questions (answerable from the text) were right.
+
+So stage 1 of the demo may add an auxiliary loss on the vision tower's merged tokens (what the
+LLM reads), from the phantom's ground truth:
+
+* per patch, which finding kinds overlap it (multi-label, 2x2 patches per merged token, in the
+  merger's order), so every LLM visual token says what lies where;
+* per volume, the contrast phase (from the mean of the tokens).
+
+The heads are thrown away after training: the saved model is a plain TGH-MoE checkpoint. The
+loss is only computed for samples that carry phantom ground truth (``meta["phantom_findings"]``).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+
+from napari_tghmoe.phantom._types import FINDING_KINDS, PHASES
+
+KINDS: tuple[str, ...] = tuple(FINDING_KINDS)
+
+
+def finding_patch_targets(
+    findings: Sequence[dict[str, Any]],
+    volume_shape: Sequence[int],
+    spacing: Sequence[float],
+    grid: Sequence[int],
+    temporal_patch: int,
+    patch: int,
+    merge: int,
+) -> np.ndarray:
+    """(tokens, merge*merge, kinds) 0/1 array: does finding kind k overlap patch j of token i.
+
+    ``findings``: dicts with ``kind``, ``center_voxel`` (z, y, x in the volume) and ``size_mm``.
+    The volume (``volume_shape``, ``spacing``) is mapped onto the model ``grid`` as
+    :func:`napari_tghmoe.model.prepare_volume` resamples it (extent to extent). Tokens come in
+    the merger's order (slab, block row, block column), patches within a token row-major.
+    """
+    depth, height, width = (int(g) for g in grid)
+    t, h, w = depth // temporal_patch, height // patch, width // patch
+    per_patch = np.zeros((t, h, w, len(KINDS)), dtype=np.float32)
+    scale = np.asarray(grid, dtype=np.float64) / np.asarray(volume_shape, dtype=np.float64)
+    grid_spacing = np.asarray(spacing, dtype=np.float64) / scale
+    extent = np.asarray([temporal_patch, patch, patch], dtype=np.float64)
+    for finding in findings:
+        if finding.get("kind") not in KINDS:
+            continue
+        centre = (np.asarray(finding["center_voxel"], dtype=np.float64) + 0.5) * scale
+        radius = np.maximum(float(finding["size_mm"]) / 2.0 / grid_spacing, 0.5)
+        low = np.floor((centre - radius) / extent).astype(int)
+        high = np.floor((centre + radius - 1e-6) / extent).astype(int)
+        low = np.clip(low, 0, [t - 1, h - 1, w - 1])
+        high = np.clip(high, 0, [t - 1, h - 1, w - 1])
+        per_patch[low[0] : high[0] + 1, low[1] : high[1] + 1, low[2] : high[2] + 1, KINDS.index(finding["kind"])] = 1.0
+    blocks = per_patch.reshape(t, h // merge, merge, w // merge, merge, len(KINDS))
+    return blocks.transpose(0, 1, 3, 2, 4, 5).reshape(t * (h // merge) * (w // merge), merge * merge, len(KINDS))
+
+
+def make_probe(hidden: int, merge_unit: int) -> Any:
+    """The two linear heads (patch kinds, phase) on merged visual tokens of width ``hidden``."""
+    import torch
+
+    class VisionProbe(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.merge_unit = merge_unit
+            self.patch_kinds = torch.nn.Linear(hidden, merge_unit * len(KINDS))
+            self.phase = torch.nn.Linear(hidden, len(PHASES))
+
+    return VisionProbe()
+
+
+class VisionProbeLoss:
+    """Captures the merged visual tokens of each forward (a hook on the vision tower) and turns
+    them into the auxiliary loss for the samples of the current batch."""
+
+    def __init__(self, model: Any, probe: Any, pos_weight: float = 4.0) -> None:
+        self.probe = probe
+        self.pos_weight = pos_weight
+        self.visual = model.model.visual
+        self.tokens: list[Any] = []
+        self._handle = self.visual.register_forward_hook(self._capture)
+
+    def _capture(self, module: Any, args: Any, output: Any) -> None:
+        merged = getattr(output, "pooler_output", None)
+        if merged is not None:
+            self.tokens.append(merged)
+
+    def reset(self) -> None:
+        self.tokens = []
+
+    def close(self) -> None:
+        self._handle.remove()
+
+    def loss(self, samples: Sequence[Any], config: Any) -> Any:
+        """Mean of the patch-kind BCE and the phase cross-entropy over phantom samples (or None)."""
+        import torch
+        import torch.nn.functional as F
+
+        from napari_tghmoe.io import CTVolume
+        from napari_tghmoe.train.data import load_sample_volume
+
+        captured, self.tokens = self.tokens, []
+        if not captured:
+            return None
+        merged = captured[-1]  # the batch's own forward (a no-grad utilisation pass may follow)
+        vision = config.vision_config
+        merge = int(vision.spatial_merge_size)
+        grid = [int(g) for g in config.volume_grid]
+        per_sample = (grid[0] // int(vision.temporal_patch_size)) * (grid[1] // int(vision.patch_size)) * (
+            grid[2] // int(vision.patch_size)
+        ) // (merge * merge)
+        if merged.shape[0] != per_sample * len(samples):
+            return None  # not one model-grid video per sample: nothing to align the labels with
+        kind_losses, phase_logits, phase_targets = [], [], []
+        for index, sample in enumerate(samples):
+            truth = sample.meta.get("phantom_findings")
+            if truth is None:
+                continue
+            tokens = merged[index * per_sample : (index + 1) * per_sample].float()
+            volume = sample.volume if isinstance(sample.volume, CTVolume) else load_sample_volume(sample)
+            targets = finding_patch_targets(
+                truth,
+                np.asarray(volume.hu).shape,
+                volume.spacing,
+                grid,
+                int(vision.temporal_patch_size),
+                int(vision.patch_size),
+                merge,
+            )
+            logits = self.probe.patch_kinds(tokens).view(per_sample, merge * merge, len(KINDS))
+            target = torch.from_numpy(targets).to(logits.device)
+            weight = torch.full((len(KINDS),), self.pos_weight, device=logits.device)
+            kind_losses.append(F.binary_cross_entropy_with_logits(logits, target, pos_weight=weight))
+            phase = sample.meta.get("phase")
+            if phase in PHASES:
+                phase_logits.append(self.probe.phase(tokens.mean(0)))
+                phase_targets.append(PHASES.index(phase))
+        if not kind_losses:
+            return None
+        loss = torch.stack(kind_losses).mean()
+        if phase_logits:
+            loss = loss + F.cross_entropy(torch.stack(phase_logits), torch.tensor(phase_targets, device=loss.device))
+        return loss

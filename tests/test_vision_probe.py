@@ -1,0 +1,70 @@
+"""The demo's auxiliary vision loss: labels land on the right visual token, and training with it
+teaches the probe while the saved model stays a plain TGH-MoE checkpoint."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from napari_tghmoe.train.vision_probe import KINDS, finding_patch_targets
+
+ROOT = Path(__file__).resolve().parents[1]
+GRID = (32, 64, 96)  # temporal patch 2, patch 16, merge 2 -> tokens (16, 2, 3), 4 patches each
+
+
+def _targets(findings, volume_shape=GRID, spacing=(10.0, 4.0, 4.0)):
+    return finding_patch_targets(findings, volume_shape, spacing, GRID, temporal_patch=2, patch=16, merge=2)
+
+
+def test_a_small_finding_marks_exactly_its_own_patch():
+    nodule = {"kind": "lung nodule", "center_voxel": [5, 40, 70], "size_mm": 8.0}
+    targets = _targets([nodule])
+    assert targets.shape == (16 * 2 * 3, 4, len(KINDS))
+    # slab 5 // 2 = 2, patch row 40 // 16 = 2 (block 1, row 0), patch column 70 // 16 = 4 (block 2, column 0)
+    token, patch = 2 * (2 * 3) + 1 * 3 + 2, 0
+    assert targets[token, patch, KINDS.index("lung nodule")] == 1.0
+    assert targets.sum() == 1.0
+
+
+def test_labels_follow_the_volume_onto_the_model_grid():
+    """A volume twice the grid's size in-plane: the same physical spot gives the same token."""
+    nodule = {"kind": "renal cyst", "center_voxel": [5, 81, 141], "size_mm": 8.0}
+    targets = _targets([nodule], volume_shape=(32, 128, 192), spacing=(10.0, 2.0, 2.0))
+    token = 2 * (2 * 3) + 1 * 3 + 2
+    assert targets[token, 0, KINDS.index("renal cyst")] == 1.0
+    assert targets.sum() == 1.0
+
+
+def test_a_large_finding_spans_neighbouring_patches_and_slabs():
+    effusion = {"kind": "pleural effusion", "center_voxel": [16, 32, 48], "size_mm": 60.0}
+    targets = _targets([effusion])
+    marked = targets[..., KINDS.index("pleural effusion")]
+    assert marked.sum() > 8  # 60 mm is several 20 mm slabs and 64 mm patches
+    assert targets[..., KINDS.index("lung nodule")].sum() == 0
+    assert _targets([]).sum() == 0
+
+
+def test_training_with_the_probe_logs_its_loss_and_saves_no_probe_weights(tmp_path, monkeypatch):
+    pytest.importorskip("torch")
+    from safetensors.torch import load_file
+
+    from napari_tghmoe.train.cli import load_recipe_with_overrides
+    from napari_tghmoe.train.trainer import train
+
+    monkeypatch.setenv("TGHMOE_CACHE_DIR", str(tmp_path / "cache"))
+    monkeypatch.setenv("TGHMOE_TRAIN_THREADS", "1")
+    recipe = load_recipe_with_overrides(
+        str(ROOT / "recipes" / "tiny-test.toml"),
+        ["stage1.vision_probe_coef=1.0", "stage1.steps=6", "stage1.log_every=1", "stage1.lr=1e-2", "stage1.save_every=100"],
+    )
+    result = train(recipe, 1, tmp_path / "run", progress=False)
+    assert result.finished
+    log = [json.loads(line) for line in (tmp_path / "run" / "train_log.jsonl").read_text().splitlines()]
+    probe = [entry["probe"] for entry in log]
+    assert all(isinstance(value, float) and np.isfinite(value) for value in probe)
+    assert min(probe[-3:]) < probe[0]  # the heads learn
+    saved = load_file(str(tmp_path / "run" / "model.safetensors"))
+    assert not any("probe" in key or "patch_kinds" in key for key in saved)
