@@ -51,7 +51,11 @@ DEFAULT_PRESET = WINDOW_PRESETS["soft tissue"]
 BONE_ISO_THRESHOLD_HU = 300.0
 
 #: Rendering modes the 3D view offers, mapped to napari ``Image.rendering`` values.
+#: Label of the 3D depiction in which the CT is drawn as one plane at the cursor (the
+#: reading layout's default, beside the bone surface); the other labels are volume renderings.
+PLANE_AT_CURSOR = "axial plane at cursor"
 RENDERING_MODES: dict[str, str] = {
+    PLANE_AT_CURSOR: "plane",
     "attenuated MIP": "attenuated_mip",
     "MIP": "mip",
     "translucent": "translucent",
@@ -107,6 +111,7 @@ def ct_layer_kwargs(volume: CTVolume, name: str | None = None) -> dict[str, Any]
         "name": name or layer_name(volume),
         "scale": tuple(float(s) for s in volume.spacing),
         "translate": volume.napari_translate(),
+        "units": "mm",  # the scale is the voxel spacing in millimetres (the scale bar says so)
         "contrast_limits": contrast_limits,
         "colormap": "gray",
         "interpolation2d": "linear",

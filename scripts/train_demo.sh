@@ -34,7 +34,7 @@ $PY -m napari_tghmoe.cli train --config "$RECIPE" --stage 1 --init "$OUT/stage1b
 # the auxiliary vision loss from phantom ground truth (napari_tghmoe/train/vision_probe.py).
 $PY -m napari_tghmoe.cli train --config "$RECIPE" --stage 1 --init "$OUT/stage1c" --out "$OUT/stage1d" "${resume[@]}" \
     --set seed=3 --set stage1.steps=1500 --set stage1.lr=1e-3 --set stage1.warmup_steps=20 --set stage1.save_every=250 \
-    --set stage1.vision_probe_coef=1.0 --set 'data.task_weights={report=0.3, vqa_closed=0.55, vqa_open=0.15}'
+    --set stage1.vision_probe_coef=1.0 --set stage1.lm_loss_per_sample=true --set 'data.task_weights={report=0.3, vqa_closed=0.55, vqa_open=0.15}'
 t1=$(date +%s)
 $PY -m napari_tghmoe.cli train --config "$RECIPE" --stage 2 --init "$OUT/stage1d" --out "$OUT/stage2" "${resume[@]}"
 t2=$(date +%s)

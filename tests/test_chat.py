@@ -150,6 +150,7 @@ def test_routing_view_overlay_matches_the_ct_and_follows_the_selected_answer(
     assert labels.data.shape == ct.data.shape
     np.testing.assert_allclose(labels.scale, ct.scale)
     np.testing.assert_allclose(labels.translate, ct.translate)
+    assert labels.units == ct.units
     n_experts = len(second.answer.routing.expert_names)
     body = ct.data >= -500
     assert labels.data[body].min() >= 1 and labels.data.max() <= n_experts

@@ -180,6 +180,27 @@ def test_window_level_presets_manual_and_from_file(make_napari_viewer, qtbot):
 
     widget.set_rendering("iso-surface (bone)")
     assert str(layer.rendering) == "iso" and layer.iso_threshold == 300
+    assert str(layer.depiction) == "volume"
+
+
+def test_rendering_choice_reflects_the_reading_layouts_plane_and_switches_back(make_napari_viewer, qtbot):
+    """The reading layout draws the CT as an axial plane beside the bone surface: the dock says
+    so (not a volume rendering that is not on screen), and its choices switch both ways."""
+    from napari_tghmoe._widgets.main_window import setup_viewer
+    from napari_tghmoe.layers import PLANE_AT_CURSOR
+
+    viewer = make_napari_viewer()
+    workspace = setup_viewer(viewer, tiny_ct())
+    layer, dock = workspace.ct_layer, workspace.window_level
+    assert str(layer.depiction) == "plane"
+    assert dock.rendering_combo.currentText() == PLANE_AT_CURSOR
+    assert viewer.scale_bar.visible and all(str(unit) == "millimeter" for unit in layer.units)
+
+    dock.rendering_combo.setCurrentText("MIP")
+    assert str(layer.depiction) == "volume" and str(layer.rendering) == "mip"
+    dock.rendering_combo.setCurrentText(PLANE_AT_CURSOR)
+    assert str(layer.depiction) == "plane"
+    np.testing.assert_allclose(layer.plane.normal, (1.0, 0.0, 0.0))
 
 
 # ------------------------------------------------------------------ orthogonal views

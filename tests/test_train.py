@@ -185,3 +185,23 @@ def test_ablation_switch_without_text_guidance_zeroes_the_text_vector():
     assert guided.text_features(input_ids=ids).abs().sum() > 0
     assert torch.count_nonzero(unguided.text_features(input_ids=ids)) == 0
     assert unguided.config.to_dict()["text_guidance"] is False  # saved with the model
+
+
+def test_per_sample_loss_weighs_a_one_token_answer_like_a_long_report():
+    from torch.nn.functional import cross_entropy
+
+    from napari_tghmoe.train.trainer import per_sample_lm_loss
+
+    generator = torch.Generator().manual_seed(0)
+    logits = torch.randn(2, 6, 5, generator=generator)
+    labels = torch.full((2, 6), -100)
+    labels[0, 5] = 3  # a closed answer: one target token
+    labels[1, 1:] = torch.tensor([0, 1, 2, 3, 4])  # a "report": five target tokens
+    per_token = cross_entropy(logits[:, :-1].reshape(-1, 5), labels[:, 1:].reshape(-1), ignore_index=-100, reduction="none")
+    per_token = per_token.view(2, 5)
+    short, long = per_token[0, 4], per_token[1].mean()
+    torch.testing.assert_close(per_sample_lm_loss(logits, labels), (short + long) / 2)
+    batch_mean = (per_token[0, 4] + per_token[1].sum()) / 6  # what the stock loss computes
+    assert not torch.isclose(per_sample_lm_loss(logits, labels), batch_mean)
+    labels[0, 5] = -100  # a sample without targets is left out, not counted as zero
+    torch.testing.assert_close(per_sample_lm_loss(logits, labels), long)

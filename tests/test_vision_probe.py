@@ -68,3 +68,17 @@ def test_training_with_the_probe_logs_its_loss_and_saves_no_probe_weights(tmp_pa
     assert min(probe[-3:]) < probe[0]  # the heads learn
     saved = load_file(str(tmp_path / "run" / "model.safetensors"))
     assert not any("probe" in key or "patch_kinds" in key for key in saved)
+
+
+def test_balanced_loss_does_not_let_empty_cells_hide_a_missed_finding():
+    torch = pytest.importorskip("torch")
+    from napari_tghmoe.train.vision_probe import balanced_bce
+
+    target = torch.zeros(96, 4, len(KINDS))
+    target[10, 0, 2] = 1.0
+    confident_empty = torch.full_like(target, -8.0)  # says "nothing anywhere", misses the finding
+    assert float(torch.nn.functional.binary_cross_entropy_with_logits(confident_empty, target)) < 0.01
+    assert float(balanced_bce(confident_empty, target)) > 3.0
+    found = confident_empty.clone()
+    found[10, 0, 2] = 8.0
+    assert float(balanced_bce(found, target)) < 0.01

@@ -89,6 +89,7 @@ def add_bone_surface(viewer: Any, ct_layer: Image) -> Image:
         name=f"{ct_layer.name} (bone surface)",
         scale=ct_layer.scale,
         translate=ct_layer.translate,
+        units=ct_layer.units,
         contrast_limits=BONE_SURFACE_WINDOW,
         colormap="bone",
         rendering="iso",
@@ -143,6 +144,7 @@ def setup_viewer(
 
     if layer is not None:
         center_cursor_on(viewer, layer)
+        viewer.scale_bar.visible = True  # in the CT layer's units (mm for our readers)
         if bone_surface:
             add_bone_surface(viewer, layer)
         viewer.layers.selection.active = layer

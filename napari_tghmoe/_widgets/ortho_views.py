@@ -418,6 +418,7 @@ class OrthoViewsWidget(QWidget):
                     edge_width=widths,
                     scale=reference.scale,
                     translate=reference.translate,
+                    units=reference.units,
                     name=CROSSHAIR_LAYER_NAME,
                     opacity=0.8,
                     blending="translucent_no_depth",

@@ -267,6 +267,7 @@ class RoutingView(QWidget):
         geometry = {
             "scale": tuple(ct_layer.scale),
             "translate": tuple(ct_layer.translate),
+            "units": tuple(ct_layer.units),
             "rotate": ct_layer.rotate,
             "shear": ct_layer.shear,
         }

@@ -140,10 +140,8 @@ class WindowLevelWidget(QWidget):
             return
         self.layer_label.setText(f"Layer: <b>{layer.name}</b>")
         self._sync_from_layer()
-        label = next(
-            (text for text, value in RENDERING_MODES.items() if value == str(layer.rendering)),
-            None,
-        )
+        shown = "plane" if str(layer.depiction) == "plane" else str(layer.rendering)
+        label = next((text for text, value in RENDERING_MODES.items() if value == shown), None)
         if label is not None:
             self._updating = True
             self.rendering_combo.setCurrentText(label)
@@ -178,10 +176,15 @@ class WindowLevelWidget(QWidget):
         layer = self.target_layer()
         if layer is None or self._updating or label not in RENDERING_MODES:
             return
-        if RENDERING_MODES[label] == "iso":
+        mode = RENDERING_MODES[label]
+        if mode == "plane":
+            layer.plane.normal = (1.0, 0.0, 0.0)  # axial, at the cursor (the reading layout follows it)
+            layer.depiction = "plane"
+            return
+        if mode == "iso":
             layer.iso_threshold = BONE_ISO_THRESHOLD_HU
         layer.depiction = "volume"
-        layer.rendering = RENDERING_MODES[label]
+        layer.rendering = mode
 
     def _on_slider(self, _value: int) -> None:
         if not self._updating:

@@ -223,6 +223,26 @@ def make_batch(samples: list[Any], tokenizer: Any, collate_config: _CollateConfi
     return batch
 
 
+def per_sample_lm_loss(logits: Any, labels: Any) -> Any:
+    """Next-token cross-entropy averaged within each sample, then over samples.
+
+    The stock loss averages over all target tokens of the batch, so a 150-token report
+    outweighs a closed answer whose one informative token is the letter; here every sample
+    counts the same.
+    """
+    import torch.nn.functional as F
+
+    shifted_logits = logits[:, :-1, :].float()
+    shifted_labels = labels[:, 1:].to(shifted_logits.device)
+    losses = F.cross_entropy(
+        shifted_logits.reshape(-1, shifted_logits.shape[-1]), shifted_labels.reshape(-1), ignore_index=-100, reduction="none"
+    ).view(shifted_labels.shape)
+    counts = (shifted_labels != -100).sum(1)
+    has_target = counts > 0
+    per_sample = losses.sum(1)[has_target] / counts[has_target]
+    return per_sample.mean()
+
+
 # --------------------------------------------------------------------------- schedule & state
 
 
@@ -405,6 +425,10 @@ def train(
                     probe_loss.reset()
                 output = model(**batch)
                 loss = output.loss
+                if settings.lm_loss_per_sample and output.lm_loss is not None:
+                    per_sample = per_sample_lm_loss(output.logits, batch["labels"])
+                    loss = loss - output.lm_loss + per_sample
+                    sums["lm_per_sample"] = sums.get("lm_per_sample", 0.0) + float(per_sample.detach()) / settings.gradient_accumulation_steps
                 if probe_loss is not None:
                     aux = probe_loss.loss(chosen, accelerator.unwrap_model(model).config)
                     if aux is not None:
@@ -433,6 +457,7 @@ def train(
                 "z": sums.get("z_loss"),
                 "task": sums.get("task_loss"),
                 "probe": sums.get("probe"),
+                "lm_per_sample": sums.get("lm_per_sample"),
                 "total": sums.get("loss"),
                 "grad_norm": sums.get("grad_norm"),
                 "seconds": round(time.perf_counter() - started, 2),

@@ -64,6 +64,22 @@ def finding_patch_targets(
     return blocks.transpose(0, 1, 3, 2, 4, 5).reshape(t * (h // merge) * (w // merge), merge * merge, len(KINDS))
 
 
+def balanced_bce(logits: Any, target: Any) -> Any:
+    """Binary cross-entropy with positives and negatives weighted half each.
+
+    A finding covers a handful of the ~2,700 (patch, kind) cells of a volume; a plain mean
+    would be near zero while every finding is missed.
+    """
+    import torch.nn.functional as F
+
+    losses = F.binary_cross_entropy_with_logits(logits, target, reduction="none")
+    positive = target > 0.5
+    negative_part = losses[~positive].mean()
+    if not bool(positive.any()):
+        return negative_part
+    return 0.5 * losses[positive].mean() + 0.5 * negative_part
+
+
 def make_probe(hidden: int, merge_unit: int) -> Any:
     """The two linear heads (patch kinds, phase) on merged visual tokens of width ``hidden``."""
     import torch
@@ -82,9 +98,8 @@ class VisionProbeLoss:
     """Captures the merged visual tokens of each forward (a hook on the vision tower) and turns
     them into the auxiliary loss for the samples of the current batch."""
 
-    def __init__(self, model: Any, probe: Any, pos_weight: float = 4.0) -> None:
+    def __init__(self, model: Any, probe: Any) -> None:
         self.probe = probe
-        self.pos_weight = pos_weight
         self.visual = model.model.visual
         self.tokens: list[Any] = []
         self._handle = self.visual.register_forward_hook(self._capture)
@@ -138,8 +153,7 @@ class VisionProbeLoss:
             )
             logits = self.probe.patch_kinds(tokens).view(per_sample, merge * merge, len(KINDS))
             target = torch.from_numpy(targets).to(logits.device)
-            weight = torch.full((len(KINDS),), self.pos_weight, device=logits.device)
-            kind_losses.append(F.binary_cross_entropy_with_logits(logits, target, pos_weight=weight))
+            kind_losses.append(balanced_bce(logits, target))
             phase = sample.meta.get("phase")
             if phase in PHASES:
                 phase_logits.append(self.probe.phase(tokens.mean(0)))
