@@ -1,15 +1,12 @@
 #!/usr/bin/env bash
 # Reproduce the bundled demo model (resources/demo-model) from nothing but this repository:
-#   1. stage 1 (builds the BPE tokenizer on the phantom training corpus, then trains the
-#      randomly initialised base + shared experts + merger + LLM LoRA),
-#   1b, 1c. two stage-1 continuations (500 then 1000 more steps, lr 1e-3, more closed-VQA
-#      samples, fresh draws): the 400-step stage 1 is the ablation budget (docs/results.md);
-#      the shipped model got this extra budget because closed VQA was at chance level after it,
-#   1d. 1500 more stage-1 steps with the auxiliary vision loss from phantom ground truth
-#      (vision_probe_coef; the demo's from-scratch vision tower had not learnt to see),
-#   2. stage 2 from the stage-1d output (task experts + routers),
-#   3. evaluation on the recipe's held-out phantom seeds with held-out phrasings,
-#   4. the model card (README.md), card_check.json and eval_results.json in resources/demo-model.
+#   1. tghmoe train --config recipes/demo.toml --stage both: stage 1 (builds the BPE tokenizer on
+#      the phantom training corpus, then trains the randomly initialised base + shared experts +
+#      merger + LLM LoRA), its three continuation phases ([[stage1_continue]] in the recipe; the
+#      last adds the auxiliary vision loss and the per-sample LM loss), then stage 2 (task experts
+#      and routers) from the last phase,
+#   2. evaluation on the recipe's held-out phantom seeds with held-out phrasings,
+#   3. the model card (README.md), card_check.json and eval_results.json in resources/demo-model.
 # Environment: OUT (default runs/demo), DEST (default resources/demo-model), RESUME=1 to continue
 # a killed run, TGHMOE_TRAIN_THREADS (torch threads per process on a CPU).
 set -euo pipefail
@@ -23,28 +20,26 @@ resume=()
 if [[ -n "${RESUME:-}" ]]; then resume=(--resume); fi
 
 t0=$(date +%s)
-$PY -m napari_tghmoe.cli train --config "$RECIPE" --stage 1 --out "$OUT/stage1" "${resume[@]}"
-$PY -m napari_tghmoe.cli train --config "$RECIPE" --stage 1 --init "$OUT/stage1" --out "$OUT/stage1b" "${resume[@]}" \
-    --set seed=1 --set stage1.steps=500 --set stage1.lr=1e-3 --set stage1.warmup_steps=20 \
-    --set 'data.task_weights={report=0.25, vqa_closed=0.6, vqa_open=0.15}'
-$PY -m napari_tghmoe.cli train --config "$RECIPE" --stage 1 --init "$OUT/stage1b" --out "$OUT/stage1c" "${resume[@]}" \
-    --set seed=2 --set stage1.steps=1000 --set stage1.lr=1e-3 --set stage1.warmup_steps=20 --set stage1.save_every=100 \
-    --set 'data.task_weights={report=0.25, vqa_closed=0.6, vqa_open=0.15}'
-# 1d: the vision tower had not learnt to see (phase/organ/location at chance): 1500 more steps with
-# the auxiliary vision loss from phantom ground truth (napari_tghmoe/train/vision_probe.py).
-$PY -m napari_tghmoe.cli train --config "$RECIPE" --stage 1 --init "$OUT/stage1c" --out "$OUT/stage1d" "${resume[@]}" \
-    --set seed=3 --set stage1.steps=1500 --set stage1.lr=1e-3 --set stage1.warmup_steps=20 --set stage1.save_every=250 \
-    --set stage1.vision_probe_coef=1.0 --set stage1.lm_loss_per_sample=true --set 'data.task_weights={report=0.3, vqa_closed=0.55, vqa_open=0.15}'
-t1=$(date +%s)
-$PY -m napari_tghmoe.cli train --config "$RECIPE" --stage 2 --init "$OUT/stage1d" --out "$OUT/stage2" "${resume[@]}"
-t2=$(date +%s)
+# Stage 1 and its phases (recipe [[stage1_continue]]: stage1/, stage1-2/, stage1-3/, stage1-4/),
+# then stage 2 from the last phase.
+$PY -m napari_tghmoe.cli train --config "$RECIPE" --stage both --out "$OUT" "${resume[@]}"
+PHASES=$($PY -c "
+from pathlib import Path
+from napari_tghmoe.train.cli import stage1_phase_dir
+from napari_tghmoe.train.recipe import load_recipe, stage1_phases
+print(' '.join(str(stage1_phase_dir(Path('$OUT'), i)) for i in range(1, len(stage1_phases(load_recipe('$RECIPE'))) + 1)))")
+LAST1=${PHASES##* }
+s1=$($PY -c "import json, sys; print(int(sum(json.load(open(f'{d}/training_summary.json'))['seconds_this_run'] for d in sys.argv[1:])))" $PHASES)
+s2=$($PY -c "import json; print(int(json.load(open('$OUT/stage2/training_summary.json'))['seconds_this_run']))")
+t1=$((t0 + s1))
+t2=$((t1 + s2))
 
 DATA=$($PY -c "from napari_tghmoe.train.recipe import load_recipe; print(load_recipe('$RECIPE').eval.data)")
 MAXTOK=$($PY -c "from napari_tghmoe.train.recipe import load_recipe; print(load_recipe('$RECIPE').eval.max_new_tokens)")
 $PY -m napari_tghmoe.cli eval --model "$OUT/stage2" --data "$DATA" --task all --device cpu \
     --max-new-tokens "$MAXTOK" --out "$OUT/eval/heldout.json"
 
-$PY -m napari_tghmoe.train.card --model "$OUT/stage2" --stage1 "$OUT/stage1d" --recipe "$RECIPE" \
+$PY -m napari_tghmoe.train.card --model "$OUT/stage2" --stage1 "$LAST1" --recipe "$RECIPE" \
     --results "$OUT/eval/heldout.json" --dest "$DEST" --command "scripts/train_demo.sh" \
     --stage1-note "400 steps (lr 2e-3) + 500 steps + 1000 steps (lr 1e-3, closed-VQA weight 0.6) + 1500 steps with the auxiliary vision loss, 3400 in all" \
     --stage1-seconds $((t1 - t0)) --stage2-seconds $((t2 - t1)) \

@@ -205,3 +205,33 @@ def test_per_sample_loss_weighs_a_one_token_answer_like_a_long_report():
     assert not torch.isclose(per_sample_lm_loss(logits, labels), batch_mean)
     labels[0, 5] = -100  # a sample without targets is left out, not counted as zero
     torch.testing.assert_close(per_sample_lm_loss(logits, labels), long)
+
+
+def test_both_stages_run_the_stage1_phases_in_order_then_stage2_from_the_last(env, tmp_path):
+    recipe = tmp_path / "phased.toml"
+    recipe.write_text(TINY.read_text() + "\n[[stage1_continue]]\nseed = 5\nstage1 = { steps = 2, lr = 1e-3 }\n")
+    out = tmp_path / "run"
+    assert main(["train", "--config", str(recipe), "--stage", "both", "--out", str(out), "--no-progress"]) == 0
+    first = json.loads((out / "stage1" / "training_summary.json").read_text())
+    second = json.loads((out / "stage1-2" / "training_summary.json").read_text())
+    last = json.loads((out / "stage2" / "training_summary.json").read_text())
+    assert first["init"] is None and first["steps"] == 4
+    assert second["init"] == str(out / "stage1") and second["steps"] == 2 and second["recipe"]["seed"] == 5
+    assert second["recipe"]["stage1"]["also_train"] == first["recipe"]["stage1"]["also_train"]  # merged, not replaced
+    assert last["init"] == str(out / "stage1-2") and last["recipe"]["seed"] == 0
+    a = load_file(str(out / "stage1" / "model.safetensors"))
+    b = load_file(str(out / "stage1-2" / "model.safetensors"))
+    assert any(not torch.equal(a[key], b[key]) for key in a)
+
+
+def test_a_stage1_phase_may_not_change_the_model():
+    with pytest.raises(RecipeError, match="stage1_continue"):
+        recipe_from_dict(
+            {
+                "model": {"tiny": {"text_hidden": 64}},
+                "tokenizer": {"source": "build"},
+                "data": {"train": ["phantom:seeds=0-1"]},
+                "stage1_continue": [{"model": {"tiny": {"text_hidden": 32}}}],
+            },
+            "inline",
+        )

@@ -2,7 +2,7 @@
 
     tghmoe train --config recipes/demo.toml --stage 1 --out runs/demo/stage1
     tghmoe train --config recipes/demo.toml --stage 2 --init runs/demo/stage1 --out runs/demo/stage2
-    tghmoe train --config recipes/demo.toml --stage both --out runs/demo   # stage1/ then stage2/
+    tghmoe train --config recipes/demo.toml --stage both --out runs/demo   # stage1/ (+ phases) then stage2/
     accelerate launch --config_file recipes/accelerate_multi_gpu.yaml -m napari_tghmoe train ...
 """
 
@@ -68,6 +68,37 @@ def load_recipe_with_overrides(path: str, overrides: list[str]):
         raise CLIError(str(err)) from err
 
 
+def stage1_phase_dir(out: Path, index: int) -> Path:
+    """``OUT/stage1`` for the recipe's own stage 1, ``OUT/stage1-2``, ``OUT/stage1-3``... for its continuations."""
+    return out / ("stage1" if index == 1 else f"stage1-{index}")
+
+
+def train_both_stages(recipe: Any, out: Path, *, init: str | None, resume: bool, progress: bool) -> list[Any]:
+    """Stage 1 and its ``stage1_continue`` phases (each from the previous output), then stage 2.
+
+    With ``resume``, finished phases (their folder holds the saved model) are kept and the
+    interrupted one continues from its last checkpoint.
+    """
+    from napari_tghmoe.train.recipe import stage1_phases
+    from napari_tghmoe.train.trainer import SUMMARY_NAME, TrainResult, load_training_samples, train
+
+    results = []
+    loaded: dict[str, Any] = {}
+    previous = init
+    for index, phase in enumerate(stage1_phases(recipe), start=1):
+        folder = stage1_phase_dir(out, index)
+        if resume and (folder / SUMMARY_NAME).is_file() and (folder / "model.safetensors").is_file():
+            results.append(TrainResult(folder, 1, phase.stage1.steps, phase.stage1.steps, 0.0, {}, finished=True))
+        else:
+            key = repr((phase.data.train, phase.data.tasks, phase.data.phrasing, phase.seed))
+            if key not in loaded:
+                loaded = {key: load_training_samples(phase)}  # one set in memory at a time
+            results.append(train(phase, 1, folder, init=previous, resume=resume, progress=progress, samples=loaded[key]))
+        previous = str(folder)
+    results.append(train(recipe, 2, out / "stage2", init=previous, resume=resume, progress=progress))
+    return results
+
+
 def run_train(args: argparse.Namespace) -> int:
     from napari_tghmoe.cli import CLIError
     from napari_tghmoe.train.recipe import RecipeError
@@ -79,10 +110,7 @@ def run_train(args: argparse.Namespace) -> int:
         raise CLIError(f"{args.init}: --init folder not found")
     try:
         if args.stage == "both":
-            samples = load_training_samples(recipe)
-            first = train(recipe, 1, out / "stage1", init=args.init, resume=args.resume, progress=not args.no_progress, samples=samples)
-            second = train(recipe, 2, out / "stage2", init=out / "stage1", resume=args.resume, progress=not args.no_progress, samples=samples)
-            results = [first, second]
+            results = train_both_stages(recipe, out, init=args.init, resume=args.resume, progress=not args.no_progress)
         else:
             stage = int(args.stage)
             if stage == 2 and not args.init:

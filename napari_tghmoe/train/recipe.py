@@ -129,6 +129,10 @@ class Recipe:
     stage1: StageSettings = field(default_factory=StageSettings)
     stage2: StageSettings = field(default_factory=lambda: StageSettings(trainable_stage=2))
     eval: EvalSpec = field(default_factory=EvalSpec)
+    #: Stage 1 continued in phases, each a partial recipe (e.g. ``seed``, ``[stage1]`` values,
+    #: ``data.task_weights``) merged over this one, starting from the previous phase's output
+    #: with a fresh optimiser (``tghmoe train --stage both`` runs them; see :func:`stage1_phases`).
+    stage1_continue: list[dict[str, Any]] = field(default_factory=list)
     path: str | None = None  # where it was read from
 
     def stage(self, stage: int) -> StageSettings:
@@ -161,8 +165,34 @@ def _build(cls: type, values: dict[str, Any], where: str) -> Any:
     return cls(**values)
 
 
+def merge_tables(base: dict[str, Any], update: dict[str, Any]) -> dict[str, Any]:
+    """``base`` with ``update`` merged in, table by table (a copy; neither is changed)."""
+    merged = dict(base)
+    for key, value in update.items():
+        if isinstance(value, dict) and isinstance(merged.get(key), dict) and key != "task_weights":
+            merged[key] = merge_tables(merged[key], value)
+        else:
+            merged[key] = value
+    return merged
+
+
+def stage1_phases(recipe: Recipe) -> list[Recipe]:
+    """The recipe's stage-1 phases: itself, then each ``stage1_continue`` entry merged over it."""
+    base = {k: v for k, v in recipe.to_dict().items() if k not in ("path", "stage1_continue")}
+    phases = [recipe]
+    for index, update in enumerate(recipe.stage1_continue, start=2):
+        if "stage1_continue" in update or "model" in update or "tokenizer" in update:
+            raise RecipeError(f"{recipe.path}: stage1_continue #{index - 1} may not change model, tokenizer or phases")
+        phase = recipe_from_dict(merge_tables(base, update), f"{recipe.path} (stage-1 phase {index})")
+        phases.append(phase)
+    return phases
+
+
 def recipe_from_dict(values: dict[str, Any], source: str = "recipe") -> Recipe:
     values = dict(values)
+    continuations = values.pop("stage1_continue", [])
+    if not isinstance(continuations, list) or not all(isinstance(c, dict) for c in continuations):
+        raise RecipeError(f"{source}: stage1_continue must be a list of tables ([[stage1_continue]])")
     sections = {}
     for name, cls in _SECTIONS.items():
         section = values.pop(name, {})
@@ -175,7 +205,10 @@ def recipe_from_dict(values: dict[str, Any], source: str = "recipe") -> Recipe:
     for name, value in sections.items():
         setattr(top, name, value)
     top.path = source
+    top.stage1_continue = [dict(c) for c in continuations]
     _validate(top)
+    for phase in stage1_phases(top)[1:]:
+        _validate(phase)
     return top
 
 
