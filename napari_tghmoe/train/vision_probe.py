@@ -8,9 +8,15 @@ location questions at chance while plane questions (answerable from the text) we
 So stage 1 of the demo may add an auxiliary loss on the vision tower's merged tokens (what the
 LLM reads), from the phantom's ground truth:
 
-* per patch, which finding kinds overlap it (multi-label, 2x2 patches per merged token, in the
-  merger's order), so every LLM visual token says what lies where;
-* per volume, the contrast phase (from the mean of the tokens).
+* per patch, which finding kinds overlap it and in which reported location they lie
+  (multi-label, 2x2 patches per merged token, in the merger's order), so every LLM visual token
+  says what lies where in words the report uses (the LLM's attention values carry no position,
+  and the vision tower has no absolute position embedding, so "left upper lobe" must be in the
+  token's content);
+* the contrast phase, from every token on its own (a global fact each token should carry, so
+  that whatever the LLM attends to tells it).
+
+Both heads read the tokens RMS-normalised, as the LLM's first layer does.
 
 The heads are thrown away after training: the saved model is a plain TGH-MoE checkpoint. The
 loss is only computed for samples that carry phantom ground truth (``meta["phantom_findings"]``).
@@ -23,9 +29,11 @@ from typing import Any
 
 import numpy as np
 
-from napari_tghmoe.phantom._types import FINDING_KINDS, PHASES
+from napari_tghmoe.phantom._types import FINDING_KINDS, KIND_LOCATIONS, PHASES
 
 KINDS: tuple[str, ...] = tuple(FINDING_KINDS)
+#: Every location a finding can be reported in ("left upper lobe", "subcarinal region", ...).
+LOCATIONS: tuple[str, ...] = tuple(dict.fromkeys(loc for locs in KIND_LOCATIONS.values() for loc in locs))
 
 
 def finding_patch_targets(
@@ -36,22 +44,25 @@ def finding_patch_targets(
     temporal_patch: int,
     patch: int,
     merge: int,
+    field: str = "kind",
+    vocabulary: Sequence[str] = KINDS,
 ) -> np.ndarray:
-    """(tokens, merge*merge, kinds) 0/1 array: does finding kind k overlap patch j of token i.
+    """(tokens, merge*merge, len(vocabulary)) 0/1 array: does a finding whose ``field`` (its
+    kind, or its location) is word k overlap patch j of token i.
 
-    ``findings``: dicts with ``kind``, ``center_voxel`` (z, y, x in the volume) and ``size_mm``.
+    ``findings``: dicts with ``kind``, ``location``, ``center_voxel`` (z, y, x in the volume), ``size_mm``.
     The volume (``volume_shape``, ``spacing``) is mapped onto the model ``grid`` as
     :func:`napari_tghmoe.model.prepare_volume` resamples it (extent to extent). Tokens come in
     the merger's order (slab, block row, block column), patches within a token row-major.
     """
     depth, height, width = (int(g) for g in grid)
     t, h, w = depth // temporal_patch, height // patch, width // patch
-    per_patch = np.zeros((t, h, w, len(KINDS)), dtype=np.float32)
+    per_patch = np.zeros((t, h, w, len(vocabulary)), dtype=np.float32)
     scale = np.asarray(grid, dtype=np.float64) / np.asarray(volume_shape, dtype=np.float64)
     grid_spacing = np.asarray(spacing, dtype=np.float64) / scale
     extent = np.asarray([temporal_patch, patch, patch], dtype=np.float64)
     for finding in findings:
-        if finding.get("kind") not in KINDS:
+        if finding.get(field) not in vocabulary:
             continue
         centre = (np.asarray(finding["center_voxel"], dtype=np.float64) + 0.5) * scale
         radius = np.maximum(float(finding["size_mm"]) / 2.0 / grid_spacing, 0.5)
@@ -59,9 +70,16 @@ def finding_patch_targets(
         high = np.floor((centre + radius - 1e-6) / extent).astype(int)
         low = np.clip(low, 0, [t - 1, h - 1, w - 1])
         high = np.clip(high, 0, [t - 1, h - 1, w - 1])
-        per_patch[low[0] : high[0] + 1, low[1] : high[1] + 1, low[2] : high[2] + 1, KINDS.index(finding["kind"])] = 1.0
-    blocks = per_patch.reshape(t, h // merge, merge, w // merge, merge, len(KINDS))
-    return blocks.transpose(0, 1, 3, 2, 4, 5).reshape(t * (h // merge) * (w // merge), merge * merge, len(KINDS))
+        word = list(vocabulary).index(finding[field])
+        per_patch[low[0] : high[0] + 1, low[1] : high[1] + 1, low[2] : high[2] + 1, word] = 1.0
+    blocks = per_patch.reshape(t, h // merge, merge, w // merge, merge, len(vocabulary))
+    return blocks.transpose(0, 1, 3, 2, 4, 5).reshape(t * (h // merge) * (w // merge), merge * merge, len(vocabulary))
+
+
+def rms_normalised(tokens: Any) -> Any:
+    """Tokens as the LLM's first RMSNorm sees them (scale-free): the heads must find the
+    information in the direction of each token, where attention can read it, not in its norm."""
+    return tokens * tokens.pow(2).mean(-1, keepdim=True).add(1e-6).rsqrt()
 
 
 def balanced_bce(logits: Any, target: Any) -> Any:
@@ -81,7 +99,7 @@ def balanced_bce(logits: Any, target: Any) -> Any:
 
 
 def make_probe(hidden: int, merge_unit: int) -> Any:
-    """The two linear heads (patch kinds, phase) on merged visual tokens of width ``hidden``."""
+    """The linear heads (patch kinds, patch locations, phase) on merged visual tokens of width ``hidden``."""
     import torch
 
     class VisionProbe(torch.nn.Module):
@@ -89,6 +107,7 @@ def make_probe(hidden: int, merge_unit: int) -> Any:
             super().__init__()
             self.merge_unit = merge_unit
             self.patch_kinds = torch.nn.Linear(hidden, merge_unit * len(KINDS))
+            self.patch_locations = torch.nn.Linear(hidden, merge_unit * len(LOCATIONS))
             self.phase = torch.nn.Linear(hidden, len(PHASES))
 
     return VisionProbe()
@@ -140,27 +159,20 @@ class VisionProbeLoss:
             truth = sample.meta.get("phantom_findings")
             if truth is None:
                 continue
-            tokens = merged[index * per_sample : (index + 1) * per_sample].float()
+            tokens = rms_normalised(merged[index * per_sample : (index + 1) * per_sample].float())
             volume = sample.volume if isinstance(sample.volume, CTVolume) else load_sample_volume(sample)
-            targets = finding_patch_targets(
-                truth,
-                np.asarray(volume.hu).shape,
-                volume.spacing,
-                grid,
-                int(vision.temporal_patch_size),
-                int(vision.patch_size),
-                merge,
-            )
-            logits = self.probe.patch_kinds(tokens).view(per_sample, merge * merge, len(KINDS))
-            target = torch.from_numpy(targets).to(logits.device)
-            kind_losses.append(balanced_bce(logits, target))
+            geometry = (np.asarray(volume.hu).shape, volume.spacing, grid, int(vision.temporal_patch_size), int(vision.patch_size), merge)
+            for head, field, vocabulary in ((self.probe.patch_kinds, "kind", KINDS), (self.probe.patch_locations, "location", LOCATIONS)):
+                target = torch.from_numpy(finding_patch_targets(truth, *geometry, field=field, vocabulary=vocabulary))
+                logits = head(tokens).view(per_sample, merge * merge, len(vocabulary))
+                kind_losses.append(balanced_bce(logits, target.to(logits.device)))
             phase = sample.meta.get("phase")
             if phase in PHASES:
-                phase_logits.append(self.probe.phase(tokens.mean(0)))
-                phase_targets.append(PHASES.index(phase))
+                phase_logits.append(self.probe.phase(tokens))
+                phase_targets.append(torch.full((per_sample,), PHASES.index(phase), device=tokens.device))
         if not kind_losses:
             return None
         loss = torch.stack(kind_losses).mean()
         if phase_logits:
-            loss = loss + F.cross_entropy(torch.stack(phase_logits), torch.tensor(phase_targets, device=loss.device))
+            loss = loss + F.cross_entropy(torch.cat(phase_logits), torch.cat(phase_targets))
         return loss
