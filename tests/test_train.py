@@ -235,3 +235,24 @@ def test_a_stage1_phase_may_not_change_the_model():
             },
             "inline",
         )
+
+
+def test_an_ablation_arm_starts_from_the_trained_base_with_its_own_adapters(env, two_stages, tmp_path):
+    """--init-weights: the dense-LoRA arm takes every base tensor of a TGH-MoE run and keeps its
+    own (differently shaped) adapters as built."""
+    from napari_tghmoe.train.cli import load_recipe_with_overrides
+    from napari_tghmoe.train.trainer import train
+
+    stage1, _ = two_stages
+    recipe = load_recipe_with_overrides(
+        str(TINY),
+        ['model.moe.group_names=["shared"]', "model.moe.experts_per_group=1", "model.moe.lora_rank=10", "stage1.steps=1", "stage1.lr=0.0"],
+    )
+    train(recipe, 1, tmp_path / "dense", progress=False, init_weights=stage1)
+    summary = json.loads((tmp_path / "dense" / "training_summary.json").read_text())["init_weights"]
+    assert summary["folder"] == str(stage1) and summary["copied"] > 0
+    assert summary["kept"] and all(".moe." in name for name in summary["kept"])
+    source = load_file(str(stage1 / "model.safetensors"))
+    dense = load_file(str(tmp_path / "dense" / "model.safetensors"))
+    patch_key = next(k for k in source if "patch_embed" in k)
+    assert torch.equal(source[patch_key], dense[patch_key])  # the trained base went across (lr 0)

@@ -21,6 +21,11 @@ def register(subparsers: Any) -> None:
     parser.add_argument("--stage", default="1", choices=["1", "2", "both"], help="1, 2, or both (OUT/stage1 then OUT/stage2)")
     parser.add_argument("--out", required=True, metavar="DIR", help="output folder (model, log, checkpoints)")
     parser.add_argument("--init", metavar="DIR", help="start from this TGH-MoE folder (stage 2: the stage-1 output)")
+    parser.add_argument(
+        "--init-weights",
+        metavar="DIR",
+        help="build the model from the recipe, then copy the matching tensors of this TGH-MoE folder (ablations)",
+    )
     parser.add_argument("--resume", action="store_true", help="continue from the latest checkpoint in --out")
     parser.add_argument(
         "--set",
@@ -115,7 +120,12 @@ def run_train(args: argparse.Namespace) -> int:
             stage = int(args.stage)
             if stage == 2 and not args.init:
                 raise CLIError("stage 2 starts from the stage-1 output: pass --init DIR")
-            results = [train(recipe, stage, out, init=args.init, resume=args.resume, progress=not args.no_progress)]
+            results = [
+                train(
+                    recipe, stage, out, init=args.init, resume=args.resume, progress=not args.no_progress,
+                    init_weights=args.init_weights,
+                )
+            ]
     except RecipeError as err:
         raise CLIError(str(err)) from err
     for result in results:

@@ -117,6 +117,31 @@ def build_model(recipe: Recipe, init: str | Path | None = None, tokenizer: Any =
     return adapt_2d_mllm(base, dict(recipe.model.moe))
 
 
+def copy_matching_weights(model: Any, folder: str | Path) -> dict[str, list[str]]:
+    """Copy every tensor of the TGH-MoE model in ``folder`` whose name and shape match ``model``.
+
+    For ablations that change the adapters or the routing (dense LoRA, no text guidance) but
+    start from the same trained base: what does not match stays as built. Returns the names
+    copied and the names left as built.
+    """
+    import torch
+
+    from napari_tghmoe.model.modeling import TGHMoEForConditionalGeneration
+
+    source = TGHMoEForConditionalGeneration.from_pretrained(str(folder), dtype=torch.float32, local_files_only=True)
+    theirs = source.state_dict()
+    copied, kept = [], []
+    with torch.no_grad():
+        for name, tensor in model.state_dict().items():
+            other = theirs.get(name)
+            if other is not None and other.shape == tensor.shape:
+                tensor.copy_(other)
+                copied.append(name)
+            else:
+                kept.append(name)
+    return {"copied": copied, "kept": kept}
+
+
 def open_parameters(model: Any, stage: int, settings: StageSettings) -> dict[str, int]:
     """``set_stage`` plus the recipe's ``also_train`` base parts; returns trainable counts."""
     from napari_tghmoe.model.modeling import set_stage
@@ -307,11 +332,14 @@ def train(
     progress: bool = True,
     stop_after: int | None = None,
     samples: list[Any] | None = None,
+    init_weights: str | Path | None = None,
 ) -> TrainResult:
     """Run one stage of ``recipe`` into ``out_dir`` (model folder + log + checkpoints).
 
     ``init``: the folder to start from (stage 2: the stage-1 output; required there).
     ``resume``: continue from the latest checkpoint in ``out_dir/checkpoints``.
+    ``init_weights``: build the model from the recipe, then copy in the matching tensors of this
+    TGH-MoE folder (ablations from a common trained base; see :func:`copy_matching_weights`).
     ``stop_after``: stop once this optimiser step is done and checkpointed (as if the process
     were killed there; used to test resuming). ``samples``: training samples (default: the
     recipe's ``[data]``).
@@ -346,9 +374,17 @@ def train(
         from transformers import AutoTokenizer
 
         tokenizer = AutoTokenizer.from_pretrained(str(init), local_files_only=True)
+    elif init_weights is not None:
+        from transformers import AutoTokenizer
+
+        tokenizer = AutoTokenizer.from_pretrained(str(init_weights), local_files_only=True)
     else:
         tokenizer = build_tokenizer_for(recipe, samples)
     model = build_model(recipe, init=init, tokenizer=tokenizer)
+    weights_from = None
+    if init_weights is not None and init is None:
+        weights_from = copy_matching_weights(model, init_weights)
+        weights_from = {"folder": str(init_weights), "copied": len(weights_from["copied"]), "kept": weights_from["kept"]}
     if recipe.model.gradient_checkpointing:
         model.gradient_checkpointing_enable()
     counts = open_parameters(model, settings.trainable_stage or stage, settings)
@@ -493,6 +529,7 @@ def train(
             "recipe": recipe.to_dict(),
             "stage": stage,
             "init": str(init) if init else None,
+            "init_weights": weights_from,
             "steps": total,
             "resumed_from_step": start_step,
             "seconds_this_run": round(seconds, 1),
