@@ -256,3 +256,12 @@ def test_an_ablation_arm_starts_from_the_trained_base_with_its_own_adapters(env,
     dense = load_file(str(tmp_path / "dense" / "model.safetensors"))
     patch_key = next(k for k in source if "patch_embed" in k)
     assert torch.equal(source[patch_key], dense[patch_key])  # the trained base went across (lr 0)
+
+
+def test_the_card_says_plainly_which_targets_are_met():
+    from napari_tghmoe.train.card import target_verdict
+
+    assert target_verdict(0.9, 0.75, 0.85) == "All three targets are met."
+    verdict = target_verdict(0.5, 0.75, 0.6)
+    assert "closed-VQA accuracy 0.500 is 0.35 below 0.85" in verdict and "precision 0.600" in verdict
+    assert "recall" not in verdict

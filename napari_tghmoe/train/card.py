@@ -59,6 +59,24 @@ def results_tables(results: dict[str, Any]) -> str:
     return text.split("\n", 2)[2] if text.startswith("# ") else text  # drop the title line
 
 
+#: The issue's targets for the demo model on held-out phantoms.
+TARGETS = {"closed-VQA accuracy": 0.85, "finding recall": 0.7, "finding precision": 0.8}
+
+
+def target_verdict(closed_accuracy: float | None, recall: float | None, precision: float | None) -> str:
+    """One sentence: which targets are met and by how much the others are missed."""
+    values = dict(zip(TARGETS, (closed_accuracy, recall, precision)))
+    missed = [
+        f"{name} {_fmt(value)} is {TARGETS[name] - value:.2f} below {TARGETS[name]}"
+        for name, value in values.items()
+        if value is not None and value < TARGETS[name]
+    ]
+    missed += [f"{name} was not measured" for name, value in values.items() if value is None]
+    if not missed:
+        return "All three targets are met."
+    return "**Targets missed**: " + "; ".join(missed) + "."
+
+
 def write_card(
     dest: Path,
     recipe: Any,
@@ -120,6 +138,8 @@ def write_card(
         f"- Closed-VQA accuracy: **{_fmt(closed.get('accuracy'))}** (target >= 0.85)",
         f"- Report finding recall: **{_fmt(findings.get('recall'))}** (target >= 0.7), precision: "
         f"**{_fmt(findings.get('precision'))}** (target >= 0.8)",
+        "",
+        target_verdict(closed.get("accuracy"), findings.get("recall"), findings.get("precision")),
         "",
         results_tables(results),
         "",
