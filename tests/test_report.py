@@ -183,3 +183,15 @@ def test_transcript_autosaves_and_survives_a_torn_line(tmp_path):
     assert reloaded.turns[-1].id == 3
     reloaded.clear()
     assert len(Transcript(path)) == 0
+
+
+def test_a_report_with_its_own_sections_gets_no_second_findings_heading(tmp_path):
+    text = "TECHNIQUE: CT of the chest.\n\nFINDINGS:\nLungs: clear.\n\nIMPRESSION:\nNo acute abnormality."
+    volume = CTVolume(hu=np.zeros((2, 8, 8), np.int16), description="phantom")
+    sectioned = ReportDocument.from_answer(_AnswerRecord(text=text), volume)
+    plain = ReportDocument.from_answer(_AnswerRecord(), volume)
+    question = ReportDocument.from_answer(_AnswerRecord(text="Axial.", question="Which plane?", prompt_kind="question"), volume)
+    assert [line for line in sectioned.to_text().splitlines() if "FINDINGS" in line] == ["FINDINGS:"]
+    assert "\nREPORT\nTECHNIQUE:" in sectioned.to_text() and "## Report\n" in sectioned.to_markdown()
+    assert "\nFINDINGS\nLiver:" in plain.to_text() and "## Findings\n" in plain.to_markdown()
+    assert "\nANSWER\nAxial." in question.to_text()
