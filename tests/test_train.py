@@ -208,30 +208,51 @@ def test_per_sample_loss_weighs_a_one_token_answer_like_a_long_report():
 
 
 def test_both_stages_run_the_stage1_phases_in_order_then_stage2_from_the_last(env, tmp_path):
+    """Each phase continues from the one before; a phase that changes the model (here a finer
+    vision patch with a larger merge, the same LLM token count) is rebuilt and takes every
+    matching tensor of the previous phase, and later phases and stage 2 keep that model."""
     recipe = tmp_path / "phased.toml"
-    recipe.write_text(TINY.read_text() + "\n[[stage1_continue]]\nseed = 5\nstage1 = { steps = 2, lr = 1e-3 }\n")
+    recipe.write_text(
+        TINY.read_text()
+        + "\n[[stage1_continue]]\nseed = 5\nstage1 = { steps = 2, lr = 1e-3 }\n"
+        + "\n[[stage1_continue]]\nseed = 6\nmodel = { tiny = { patch_size = 4, spatial_merge_size = 4 } }\n"
+        + "stage1 = { steps = 2 }\n"
+        + "\n[[stage1_continue]]\nseed = 7\nstage1 = { steps = 1 }\n"
+    )
     out = tmp_path / "run"
     assert main(["train", "--config", str(recipe), "--stage", "both", "--out", str(out), "--no-progress"]) == 0
-    first = json.loads((out / "stage1" / "training_summary.json").read_text())
-    second = json.loads((out / "stage1-2" / "training_summary.json").read_text())
-    last = json.loads((out / "stage2" / "training_summary.json").read_text())
+    first, second, third, fourth, last = (
+        json.loads((out / name / "training_summary.json").read_text())
+        for name in ("stage1", "stage1-2", "stage1-3", "stage1-4", "stage2")
+    )
     assert first["init"] is None and first["steps"] == 4
     assert second["init"] == str(out / "stage1") and second["steps"] == 2 and second["recipe"]["seed"] == 5
     assert second["recipe"]["stage1"]["also_train"] == first["recipe"]["stage1"]["also_train"]  # merged, not replaced
-    assert last["init"] == str(out / "stage1-2") and last["recipe"]["seed"] == 0
+    # The model-changing phase: built anew, the previous phase's matching tensors copied in.
+    assert third["init"] is None and third["init_weights"]["folder"] == str(out / "stage1-2")
+    assert "model.visual.patch_embed.proj.weight" in third["init_weights"]["kept"]
+    assert all(name.startswith(("model.visual.patch_embed.", "model.visual.merger.")) for name in third["init_weights"]["kept"])
+    assert third["init_weights"]["copied"] > 0
+    assert fourth["init"] == str(out / "stage1-3") and fourth["recipe"]["model"]["tiny"]["patch_size"] == 4
+    assert last["init"] == str(out / "stage1-4") and last["recipe"]["seed"] == 0
     a = load_file(str(out / "stage1" / "model.safetensors"))
     b = load_file(str(out / "stage1-2" / "model.safetensors"))
     assert any(not torch.equal(a[key], b[key]) for key in a)
+    fine = json.loads((out / "stage2" / "config.json").read_text())["vision_config"]
+    assert (fine["patch_size"], fine["spatial_merge_size"]) == (4, 4)
+    c = load_file(str(out / "stage1-3" / "model.safetensors"))
+    patch_embed = next(tensor for name, tensor in c.items() if name.endswith("patch_embed.proj.weight"))
+    assert patch_embed.shape[-1] == 4
 
 
-def test_a_stage1_phase_may_not_change_the_model():
+def test_a_stage1_phase_may_not_change_the_tokenizer():
     with pytest.raises(RecipeError, match="stage1_continue"):
         recipe_from_dict(
             {
                 "model": {"tiny": {"text_hidden": 64}},
                 "tokenizer": {"source": "build"},
                 "data": {"train": ["phantom:seeds=0-1"]},
-                "stage1_continue": [{"model": {"tiny": {"text_hidden": 32}}}],
+                "stage1_continue": [{"tokenizer": {"vocab_size": 300}}],
             },
             "inline",
         )

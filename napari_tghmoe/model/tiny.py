@@ -28,11 +28,14 @@ def tiny_base_config(
     vision_hidden: int = 32,
     vision_depth: int = 4,
     patch_size: int = 8,
+    spatial_merge_size: int = 2,
     **overrides: Any,
 ):
     """A Qwen2.5-VL config small enough for CPU tests (a forward pass in milliseconds).
 
-    ``mrope_section`` must sum to head_dim / 2 of the text model.
+    ``mrope_section`` must sum to head_dim / 2 of the text model. ``spatial_merge_size``: patches
+    per LLM token along each in-plane axis (Qwen2.5-VL: 2); smaller patches with a larger merge
+    let the vision tower see finer detail for the same number of LLM tokens.
     """
     from transformers import Qwen2_5_VLConfig
 
@@ -60,9 +63,9 @@ def tiny_base_config(
         "intermediate_size": vision_hidden * 2,
         "num_heads": 2,
         "patch_size": patch_size,
-        "spatial_merge_size": 2,
+        "spatial_merge_size": spatial_merge_size,
         "temporal_patch_size": 2,
-        "window_size": patch_size * 2 * 4,  # 4x4 merged patches per attention window
+        "window_size": patch_size * spatial_merge_size * 4,  # 4x4 merged patches per attention window
         "out_hidden_size": text_hidden,
         "fullatt_block_indexes": [vision_depth - 1],
     }

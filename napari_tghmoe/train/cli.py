@@ -84,7 +84,7 @@ def train_both_stages(recipe: Any, out: Path, *, init: str | None, resume: bool,
     With ``resume``, finished phases (their folder holds the saved model) are kept and the
     interrupted one continues from its last checkpoint.
     """
-    from napari_tghmoe.train.recipe import stage1_phases
+    from napari_tghmoe.train.recipe import phase_changes_model, stage1_phases
     from napari_tghmoe.train.trainer import SUMMARY_NAME, TrainResult, load_training_samples, train
 
     results = []
@@ -98,7 +98,15 @@ def train_both_stages(recipe: Any, out: Path, *, init: str | None, resume: bool,
             key = repr((phase.data.train, phase.data.tasks, phase.data.phrasing, phase.seed))
             if key not in loaded:
                 loaded = {key: load_training_samples(phase)}  # one set in memory at a time
-            results.append(train(phase, 1, folder, init=previous, resume=resume, progress=progress, samples=loaded[key]))
+            # A phase that changes the model is built from its recipe and takes the previous
+            # phase's matching tensors; the others load the previous phase's folder whole.
+            rebuild = phase_changes_model(recipe, index) and previous is not None
+            results.append(
+                train(
+                    phase, 1, folder, init=None if rebuild else previous, init_weights=previous if rebuild else None,
+                    resume=resume, progress=progress, samples=loaded[key],
+                )
+            )
         previous = str(folder)
     results.append(train(recipe, 2, out / "stage2", init=previous, resume=resume, progress=progress))
     return results

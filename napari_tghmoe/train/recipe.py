@@ -177,15 +177,27 @@ def merge_tables(base: dict[str, Any], update: dict[str, Any]) -> dict[str, Any]
 
 
 def stage1_phases(recipe: Recipe) -> list[Recipe]:
-    """The recipe's stage-1 phases: itself, then each ``stage1_continue`` entry merged over it."""
+    """The recipe's stage-1 phases: itself, then each ``stage1_continue`` entry merged over it.
+
+    A phase may change the ``model`` table (e.g. a finer vision patch): that phase is built anew
+    and takes every matching tensor of the previous phase (:func:`phase_changes_model`), and the
+    change carries over to the phases after it. Tokenizer and phases stay fixed.
+    """
     base = {k: v for k, v in recipe.to_dict().items() if k not in ("path", "stage1_continue")}
     phases = [recipe]
     for index, update in enumerate(recipe.stage1_continue, start=2):
-        if "stage1_continue" in update or "model" in update or "tokenizer" in update:
-            raise RecipeError(f"{recipe.path}: stage1_continue #{index - 1} may not change model, tokenizer or phases")
+        if "stage1_continue" in update or "tokenizer" in update:
+            raise RecipeError(f"{recipe.path}: stage1_continue #{index - 1} may not change the tokenizer or phases")
+        if "model" in update:
+            base = merge_tables(base, {"model": update["model"]})
         phase = recipe_from_dict(merge_tables(base, update), f"{recipe.path} (stage-1 phase {index})")
         phases.append(phase)
     return phases
+
+
+def phase_changes_model(recipe: Recipe, index: int) -> bool:
+    """Does stage-1 phase ``index`` (1 = the recipe's own stage 1) change the model table?"""
+    return index >= 2 and "model" in recipe.stage1_continue[index - 2]
 
 
 def recipe_from_dict(values: dict[str, Any], source: str = "recipe") -> Recipe:
