@@ -58,7 +58,13 @@ def test_training_with_the_probe_logs_its_loss_and_saves_no_probe_weights(tmp_pa
     monkeypatch.setenv("TGHMOE_TRAIN_THREADS", "1")
     recipe = load_recipe_with_overrides(
         str(ROOT / "recipes" / "tiny-test.toml"),
-        ["stage1.vision_probe_coef=1.0", "stage1.lm_loss_per_sample=true", "stage1.steps=3", "stage1.log_every=1"],
+        [
+            "stage1.vision_probe_coef=1.0",
+            "stage1.vision_probe_presence=1.0",
+            "stage1.lm_loss_per_sample=true",
+            "stage1.steps=3",
+            "stage1.log_every=1",
+        ],
     )
     result = train(recipe, 1, tmp_path / "run", progress=False)
     assert result.finished
@@ -115,3 +121,27 @@ def test_balanced_loss_does_not_let_empty_cells_hide_a_missed_finding():
     found = confident_empty.clone()
     found[10, 0, 2] = 8.0
     assert float(balanced_bce(found, target)) < 0.01
+
+
+def test_presence_loss_tells_a_head_that_only_knows_anatomy_from_one_that_sees_the_lesion():
+    """Two volumes, one with a lesion at patch (10, 0), one without. A head that fires at that
+    patch in both (where such lesions *can* be) passes the per-patch loss of the first volume,
+    but the volume-level presence loss of the lesion-free one is high; firing only where the
+    lesion is passes both."""
+    torch = pytest.importorskip("torch")
+    from napari_tghmoe.train.vision_probe import volume_presence_loss
+
+    kind = KINDS.index("renal cyst")
+    with_lesion = torch.zeros(96, 4, len(KINDS))
+    with_lesion[10, 0, kind] = 1.0
+    without = torch.zeros_like(with_lesion)
+    anatomy_only = torch.full_like(with_lesion, -8.0)
+    anatomy_only[10, 0, kind] = 8.0  # the same output whatever the volume holds
+    assert float(volume_presence_loss(anatomy_only, with_lesion)) < 0.01
+    assert float(volume_presence_loss(anatomy_only, without)) > 1.0
+    sees_nothing_there = torch.full_like(with_lesion, -8.0)
+    assert float(volume_presence_loss(sees_nothing_there, without)) < 0.01
+    # by hand: the present word at logit 8 costs -log sigmoid(8), each absent word at logit -8
+    # costs -log(1 - sigmoid(-8)); both equal softplus(-8), and so does their mean
+    expected = torch.nn.functional.softplus(torch.tensor(-8.0))
+    torch.testing.assert_close(volume_presence_loss(anatomy_only, with_lesion), expected)

@@ -102,6 +102,9 @@ class StageSettings:
     #: Weight of the demo's auxiliary vision loss from phantom ground truth
     #: (``napari_tghmoe.train.vision_probe``); 0 = off. Only for a vision tower trained from scratch.
     vision_probe_coef: float = 0.0
+    #: Weight, inside that loss, of the volume-level question "does this volume have a finding of
+    #: this kind / in this location?" (multiple-instance: the highest patch logit); 0 = off.
+    vision_probe_presence: float = 0.0
     #: Average the LM loss within each sample, then over samples (default: over all target
     #: tokens of the batch, as transformers does), so short answers weigh as much as reports.
     lm_loss_per_sample: bool = False

@@ -18,6 +18,12 @@ LLM reads), from the phantom's ground truth:
 
 Both heads read the tokens RMS-normalised, as the LLM's first layer does.
 
+Per-patch labels alone can be met by anatomy: a head that lights up wherever a liver lesion
+*could* be scores well per patch (the demo's probe reached a patch AUC of 0.95-0.99) while it
+cannot tell a volume with a lesion from one without (volume-level AUC near 0.5 for every focal
+kind). So a ``presence`` weight adds the volume-level question as multiple-instance learning:
+the highest patch logit of each kind (and location) must say whether the volume has one.
+
 The heads are thrown away after training: the saved model is a plain TGH-MoE checkpoint. The
 loss is only computed for samples that carry phantom ground truth (``meta["phantom_findings"]``).
 """
@@ -98,6 +104,18 @@ def balanced_bce(logits: Any, target: Any) -> Any:
     return 0.5 * losses[positive].mean() + 0.5 * negative_part
 
 
+def volume_presence_loss(logits: Any, target: Any) -> Any:
+    """Multiple-instance BCE: per word (kind or location), the volume's highest patch logit
+    against whether any patch of the volume carries that word. ``logits``/``target``: (tokens,
+    patches per token, words)."""
+    import torch.nn.functional as F
+
+    words = logits.shape[-1]
+    pooled = logits.reshape(-1, words).amax(0)
+    present = target.reshape(-1, words).amax(0)
+    return F.binary_cross_entropy_with_logits(pooled, present)
+
+
 def make_probe(hidden: int, merge_unit: int) -> Any:
     """The linear heads (patch kinds, patch locations, phase) on merged visual tokens of width ``hidden``."""
     import torch
@@ -117,8 +135,9 @@ class VisionProbeLoss:
     """Captures the merged visual tokens of each forward (a hook on the vision tower) and turns
     them into the auxiliary loss for the samples of the current batch."""
 
-    def __init__(self, model: Any, probe: Any) -> None:
+    def __init__(self, model: Any, probe: Any, presence: float = 0.0) -> None:
         self.probe = probe
+        self.presence = float(presence)
         self.visual = model.model.visual
         self.tokens: list[Any] = []
         self._handle = self.visual.register_forward_hook(self._capture)
@@ -165,7 +184,10 @@ class VisionProbeLoss:
             for head, field, vocabulary in ((self.probe.patch_kinds, "kind", KINDS), (self.probe.patch_locations, "location", LOCATIONS)):
                 target = torch.from_numpy(finding_patch_targets(truth, *geometry, field=field, vocabulary=vocabulary))
                 logits = head(tokens).view(per_sample, merge * merge, len(vocabulary))
-                kind_losses.append(balanced_bce(logits, target.to(logits.device)))
+                target = target.to(logits.device)
+                kind_losses.append(balanced_bce(logits, target))
+                if self.presence > 0:
+                    kind_losses.append(self.presence * volume_presence_loss(logits, target))
             phase = sample.meta.get("phase")
             if phase in PHASES:
                 phase_logits.append(self.probe.phase(tokens))
