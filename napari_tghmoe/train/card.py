@@ -104,7 +104,9 @@ def write_card(
         "",
         f"- Architecture: Qwen2.5-VL (`Qwen2_5_VLForConditionalGeneration`) with TGH-MoE "
         f"(`{config.get('model_type')}`): vision tower depth {config['vision_config']['depth']}, hidden "
-        f"{config['vision_config']['hidden_size']}, patch {config['vision_config']['patch_size']}; LLM "
+        f"{config['vision_config']['hidden_size']}, patch {config['vision_config']['patch_size']} merged "
+        f"{config['vision_config'].get('spatial_merge_size', 2)}x{config['vision_config'].get('spatial_merge_size', 2)} "
+        f"per LLM token, model grid {config.get('volume_grid')}; LLM "
         f"{config['text_config']['num_hidden_layers']} layers, hidden {config['text_config']['hidden_size']}, "
         f"vocabulary {config['text_config']['vocab_size']} (byte-level BPE trained on the phantom corpus).",
         f"- Experts in vision blocks {config['moe_blocks']} (groups per block {config['block_groups']}), "
