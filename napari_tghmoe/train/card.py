@@ -87,6 +87,7 @@ def write_card(
     check: dict[str, Any],
 ) -> str:
     config = json.loads((dest / "config.json").read_text())
+    merge = config["vision_config"].get("spatial_merge_size", 2)  # patches per LLM token along each axis
     size_mb = sum(p.stat().st_size for p in dest.iterdir() if p.is_file()) / 1e6
     trainable = {f"stage {s['stage']}": s["trainable"]["trainable"] for s in summaries}
     closed = results.get("vqa_closed") or {}
@@ -105,8 +106,7 @@ def write_card(
         f"- Architecture: Qwen2.5-VL (`Qwen2_5_VLForConditionalGeneration`) with TGH-MoE "
         f"(`{config.get('model_type')}`): vision tower depth {config['vision_config']['depth']}, hidden "
         f"{config['vision_config']['hidden_size']}, patch {config['vision_config']['patch_size']} merged "
-        f"{config['vision_config'].get('spatial_merge_size', 2)}x{config['vision_config'].get('spatial_merge_size', 2)} "
-        f"per LLM token, model grid {config.get('volume_grid')}; LLM "
+        f"{merge}x{merge} per LLM token, model grid {config.get('volume_grid')}; LLM "
         f"{config['text_config']['num_hidden_layers']} layers, hidden {config['text_config']['hidden_size']}, "
         f"vocabulary {config['text_config']['vocab_size']} (byte-level BPE trained on the phantom corpus).",
         f"- Experts in vision blocks {config['moe_blocks']} (groups per block {config['block_groups']}), "

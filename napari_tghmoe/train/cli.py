@@ -100,7 +100,7 @@ def train_both_stages(recipe: Any, out: Path, *, init: str | None, resume: bool,
                 loaded = {key: load_training_samples(phase)}  # one set in memory at a time
             # A phase that changes the model is built from its recipe and takes the previous
             # phase's matching tensors; the others load the previous phase's folder whole.
-            rebuild = phase_changes_model(recipe, index) and previous is not None
+            rebuild = phase_changes_model(recipe, index)
             results.append(
                 train(
                     phase, 1, folder, init=None if rebuild else previous, init_weights=previous if rebuild else None,
