@@ -1,0 +1,160 @@
+"""Does the demo's vision tower see lesions? Volume-level detection AUC from the vision-probe heads.
+
+The numbers in docs/results.md ("Does the vision tower see a lesion?") come from this script:
+
+    # probe heads of a training checkpoint (accelerate stores them as custom_checkpoint_1.pkl)
+    .venv/bin/python scripts/probe_detection.py MODEL_DIR --probe CKPT/custom_checkpoint_1.pkl
+    # train the vision tower alone (no LLM in the loop) with fresh heads, AUC every 500 steps
+    .venv/bin/python scripts/probe_detection.py MODEL_DIR --vision-only-steps 3000 --lr 1e-3
+
+Per kind, a volume's score is its highest patch logit; the AUC is over the volumes of the region
+where that kind can occur (lymph nodes: all). A diagnostic for phantom-trained models, not a test.
+The checkpoint's probe file is a pickle: load only checkpoints you wrote yourself.
+"""
+
+from __future__ import annotations
+
+import argparse
+import random
+import time
+
+import numpy as np
+
+REGION_OF_KIND = {"lung nodule": "chest", "pleural effusion": "chest", "enlarged lymph node": None}
+
+
+def auc(scores: np.ndarray, labels: np.ndarray) -> float:
+    """Area under the ROC curve (Mann-Whitney U / (positives x negatives))."""
+    from scipy.stats import mannwhitneyu
+
+    positives, negatives = scores[labels], scores[~labels]
+    return float(mannwhitneyu(positives, negatives).statistic) / (len(positives) * len(negatives))
+
+
+class VisionEncoder:
+    """Runs only the vision tower of a TGH-MoE model (with its text-guided routing) on samples,
+    so the probe loss can train it without the LLM."""
+
+    def __init__(self, model, tokenizer, probe_loss) -> None:
+        self.model, self.tokenizer, self.probe_loss = model, tokenizer, probe_loss
+
+    def __call__(self, samples) -> None:
+        from napari_tghmoe.model.modeling import ROUTING_KWARG
+        from napari_tghmoe.train.data import collate
+
+        model, config = self.model, self.model.config
+        batch = collate(samples, self.tokenizer, config)
+        ids, grid, pixels = batch["input_ids"], batch["video_grid_thw"], batch["pixel_values_videos"]
+        text = model.text_features(ids, None, batch["attention_mask"], batch.get("text_guidance_mask"))
+        routing = model._vision_routing(grid, config.video_token_id, text, ids, None, pixels.device, model.training)
+        self.probe_loss.reset()
+        model.model.get_video_features(
+            pixels, grid, return_dict=True, window_index=routing.window_index,
+            cu_window_seqlens=routing.cu_window_seqlens, **{ROUTING_KWARG: routing},
+        )
+
+
+def detection_auc(encode, probe, samples, config) -> dict[str, float]:
+    """Volume-level AUC per finding kind over ``samples`` (phantoms with ground truth)."""
+    import torch
+
+    from napari_tghmoe.train.vision_probe import KINDS, finding_patch_targets, rms_normalised
+
+    vision = config.vision_config
+    merge = int(vision.spatial_merge_size)
+    scores, present, regions = [], [], []
+    with torch.no_grad():
+        for sample in samples:
+            encode([sample])
+            tokens = rms_normalised(encode.probe_loss.tokens[-1].float())
+            logits = probe.patch_kinds(tokens).view(-1, len(KINDS))
+            truth = finding_patch_targets(
+                sample.meta["phantom_findings"], sample.volume.hu.shape, sample.volume.spacing, config.volume_grid,
+                int(vision.temporal_patch_size), int(vision.patch_size), merge,
+            )
+            scores.append(logits.amax(0).numpy())
+            present.append(truth.reshape(-1, len(KINDS)).any(0))
+            regions.append(sample.meta["region"])
+    encode.probe_loss.reset()
+    scores, present = np.array(scores), np.array(present)
+    result = {}
+    for k, kind in enumerate(KINDS):
+        region = REGION_OF_KIND.get(kind, "abdomen")
+        keep = np.array([region is None or r == region for r in regions])
+        if 0 < present[keep, k].sum() < keep.sum():
+            result[kind] = auc(scores[keep, k], present[keep, k])
+    return result
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("model", help="TGH-MoE model folder (a demo stage-1 output)")
+    parser.add_argument("--probe", help="probe heads (custom_checkpoint_1.pkl of a checkpoint); default: fresh")
+    parser.add_argument("--data", default="phantom:seeds=100000-100079,region=both,shape=32x64x96")
+    parser.add_argument("--train-data", default="phantom:seeds=0-799,region=both,shape=32x64x96")
+    parser.add_argument(
+        "--phrasing", default=None, choices=["train", "heldout", "none"],
+        help="wording of the report request whose text guides the routing (default: the dataset's)",
+    )
+    parser.add_argument("--vision-only-steps", type=int, default=0)
+    parser.add_argument("--lr", type=float, default=1e-3)
+    parser.add_argument("--threads", type=int, default=2)
+    args = parser.parse_args()
+
+    import torch
+    from transformers import AutoTokenizer
+
+    from napari_tghmoe.model.modeling import TGHMoEForConditionalGeneration
+    from napari_tghmoe.train.data import load_dataset_spec
+    from napari_tghmoe.train.trainer import preload_volumes
+    from napari_tghmoe.train.vision_probe import VisionProbeLoss, make_probe
+
+    torch.set_num_threads(args.threads)
+    model = TGHMoEForConditionalGeneration.from_pretrained(args.model, dtype=torch.float32, local_files_only=True)
+    tokenizer = AutoTokenizer.from_pretrained(args.model, local_files_only=True)
+    vision = model.config.vision_config
+    probe = make_probe(int(vision.out_hidden_size), int(vision.spatial_merge_size) ** 2)
+    if args.probe:
+        probe.load_state_dict(torch.load(args.probe, weights_only=False))
+    encode = VisionEncoder(model.eval(), tokenizer, VisionProbeLoss(model, probe, presence=1.0))
+    held_out = load_dataset_spec(args.data, task="report", phrasing=args.phrasing)
+    preload_volumes(held_out)
+
+    def show(step: int, loss: float | None = None) -> None:
+        aucs = detection_auc(encode, probe, held_out, model.config)
+        loss_text = "" if loss is None else f" loss {loss:.3f}"
+        print(f"step {step}{loss_text}: " + ", ".join(f"{k} {v:.2f}" for k, v in aucs.items()), flush=True)
+
+    show(0)
+    if args.vision_only_steps <= 0:
+        return
+    train = load_dataset_spec(args.train_data, task="report", phrasing="train")
+    preload_volumes(train)
+    for parameter in model.parameters():
+        parameter.requires_grad_(False)
+    params = [*model.model.visual.parameters(), *probe.parameters()]
+    for parameter in params:
+        parameter.requires_grad_(True)
+    optimizer = torch.optim.AdamW(params, lr=args.lr, weight_decay=0.01)
+    rng, losses, started = random.Random(0), [], time.perf_counter()
+    model.train()
+    for step in range(1, args.vision_only_steps + 1):
+        for group in optimizer.param_groups:
+            group["lr"] = args.lr * min(1.0, step / 50)
+        batch = rng.sample(train, 8)
+        encode(batch)
+        loss = encode.probe_loss.loss(batch, model.config)
+        optimizer.zero_grad()
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        optimizer.step()
+        losses.append(float(loss.detach()))
+        if step % 500 == 0:
+            model.eval()
+            show(step, float(np.mean(losses[-50:])))
+            print(f"  {time.perf_counter() - started:.0f} s", flush=True)
+            model.train()
+
+
+if __name__ == "__main__":
+    main()
