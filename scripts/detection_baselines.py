@@ -1,0 +1,195 @@
+"""Can the phantoms' lesions be found per volume at the demo's grid, and by what? Two baselines.
+
+docs/results.md ("Is the lesion there to be seen?") reports the numbers this script prints:
+
+    # the lesions are visible: count voxels that differ from their organ, given the organ mask
+    .venv/bin/python scripts/detection_baselines.py oracle
+    # a per-patch classifier on the raw windowed patches the vision tower embeds
+    .venv/bin/python scripts/detection_baselines.py patch-mlp --patch 16
+    .venv/bin/python scripts/detection_baselines.py patch-mlp --patch 4 --twins --shift 4
+
+``oracle`` is not a model: it reads the phantom's organ labels, which no model gets, and counts the
+voxels more than 40 HU brighter (hyperdense) or darker (hypodense, cysts) than the organ's median.
+It answers whether the demo grid (32 x 64 x 96, 10 mm slices, ~4 mm pixels) keeps the lesions.
+
+``patch-mlp`` trains a two-layer MLP per patch (the same 3-window voxels, ``patch`` pixels a side,
+2 slices deep) on the per-patch labels of the vision probe (``finding_patch_targets``), on phantoms
+of both regions for the training seeds. ``--twins`` adds, for every phantom with findings, the same
+phantom rendered without them (same anatomy, same noise: the only difference is the lesion), and
+``--shift S`` adds copies rolled in-plane by multiples of S pixels (lesions at every position of a
+patch). It prints the held-out per-patch AUC and the volume-level AUC (highest patch logit per
+kind), as ``scripts/probe_detection.py`` reads the vision tower. A diagnostic, not a test.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from probe_detection import REGION_OF_KIND, auc  # noqa: E402
+
+GRID = (32, 64, 96)  # the demo model's volume grid (recipes/demo.toml)
+#: Focal kinds whose organ the oracle reads, and the sign of their contrast to it.
+ORACLE_KINDS = {
+    "hyperdense liver lesion": (("liver",), 1),
+    "hypodense liver lesion": (("liver",), -1),
+    "hypodense splenic lesion": (("spleen",), -1),
+    "renal cyst": (("right kidney", "left kidney"), -1),
+}
+
+
+def seed_range(text: str) -> range:
+    first, _, last = text.partition("-")
+    return range(int(first), int(last or first) + 1)
+
+
+def phantom(seed: int, region: str, findings: bool = True):
+    """A phantom on the demo grid; ``findings=False`` renders the same case without its findings."""
+    import napari_tghmoe.phantom as phantoms
+
+    if findings:
+        return phantoms.make_phantom(seed, region=region, shape=GRID)
+    place = phantoms.place_findings
+    phantoms.place_findings = lambda *args, **kwargs: []  # the noise stream is separate: same voxels otherwise
+    try:
+        return phantoms.make_phantom(seed, region=region, shape=GRID)
+    finally:
+        phantoms.place_findings = place
+
+
+def oracle(seeds: range) -> None:
+    """Volume-level AUC of counting lesion-like voxels inside the (known) organ, abdomen phantoms."""
+    from scipy import ndimage
+
+    scores: dict[str, list[int]] = {kind: [] for kind in ORACLE_KINDS}
+    present: dict[str, list[bool]] = {kind: [] for kind in ORACLE_KINDS}
+    for seed in seeds:
+        case = phantom(seed, "abdomen")
+        hu = case.volume.hu.astype(np.float32)
+        kinds = {finding.kind for finding in case.findings}
+        for kind, (organs, sign) in ORACLE_KINDS.items():
+            organ = np.isin(case.labels, [value for value, name in case.label_names.items() if name in organs])
+            inside = ndimage.binary_erosion(organ | (case.lesions > 0), iterations=1)
+            contrast = sign * (hu[inside] - np.median(hu[organ]))
+            scores[kind].append(int((contrast > 40).sum()))
+            present[kind].append(kind in kinds)
+    print(f"oracle (organ mask given), abdomen seeds {seeds.start}-{seeds.stop - 1}")
+    print("| kind | positives / volumes | volume AUC |\n|---|---|---|")
+    for kind in ORACLE_KINDS:
+        labels = np.array(present[kind])
+        print(f"| {kind} | {labels.sum()}/{len(labels)} | {auc(np.array(scores[kind]), labels):.2f} |")
+
+
+def patches_of(case, patch: int, findings: list[dict], shift: tuple[int, int] = (0, 0)):
+    """(patches, features) windowed voxels as the processor feeds the tower, and (patches, kinds) labels."""
+    import torch
+
+    from napari_tghmoe.model.preprocess import InputSettings, frames_to_patches, window_channels
+    from napari_tghmoe.train.vision_probe import finding_patch_targets
+
+    settings = dataclasses.replace(InputSettings.from_config(None), volume_grid=GRID, patch_size=patch, merge_size=1)
+    hu = np.roll(np.asarray(case.volume.hu, dtype=np.float32), shift, axis=(1, 2))
+    flat, _ = frames_to_patches(window_channels(torch.from_numpy(hu), settings), settings)
+    moved = [
+        dict(f, center_voxel=(f["center_voxel"][0], f["center_voxel"][1] + shift[0], f["center_voxel"][2] + shift[1]))
+        for f in findings
+    ]
+    labels = finding_patch_targets(moved, hu.shape, case.volume.spacing, GRID, 2, patch, 1)
+    return flat.numpy().astype(np.float16), labels.reshape(len(flat), -1)
+
+
+def patch_mlp(args: argparse.Namespace) -> None:
+    import torch
+
+    from napari_tghmoe.train.vision_probe import KINDS
+
+    torch.manual_seed(0)
+    rng = np.random.default_rng(0)
+    offsets = range(0, args.patch, args.shift) if args.shift else range(1)
+    shifts = [(dy, dx) for dy in offsets for dx in offsets]
+    features, targets, started = [], [], time.perf_counter()
+    for seed in seed_range(args.train_seeds):
+        for region in ("chest", "abdomen"):
+            renders = [(phantom(seed, region), True)]
+            if args.twins and renders[0][0].findings:
+                renders.append((phantom(seed, region, findings=False), False))
+            truth = [dataclasses.asdict(finding) for finding in renders[0][0].findings]
+            for shift in shifts:
+                keep = None
+                for case, with_findings in renders:
+                    x, y = patches_of(case, args.patch, truth if with_findings else [], shift)
+                    if keep is None:  # every positive patch, a sample of the rest (same patches in the twin)
+                        keep = (y.max(1) > 0) | (rng.random(len(y)) < args.negatives / len(shifts))
+                    features.append(x[keep])
+                    targets.append(y[keep])
+    x_train, y_train = torch.from_numpy(np.concatenate(features)), torch.from_numpy(np.concatenate(targets))
+    held, regions = [], []
+    for seed in seed_range(args.seeds):
+        for region in ("chest", "abdomen"):
+            case = phantom(seed, region)
+            held.append(patches_of(case, args.patch, [dataclasses.asdict(f) for f in case.findings]))
+            regions.append(region)
+    x_held = torch.from_numpy(np.concatenate([h[0] for h in held])).float()
+    y_held = np.concatenate([h[1] for h in held]) > 0.5
+    print(f"patch {args.patch}, twins {args.twins}, shift {args.shift}: {len(x_train)} training patches "
+          f"({time.perf_counter() - started:.0f} s to render), {len(held)} held-out volumes", flush=True)
+
+    model = torch.nn.Sequential(
+        torch.nn.Linear(x_train.shape[1], 256), torch.nn.GELU(),
+        torch.nn.Linear(256, 256), torch.nn.GELU(),
+        torch.nn.Linear(256, len(KINDS)),
+    )
+    optimiser = torch.optim.AdamW(model.parameters(), lr=1e-3, weight_decay=0.01)
+    prevalence = y_train.float().mean(0).clamp(min=1e-4)
+    for epoch in range(1, args.epochs + 1):
+        for batch in torch.randperm(len(x_train)).split(512):
+            loss = torch.nn.functional.binary_cross_entropy_with_logits(
+                model(x_train[batch].float()), y_train[batch].float(), pos_weight=(1 - prevalence) / prevalence
+            )
+            optimiser.zero_grad()
+            loss.backward()
+            optimiser.step()
+    with torch.no_grad():
+        logits = model(x_held).numpy()
+    volumes = logits.reshape(len(held), -1, len(KINDS)).max(1)
+    has = y_held.reshape(len(held), -1, len(KINDS)).any(1)
+    print("| kind | per-patch AUC | volume AUC | positives / volumes |\n|---|---|---|---|")
+    for k, kind in enumerate(KINDS):
+        region = REGION_OF_KIND.get(kind, "abdomen")
+        keep = np.array([region is None or r == region for r in regions])
+        patch_auc, volume_auc = auc(logits[:, k], y_held[:, k]), auc(volumes[keep, k], has[keep, k])
+        print(f"| {kind} | {patch_auc:.3f} | {volume_auc:.2f} | {has[keep, k].sum()}/{keep.sum()} |")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    sub = parser.add_subparsers(dest="baseline", required=True)
+    first = sub.add_parser("oracle", help="count lesion-like voxels inside the known organ")
+    first.add_argument("--seeds", default="100000-100199")
+    second = sub.add_parser("patch-mlp", help="a per-patch MLP on raw windowed voxels")
+    second.add_argument("--patch", type=int, default=16, choices=[4, 8, 16])
+    second.add_argument("--train-seeds", default="0-399", help="each seed gives a chest and an abdomen phantom")
+    second.add_argument("--seeds", default="100000-100099", help="held-out seeds (chest and abdomen each)")
+    second.add_argument("--twins", action="store_true", help="add each phantom rendered without its findings")
+    second.add_argument("--shift", type=int, default=0, help="add in-plane rolls by multiples of this many pixels")
+    second.add_argument("--negatives", type=float, default=0.3, help="fraction of lesion-free patches kept")
+    second.add_argument("--epochs", type=int, default=5)
+    second.add_argument("--threads", type=int, default=2)
+    args = parser.parse_args()
+    if args.baseline == "oracle":
+        oracle(seed_range(args.seeds))
+        return
+    import torch
+
+    torch.set_num_threads(args.threads)
+    patch_mlp(args)
+
+
+if __name__ == "__main__":
+    main()
