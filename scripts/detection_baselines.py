@@ -6,7 +6,9 @@ docs/results.md ("Is the lesion there to be seen?") reports the numbers this scr
     .venv/bin/python scripts/detection_baselines.py oracle
     # a per-patch classifier on the raw windowed patches the vision tower embeds
     .venv/bin/python scripts/detection_baselines.py patch-mlp --patch 16
-    .venv/bin/python scripts/detection_baselines.py patch-mlp --patch 4 --twins --shift 4
+    .venv/bin/python scripts/detection_baselines.py patch-mlp --patch 4 --twins
+    # the same, told where the organs are (the context the oracle has)
+    .venv/bin/python scripts/detection_baselines.py patch-mlp --patch 16 --organ-masks
 
 ``oracle`` is not a model: it reads the phantom's organ labels, which no model gets, and counts the
 voxels more than 40 HU brighter (hyperdense) or darker (hypodense, cysts) than the organ's median.
@@ -17,7 +19,8 @@ It answers whether the demo grid (32 x 64 x 96, 10 mm slices, ~4 mm pixels) keep
 of both regions for the training seeds. ``--twins`` adds, for every phantom with findings, the same
 phantom rendered without them (same anatomy, same noise: the only difference is the lesion), and
 ``--shift S`` adds copies rolled in-plane by multiples of S pixels (lesions at every position of a
-patch). It prints the held-out per-patch AUC and the volume-level AUC (highest patch logit per
+patch). ``--organ-masks`` appends each patch's voxels of the liver, spleen and kidney masks (taken
+from the phantom rendered without findings, so they cannot give the lesion away). It prints the held-out per-patch AUC and the volume-level AUC (highest patch logit per
 kind), as ``scripts/probe_detection.py`` reads the vision tower. A diagnostic, not a test.
 """
 
@@ -86,8 +89,22 @@ def oracle(seeds: range) -> None:
         print(f"| {kind} | {labels.sum()}/{len(labels)} | {auc(np.array(scores[kind]), labels):.2f} |")
 
 
-def patches_of(case, patch: int, findings: list[dict], shift: tuple[int, int] = (0, 0)):
-    """(patches, features) windowed voxels as the processor feeds the tower, and (patches, kinds) labels."""
+#: Organs whose masks ``--organ-masks`` appends to each patch (the organs of the focal abdominal kinds).
+CONTEXT_ORGANS = (("liver",), ("spleen",), ("right kidney", "left kidney"))
+
+
+def organ_masks(seed: int, region: str) -> np.ndarray:
+    """(organs, z, y, x) 0/1 masks from the phantom rendered *without* findings (no lesion leaks in)."""
+    normal = phantom(seed, region, findings=False)
+    return np.stack([
+        np.isin(normal.labels, [value for value, name in normal.label_names.items() if name in organs])
+        for organs in CONTEXT_ORGANS
+    ]).astype(np.float32)
+
+
+def patches_of(case, patch: int, findings: list[dict], shift: tuple[int, int] = (0, 0), masks=None):
+    """(patches, features) windowed voxels as the processor feeds the tower (then, if given, the
+    patch's voxels of each organ mask), and (patches, kinds) labels."""
     import torch
 
     from napari_tghmoe.model.preprocess import InputSettings, frames_to_patches, window_channels
@@ -96,6 +113,9 @@ def patches_of(case, patch: int, findings: list[dict], shift: tuple[int, int] = 
     settings = dataclasses.replace(InputSettings.from_config(None), volume_grid=GRID, patch_size=patch, merge_size=1)
     hu = np.roll(np.asarray(case.volume.hu, dtype=np.float32), shift, axis=(1, 2))
     flat, _ = frames_to_patches(window_channels(torch.from_numpy(hu), settings), settings)
+    if masks is not None:  # as extra "channels": (z, organs, y, x) frames, patched like the image
+        frames = torch.from_numpy(np.roll(masks, shift, axis=(2, 3))).permute(1, 0, 2, 3)
+        flat = torch.cat([flat, frames_to_patches(frames, settings)[0]], dim=1)
     moved = [
         dict(f, center_voxel=(f["center_voxel"][0], f["center_voxel"][1] + shift[0], f["center_voxel"][2] + shift[1]))
         for f in findings
@@ -122,8 +142,9 @@ def patch_mlp(args: argparse.Namespace) -> None:
             truth = [dataclasses.asdict(finding) for finding in renders[0][0].findings]
             for shift in shifts:
                 keep = None
+                masks = organ_masks(seed, region) if args.organ_masks else None
                 for case, with_findings in renders:
-                    x, y = patches_of(case, args.patch, truth if with_findings else [], shift)
+                    x, y = patches_of(case, args.patch, truth if with_findings else [], shift, masks)
                     if keep is None:  # every positive patch, a sample of the rest (same patches in the twin)
                         keep = (y.max(1) > 0) | (rng.random(len(y)) < args.negatives / len(shifts))
                     features.append(x[keep])
@@ -133,11 +154,12 @@ def patch_mlp(args: argparse.Namespace) -> None:
     for seed in seed_range(args.seeds):
         for region in ("chest", "abdomen"):
             case = phantom(seed, region)
-            held.append(patches_of(case, args.patch, [dataclasses.asdict(f) for f in case.findings]))
+            masks = organ_masks(seed, region) if args.organ_masks else None
+            held.append(patches_of(case, args.patch, [dataclasses.asdict(f) for f in case.findings], masks=masks))
             regions.append(region)
     x_held = torch.from_numpy(np.concatenate([h[0] for h in held])).float()
     y_held = np.concatenate([h[1] for h in held]) > 0.5
-    print(f"patch {args.patch}, twins {args.twins}, shift {args.shift}: {len(x_train)} training patches "
+    print(f"patch {args.patch}, twins {args.twins}, shift {args.shift}, organ masks {args.organ_masks}: {len(x_train)} training patches "
           f"({time.perf_counter() - started:.0f} s to render), {len(held)} held-out volumes", flush=True)
 
     model = torch.nn.Sequential(
@@ -178,6 +200,10 @@ def main() -> None:
     second.add_argument("--seeds", default="100000-100099", help="held-out seeds (chest and abdomen each)")
     second.add_argument("--twins", action="store_true", help="add each phantom rendered without its findings")
     second.add_argument("--shift", type=int, default=0, help="add in-plane rolls by multiples of this many pixels")
+    second.add_argument(
+        "--organ-masks", action="store_true",
+        help="give the MLP the liver, spleen and kidney masks of each patch (from the phantom without findings)",
+    )
     second.add_argument("--negatives", type=float, default=0.3, help="fraction of lesion-free patches kept")
     second.add_argument("--epochs", type=int, default=5)
     second.add_argument("--threads", type=int, default=2)
