@@ -66,6 +66,11 @@ def phantom(seed: int, region: str, findings: bool = True):
         phantoms.place_findings = place
 
 
+def organ_mask(case, organs: tuple[str, ...]) -> np.ndarray:
+    """Voxels of ``case`` labelled as any of ``organs``."""
+    return np.isin(case.labels, [value for value, name in case.label_names.items() if name in organs])
+
+
 def oracle(seeds: range) -> None:
     """Volume-level AUC of counting lesion-like voxels inside the (known) organ, abdomen phantoms."""
     from scipy import ndimage
@@ -77,7 +82,7 @@ def oracle(seeds: range) -> None:
         hu = case.volume.hu.astype(np.float32)
         kinds = {finding.kind for finding in case.findings}
         for kind, (organs, sign) in ORACLE_KINDS.items():
-            organ = np.isin(case.labels, [value for value, name in case.label_names.items() if name in organs])
+            organ = organ_mask(case, organs)
             inside = ndimage.binary_erosion(organ | (case.lesions > 0), iterations=1)
             contrast = sign * (hu[inside] - np.median(hu[organ]))
             scores[kind].append(int((contrast > 40).sum()))
@@ -86,6 +91,9 @@ def oracle(seeds: range) -> None:
     print("| kind | positives / volumes | volume AUC |\n|---|---|---|")
     for kind in ORACLE_KINDS:
         labels = np.array(present[kind])
+        if not 0 < labels.sum() < len(labels):
+            print(f"| {kind} | {labels.sum()}/{len(labels)} | n/a |")
+            continue
         print(f"| {kind} | {labels.sum()}/{len(labels)} | {auc(np.array(scores[kind]), labels):.2f} |")
 
 
@@ -96,10 +104,7 @@ CONTEXT_ORGANS = (("liver",), ("spleen",), ("right kidney", "left kidney"))
 def organ_masks(seed: int, region: str) -> np.ndarray:
     """(organs, z, y, x) 0/1 masks from the phantom rendered *without* findings (no lesion leaks in)."""
     normal = phantom(seed, region, findings=False)
-    return np.stack([
-        np.isin(normal.labels, [value for value, name in normal.label_names.items() if name in organs])
-        for organs in CONTEXT_ORGANS
-    ]).astype(np.float32)
+    return np.stack([organ_mask(normal, organs) for organs in CONTEXT_ORGANS]).astype(np.float32)
 
 
 def patches_of(case, patch: int, findings: list[dict], shift: tuple[int, int] = (0, 0), masks=None):
@@ -140,9 +145,9 @@ def patch_mlp(args: argparse.Namespace) -> None:
             if args.twins and renders[0][0].findings:
                 renders.append((phantom(seed, region, findings=False), False))
             truth = [dataclasses.asdict(finding) for finding in renders[0][0].findings]
+            masks = organ_masks(seed, region) if args.organ_masks else None  # once, for every shift
             for shift in shifts:
                 keep = None
-                masks = organ_masks(seed, region) if args.organ_masks else None
                 for case, with_findings in renders:
                     x, y = patches_of(case, args.patch, truth if with_findings else [], shift, masks)
                     if keep is None:  # every positive patch, a sample of the rest (same patches in the twin)
@@ -185,6 +190,9 @@ def patch_mlp(args: argparse.Namespace) -> None:
     for k, kind in enumerate(KINDS):
         region = REGION_OF_KIND.get(kind, "abdomen")
         keep = np.array([region is None or r == region for r in regions])
+        if not 0 < has[keep, k].sum() < keep.sum():  # too few held-out volumes for this kind
+            print(f"| {kind} | n/a | n/a | {has[keep, k].sum()}/{keep.sum()} |")
+            continue
         patch_auc, volume_auc = auc(logits[:, k], y_held[:, k]), auc(volumes[keep, k], has[keep, k])
         print(f"| {kind} | {patch_auc:.3f} | {volume_auc:.2f} | {has[keep, k].sum()}/{keep.sum()} |")
 

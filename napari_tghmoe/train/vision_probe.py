@@ -21,8 +21,9 @@ Both heads read the tokens RMS-normalised, as the LLM's first layer does.
 Per-patch labels alone can be met by anatomy: a head that lights up wherever a liver lesion
 *could* be keeps the per-patch loss low while it cannot tell a volume with a lesion from one
 without (the demo's phase-6 probe: volume-level AUC at chance for most focal kinds,
-``scripts/probe_detection.py``, docs/results.md). So a ``presence`` weight adds the volume-level question as multiple-instance learning:
-the highest patch logit of each kind (and location) must say whether the volume has one.
+``scripts/probe_detection.py``, docs/results.md). So a ``presence`` weight adds the volume-level
+question as multiple-instance learning: the highest patch logit of each kind (and location) must
+say whether the volume has one.
 
 The heads are thrown away after training: the saved model is a plain TGH-MoE checkpoint. The
 loss is only computed for samples that carry phantom ground truth (``meta["phantom_findings"]``).
