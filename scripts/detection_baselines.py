@@ -56,14 +56,7 @@ def phantom(seed: int, region: str, findings: bool = True):
     """A phantom on the demo grid; ``findings=False`` renders the same case without its findings."""
     import napari_tghmoe.phantom as phantoms
 
-    if findings:
-        return phantoms.make_phantom(seed, region=region, shape=GRID)
-    place = phantoms.place_findings
-    phantoms.place_findings = lambda *args, **kwargs: []  # the noise stream is separate: same voxels otherwise
-    try:
-        return phantoms.make_phantom(seed, region=region, shape=GRID)
-    finally:
-        phantoms.place_findings = place
+    return phantoms.make_phantom(seed, region=region, shape=GRID, findings=findings)
 
 
 def organ_mask(case, organs: tuple[str, ...]) -> np.ndarray:

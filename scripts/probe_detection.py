@@ -2,14 +2,15 @@
 
 The numbers in docs/results.md ("Does the vision tower see a lesion?") come from this script:
 
-    # probe heads of a training checkpoint (accelerate stores them as custom_checkpoint_1.pkl)
-    .venv/bin/python scripts/probe_detection.py MODEL_DIR --probe CKPT/custom_checkpoint_1.pkl
+    # probe heads of a training checkpoint
+    .venv/bin/python scripts/probe_detection.py MODEL_DIR --probe CKPT/vision_probe.safetensors
     # train the vision tower alone (no LLM in the loop) with fresh heads, AUC every 500 steps
     .venv/bin/python scripts/probe_detection.py MODEL_DIR --vision-only-steps 3000 --lr 1e-3
 
 Per kind, a volume's score is its highest patch logit; the AUC is over the volumes of the region
 where that kind can occur (lymph nodes: all). A diagnostic for phantom-trained models, not a test.
-The checkpoint's probe file is a pickle: load only checkpoints you wrote yourself.
+Checkpoints written before the heads were saved as safetensors hold them only in accelerate's
+``custom_checkpoint_1.pkl``; ``--probe`` reads that too, as tensors only (``weights_only``).
 """
 
 from __future__ import annotations
@@ -39,19 +40,14 @@ class VisionEncoder:
         self.model, self.tokenizer, self.probe_loss = model, tokenizer, probe_loss
 
     def __call__(self, samples) -> None:
-        from napari_tghmoe.model.modeling import ROUTING_KWARG
         from napari_tghmoe.train.data import collate
 
         model, config = self.model, self.model.config
         batch = collate(samples, self.tokenizer, config)
         ids, grid, pixels = batch["input_ids"], batch["video_grid_thw"], batch["pixel_values_videos"]
         text = model.text_features(ids, None, batch["attention_mask"], batch.get("text_guidance_mask"))
-        routing = model._vision_routing(grid, config.video_token_id, text, ids, None, pixels.device, model.training)
         self.probe_loss.reset()
-        model.model.get_video_features(
-            pixels, grid, return_dict=True, window_index=routing.window_index,
-            cu_window_seqlens=routing.cu_window_seqlens, **{ROUTING_KWARG: routing},
-        )
+        model.encode_visual(pixels, grid, text, ids, compute_aux=model.training)
 
 
 def detection_auc(encode, probe, samples, config) -> dict[str, float]:
@@ -89,7 +85,9 @@ def detection_auc(encode, probe, samples, config) -> dict[str, float]:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("model", help="TGH-MoE model folder (a demo stage-1 output)")
-    parser.add_argument("--probe", help="probe heads (custom_checkpoint_1.pkl of a checkpoint); default: fresh")
+    parser.add_argument(
+        "--probe", help="probe heads: a checkpoint's vision_probe.safetensors (or older custom_checkpoint_1.pkl); default: fresh"
+    )
     parser.add_argument("--data", default="phantom:seeds=100000-100079,region=both,shape=32x64x96")
     parser.add_argument("--train-data", default="phantom:seeds=0-799,region=both,shape=32x64x96")
     parser.add_argument(
@@ -115,7 +113,12 @@ def main() -> None:
     vision = model.config.vision_config
     probe = make_probe(int(vision.out_hidden_size), int(vision.spatial_merge_size) ** 2)
     if args.probe:
-        probe.load_state_dict(torch.load(args.probe, weights_only=False))
+        if args.probe.endswith(".safetensors"):
+            from safetensors.torch import load_file
+
+            probe.load_state_dict(load_file(args.probe))
+        else:
+            probe.load_state_dict(torch.load(args.probe, weights_only=True))
     encode = VisionEncoder(model.eval(), tokenizer, VisionProbeLoss(model, probe, presence=1.0))
     held_out = load_dataset_spec(args.data, task="report", phrasing=args.phrasing)
     preload_volumes(held_out)

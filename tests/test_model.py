@@ -232,6 +232,26 @@ def test_text_vector_ignores_vision_tokens_and_padding_and_follows_the_guidance_
     assert torch.allclose(guided[0], single[0], atol=1e-6)
 
 
+def test_the_vision_tower_alone_gives_the_tokens_the_llm_reads_under_the_same_prompt():
+    model = adapted()
+    randomise_adapters(model)
+    pixels, grid = video_inputs()
+    ids = torch.tensor([prompt_ids([40, 41, 42, 43], n_tokens(grid))])
+    seen = []
+    hook = model.model.visual.register_forward_hook(lambda m, a, out: seen.append(out.pooler_output))
+    with torch.no_grad():
+        model(input_ids=ids, pixel_values_videos=pixels, video_grid_thw=grid)
+        alone, routing = model.encode_visual(pixels, grid, model.text_features(ids), ids)
+        other_prompt = torch.tensor([prompt_ids([90, 91, 92, 93], n_tokens(grid))])
+        other, _ = model.encode_visual(pixels, grid, model.text_features(other_prompt), other_prompt)
+    hook.remove()
+    tokens = torch.cat(list(alone.pooler_output))  # one tensor per video
+    assert tokens.shape == (n_tokens(grid), model.config.text_config.hidden_size)
+    torch.testing.assert_close(tokens, seen[0])
+    assert list(routing.visual_sample) == [0]
+    assert not torch.allclose(torch.cat(list(other.pooler_output)), tokens, atol=1e-5)  # text-guided
+
+
 def test_batch_of_two_prompts_routes_each_sample_by_its_own_prompt():
     model = adapted()
     randomise_adapters(model)

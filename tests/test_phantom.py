@@ -240,6 +240,17 @@ def test_findings_stand_out_from_their_organ():
             assert abs(f.mean_hu - np.median(p.volume.hu[organ])) >= 50, (p.seed, f)
 
 
+def test_a_lesion_free_twin_differs_only_where_the_lesions_are():
+    with_findings = next(p for p in cases() if len(p.findings) >= 2 and p.region == "abdomen")
+    twin = make_phantom(with_findings.seed, with_findings.region, shape=SMALL, findings=False)
+    assert twin.findings == [] and not twin.lesions.any()
+    assert twin.phase == with_findings.phase
+    changed = twin.volume.hu != with_findings.volume.hu
+    near_lesion = ndimage.binary_dilation(with_findings.lesions > 0, iterations=3)  # rendering blur
+    assert changed.any() and not (changed & ~near_lesion).any()
+    assert "no " in twin.report.lower() or "normal" in twin.report.lower()
+
+
 def test_location_words_match_the_geometry():
     for p in cases():
         nz, ny, nx = p.labels.shape

@@ -47,7 +47,9 @@ def test_a_large_finding_spans_neighbouring_patches_and_slabs():
     assert _targets([]).sum() == 0
 
 
-def test_training_with_the_probe_logs_its_loss_and_saves_no_probe_weights(tmp_path, monkeypatch):
+def test_training_with_the_probe_logs_its_loss_keeps_the_heads_out_of_the_model_and_in_the_checkpoints(
+    tmp_path, monkeypatch
+):
     pytest.importorskip("torch")
     from safetensors.torch import load_file
 
@@ -64,6 +66,7 @@ def test_training_with_the_probe_logs_its_loss_and_saves_no_probe_weights(tmp_pa
             "stage1.lm_loss_per_sample=true",
             "stage1.steps=3",
             "stage1.log_every=1",
+            "stage1.save_every=3",
         ],
     )
     result = train(recipe, 1, tmp_path / "run", progress=False)
@@ -74,6 +77,12 @@ def test_training_with_the_probe_logs_its_loss_and_saves_no_probe_weights(tmp_pa
         assert isinstance(entry["lm_per_sample"], float) and np.isfinite(entry["lm_per_sample"])
     saved = load_file(str(tmp_path / "run" / "model.safetensors"))
     assert not any(part in key for key in saved for part in ("probe", "patch_kinds", "patch_locations"))
+    heads = load_file(str(tmp_path / "run" / "checkpoints" / "step-0000003" / "vision_probe.safetensors"))
+    assert {key.split(".")[0] for key in heads} == {"patch_kinds", "patch_locations", "phase"}
+    from napari_tghmoe.train.vision_probe import KINDS, make_probe
+
+    probe = make_probe(heads["phase.weight"].shape[1], heads["patch_kinds.weight"].shape[0] // len(KINDS))
+    probe.load_state_dict(heads)  # the script's --probe path: the heads load back as they were
 
 
 def test_the_probe_loss_teaches_the_vision_tower_on_a_fixed_batch(tmp_path, monkeypatch):

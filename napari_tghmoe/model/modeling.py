@@ -315,6 +315,38 @@ class TGHMoEForConditionalGeneration(Qwen2_5_VLForConditionalGeneration):
             record=self._routing_recorder is not None,
         )
 
+    def encode_visual(
+        self,
+        pixels: torch.Tensor,
+        grid_thw: torch.Tensor,
+        text: torch.Tensor,
+        input_ids: torch.Tensor | None = None,
+        inputs_embeds: torch.Tensor | None = None,
+        modality: str = "video",
+        compute_aux: bool = False,
+    ) -> tuple[Any, VisionRouting]:
+        """Run the vision tower alone with the routing that ``text`` (from :meth:`text_features`)
+        guides; returns the tower's output (``pooler_output``: the merged tokens the LLM reads)
+        and the routing it used.
+
+        ``forward`` calls this for every image / video input; vision-only training and probes
+        (``scripts/probe_detection.py``) call it without running the LLM.
+        """
+        token_id = getattr(self.config, f"{modality}_token_id")
+        routing = self._vision_routing(
+            grid_thw, token_id, text, input_ids, inputs_embeds, pixels.device, compute_aux
+        )
+        encode = getattr(self.model, f"get_{modality}_features")
+        output = encode(
+            pixels,
+            grid_thw,
+            return_dict=True,
+            window_index=routing.window_index,  # the permutation the routing was built on
+            cu_window_seqlens=routing.cu_window_seqlens,
+            **{ROUTING_KWARG: routing},
+        )
+        return output, routing
+
     # ------------------------------------------------------------------ forward
     def forward(
         self,
@@ -361,20 +393,9 @@ class TGHMoEForConditionalGeneration(Qwen2_5_VLForConditionalGeneration):
                     continue
                 if grid_thw is None:
                     raise ValueError(f"{modality} pixels need {modality}_grid_thw")
-                token_id = getattr(self.config, f"{modality}_token_id")
-                routing = self._vision_routing(
-                    grid_thw, token_id, text, input_ids, inputs_embeds, pixels.device, compute_aux
+                mm_encoder_outputs[modality], routings[modality] = self.encode_visual(
+                    pixels, grid_thw, text, input_ids, inputs_embeds, modality, compute_aux
                 )
-                encode = getattr(self.model, f"get_{modality}_features")
-                mm_encoder_outputs[modality] = encode(
-                    pixels,
-                    grid_thw,
-                    return_dict=True,
-                    window_index=routing.window_index,  # the permutation the routing was built on
-                    cu_window_seqlens=routing.cu_window_seqlens,
-                    **{ROUTING_KWARG: routing},
-                )
-                routings[modality] = routing
 
         outputs = super().forward(
             input_ids=input_ids,

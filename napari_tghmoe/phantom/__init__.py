@@ -151,6 +151,7 @@ def make_phantom(
     shape: Sequence[int] | None = None,
     spacing: Sequence[float] | None = None,
     phase: str | None = None,
+    findings: bool = True,
 ) -> Phantom:
     """A synthetic CT of ``region`` with 0-3 known findings, its report and VQA items.
 
@@ -158,7 +159,9 @@ def make_phantom(
     slices, 0.75 mm pixels, field of view cropped to the body); give one and the other is
     chosen so the whole body fits; give both and the body is cropped if it does not fit.
     ``phase`` is "non-contrast", "arterial" or "portal venous" (default: drawn from the
-    seed). The same arguments always give the same phantom.
+    seed). The same arguments always give the same phantom. ``findings=False`` renders the
+    same case without its findings (same anatomy, phase and noise): the lesion-free twin that
+    detection experiments compare against.
     """
     _check_region(region)
     if phase is not None and phase not in PHASES:
@@ -186,7 +189,7 @@ def make_phantom(
     hu = hu_lut(phase)[cv.labels]
     _lung_texture(cv, hu, anatomy)
     lesions = np.zeros(cv.labels.shape, dtype=np.uint8)
-    findings = place_findings(cv, anatomy, hu, lesions, region, phase, rng_findings)
+    findings = place_findings(cv, anatomy, hu, lesions, region, phase, rng_findings) if findings else []
     hu_int = _render(hu, spacing, rng_noise)
 
     report = write_report(region, phase, sz, findings, rng_text)

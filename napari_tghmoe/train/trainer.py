@@ -290,6 +290,10 @@ def lr_lambda(settings: StageSettings):
     return factor
 
 
+#: The vision-probe heads of a checkpoint (napari_tghmoe.train.vision_probe), safetensors.
+PROBE_NAME = "vision_probe.safetensors"
+
+
 def checkpoint_dirs(out_dir: Path) -> list[Path]:
     """Completed checkpoints (they hold ``trainer_state.json``), oldest first."""
     root = out_dir / "checkpoints"
@@ -510,7 +514,7 @@ def train(
             if sums.get("loss") is not None:
                 bar.set_postfix(loss=f"{sums['loss']:.3f}")
         if done % settings.save_every == 0 or (stop_after is not None and done == stop_after):
-            _save_checkpoint(accelerator, out_dir, stage, done, settings.keep_checkpoints, recipe)
+            _save_checkpoint(accelerator, out_dir, stage, done, settings.keep_checkpoints, recipe, probe)
         if stop_after is not None and done >= stop_after and done < total:
             finished = False
             break
@@ -545,11 +549,22 @@ def train(
     return TrainResult(out_dir, stage, steps_done, total, seconds, counts, last_log, finished)
 
 
-def _save_checkpoint(accelerator: Any, out_dir: Path, stage: int, step: int, keep: int, recipe: Recipe) -> None:
-    """``accelerator.save_state`` (safetensors model) + ``trainer_state.json``; prune old ones."""
+def _save_checkpoint(
+    accelerator: Any, out_dir: Path, stage: int, step: int, keep: int, recipe: Recipe, probe: Any = None
+) -> None:
+    """``accelerator.save_state`` (safetensors model) + ``trainer_state.json``; prune old ones.
+
+    The vision-probe heads, if any, also go to ``vision_probe.safetensors``: accelerate keeps
+    registered objects as pickle, which nobody should have to unpickle to inspect a run.
+    """
     target = out_dir / "checkpoints" / f"step-{step:07d}"
     accelerator.save_state(str(target), safe_serialization=True)
     if accelerator.is_main_process:
+        if probe is not None:
+            from safetensors.torch import save_file
+
+            heads = accelerator.unwrap_model(probe).state_dict()
+            save_file({name: t.detach().cpu().contiguous() for name, t in heads.items()}, str(target / PROBE_NAME))
         state = {"stage": stage, "step": step, "seed": recipe.seed, "data_rng": "numpy default_rng([seed, stage, step, micro, process])"}
         (target / STATE_NAME).write_text(json.dumps(state) + "\n")
         if keep > 0:
