@@ -27,7 +27,7 @@ from transformers.conversion_mapping import (
     get_checkpoint_conversion_mapping,
     register_checkpoint_conversion_mapping,
 )
-from transformers.modeling_outputs import ModelOutput
+from transformers.modeling_outputs import CausalLMOutputWithPast, ModelOutput
 from transformers.vision_utils import get_vision_window_index
 
 from napari_tghmoe.model.configuration import SHARED_GROUP, TGHMoEConfig
@@ -72,6 +72,10 @@ MOE_CONFIG_FIELDS = (
     "depth_mm_per_position",
 )
 
+#: transformers 5.24 renamed the key/value cache from ``past_key_values`` to ``cache`` (in model
+#: outputs and in ``forward``); the model speaks whichever name the installed version uses.
+CACHE_FIELD = "cache" if "cache" in CausalLMOutputWithPast.__dataclass_fields__ else "past_key_values"
+
 
 @dataclass
 class TGHMoEOutput(ModelOutput):
@@ -90,7 +94,10 @@ class TGHMoEOutput(ModelOutput):
     z_loss: torch.Tensor | None = None
     task_loss: torch.Tensor | None = None
     logits: torch.Tensor | None = None
-    past_key_values: Any = None
+    if CACHE_FIELD == "cache":
+        cache: Any = None
+    else:
+        past_key_values: Any = None
     hidden_states: tuple[torch.Tensor, ...] | None = None
     attentions: tuple[torch.Tensor, ...] | None = None
     group_probs: torch.Tensor | None = None
@@ -379,6 +386,8 @@ class TGHMoEForConditionalGeneration(Qwen2_5_VLForConditionalGeneration):
         for site in self._llm_lora_sites:
             site.ensure_hooked()
         kwargs.pop("return_dict", None)  # always a ModelOutput (generate passes return_dict=True)
+        if past_key_values is None:  # generate passes the cache under the installed version's name
+            past_key_values = kwargs.pop("cache", None)
         compute_aux = self.training or labels is not None or task_labels is not None
         routings: dict[str, VisionRouting] = {}
         if pixel_values is not None or pixel_values_videos is not None:
@@ -401,7 +410,6 @@ class TGHMoEForConditionalGeneration(Qwen2_5_VLForConditionalGeneration):
             input_ids=input_ids,
             attention_mask=attention_mask,
             position_ids=position_ids,
-            past_key_values=past_key_values,
             inputs_embeds=inputs_embeds,
             labels=labels,
             use_cache=use_cache,
@@ -413,12 +421,13 @@ class TGHMoEForConditionalGeneration(Qwen2_5_VLForConditionalGeneration):
             second_per_grid_ts=second_per_grid_ts,
             logits_to_keep=logits_to_keep,
             mm_encoder_outputs=mm_encoder_outputs or None,
+            **{CACHE_FIELD: past_key_values},
             **kwargs,
         )
         result = TGHMoEOutput(
             lm_loss=outputs.loss,
             logits=outputs.logits,
-            past_key_values=outputs.past_key_values,
+            **{CACHE_FIELD: getattr(outputs, CACHE_FIELD)},
             hidden_states=outputs.hidden_states,
             attentions=outputs.attentions,
         )
