@@ -233,7 +233,9 @@ def cnn(args: argparse.Namespace) -> None:
     """Control: can *any* small trained detector find the lesions on the demo grid? A 3D CNN
     on whole volumes, dense per-cell targets from the phantom's lesion map, fresh phantoms every
     step (never repeated), lesion-free twins in every batch, balanced BCE plus the volume-level
-    (max over cells) BCE the vision probe uses. Prints the held-out volume AUC per kind."""
+    (max over cells) BCE the vision probe uses. Prints the held-out volume AUC per kind (highest
+    cell logit per volume) and, in brackets, the per-cell AUC (lesion cells against every other
+    cell of the volumes of the kind's region)."""
     import torch
 
     from napari_tghmoe.train.vision_probe import KINDS, balanced_bce
@@ -243,7 +245,7 @@ def cnn(args: argparse.Namespace) -> None:
     for seed in seed_range(args.seeds):
         for region in ("chest", "abdomen"):
             case = phantom(seed, region)
-            held.append((_windowed(case), {f.kind for f in case.findings}, region))
+            held.append((_windowed(case), {f.kind for f in case.findings}, region, _kind_grid(case, 4).numpy() > 0.5))
     model = small_cnn(len(KINDS), args.width)
     optimiser = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=0.01)
     print(f"cnn width {args.width}: {sum(p.numel() for p in model.parameters())} parameters, "
@@ -271,13 +273,20 @@ def cnn(args: argparse.Namespace) -> None:
         if step % args.every == 0 or step == args.steps:
             model.eval()
             with torch.no_grad():
-                scores = np.stack([model(image[None]).amax((2, 3, 4))[0].numpy() for image, _, _ in held])
+                maps = [model(image[None])[0].numpy() for image, *_ in held]
+            scores = np.stack([m.max((1, 2, 3)) for m in maps])
             cells = []
             for k, kind in enumerate(KINDS):
                 region = REGION_OF_KIND.get(kind, "abdomen")
-                keep = np.array([region is None or r == region for _, _, r in held])
-                labels = np.array([kind in kinds for _, kinds, _ in held])[keep]
-                cells.append(f"{kind} {auc(scores[keep, k], labels):.2f}" if 0 < labels.sum() < len(labels) else f"{kind} n/a")
+                keep = np.array([region is None or r == region for _, _, r, _ in held])
+                labels = np.array([kind in kinds for _, kinds, _, _ in held])[keep]
+                if not 0 < labels.sum() < len(labels):
+                    cells.append(f"{kind} n/a")
+                    continue
+                in_region = [i for i in np.flatnonzero(keep)]
+                cell_scores = np.concatenate([maps[i][k].ravel() for i in in_region])
+                cell_labels = np.concatenate([held[i][3][k].ravel() for i in in_region])
+                cells.append(f"{kind} {auc(scores[keep, k], labels):.2f} (cells {auc(cell_scores, cell_labels):.2f})")
             print(f"step {step} loss {loss.item():.3f} ({time.perf_counter() - started:.0f} s): " + ", ".join(cells), flush=True)
 
 

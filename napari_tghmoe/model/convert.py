@@ -43,7 +43,7 @@ def convert_checkpoint(
     """
     from transformers import Qwen2_5_VLForConditionalGeneration
 
-    from napari_tghmoe.model.loading import ModelLoadError, check_model_folder
+    from napari_tghmoe.model.loading import OFFLINE_LOAD_KWARGS, ModelLoadError, check_model_folder
     from napari_tghmoe.model.modeling import adapt_2d_mllm
 
     check = check_model_folder(base)
@@ -57,7 +57,7 @@ def convert_checkpoint(
 
     try:
         model = Qwen2_5_VLForConditionalGeneration.from_pretrained(
-            str(check.path), local_files_only=True, use_safetensors=True, dtype="auto", device_map={"": "cpu"}
+            str(check.path), **OFFLINE_LOAD_KWARGS, use_safetensors=True, dtype="auto", device_map={"": "cpu"}
         )
     except (OSError, ValueError, RuntimeError, KeyError) as err:
         raise ModelLoadError(check.path, f"weights cannot be loaded ({type(err).__name__}: {err})") from None

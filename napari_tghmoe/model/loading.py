@@ -33,6 +33,9 @@ TOKENIZER_FILES = ("tokenizer.json", "vocab.json", "tokenizer.model")
 BNB_SKIP_MODULES = ["model.visual", "visual", "lm_head", r".*\.lora_\w+", r".*router\w*", r".*experts?"]
 QUANTIZATIONS = ("auto", "4bit", "8bit", "none")
 GIB = 1024**3
+#: Every weight load: local files only, and no kernels from the Hub (transformers >= 5.25
+#: kernelizes models by default, which would fetch code at run time).
+OFFLINE_LOAD_KWARGS: dict[str, Any] = {"local_files_only": True, "use_kernels": False}
 
 
 class ModelLoadError(RuntimeError):
@@ -373,7 +376,7 @@ def _load_weights(check: FolderCheck, plan: LoadPlan, adapt: bool, moe_config: A
 
     tgh_class, adapt_fn, qwen_class = _model_classes()
     kwargs: dict[str, Any] = {
-        "local_files_only": True,
+        **OFFLINE_LOAD_KWARGS,
         "use_safetensors": True,
         "dtype": getattr(torch, plan.dtype),
         "device_map": {"": plan.device},

@@ -180,8 +180,9 @@ class TGHMoEForConditionalGeneration(Qwen2_5_VLForConditionalGeneration):
         On CPU transformers leaves loaded tensors in buffers that are not 64-byte aligned, and BLAS
         then takes a differently rounded path for the small router / LoRA products: a reloaded
         model would differ from the saved one in the last bits. Copying the adapter tensors (a few
-        MB) restores bit-identity.
+        MB) restores bit-identity. No Hub kernels unless asked for (``OFFLINE_LOAD_KWARGS``).
         """
+        kwargs.setdefault("use_kernels", False)
         loaded = super().from_pretrained(*args, **kwargs)
         model = loaded[0] if isinstance(loaded, tuple) else loaded
         model._realign_adapter_tensors()

@@ -91,20 +91,21 @@ def build_model(recipe: Recipe, init: str | Path | None = None, tokenizer: Any =
     TGH-MoE model saved in ``init`` (stage 2, or continuing)."""
     import torch
 
+    from napari_tghmoe.model.loading import OFFLINE_LOAD_KWARGS
     from napari_tghmoe.model.modeling import TGHMoEForConditionalGeneration, adapt_2d_mllm
 
     if init is not None:
-        return TGHMoEForConditionalGeneration.from_pretrained(str(init), dtype=torch.float32, local_files_only=True)
+        return TGHMoEForConditionalGeneration.from_pretrained(str(init), dtype=torch.float32, **OFFLINE_LOAD_KWARGS)
     if recipe.model.base:
         from transformers import AutoConfig, Qwen2_5_VLForConditionalGeneration
 
         config = AutoConfig.from_pretrained(recipe.model.base, local_files_only=True)
         if getattr(config, "model_type", "") == "tghmoe_qwen2_5_vl":
             return TGHMoEForConditionalGeneration.from_pretrained(
-                recipe.model.base, dtype=torch.float32, local_files_only=True
+                recipe.model.base, dtype=torch.float32, **OFFLINE_LOAD_KWARGS
             )
         base = Qwen2_5_VLForConditionalGeneration.from_pretrained(
-            recipe.model.base, dtype=torch.float32, local_files_only=True
+            recipe.model.base, dtype=torch.float32, **OFFLINE_LOAD_KWARGS
         )
         return adapt_2d_mllm(base, dict(recipe.model.moe))
     from napari_tghmoe.model.tiny import build_tiny_base_model
@@ -126,9 +127,10 @@ def copy_matching_weights(model: Any, folder: str | Path) -> dict[str, list[str]
     """
     import torch
 
+    from napari_tghmoe.model.loading import OFFLINE_LOAD_KWARGS
     from napari_tghmoe.model.modeling import TGHMoEForConditionalGeneration
 
-    source = TGHMoEForConditionalGeneration.from_pretrained(str(folder), dtype=torch.float32, local_files_only=True)
+    source = TGHMoEForConditionalGeneration.from_pretrained(str(folder), dtype=torch.float32, **OFFLINE_LOAD_KWARGS)
     theirs = source.state_dict()
     copied, kept = [], []
     with torch.no_grad():
