@@ -248,7 +248,8 @@ def cnn(args: argparse.Namespace) -> None:
             held.append((_windowed(case), {f.kind for f in case.findings}, region, _kind_grid(case, 4).numpy() > 0.5))
     model = small_cnn(len(KINDS), args.width)
     optimiser = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=0.01)
-    print(f"cnn width {args.width}: {sum(p.numel() for p in model.parameters())} parameters, "
+    print(f"cnn width {args.width}, {args.dense_loss} dense BCE + {args.presence} x presence: "
+          f"{sum(p.numel() for p in model.parameters())} parameters, "
           f"{args.steps} steps of {args.batch} fresh phantoms (+ twins), {len(held)} held-out volumes", flush=True)
     seed, started = 0, time.perf_counter()
     for step in range(1, args.steps + 1):
@@ -266,7 +267,12 @@ def cnn(args: argparse.Namespace) -> None:
         logits = model(torch.stack(images))
         target = torch.stack(targets)
         presence = torch.nn.functional.binary_cross_entropy_with_logits(logits.amax((2, 3, 4)), target.amax((2, 3, 4)))
-        loss = balanced_bce(logits, target) + presence
+        dense = (
+            balanced_bce(logits, target)
+            if args.dense_loss == "balanced"
+            else torch.nn.functional.binary_cross_entropy_with_logits(logits, target)
+        )
+        loss = dense + args.presence * presence
         optimiser.zero_grad()
         loss.backward()
         optimiser.step()
@@ -314,6 +320,11 @@ def main() -> None:
     third.add_argument("--width", type=int, default=16)
     third.add_argument("--lr", type=float, default=2e-3)
     third.add_argument("--no-twins", dest="twins", action="store_false")
+    third.add_argument(
+        "--dense-loss", choices=["balanced", "plain"], default="balanced",
+        help="per-cell BCE with positives weighted half (as the vision probe) or the plain mean",
+    )
+    third.add_argument("--presence", type=float, default=1.0, help="weight of the volume-level (max over cells) BCE")
     third.add_argument("--every", type=int, default=100, help="held-out AUC every this many steps")
     third.add_argument("--seeds", default="100000-100039", help="held-out seeds (chest and abdomen each)")
     third.add_argument("--threads", type=int, default=2)
