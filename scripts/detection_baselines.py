@@ -1,4 +1,4 @@
-"""Can the phantoms' lesions be found per volume at the demo's grid, and by what? Two baselines.
+"""Can the phantoms' lesions be found per volume at the demo's grid, and by what? Three baselines.
 
 docs/results.md ("Is the lesion there to be seen?") reports the numbers this script prints:
 
@@ -9,6 +9,8 @@ docs/results.md ("Is the lesion there to be seen?") reports the numbers this scr
     .venv/bin/python scripts/detection_baselines.py patch-mlp --patch 4 --twins
     # the same, told where the organs are (the context the oracle has)
     .venv/bin/python scripts/detection_baselines.py patch-mlp --patch 16 --organ-masks
+    # control: a small 3D CNN, dense targets, fresh phantoms and their twins every step
+    .venv/bin/python scripts/detection_baselines.py cnn --steps 1500
 
 ``oracle`` is not a model: it reads the phantom's organ labels, which no model gets, and counts the
 voxels more than 40 HU brighter (hyperdense) or darker (hypodense, cysts) than the organ's median.
