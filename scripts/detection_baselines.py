@@ -268,6 +268,7 @@ def cnn(args: argparse.Namespace) -> None:
                 targets.append(torch.zeros_like(targets[-1]))
         logits = model(torch.stack(images))
         target = torch.stack(targets)
+        # the vision probe's volume_presence_loss for a whole batch at once (one BCE per volume and kind)
         presence = torch.nn.functional.binary_cross_entropy_with_logits(logits.amax((2, 3, 4)), target.amax((2, 3, 4)))
         dense = (
             balanced_bce(logits, target)
@@ -291,7 +292,7 @@ def cnn(args: argparse.Namespace) -> None:
                 if not 0 < labels.sum() < len(labels):
                     cells.append(f"{kind} n/a")
                     continue
-                in_region = [i for i in np.flatnonzero(keep)]
+                in_region = np.flatnonzero(keep)
                 cell_scores = np.concatenate([maps[i][k].ravel() for i in in_region])
                 cell_labels = np.concatenate([held[i][3][k].ravel() for i in in_region])
                 cells.append(f"{kind} {auc(scores[keep, k], labels):.2f} (cells {auc(cell_scores, cell_labels):.2f})")
@@ -337,7 +338,10 @@ def main() -> None:
     import torch
 
     torch.set_num_threads(args.threads)
-    patch_mlp(args) if args.baseline == "patch-mlp" else cnn(args)
+    if args.baseline == "patch-mlp":
+        patch_mlp(args)
+    else:
+        cnn(args)
 
 
 if __name__ == "__main__":
