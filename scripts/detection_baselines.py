@@ -215,7 +215,7 @@ def _kind_grid(case, cell: int):
     return torch.nn.functional.max_pool3d(torch.from_numpy(per_voxel)[None], (1, cell, cell))[0]
 
 
-def small_cnn(kinds: int, width: int):
+def small_cnn(kinds: int, width: int, channels: int = 3):
     """A plain 3D CNN: full-resolution stem, two in-plane stride-2 stages, dilated context, then
     one logit per kind on the (z, y/4, x/4) grid (the resolution of 4-pixel patches)."""
     import torch
@@ -225,10 +225,21 @@ def small_cnn(kinds: int, width: int):
         return [torch.nn.Conv3d(cin, cout, 3, stride, pad, (pad[0], dilation, dilation)), torch.nn.BatchNorm3d(cout), torch.nn.GELU()]
 
     return torch.nn.Sequential(
-        *block(3, width), *block(width, 2 * width, (1, 2, 2)), *block(2 * width, 2 * width, (1, 2, 2)),
+        *block(channels, width), *block(width, 2 * width, (1, 2, 2)), *block(2 * width, 2 * width, (1, 2, 2)),
         *block(2 * width, 2 * width, dilation=2), *block(2 * width, 2 * width, dilation=4),
         torch.nn.Conv3d(2 * width, kinds, 1),
     )
+
+
+def cnn_input(case, organ_input: bool):
+    """The CNN's input: the windowed volume, with the organ masks of its lesion-free twin as extra
+    channels under --organ-input (the context the oracle has, given rather than learnt)."""
+    import torch
+
+    image = _windowed(case)
+    if organ_input:
+        image = torch.cat([image, torch.from_numpy(organ_masks(case.seed, case.region))])
+    return image
 
 
 def cnn(args: argparse.Namespace) -> None:
@@ -240,47 +251,73 @@ def cnn(args: argparse.Namespace) -> None:
     cell of the volumes of the kind's region)."""
     import torch
 
-    from napari_tghmoe.train.vision_probe import KINDS, balanced_bce
+    from napari_tghmoe.train.vision_probe import KINDS, balanced_bce, hard_negative_bce
 
     torch.manual_seed(0)
+
+    def image_of(case):
+        return cnn_input(case, args.organ_input)
+
+    def organ_target(case):
+        """(organs, z, y/4, x/4): the fraction of each 4-px cell that is liver, spleen, kidney
+        (labels of the lesion-free twin), the --organ-aux target."""
+        masks = torch.from_numpy(organ_masks(case.seed, case.region))
+        return torch.nn.functional.avg_pool3d(masks[None], (1, 4, 4))[0]
+
     held = []
     for seed in seed_range(args.seeds):
         for region in ("chest", "abdomen"):
             case = phantom(seed, region)
-            held.append((_windowed(case), {f.kind for f in case.findings}, region, _kind_grid(case, 4).numpy() > 0.5))
-    model = small_cnn(len(KINDS), args.width)
-    optimiser = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=0.01)
-    print(f"cnn width {args.width}, {args.dense_loss} dense BCE + {args.presence} x presence: "
-          f"{sum(p.numel() for p in model.parameters())} parameters, "
+            held.append((image_of(case), {f.kind for f in case.findings}, region, _kind_grid(case, 4).numpy() > 0.5))
+    organ_heads = len(CONTEXT_ORGANS) if args.organ_aux else 0
+    network = small_cnn(len(KINDS) + organ_heads, args.width, 3 + (len(CONTEXT_ORGANS) if args.organ_input else 0))
+
+    def model(images):
+        return network(images)[:, : len(KINDS)]
+
+    optimiser = torch.optim.AdamW(network.parameters(), lr=args.lr, weight_decay=0.01)
+    print(f"cnn width {args.width}, {args.dense_loss} dense BCE + {args.presence} x presence, "
+          f"organ input {args.organ_input}, organ aux {args.organ_aux}: "
+          f"{sum(p.numel() for p in network.parameters())} parameters, "
           f"{args.steps} steps of {args.batch} fresh phantoms (+ twins), {len(held)} held-out volumes", flush=True)
     seed, started = 0, time.perf_counter()
     for step in range(1, args.steps + 1):
-        model.train()
-        images, targets = [], []
+        network.train()
+        images, targets, organs = [], [], []
         while len(images) < args.batch:
             case = phantom(seed, ("chest", "abdomen")[seed % 2])
             seed += 1
-            images.append(_windowed(case))
+            images.append(image_of(case))
             targets.append(_kind_grid(case, 4))
+            if organ_heads:
+                organs.append(organ_target(case))
             if case.findings and args.twins:
                 twin = phantom(case.seed, case.region, findings=False)
-                images.append(_windowed(twin))
+                images.append(image_of(twin))
                 targets.append(torch.zeros_like(targets[-1]))
-        logits = model(torch.stack(images))
+                if organ_heads:
+                    organs.append(organs[-1])
+        outputs = network(torch.stack(images))
+        logits = outputs[:, : len(KINDS)]
         target = torch.stack(targets)
         # the vision probe's volume_presence_loss for a whole batch at once (one BCE per volume and kind)
         presence = torch.nn.functional.binary_cross_entropy_with_logits(logits.amax((2, 3, 4)), target.amax((2, 3, 4)))
-        dense = (
-            balanced_bce(logits, target)
-            if args.dense_loss == "balanced"
-            else torch.nn.functional.binary_cross_entropy_with_logits(logits, target)
-        )
+        if args.dense_loss == "balanced":
+            dense = balanced_bce(logits, target)
+        elif args.dense_loss == "hard":
+            dense = hard_negative_bce(logits.flatten(2), target.flatten(2), args.hardest)
+        else:
+            dense = torch.nn.functional.binary_cross_entropy_with_logits(logits, target)
         loss = dense + args.presence * presence
+        if organ_heads:
+            loss = loss + args.organ_aux * torch.nn.functional.binary_cross_entropy_with_logits(
+                outputs[:, len(KINDS):], torch.stack(organs)
+            )
         optimiser.zero_grad()
         loss.backward()
         optimiser.step()
         if step % args.every == 0 or step == args.steps:
-            model.eval()
+            network.eval()
             with torch.no_grad():
                 maps = [model(image[None])[0].numpy() for image, *_ in held]
             scores = np.stack([m.max((1, 2, 3)) for m in maps])
@@ -297,6 +334,60 @@ def cnn(args: argparse.Namespace) -> None:
                 cell_labels = np.concatenate([held[i][3][k].ravel() for i in in_region])
                 cells.append(f"{kind} {auc(scores[keep, k], labels):.2f} (cells {auc(cell_scores, cell_labels):.2f})")
             print(f"step {step} loss {loss.item():.3f} ({time.perf_counter() - started:.0f} s): " + ", ".join(cells), flush=True)
+    if args.save:
+        from safetensors.torch import save_file
+
+        save_file(network.state_dict(), args.save)
+
+
+def _cell_label(case, z: int, y: int, x: int, cell: int = 4) -> str:
+    """The structure that fills most of 4-px cell (z, y, x) of ``case``."""
+    values, counts = np.unique(case.labels[z, y * cell : (y + 1) * cell, x * cell : (x + 1) * cell], return_counts=True)
+    return case.label_names.get(int(values[counts.argmax()]), "?")
+
+
+def cnn_errors(args: argparse.Namespace) -> None:
+    """Where does a trained CNN (``cnn --save``) put its highest cell? Per kind, on the held-out
+    volumes of the kind's region: the share of volumes with the finding whose top cell lies on the
+    finding, and the structures under the top cell of the volumes without it (the false positives
+    that outrank the lesions)."""
+    from collections import Counter
+
+    import torch
+    from safetensors.torch import load_file
+
+    from napari_tghmoe.train.vision_probe import KINDS
+
+    weights = load_file(args.weights)
+    last = max(int(name.split(".")[0]) for name in weights)  # the 1x1 head closes the Sequential
+    channels = weights["0.weight"].shape[1]
+    network = small_cnn(weights[f"{last}.weight"].shape[0], args.width, channels)
+    network.load_state_dict(weights)
+    network.eval()
+    hits, mimics = {k: [] for k in KINDS}, {k: Counter() for k in KINDS}
+    with torch.no_grad():
+        for seed in seed_range(args.seeds):
+            for region in ("chest", "abdomen"):
+                case = phantom(seed, region)
+                logits = network(cnn_input(case, channels > 3)[None])[0, : len(KINDS)].numpy()
+                truth = _kind_grid(case, 4).numpy() > 0.5
+                present = {f.kind for f in case.findings}
+                for k, kind in enumerate(KINDS):
+                    if REGION_OF_KIND.get(kind, "abdomen") not in (None, region):
+                        continue
+                    top = np.unravel_index(logits[k].argmax(), logits[k].shape)
+                    if kind in present:
+                        hits[kind].append(bool(truth[k][top]))
+                    else:
+                        where = _cell_label(case, *top)
+                        edge = top[0] in (0, logits.shape[1] - 1)
+                        mimics[kind][where + (" (end slice)" if edge else "")] += 1
+    for kind in KINDS:
+        if not hits[kind]:
+            continue
+        common = ", ".join(f"{name} {n}" for name, n in mimics[kind].most_common(args.most))
+        print(f"{kind}: top cell on the finding in {sum(hits[kind])}/{len(hits[kind])} volumes with it; "
+              f"top cell of the {sum(mimics[kind].values())} without it: {common}")
 
 
 def main() -> None:
@@ -324,13 +415,30 @@ def main() -> None:
     third.add_argument("--lr", type=float, default=2e-3)
     third.add_argument("--no-twins", dest="twins", action="store_false")
     third.add_argument(
-        "--dense-loss", choices=["balanced", "plain"], default="balanced",
-        help="per-cell BCE with positives weighted half (as the vision probe) or the plain mean",
+        "--dense-loss", choices=["balanced", "plain", "hard"], default="balanced",
+        help="per-cell BCE with positives weighted half (as the vision probe), the plain mean, or "
+        "positives against the --hardest negative cells of each volume and kind",
     )
+    third.add_argument("--hardest", type=int, default=32, help="negative cells per volume and kind for --dense-loss hard")
     third.add_argument("--presence", type=float, default=1.0, help="weight of the volume-level (max over cells) BCE")
+    third.add_argument(
+        "--organ-input", action="store_true",
+        help="give the CNN the liver, spleen and kidney masks (of the lesion-free twin) as extra input channels",
+    )
+    third.add_argument(
+        "--organ-aux", type=float, default=0.0,
+        help="weight of an auxiliary per-cell organ (liver, spleen, kidney) segmentation loss; no masks as input",
+    )
+    third.add_argument("--save", help="write the trained CNN's weights to this .safetensors file")
     third.add_argument("--every", type=int, default=100, help="held-out AUC every this many steps")
     third.add_argument("--seeds", default="100000-100039", help="held-out seeds (chest and abdomen each)")
     third.add_argument("--threads", type=int, default=2)
+    fourth = sub.add_parser("cnn-errors", help="where a trained CNN (cnn --save) puts its highest cell")
+    fourth.add_argument("weights", help="the .safetensors file written by cnn --save")
+    fourth.add_argument("--width", type=int, default=16, help="the width the CNN was trained with")
+    fourth.add_argument("--seeds", default="100000-100039", help="held-out seeds (chest and abdomen each)")
+    fourth.add_argument("--most", type=int, default=5, help="how many structures to list per kind")
+    fourth.add_argument("--threads", type=int, default=2)
     args = parser.parse_args()
     if args.baseline == "oracle":
         oracle(seed_range(args.seeds))
@@ -340,6 +448,8 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     if args.baseline == "patch-mlp":
         patch_mlp(args)
+    elif args.baseline == "cnn-errors":
+        cnn_errors(args)
     else:
         cnn(args)
 

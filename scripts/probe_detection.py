@@ -18,6 +18,7 @@ from __future__ import annotations
 import argparse
 import random
 import time
+from pathlib import Path
 
 import numpy as np
 
@@ -96,6 +97,12 @@ def main() -> None:
     )
     parser.add_argument("--vision-only-steps", type=int, default=0)
     parser.add_argument("--lr", type=float, default=1e-3)
+    parser.add_argument(
+        "--dense", choices=["balanced", "hard"], default="balanced",
+        help="per-patch loss of the vision-only training (the recipe's vision_probe_dense)",
+    )
+    parser.add_argument("--hardest", type=int, default=8, help="negative patches per volume and kind for --dense hard")
+    parser.add_argument("--save", help="after the vision-only steps, write the tower and probe heads into this folder")
     parser.add_argument("--threads", type=int, default=2)
     args = parser.parse_args()
 
@@ -119,7 +126,7 @@ def main() -> None:
             probe.load_state_dict(load_file(args.probe))
         else:
             probe.load_state_dict(torch.load(args.probe, weights_only=True))
-    encode = VisionEncoder(model.eval(), tokenizer, VisionProbeLoss(model, probe, presence=1.0))
+    encode = VisionEncoder(model.eval(), tokenizer, VisionProbeLoss(model, probe, presence=1.0, dense=args.dense, hardest=args.hardest))
     held_out = load_dataset_spec(args.data, task="report", phrasing=args.phrasing)
     preload_volumes(held_out)
 
@@ -157,6 +164,14 @@ def main() -> None:
             show(step, float(np.mean(losses[-50:])))
             print(f"  {time.perf_counter() - started:.0f} s", flush=True)
             model.train()
+    if args.save:
+        from safetensors.torch import save_file
+
+        model.eval()
+        model.save_pretrained(args.save)
+        tokenizer.save_pretrained(args.save)
+        save_file(probe.state_dict(), str(Path(args.save) / "vision_probe.safetensors"))
+        print(f"wrote {args.save} (model with the trained tower, vision_probe.safetensors)", flush=True)
 
 
 if __name__ == "__main__":

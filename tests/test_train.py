@@ -123,6 +123,12 @@ def test_recipe_errors_name_the_file_and_the_setting(tmp_path):
         load_recipe(bad)
     with pytest.raises(RecipeError, match="train lists no data"):
         recipe_from_dict({"model": {"tiny": {"text_hidden": 64}}, "tokenizer": {"source": "build"}, "data": {"train": []}}, "inline")
+    with pytest.raises(RecipeError, match="vision_probe_dense must be balanced or hard"):
+        recipe_from_dict(
+            {"model": {"tiny": {"text_hidden": 64}}, "tokenizer": {"source": "build"},
+             "data": {"train": ["phantom:seeds=0-1"]}, "stage1": {"vision_probe_dense": "focal"}},
+            "inline",
+        )
     assert main(["train", "--config", str(tmp_path / "missing.toml"), "--out", str(tmp_path / "o")]) == 2
     assert main(["train", "--config", str(TINY), "--stage", "2", "--out", str(tmp_path / "o")]) == 2  # no --init
 

@@ -63,6 +63,7 @@ def test_training_with_the_probe_logs_its_loss_keeps_the_heads_out_of_the_model_
         [
             "stage1.vision_probe_coef=1.0",
             "stage1.vision_probe_presence=1.0",
+            "stage1.vision_probe_dense=hard",
             "stage1.lm_loss_per_sample=true",
             "stage1.steps=3",
             "stage1.log_every=1",
@@ -85,7 +86,8 @@ def test_training_with_the_probe_logs_its_loss_keeps_the_heads_out_of_the_model_
     probe.load_state_dict(heads)  # the script's --probe path: the heads load back as they were
 
 
-def test_the_probe_loss_teaches_the_vision_tower_on_a_fixed_batch(tmp_path, monkeypatch):
+@pytest.mark.parametrize("dense", ["balanced", "hard"])
+def test_the_probe_loss_teaches_the_vision_tower_on_a_fixed_batch(tmp_path, monkeypatch, dense):
     torch = pytest.importorskip("torch")
     from napari_tghmoe.train.data import collate, load_dataset_spec
     from napari_tghmoe.train.recipe import load_recipe
@@ -102,7 +104,7 @@ def test_the_probe_loss_teaches_the_vision_tower_on_a_fixed_batch(tmp_path, monk
     model = build_model(recipe, tokenizer=tokenizer)
     vision = model.config.vision_config
     probe = make_probe(int(vision.out_hidden_size), int(vision.spatial_merge_size) ** 2)
-    probe_loss = VisionProbeLoss(model, probe)
+    probe_loss = VisionProbeLoss(model, probe, presence=1.0, dense=dense, hardest=4)
     batch = collate(samples, tokenizer, model.config)
     optimizer = torch.optim.Adam([*model.model.visual.parameters(), *probe.parameters()], lr=3e-3)
     losses = []
@@ -154,3 +156,29 @@ def test_presence_loss_tells_a_head_that_only_knows_anatomy_from_one_that_sees_t
     # costs -log(1 - sigmoid(-8)); both equal softplus(-8), and so does their mean
     expected = torch.nn.functional.softplus(torch.tensor(-8.0))
     torch.testing.assert_close(volume_presence_loss(anatomy_only, with_lesion), expected)
+
+
+def test_hard_negative_loss_punishes_lighting_up_the_whole_organ_that_balanced_loss_forgives():
+    """One volume of 1,000 cells, an organ of 20 cells, a lesion on 2 of them. A head that fires
+    on the whole organ (anatomy only) ranks the lesion above 980 cells and the balanced BCE barely
+    minds; against the hardest negatives (the organ's other cells) it costs as much as a miss.
+    A head that fires on the lesion alone passes both."""
+    torch = pytest.importorskip("torch")
+    from napari_tghmoe.train.vision_probe import balanced_bce, hard_negative_bce
+
+    target = torch.zeros(1, 1000)
+    target[0, [3, 4]] = 1.0
+    organ = torch.full_like(target, -8.0)
+    organ[0, :20] = 8.0
+    assert float(balanced_bce(organ, target)) < 0.2
+    assert float(hard_negative_bce(organ, target, hardest=8)) > 3.5
+    lesion = torch.full_like(target, -8.0)
+    lesion[0, [3, 4]] = 8.0
+    assert float(hard_negative_bce(lesion, target, hardest=8)) < 0.01
+    # by hand: positives at 8 cost softplus(-8); the 8 hardest negatives are organ cells at 8,
+    # each costing softplus(8); half each
+    expected = 0.5 * torch.nn.functional.softplus(torch.tensor(-8.0)) + 0.5 * torch.nn.functional.softplus(torch.tensor(8.0))
+    torch.testing.assert_close(hard_negative_bce(organ, target, hardest=8), expected)
+    # a unit without positives is scored on its hardest negatives alone
+    empty = torch.zeros(1, 1000)
+    torch.testing.assert_close(hard_negative_bce(organ, empty, hardest=8), torch.nn.functional.softplus(torch.tensor(8.0)))

@@ -105,6 +105,11 @@ class StageSettings:
     #: Weight, inside that loss, of the volume-level question "does this volume have a finding of
     #: this kind / in this location?" (multiple-instance: the highest patch logit); 0 = off.
     vision_probe_presence: float = 0.0
+    #: The per-patch part of that loss: "balanced" (positives and all negatives weighted half
+    #: each) or "hard" (positives against the ``vision_probe_hardest`` highest-scoring negative
+    #: patches of each volume and word, so that lighting up a whole organ is not enough).
+    vision_probe_dense: str = "balanced"
+    vision_probe_hardest: int = 8
     #: Average the LM loss within each sample, then over samples (default: over all target
     #: tokens of the batch, as transformers does), so short answers weigh as much as reports.
     lm_loss_per_sample: bool = False
@@ -240,6 +245,11 @@ def _validate(recipe: Recipe) -> None:
             raise RecipeError(f"{where}: schedule must be cosine, linear or constant, got {stage.schedule!r}")
         if stage.steps < 0 or stage.batch_size < 1 or stage.gradient_accumulation_steps < 1:
             raise RecipeError(f"{where}: steps >= 0, batch_size >= 1, gradient_accumulation_steps >= 1")
+        if stage.vision_probe_dense not in ("balanced", "hard") or stage.vision_probe_hardest < 1:
+            raise RecipeError(
+                f"{where}: vision_probe_dense must be balanced or hard and vision_probe_hardest >= 1, "
+                f"got {stage.vision_probe_dense!r} and {stage.vision_probe_hardest}"
+            )
 
 
 def read_recipe_values(path: str | Path) -> dict[str, Any]:

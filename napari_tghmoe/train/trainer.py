@@ -424,7 +424,13 @@ def train(
         from napari_tghmoe.train.vision_probe import VisionProbeLoss
 
         accelerator.register_for_checkpointing(probe)
-        probe_loss = VisionProbeLoss(accelerator.unwrap_model(model), probe, presence=settings.vision_probe_presence)
+        probe_loss = VisionProbeLoss(
+            accelerator.unwrap_model(model),
+            probe,
+            presence=settings.vision_probe_presence,
+            dense=settings.vision_probe_dense,
+            hardest=settings.vision_probe_hardest,
+        )
 
     start_step = 0
     log_path = out_dir / LOG_NAME

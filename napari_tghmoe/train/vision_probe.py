@@ -39,6 +39,8 @@ import numpy as np
 from napari_tghmoe.phantom._types import FINDING_KINDS, KIND_LOCATIONS, PHASES
 
 KINDS: tuple[str, ...] = tuple(FINDING_KINDS)
+#: Per-patch losses: ``balanced`` (:func:`balanced_bce`) or ``hard`` (:func:`hard_negative_bce`).
+DENSE_LOSSES = ("balanced", "hard")
 #: Every location a finding can be reported in ("left upper lobe", "subcarinal region", ...).
 LOCATIONS: tuple[str, ...] = tuple(dict.fromkeys(loc for locs in KIND_LOCATIONS.values() for loc in locs))
 
@@ -105,6 +107,32 @@ def balanced_bce(logits: Any, target: Any) -> Any:
     return 0.5 * losses[positive].mean() + 0.5 * negative_part
 
 
+def hard_negative_bce(logits: Any, target: Any, hardest: int = 32) -> Any:
+    """Binary cross-entropy of every positive cell against the ``hardest`` negative cells of each
+    unit (one volume's cells of one kind), positives and negatives weighted half each.
+
+    ``logits``/``target``: (units, cells). Why not :func:`balanced_bce`: a lesion lies in an organ,
+    and the organ's lesion-free cells are a sliver of a volume's negatives, so lighting up the
+    whole organ costs a balanced BCE almost nothing and already ranks lesion cells above nearly
+    every other cell; the lesion itself is never learnt (a CNN trained so put its highest cell
+    inside the organ but off the lesion in every held-out volume, docs/results.md). A volume is
+    read by its highest cell, so the cells that compete with a lesion are the ones to push down.
+    """
+    import torch
+    import torch.nn.functional as F
+
+    positive = target > 0.5
+    negatives = logits.masked_fill(positive, float("-inf"))
+    hardest = min(int(hardest), logits.shape[-1])
+    hard = negatives.topk(hardest, dim=-1).values
+    hard = hard[torch.isfinite(hard)]
+    negative_part = F.binary_cross_entropy_with_logits(hard, torch.zeros_like(hard))
+    if not bool(positive.any()):
+        return negative_part
+    positive_part = F.binary_cross_entropy_with_logits(logits[positive], torch.ones_like(logits[positive]))
+    return 0.5 * positive_part + 0.5 * negative_part
+
+
 def volume_presence_loss(logits: Any, target: Any) -> Any:
     """Multiple-instance BCE: per word (kind or location), the volume's highest patch logit
     against whether any patch of the volume carries that word. ``logits``/``target``: (tokens,
@@ -136,9 +164,13 @@ class VisionProbeLoss:
     """Captures the merged visual tokens of each forward (a hook on the vision tower) and turns
     them into the auxiliary loss for the samples of the current batch."""
 
-    def __init__(self, model: Any, probe: Any, presence: float = 0.0) -> None:
+    def __init__(self, model: Any, probe: Any, presence: float = 0.0, dense: str = "balanced", hardest: int = 8) -> None:
+        if dense not in DENSE_LOSSES:
+            raise ValueError(f"vision probe dense loss must be one of {DENSE_LOSSES}, got {dense!r}")
         self.probe = probe
         self.presence = float(presence)
+        self.dense = dense
+        self.hardest = int(hardest)
         self.visual = model.model.visual
         self.tokens: list[Any] = []
         self._handle = self.visual.register_forward_hook(self._capture)
@@ -153,6 +185,13 @@ class VisionProbeLoss:
 
     def close(self) -> None:
         self._handle.remove()
+
+    def _dense_loss(self, logits: Any, target: Any) -> Any:
+        """The per-patch loss of one volume: (tokens, patches, words) logits and 0/1 targets."""
+        if self.dense == "hard":
+            words = logits.shape[-1]
+            return hard_negative_bce(logits.reshape(-1, words).T, target.reshape(-1, words).T, self.hardest)
+        return balanced_bce(logits, target)
 
     def loss(self, samples: Sequence[Any], config: Any) -> Any:
         """Mean of the patch-kind BCE and the phase cross-entropy over phantom samples (or None)."""
@@ -186,7 +225,7 @@ class VisionProbeLoss:
                 target = torch.from_numpy(finding_patch_targets(truth, *geometry, field=field, vocabulary=vocabulary))
                 logits = head(tokens).view(per_sample, merge * merge, len(vocabulary))
                 target = target.to(logits.device)
-                kind_losses.append(balanced_bce(logits, target))
+                kind_losses.append(self._dense_loss(logits, target))
                 if self.presence > 0:
                     kind_losses.append(self.presence * volume_presence_loss(logits, target))
             phase = sample.meta.get("phase")
