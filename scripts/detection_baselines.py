@@ -11,6 +11,10 @@ docs/results.md ("Is the lesion there to be seen?") reports the numbers this scr
     .venv/bin/python scripts/detection_baselines.py patch-mlp --patch 16 --organ-masks
     # control: a small 3D CNN, dense targets, fresh phantoms and their twins every step
     .venv/bin/python scripts/detection_baselines.py cnn --steps 1500
+    # the same with organ context, hard negatives, and where its highest cell lies (stop 12)
+    .venv/bin/python scripts/detection_baselines.py cnn --steps 1500 --organ-input --threads 1
+    .venv/bin/python scripts/detection_baselines.py cnn --steps 1000 --dense-loss hard --save cnn.safetensors
+    .venv/bin/python scripts/detection_baselines.py cnn-errors cnn.safetensors
 
 ``oracle`` is not a model: it reads the phantom's organ labels, which no model gets, and counts the
 voxels more than 40 HU brighter (hyperdense) or darker (hypodense, cysts) than the organ's median.
