@@ -6,6 +6,8 @@ The numbers in docs/results.md ("Does the vision tower see a lesion?") come from
     .venv/bin/python scripts/probe_detection.py MODEL_DIR --probe CKPT/vision_probe.safetensors
     # train the vision tower alone (no LLM in the loop) with fresh heads, AUC every 500 steps
     .venv/bin/python scripts/probe_detection.py MODEL_DIR --vision-only-steps 3000 --lr 1e-3
+    # the same with the hard-negative per-patch loss, keeping the trained tower and heads
+    .venv/bin/python scripts/probe_detection.py MODEL_DIR --vision-only-steps 1500 --dense hard --save OUT
 
 Per kind, a volume's score is its highest patch logit; the AUC is over the volumes of the region
 where that kind can occur (lymph nodes: all). A diagnostic for phantom-trained models, not a test.
