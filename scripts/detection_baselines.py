@@ -34,6 +34,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import functools
 import sys
 import time
 from pathlib import Path
@@ -100,6 +101,7 @@ def oracle(seeds: range) -> None:
 CONTEXT_ORGANS = (("liver",), ("spleen",), ("right kidney", "left kidney"))
 
 
+@functools.lru_cache(maxsize=4)  # a phantom and its twin ask for the same masks: render them once
 def organ_masks(seed: int, region: str) -> np.ndarray:
     """(organs, z, y, x) 0/1 masks from the phantom rendered *without* findings (no lesion leaks in)."""
     normal = phantom(seed, region, findings=False)
@@ -259,9 +261,6 @@ def cnn(args: argparse.Namespace) -> None:
 
     torch.manual_seed(0)
 
-    def image_of(case):
-        return cnn_input(case, args.organ_input)
-
     def organ_target(case):
         """(organs, z, y/4, x/4): the fraction of each 4-px cell that is liver, spleen, kidney
         (labels of the lesion-free twin), the --organ-aux target."""
@@ -272,7 +271,7 @@ def cnn(args: argparse.Namespace) -> None:
     for seed in seed_range(args.seeds):
         for region in ("chest", "abdomen"):
             case = phantom(seed, region)
-            held.append((image_of(case), {f.kind for f in case.findings}, region, _kind_grid(case, 4).numpy() > 0.5))
+            held.append((cnn_input(case, args.organ_input), {f.kind for f in case.findings}, region, _kind_grid(case, 4).numpy() > 0.5))
     organ_heads = len(CONTEXT_ORGANS) if args.organ_aux else 0
     network = small_cnn(len(KINDS) + organ_heads, args.width, 3 + (len(CONTEXT_ORGANS) if args.organ_input else 0))
 
@@ -291,13 +290,13 @@ def cnn(args: argparse.Namespace) -> None:
         while len(images) < args.batch:
             case = phantom(seed, ("chest", "abdomen")[seed % 2])
             seed += 1
-            images.append(image_of(case))
+            images.append(cnn_input(case, args.organ_input))
             targets.append(_kind_grid(case, 4))
             if organ_heads:
                 organs.append(organ_target(case))
             if case.findings and args.twins:
                 twin = phantom(case.seed, case.region, findings=False)
-                images.append(image_of(twin))
+                images.append(cnn_input(twin, args.organ_input))
                 targets.append(torch.zeros_like(targets[-1]))
                 if organ_heads:
                     organs.append(organs[-1])

@@ -86,6 +86,8 @@ def detection_auc(encode, probe, samples, config) -> dict[str, float]:
 
 
 def main() -> None:
+    from napari_tghmoe.train.vision_probe import DENSE_LOSSES
+
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("model", help="TGH-MoE model folder (a demo stage-1 output)")
     parser.add_argument(
@@ -100,7 +102,7 @@ def main() -> None:
     parser.add_argument("--vision-only-steps", type=int, default=0)
     parser.add_argument("--lr", type=float, default=1e-3)
     parser.add_argument(
-        "--dense", choices=["balanced", "hard"], default="balanced",
+        "--dense", choices=DENSE_LOSSES, default="balanced",
         help="per-patch loss of the vision-only training (the recipe's vision_probe_dense)",
     )
     parser.add_argument("--hardest", type=int, default=8, help="negative patches per volume and kind for --dense hard")
@@ -128,7 +130,8 @@ def main() -> None:
             probe.load_state_dict(load_file(args.probe))
         else:
             probe.load_state_dict(torch.load(args.probe, weights_only=True))
-    encode = VisionEncoder(model.eval(), tokenizer, VisionProbeLoss(model, probe, presence=1.0, dense=args.dense, hardest=args.hardest))
+    probe_loss = VisionProbeLoss(model, probe, presence=1.0, dense=args.dense, hardest=args.hardest)
+    encode = VisionEncoder(model.eval(), tokenizer, probe_loss)
     held_out = load_dataset_spec(args.data, task="report", phrasing=args.phrasing)
     preload_volumes(held_out)
 

@@ -233,6 +233,8 @@ def recipe_from_dict(values: dict[str, Any], source: str = "recipe") -> Recipe:
 
 
 def _validate(recipe: Recipe) -> None:
+    from napari_tghmoe.train.vision_probe import DENSE_LOSSES
+
     where = recipe.path or recipe.name
     if not recipe.model.base and not recipe.model.tiny:
         raise RecipeError(f"{where}: [model] needs base = FOLDER or a [model.tiny] shape")
@@ -245,7 +247,7 @@ def _validate(recipe: Recipe) -> None:
             raise RecipeError(f"{where}: schedule must be cosine, linear or constant, got {stage.schedule!r}")
         if stage.steps < 0 or stage.batch_size < 1 or stage.gradient_accumulation_steps < 1:
             raise RecipeError(f"{where}: steps >= 0, batch_size >= 1, gradient_accumulation_steps >= 1")
-        if stage.vision_probe_dense not in ("balanced", "hard") or stage.vision_probe_hardest < 1:
+        if stage.vision_probe_dense not in DENSE_LOSSES or stage.vision_probe_hardest < 1:
             raise RecipeError(
                 f"{where}: vision_probe_dense must be balanced or hard and vision_probe_hardest >= 1, "
                 f"got {stage.vision_probe_dense!r} and {stage.vision_probe_hardest}"
