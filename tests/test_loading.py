@@ -127,6 +127,14 @@ def one_line_error(path) -> str:
     return message
 
 
+def test_a_tghmoe_folder_never_loads_as_a_plain_qwen_when_the_classes_fail_to_import(m2_tghmoe_folder, monkeypatch):
+    import sys
+
+    monkeypatch.setitem(sys.modules, "napari_tghmoe.model.modeling", None)  # import raises
+    message = one_line_error(m2_tghmoe_folder)
+    assert "could not be imported" in message and "modeling" in message
+
+
 def test_missing_folder(tmp_path):
     assert "not found" in one_line_error(tmp_path / "nowhere")
 

@@ -47,6 +47,13 @@ def prompt_ids(question: list[int], n_video_tokens: int) -> list[int]:
     )
 
 
+def instruction_mask(ids: torch.Tensor) -> torch.Tensor:
+    """The text-guidance mask a trainer passes: the instruction's own tokens (no special or
+    vision tokens)."""
+    special = torch.tensor([TOK["bos"], TOK["pad"], TOK["vision_start"], TOK["vision_end"], TOK["video"]])
+    return ~torch.isin(ids, special)
+
+
 def left_pad(sequences: list[list[int]]) -> tuple[torch.Tensor, torch.Tensor]:
     length = max(map(len, sequences))
     ids = torch.full((len(sequences), length), TOK["pad"])
@@ -135,6 +142,7 @@ def test_forward_backward_and_losses_combine_with_the_config_coefficients():
         video_grid_thw=grid,
         labels=ids,
         task_labels=torch.tensor([report]),
+        text_guidance_mask=instruction_mask(ids),
     )
     parts = (out.lm_loss, out.load_balancing_loss, out.z_loss, out.task_loss)
     assert all(p is not None and torch.isfinite(p) for p in parts)
@@ -155,6 +163,7 @@ def test_forward_backward_and_losses_combine_with_the_config_coefficients():
         pixel_values_videos=pixels,
         video_grid_thw=grid,
         task_labels=torch.tensor([0]),
+        text_guidance_mask=instruction_mask(ids),
     )
     assert out.lm_loss is None and out.task_loss is None and torch.isfinite(out.loss)
 
@@ -174,12 +183,71 @@ def test_task_supervision_pulls_the_level1_router_towards_the_label():
             pixel_values_videos=pixels,
             video_grid_thw=grid,
             task_labels=torch.tensor([target]),
+            text_guidance_mask=instruction_mask(ids),
         )
         first = out.group_probs[0, target].item() if first is None else first
         optimiser.zero_grad()
         out.task_loss.backward()
         optimiser.step()
     assert out.group_probs[0, target].item() > first + 0.05
+
+
+@pytest.mark.parametrize(("top_k", "experts"), [(1, 2), (2, 2), (2, 3)])
+def test_the_answer_loss_reaches_every_router(top_k, experts):
+    """With the routing losses off, the LM loss alone must move every token, text and task router:
+    a renormalised top-1 gate is 1.0 whatever the router says, so without a detached
+    denominator the routers would learn nothing from the answer."""
+    model = adapted(
+        router_top_k=top_k,
+        experts_per_group=experts,
+        router_aux_loss_coef=0.0,
+        router_z_loss_coef=0.0,
+        task_loss_coef=0.0,
+    )
+    randomise_adapters(model)  # experts that change the output, as after training
+    model.train()
+    pixels, grid = video_inputs()
+    ids = torch.tensor([prompt_ids([10, 11, 12, 13], n_tokens(grid))])
+    out = model(
+        input_ids=ids,
+        pixel_values_videos=pixels,
+        video_grid_thw=grid,
+        labels=ids,
+        text_guidance_mask=instruction_mask(ids),
+    )
+    out.lm_loss.backward()
+    routers = {
+        name: param
+        for name, param in model.named_parameters()
+        if ".moe." in name and ("router" in name) and name.endswith("weight")
+    }
+    assert routers
+    # rounding alone leaves ~1e-10 on a router the loss does not reach; a real gradient is ~1e-2
+    silent = [
+        name
+        for name, param in routers.items()
+        if param.grad is None or not param.grad.abs().max() > 1e-6
+    ]
+    assert silent == []
+
+
+def test_training_without_a_text_guidance_mask_is_an_error():
+    """The fallback text vector pools every text token; in a training sequence that includes the
+    answer, which would leak into the routing."""
+    model = adapted()
+    pixels, grid = video_inputs()
+    ids = torch.tensor([prompt_ids([10, 11, 12, 13], n_tokens(grid))])
+    inputs = {"input_ids": ids, "pixel_values_videos": pixels, "video_grid_thw": grid}
+    with pytest.raises(ValueError, match="text_guidance_mask"):
+        model(**inputs, labels=ids)  # an auxiliary loss, even in eval mode
+    model.train()
+    with pytest.raises(ValueError, match="text_guidance_mask"):
+        model(**inputs)
+    with pytest.raises(ValueError, match="text_guidance_mask"):
+        model.text_features(ids)
+    model.eval()
+    with torch.no_grad():
+        assert model(**inputs).logits is not None  # generating from a prompt: the fallback is fine
 
 
 # ---------------------------------------------------------------------------- text guidance
@@ -387,7 +455,7 @@ def expected_stage_parameters(model: TGHMoEForConditionalGeneration, stage: int)
         if stage == 2 and layer.task_router is not None:
             names |= {f"{prefix}.task_router.weight", f"{prefix}.task_router.bias"}
     if stage == 1:
-        names |= {n for n, _ in model.named_parameters() if n.startswith("model.visual.merger.")}
+        names |= {n for n, _ in model.named_parameters() if n.startswith("model.visual.merger.lora_")}
         for i in range(model.config.text_config.num_hidden_layers):
             for target in model.config.llm_lora_targets:
                 for p in ("lora_A", "lora_B"):
@@ -409,9 +477,18 @@ def test_set_stage_trains_exactly_the_intended_parameters(stage):
     assert sum(counts[p] for p in parts) == counts["trainable"]
 
 
-def test_stage2_copies_the_shared_experts_into_the_task_experts_once(tmp_path):
-    model = adapted()
+def stage1_trained(model: TGHMoEForConditionalGeneration) -> None:
+    """What stage 1 leaves: trained shared experts and LoRA, task experts still at B = 0."""
     randomise_adapters(model)
+    with torch.no_grad():
+        for layer in model.moe_layers().values():
+            for name in layer.task_group_names:
+                layer.groups[name].lora_B.zero_()
+
+
+def test_stage2_starts_the_task_experts_from_the_shared_subspace_once(tmp_path):
+    model = adapted()
+    stage1_trained(model)
     deep = model.moe_layers()[model.config.moe_blocks[-1]]
     shared = deep.groups["shared"]
     assert set_stage(model, 1)["task_experts_copied"] == 0
@@ -420,18 +497,60 @@ def test_stage2_copies_the_shared_experts_into_the_task_experts_once(tmp_path):
         group = deep.groups[name]
         for j in range(group.num_experts):
             assert torch.equal(group.lora_A[j], shared.lora_A[j % shared.num_experts])
-            assert torch.equal(group.lora_B[j], shared.lora_B[j % shared.num_experts])
-    copied_B = deep.groups["report"].lora_B.detach().clone()
+        assert not group.lora_B.any()
     with torch.no_grad():
-        shared.lora_B.add_(
-            1.0
-        )  # shared experts move on; task experts must not be overwritten again
+        deep.groups["report"].lora_B.add_(1.0)  # stage 2 trains the task experts ...
+        shared.lora_A.add_(1.0)  # ... and a reloaded or re-staged model must not redo the start
+    trained_A = deep.groups["report"].lora_A.detach().clone()
     assert set_stage(model, 2)["task_experts_copied"] == 0
-    assert torch.equal(deep.groups["report"].lora_B, copied_B)
-    model.save_pretrained(tmp_path)
+    assert torch.equal(deep.groups["report"].lora_A, trained_A)
+    assert deep.groups["report"].lora_B.all()
+    model.save_pretrained(tmp_path)  # the flag is saved with the model
     reloaded = TGHMoEForConditionalGeneration.from_pretrained(tmp_path)
     assert set_stage(reloaded, 2)["task_experts_copied"] == 0
-    assert torch.equal(reloaded.moe_layers()[deep.block_index].groups["report"].lora_B, copied_B)
+    assert torch.equal(reloaded.moe_layers()[deep.block_index].groups["report"].lora_A, trained_A)
+
+
+def test_stage2_starts_from_exactly_the_stage1_function():
+    model = adapted()
+    stage1_trained(model)
+    pixels, grid = video_inputs()
+    ids = torch.tensor([prompt_ids([10, 11, 12, 13], n_tokens(grid))])
+    inputs = {"input_ids": ids, "pixel_values_videos": pixels, "video_grid_thw": grid}
+    with torch.no_grad():
+        before = model(**inputs).logits
+        set_stage(model, 2)
+        after = model(**inputs).logits
+    torch.testing.assert_close(after, before, rtol=0, atol=1e-6)
+
+
+def test_training_both_stages_leaves_every_base_tensor_bit_identical():
+    """The merger trains through its LoRA, never itself: the base stays the base."""
+    model = adapted()
+    base_keys = {n for n, _ in model.named_parameters() if ".moe." not in n and ".lora_" not in n}
+    before = {n: p.detach().clone() for n, p in model.named_parameters() if n in base_keys}
+    pixels, grid = video_inputs()
+    ids = torch.tensor([prompt_ids([10, 11, 12, 13], n_tokens(grid))])
+    model.train()
+    for stage in (1, 2):
+        set_stage(model, stage)
+        optimiser = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
+        for _ in range(2):
+            out = model(
+                input_ids=ids,
+                pixel_values_videos=pixels,
+                video_grid_thw=grid,
+                labels=ids,
+                task_labels=torch.tensor([1]),
+                text_guidance_mask=instruction_mask(ids),
+            )
+            optimiser.zero_grad()
+            out.loss.backward()
+            optimiser.step()
+    merger_lora = model.model.visual.merger.lora_mlp_0.lora_B
+    assert merger_lora.abs().sum() > 0  # stage 1 did train the merger's adapter
+    for name, value in before.items():
+        assert torch.equal(dict(model.named_parameters())[name], value), name
 
 
 # ---------------------------------------------------------------------------- save / load

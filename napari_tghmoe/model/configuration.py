@@ -46,6 +46,8 @@ class TGHMoEConfig(Qwen2_5_VLConfig):
         text_guidance: False = ablation without text guidance: the text vector is zero, so routing
             depends on the visual tokens only (level-1 group probabilities become constants).
         router_aux_loss_coef, router_z_loss_coef, task_loss_coef: loss weights in ``loss``.
+        merger_lora_rank, merger_lora_alpha: LoRA beside the vision->LLM merger's two linears
+            (trained in stage 1 instead of the merger, so base tensors stay bit-identical; 0 = none).
         llm_lora_rank, llm_lora_alpha, llm_lora_dropout, llm_lora_targets: LoRA on the LLM's linear
             layers, trained in stage 1 (rank 0 disables it).
     Model-input fields (read by ``prepare_volume``):
@@ -76,6 +78,8 @@ class TGHMoEConfig(Qwen2_5_VLConfig):
     llm_lora_alpha: float | int = 16.0
     llm_lora_dropout: float | int = 0.0
     llm_lora_targets: list[str] | tuple[str, ...] = ("q_proj", "v_proj")
+    merger_lora_rank: int = 16
+    merger_lora_alpha: float | int = 32.0
     volume_grid: list[int] | tuple[int, ...] = (32, 256, 256)
     ct_windows: list[list[float]] | list[tuple[float, float]] | tuple[tuple[float, float], ...] = (
         DEFAULT_CT_WINDOWS

@@ -360,21 +360,27 @@ def _quantization_config(plan: LoadPlan):
     return None
 
 
-def _model_classes():
-    """(TGH-MoE class or None, adapt function or None, plain Qwen2.5-VL class)."""
+def _model_classes(path: str | Path):
+    """(TGH-MoE class, adapt function, plain Qwen2.5-VL class).
+
+    A failed import of the TGH-MoE classes is an error, never a silent plain Qwen2.5-VL without
+    routing: the user would get answers that look right from a model that is not the one asked for.
+    """
     from transformers import Qwen2_5_VLForConditionalGeneration
 
     try:
         from napari_tghmoe.model.modeling import TGHMoEForConditionalGeneration, adapt_2d_mllm
-    except ImportError:  # M1's modeling not in this checkout: plain Qwen2.5-VL only
-        return None, None, Qwen2_5_VLForConditionalGeneration
+    except ImportError as err:
+        raise ModelLoadError(
+            path, f"the TGH-MoE model classes could not be imported ({type(err).__name__}: {err})"
+        ) from err
     return TGHMoEForConditionalGeneration, adapt_2d_mllm, Qwen2_5_VLForConditionalGeneration
 
 
 def _load_weights(check: FolderCheck, plan: LoadPlan, adapt: bool, moe_config: Any = None):
     import torch
 
-    tgh_class, adapt_fn, qwen_class = _model_classes()
+    tgh_class, adapt_fn, qwen_class = _model_classes(check.path)
     kwargs: dict[str, Any] = {
         **OFFLINE_LOAD_KWARGS,
         "use_safetensors": True,
@@ -385,11 +391,9 @@ def _load_weights(check: FolderCheck, plan: LoadPlan, adapt: bool, moe_config: A
     if quantization_config is not None:
         kwargs["quantization_config"] = quantization_config
     if check.is_tghmoe:
-        if tgh_class is None:
-            raise ModelLoadError(check.path, "this is a TGH-MoE folder but napari_tghmoe.model.modeling is missing")
         return tgh_class.from_pretrained(str(check.path), **kwargs), False
     model = qwen_class.from_pretrained(str(check.path), **kwargs)
-    if adapt and adapt_fn is not None:
+    if adapt:
         return adapt_fn(model, moe_config), True
     return model, False
 

@@ -1,4 +1,4 @@
-"""A minimal LoRA for the LLM's linear layers (hand-written; ``peft`` is not a dependency).
+"""A minimal LoRA for the LLM's linear layers and the vision->LLM merger (hand-written; ``peft`` is not a dependency).
 
 Why not wrap the linear (as peft does): wrapping renames the base weight
 (``q_proj.base_layer.weight``), which would break loading plain Qwen2.5-VL checkpoints and the
@@ -52,18 +52,20 @@ class LoRAAdapter(nn.Module):
 
 @dataclass
 class LLMLoRASite:
-    """Where one adapter applies: ``parent.<target>`` is the base linear, ``parent.lora_<target>``
-    the adapter."""
+    """Where one adapter applies: ``parent.<base_path or target>`` is the base linear,
+    ``parent.lora_<target>`` the adapter (``base_path`` for a linear nested deeper, such as the
+    merger's ``mlp.0``, whose Sequential must not get a sibling: it would run it)."""
 
     parent: nn.Module
     target: str
+    base_path: str | None = None
 
     @property
     def adapter(self) -> LoRAAdapter:
         return getattr(self.parent, f"lora_{self.target}")
 
     def ensure_hooked(self) -> None:
-        base = getattr(self.parent, self.target)
+        base = self.parent.get_submodule(self.base_path or self.target)
         adapter = self.adapter
         if getattr(base, "_tghmoe_lora_adapter", None) is adapter:
             return
@@ -89,4 +91,26 @@ def install_llm_lora(
             site = LLMLoRASite(parent, target)
             site.ensure_hooked()
             sites.append(site)
+    return sites
+
+
+#: The merger's two linears (``merger.mlp`` is Sequential(Linear, GELU, Linear)).
+MERGER_LORA_TARGETS = {"mlp_0": "mlp.0", "mlp_2": "mlp.2"}
+
+
+def install_merger_lora(merger: nn.Module, rank: int, alpha: float, dropout: float) -> list[LLMLoRASite]:
+    """LoRA beside the vision->LLM merger's linears (``merger.lora_mlp_0`` / ``lora_mlp_2``).
+
+    Stage 1 trains these instead of the merger itself, so every base tensor, the merger's
+    included, stays bit-identical through both stages.
+    """
+    sites: list[LLMLoRASite] = []
+    if rank <= 0:
+        return sites
+    for target, path in MERGER_LORA_TARGETS.items():
+        base = merger.get_submodule(path)
+        merger.add_module(f"lora_{target}", LoRAAdapter(base.in_features, base.out_features, rank, alpha, dropout))
+        site = LLMLoRASite(merger, target, base_path=path)
+        site.ensure_hooked()
+        sites.append(site)
     return sites

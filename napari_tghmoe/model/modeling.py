@@ -31,7 +31,7 @@ from transformers.modeling_outputs import CausalLMOutputWithPast, ModelOutput
 from transformers.vision_utils import get_vision_window_index
 
 from napari_tghmoe.model.configuration import SHARED_GROUP, TGHMoEConfig
-from napari_tghmoe.model.lora import LLMLoRASite, LoRAAdapter, install_llm_lora
+from napari_tghmoe.model.lora import LLMLoRASite, LoRAAdapter, install_llm_lora, install_merger_lora
 from napari_tghmoe.model.moe import (
     ROUTING_KWARG,
     TGHMoELayer,
@@ -153,7 +153,15 @@ class TGHMoEForConditionalGeneration(Qwen2_5_VLForConditionalGeneration):
             config.llm_lora_alpha,
             config.llm_lora_dropout,
         )
+        merger = visual.merger
+        self._llm_lora_sites += install_merger_lora(
+            merger, config.merger_lora_rank, config.merger_lora_alpha, config.lora_dropout
+        )
         if match_base_placement:
+            reference = merger.mlp[0].weight
+            for name, child in merger.named_children():
+                if name.startswith("lora_"):
+                    child.to(device=reference.device, dtype=reference.dtype)
             for layer in language_model.layers:
                 reference = layer.input_layernorm.weight
                 for module in (layer.self_attn, layer.mlp):
@@ -239,12 +247,22 @@ class TGHMoEForConditionalGeneration(Qwen2_5_VLForConditionalGeneration):
         inputs_embeds: torch.Tensor | None = None,
         attention_mask: torch.Tensor | None = None,
         text_guidance_mask: torch.Tensor | None = None,
+        require_mask: bool = False,
     ) -> torch.Tensor:
         """The text vector ``t`` of each sample: (B, D_text) float32, RMS-normalised.
 
-        Mean of the LLM's own input embeddings over the instruction tokens: attended tokens that are
-        not image / video / vision_start / vision_end, or exactly ``text_guidance_mask`` when given.
+        Mean of the LLM's own input embeddings over the instruction tokens: exactly
+        ``text_guidance_mask`` when given, else attended tokens that are not image / video /
+        vision_start / vision_end. That fallback is only safe for a prompt without its answer
+        (generation): in a training sequence it would pool the target tokens, leaking the answer
+        into the routing. So a model in training mode, or a caller that asks ``require_mask``
+        (auxiliary losses), gets a ValueError instead of the fallback.
         """
+        if text_guidance_mask is None and (self.training or require_mask):
+            raise ValueError(
+                "text_guidance_mask is required when training or computing routing losses: "
+                "without it the text vector would pool every text token, the answer included"
+            )
         if inputs_embeds is None:
             if input_ids is None:
                 raise ValueError("text guidance needs input_ids or inputs_embeds")
@@ -381,8 +399,9 @@ class TGHMoEForConditionalGeneration(Qwen2_5_VLForConditionalGeneration):
 
         task_labels: (B,) index into ``config.group_names`` of each sample's task, for the optional
             task-supervision loss of the level-1 routers (-100 or "shared": no task, ignored).
-        text_guidance_mask: (B, L) bool, the tokens whose embeddings form the text vector
-            (default: all attended non-vision tokens).
+        text_guidance_mask: (B, L) bool, the tokens whose embeddings form the text vector (the
+            instruction only). Required with ``labels`` / ``task_labels`` or in training mode;
+            without them it defaults to all attended non-vision tokens (a prompt being generated).
         """
         for site in self._llm_lora_sites:
             site.ensure_hooked()
@@ -392,7 +411,9 @@ class TGHMoEForConditionalGeneration(Qwen2_5_VLForConditionalGeneration):
         compute_aux = self.training or labels is not None or task_labels is not None
         routings: dict[str, VisionRouting] = {}
         if pixel_values is not None or pixel_values_videos is not None:
-            text = self.text_features(input_ids, inputs_embeds, attention_mask, text_guidance_mask)
+            text = self.text_features(
+                input_ids, inputs_embeds, attention_mask, text_guidance_mask, require_mask=compute_aux
+            )
             mm_encoder_outputs = dict(mm_encoder_outputs or {})
             visual_inputs = {
                 "image": (pixel_values, image_grid_thw),
@@ -610,7 +631,7 @@ _STAGE_PARTS = {
     "routers": re.compile(
         rf"\.moe\.(task_router\.|groups\.(?!{SHARED_GROUP}\.)[^.]+\.(router|text_router)\.)"
     ),
-    "merger": re.compile(r"^model\.visual\.merger\."),
+    "merger": re.compile(r"^model\.visual\.merger\.lora_"),
     "llm_lora": re.compile(r"\.lora_[a-z]+_proj\.lora_[AB]$"),
 }
 _STAGE_TRAINS = {1: ("shared_experts", "merger", "llm_lora"), 2: ("task_experts", "routers")}
@@ -630,7 +651,13 @@ def parameter_part(name: str) -> str | None:
 
 @torch.no_grad()
 def _copy_shared_into_task_experts(model: TGHMoEForConditionalGeneration) -> int:
-    """Task expert j := shared expert (j mod n_shared), once per block (the flag is saved)."""
+    """Task expert j starts in shared expert (j mod n_shared)'s subspace, contributing nothing.
+
+    A is copied, B is zeroed: the task experts add ``B A x = 0`` until stage 2 trains them, so
+    stage 2 starts from exactly the stage-1 function (copying B as well would add the shared
+    path a second time, doubling the experts' gate mass at the first step). Once per block; the
+    flag is saved.
+    """
     copied = 0
     for layer in model.moe_layers().values():
         if bool(layer.task_experts_initialised) or not layer.task_group_names:
@@ -642,7 +669,7 @@ def _copy_shared_into_task_experts(model: TGHMoEForConditionalGeneration) -> int
                 torch.arange(group.num_experts, device=shared.lora_A.device) % shared.num_experts
             )
             group.lora_A.copy_(shared.lora_A[source])
-            group.lora_B.copy_(shared.lora_B[source])
+            group.lora_B.zero_()
         layer.task_experts_initialised.fill_(True)
         copied += 1
     return copied
@@ -651,10 +678,13 @@ def _copy_shared_into_task_experts(model: TGHMoEForConditionalGeneration) -> int
 def set_stage(model: TGHMoEForConditionalGeneration, stage: int) -> dict[str, int]:
     """Freeze everything except the parts trained in ``stage`` and return parameter counts.
 
-    Stage 1 (task-shared): shared experts (+ their routers), the vision->LLM merger, LLM LoRA.
-    Stage 2 (task-specific): copies the shared experts into the task experts (once; recorded in the
-    ``task_experts_initialised`` buffers, so a second call or a reloaded checkpoint does not
-    recopy), then trains the task experts and the routers; shared parts stay frozen.
+    Stage 1 (task-shared): shared experts (+ their routers), LoRA on the vision->LLM merger, LLM
+    LoRA. No base tensor trains in either stage (the merger itself included).
+    Stage 2 (task-specific): starts the task experts from the shared experts' A with B = 0 (once;
+    recorded in the ``task_experts_initialised`` buffers, so a second call or a reloaded checkpoint
+    does not redo it), so the model computes exactly the stage-1 function at its first step; then
+    trains the task experts and the routers: the level-1 task routers and the task groups' token
+    and text routers. Shared parts stay frozen, the shared group's own routers included.
     Returns {part: trainable count} for every part, plus "trainable", "total" and
     "task_experts_copied" (blocks copied by this call).
     """

@@ -8,7 +8,8 @@
   specialisation on top of a fixed shared path; the total gate mass per token is 1 (shared) + 1
   (task groups).
 - level 2 (token): in each group ``router(x) + text_router(t)`` -> softmax over the group's experts,
-  top-k kept and renormalised. The text term is a per-sample bias on the expert logits (the same as
+  top-k kept and renormalised (detached denominator, so the router learns from the answer even at
+  top-1). The text term is a per-sample bias on the expert logits (the same as
   a linear router over ``x + W t``, computed once per sample instead of once per token).
 
 ``t`` is the RMS-normalised mean LLM input embedding of the sample's instruction (see modeling.py).
@@ -196,7 +197,11 @@ class TGHMoELayer(nn.Module):
         probs = padded.softmax(-1)
         k = min(self.top_k, most)
         top_probs, top_index = probs.topk(k, dim=-1)  # padded experts have probability 0
-        chosen = top_probs / top_probs.sum(-1, keepdim=True)
+        # Renormalise over the chosen experts with a *detached* denominator: the gate values are
+        # those of plain renormalisation (1.0 at top-1), but the answer's gradient still reaches
+        # the router through the numerator. With the denominator attached, top-1 gates are
+        # p / p = 1 and the router learns nothing from the task loss.
+        chosen = top_probs / top_probs.sum(-1, keepdim=True).detach()
         gate = torch.zeros_like(probs).scatter(-1, top_index, chosen) * group_weight[..., None]
         gate_all = gate.view(n_tokens, -1)[:, self._expert_columns]  # (T, E_block)
 

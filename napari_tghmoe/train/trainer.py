@@ -38,6 +38,7 @@ SUMMARY_NAME = "training_summary.json"
 #: Base parts a from-scratch model may train in stage 1 (``StageSettings.also_train``).
 BASE_PARTS = {
     "vision": re.compile(r"^model\.visual\.(?!.*\.moe\.)(?!merger\.)"),
+    "merger": re.compile(r"^model\.visual\.merger\.(?!lora_)"),
     "patch_embed": re.compile(r"^model\.visual\.patch_embed\."),
     "llm": re.compile(r"^model\.language_model\.layers\.(?!.*\.lora_)"),
     "llm_norm": re.compile(r"^model\.language_model\.norm\."),
