@@ -13,6 +13,7 @@ import inspect
 import logging
 import threading
 import time
+import warnings
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -187,6 +188,33 @@ class InferenceEngine:
             return volume
         return prepare_volume(volume, spacing, self.model.config)
 
+    def intensity_warning(self, inputs: Any) -> str | None:
+        """Warn (``IntensityMismatchWarning``) when the volume's intensities are not the kind the
+        model was trained on (HU vs [0, 1] display intensities); returns the message, or None.
+
+        Raised inside :meth:`answer`, the warning reaches the chat dock's worker, which napari
+        relays as a notification; the message also goes to ``Answer.warnings`` (and the report).
+        """
+        from napari_tghmoe.model.preprocess import INTENSITY_HU, IntensityMismatchWarning
+
+        intensity = getattr(inputs, "intensity", None)
+        if intensity is None or not inputs.intensity_mismatch:
+            return None
+        names = {INTENSITY_HU: "CT in Hounsfield units", "unit": "[0, 1] display intensities"}
+        model_kind = inputs.settings.input_intensity
+        how = (
+            "mapped back to pseudo-HU on the soft-tissue window"
+            if model_kind == INTENSITY_HU
+            else "windowed (soft tissue) and min-max normalised the M3D way"
+        )
+        why = f" ({intensity.reason})" if intensity.guessed else ""
+        message = (
+            f"the volume holds {names.get(intensity.kind, intensity.kind)}{why}, but the model was trained on "
+            f"{names.get(model_kind, model_kind)}: the input was {how}, so the answer may be unreliable"
+        )
+        warnings.warn(message, IntensityMismatchWarning, stacklevel=3)
+        return message
+
     def answer(
         self,
         volume: Any,
@@ -215,6 +243,7 @@ class InferenceEngine:
         with self._lock:
             t_start = time.perf_counter()
             inputs = self.prepare(volume, spacing)
+            intensity_note = self.intensity_warning(inputs)
             prompt = self.build_inputs(plan.text, inputs.num_video_tokens)
             preprocess_s = time.perf_counter() - t_start
 
@@ -303,7 +332,7 @@ class InferenceEngine:
                 precision=self.precision,
                 stopped=stop_event.is_set(),
                 tokens_after_stop=streamer.tokens_after_stop,
-                warnings=list(getattr(self.info, "warnings", []) or []),
+                warnings=list(getattr(self.info, "warnings", []) or []) + ([intensity_note] if intensity_note else []),
             )
 
     def ask(self, volume: Any, question: str, **kwargs: Any) -> Answer:

@@ -21,7 +21,8 @@ voxels more than 40 HU brighter (hyperdense) or darker (hypodense, cysts) than t
 It answers whether the demo grid (32 x 64 x 96, 10 mm slices, ~4 mm pixels) keeps the lesions.
 
 ``patch-mlp`` trains a two-layer MLP per patch (the same 3-window voxels, ``patch`` pixels a side,
-2 slices deep) on the per-patch labels of the vision probe (``finding_patch_targets``), on phantoms
+2 slices deep) on the per-patch labels of the vision probe (``lesion_patch_targets``: the patches
+holding a voxel of the phantom's lesion mask; bounding boxes before issue 19), on phantoms
 of both regions for the training seeds. ``--twins`` adds, for every phantom with findings, the same
 phantom rendered without them (same anatomy, same noise: the only difference is the lesion), and
 ``--shift S`` adds copies rolled in-plane by multiples of S pixels (lesions at every position of a
@@ -110,11 +111,12 @@ def organ_masks(seed: int, region: str) -> np.ndarray:
 
 def patches_of(case, patch: int, findings: list[dict], shift: tuple[int, int] = (0, 0), masks=None):
     """(patches, features) windowed voxels as the processor feeds the tower (then, if given, the
-    patch's voxels of each organ mask), and (patches, kinds) labels."""
+    patch's voxels of each organ mask), and (patches, kinds) labels: the patches holding a voxel of a
+    finding of each kind (``findings``: ``case``'s own, or [] for its lesion-free twin)."""
     import torch
 
     from napari_tghmoe.model.preprocess import InputSettings, frames_to_patches, window_channels
-    from napari_tghmoe.train.vision_probe import finding_patch_targets
+    from napari_tghmoe.train.vision_probe import lesion_patch_targets
 
     settings = dataclasses.replace(InputSettings.from_config(None), volume_grid=GRID, patch_size=patch, merge_size=1)
     hu = np.roll(np.asarray(case.volume.hu, dtype=np.float32), shift, axis=(1, 2))
@@ -122,11 +124,8 @@ def patches_of(case, patch: int, findings: list[dict], shift: tuple[int, int] = 
     if masks is not None:  # as extra "channels": (z, organs, y, x) frames, patched like the image
         frames = torch.from_numpy(np.roll(masks, shift, axis=(2, 3))).permute(1, 0, 2, 3)
         flat = torch.cat([flat, frames_to_patches(frames, settings)[0]], dim=1)
-    moved = [
-        dict(f, center_voxel=(f["center_voxel"][0], f["center_voxel"][1] + shift[0], f["center_voxel"][2] + shift[1]))
-        for f in findings
-    ]
-    labels = finding_patch_targets(moved, hu.shape, case.volume.spacing, GRID, 2, patch, 1)
+    lesions = np.roll(case.lesions, shift, axis=(1, 2)) if findings else np.zeros_like(case.lesions)
+    labels = lesion_patch_targets(lesions, findings, GRID, 2, patch, 1)
     return flat.numpy().astype(np.float16), labels.reshape(len(flat), -1)
 
 

@@ -10,7 +10,9 @@ The numbers in docs/results.md ("Does the vision tower see a lesion?") come from
     .venv/bin/python scripts/probe_detection.py MODEL_DIR --vision-only-steps 1500 --dense hard --save OUT
 
 Per kind, a volume's score is its highest patch logit; the AUC is over the volumes of the region
-where that kind can occur (lymph nodes: all). A diagnostic for phantom-trained models, not a test.
+where that kind can occur (lymph nodes: all). The vision-only training's per-patch targets are the
+patches holding a voxel of the phantom's lesion mask (``lesion_patch_targets``, via the phantom
+cache); until issue 19 they were bounding boxes around each finding's centre. A diagnostic for phantom-trained models, not a test.
 Checkpoints written before the heads were saved as safetensors hold them only in accelerate's
 ``custom_checkpoint_1.pkl``; ``--probe`` reads that too, as tensors only (``weights_only``).
 """
@@ -57,7 +59,7 @@ def detection_auc(encode, probe, samples, config) -> dict[str, float]:
     """Volume-level AUC per finding kind over ``samples`` (phantoms with ground truth)."""
     import torch
 
-    from napari_tghmoe.train.vision_probe import KINDS, finding_patch_targets, rms_normalised
+    from napari_tghmoe.train.vision_probe import KINDS, rms_normalised, sample_patch_targets
 
     vision = config.vision_config
     merge = int(vision.spatial_merge_size)
@@ -67,9 +69,9 @@ def detection_auc(encode, probe, samples, config) -> dict[str, float]:
             encode([sample])
             tokens = rms_normalised(encode.probe_loss.tokens[-1].float())
             logits = probe.patch_kinds(tokens).view(-1, len(KINDS))
-            truth = finding_patch_targets(
-                sample.meta["phantom_findings"], sample.volume.hu.shape, sample.volume.spacing, config.volume_grid,
-                int(vision.temporal_patch_size), int(vision.patch_size), merge,
+            truth = sample_patch_targets(
+                sample.volume, sample.meta["phantom_findings"], config.volume_grid,
+                int(vision.temporal_patch_size), int(vision.patch_size), merge, sample_id=sample.meta["id"],
             )
             scores.append(logits.amax(0).numpy())
             present.append(truth.reshape(-1, len(KINDS)).any(0))

@@ -44,9 +44,36 @@ def test_m3d_cap_case_folders_pair_each_npy_with_its_caption(tmp_path):
     assert all(s.task == "report" and s.prompt == P.REPORT_TRAIN[0] for s in samples)
     volume = D.load_sample_volume(samples[0])
     assert volume.shape == (4, 16, 16)
-    # [0, 1] intensities land on the soft-tissue window: 0 -> -160 HU, 1 -> 240 HU.
-    assert volume.hu[0, 0, 0] == pytest.approx(-160.0) and volume.hu[0, 8, 8] == pytest.approx(240.0)
     assert volume.spacing == D.M3D_NOMINAL_SPACING
+
+
+def test_m3d_volumes_stay_unit_intensities_and_say_so(tmp_path):
+    """M3D's [0, 1] display intensities are not HU: no pseudo-HU at load time; the kind travels
+    on the sample and on the volume, and the preprocessing maps it explicitly."""
+    root = tmp_path / "M3D_Cap_npy"
+    _m3d_npy(root / "case" / "axial.npy", 0.25)
+    (root / "case" / "text.txt").write_text("Normal study.")
+    (sample,) = D.load_m3d_cap(root)
+    assert sample.meta["intensity"] == "unit"
+    volume = D.load_sample_volume(sample)
+    assert volume.metadata["intensity"] == "unit"
+    assert volume.hu[0, 0, 0] == pytest.approx(0.25) and volume.hu[0, 8, 8] == pytest.approx(1.0)
+    # an array sample says its kind through meta; "normalized" (the old spelling) is read as unit
+    array = D.Sample(np.full((4, 8, 8), 0.5, np.float32), "Describe.", "x", "report", meta={"intensity": "normalized"})
+    loaded = D.load_sample_volume(array)
+    assert loaded.metadata["intensity"] == "unit" and float(loaded.hu.max()) == pytest.approx(0.5)
+    with pytest.raises(ValueError, match="intensity kind must be one of"):
+        D.load_sample_volume(D.Sample(np.zeros((4, 8, 8)), "Describe.", "x", "report", meta={"intensity": "bogus"}))
+
+
+def test_a_model_is_trained_on_the_intensity_kind_most_of_its_samples_hold(tmp_path):
+    unit = [D.Sample(str(tmp_path / f"{i}.npy"), "Describe.", "x", "report", meta={"intensity": "unit"}) for i in range(3)]
+    hu = [D.Sample(str(tmp_path / f"{i}.nii.gz"), "Describe.", "x", "report", meta={"intensity": "hu"}) for i in range(2)]
+    assert D.samples_intensity(unit + hu) == "unit"
+    assert D.samples_intensity(unit[:2] + hu) == "hu"  # a tie keeps HU
+    assert D.samples_intensity(D.load_phantoms([1], "chest", shape=(8, 48, 48))) == "hu"
+    bare_npy = D.Sample(str(tmp_path / "x.npy"), "Describe.", "x", "report")  # M3D by its suffix
+    assert D.samples_intensity([bare_npy]) == "unit"
 
 
 def test_m3d_cap_json_index_selects_the_split(tmp_path):
@@ -150,6 +177,7 @@ def test_ct_rate_pairs_nifti_volumes_with_their_report_rows(tmp_path):
     volume = D.load_sample_volume(sample)
     assert volume.shape == (4, 12, 12) and volume.spacing == pytest.approx((3.0, 0.8, 0.8))
     assert float(volume.hu.min()) == pytest.approx(-1024.0)  # the rescale was applied
+    assert sample.meta["intensity"] == "hu" and volume.metadata["intensity"] == "hu"
     assert D.load_ct_rate(root, target="findings")[0].target == "Lungs are clear."
 
 
@@ -185,6 +213,34 @@ def test_phantoms_are_generated_once_and_read_back_from_the_cache(tmp_path):
     item = phantom.vqa[0]
     assert closed[0].target == f"{item.answer_letter}. {item.answer_text}" and opened[0].target == item.answer_text
     assert closed[0].prompt.endswith(" Choices: " + " ".join(f"{l}. {c}" for l, c in zip("ABCD", item.choices)))
+
+
+def test_the_cache_carries_the_lesion_mask_to_the_volume_and_regenerates_files_without_it(tmp_path):
+    """The vision probe's targets come from ``Phantom.lesions``: the cache keeps it, the loaded
+    volume carries it, and a file of the old format (no mask) is regenerated, not misread."""
+    from napari_tghmoe.phantom import make_phantom
+
+    phantom = make_phantom(2, region="chest", shape=(16, 48, 64))
+    assert phantom.lesions.any()
+    path, cached = D.cached_phantom(2, "chest", (16, 48, 64), None, tmp_path)
+    np.testing.assert_array_equal(cached.lesions, phantom.lesions)
+    volume = D.load_sample_volume(D.load_phantoms([2], "chest", shape=(16, 48, 64), cache_dir=tmp_path)[0])
+    np.testing.assert_array_equal(volume.metadata["phantom_lesions"], phantom.lesions)
+    assert volume.metadata["intensity"] == "hu"
+
+    with np.load(path, allow_pickle=False) as data:
+        old = {"hu": data["hu"], "meta": data["meta"]}
+    np.savez_compressed(path, **old)  # what format 1 wrote
+    with pytest.raises(VolumeReadError, match="not a phantom cache file of format 2"):
+        D.read_phantom_cache(path)
+    _, again = D.cached_phantom(2, "chest", (16, 48, 64), None, tmp_path)
+    np.testing.assert_array_equal(again.lesions, phantom.lesions)
+
+
+def test_the_cache_key_names_the_cache_format(tmp_path, monkeypatch):
+    before = D.phantom_cache_path(1, "chest", (8, 48, 48), None, tmp_path)
+    monkeypatch.setattr(D, "PHANTOM_CACHE_FORMAT", D.PHANTOM_CACHE_FORMAT + 1)
+    assert D.phantom_cache_path(1, "chest", (8, 48, 48), None, tmp_path) != before
 
 
 def test_the_cache_key_separates_seed_region_and_grid(tmp_path):
@@ -351,3 +407,27 @@ def test_collated_batch_trains_the_tghmoe_model(tokenizer_and_config):
     assert torch.isfinite(output.loss)
     output.loss.backward()
     assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in model.parameters() if p.requires_grad)
+
+
+def test_a_model_trained_on_m3d_volumes_records_unit_intensities_and_its_card_says_so(tmp_path, monkeypatch):
+    """The trainer writes ``input_intensity`` from its data; the card prints it."""
+    pytest.importorskip("torch")
+    from napari_tghmoe.train.card import input_intensity_line
+    from napari_tghmoe.train.cli import load_recipe_with_overrides
+    from napari_tghmoe.train.trainer import train
+
+    monkeypatch.setenv("TGHMOE_TRAIN_THREADS", "1")
+    root = tmp_path / "M3D_Cap_npy"
+    for case, value in (("a", 0.2), ("b", 0.6)):
+        _m3d_npy(root / case / "axial.npy", value)
+        (root / case / "text.txt").write_text(f"Case {case}: normal study.")
+    samples = D.load_m3d_cap(root)
+    recipe = load_recipe_with_overrides(
+        str(Path(__file__).resolve().parents[1] / "recipes" / "tiny-test.toml"),
+        ["stage1.steps=1", "stage1.save_every=1", "stage1.gradient_accumulation_steps=1"],
+    )
+    train(recipe, 1, tmp_path / "run", progress=False, samples=samples)
+    config = json.loads((tmp_path / "run" / "config.json").read_text())
+    assert config["input_intensity"] == "unit"
+    assert "**unit**" in input_intensity_line(config)
+    assert "**hu**" in input_intensity_line({})  # a folder written before the field: trained on HU

@@ -154,6 +154,40 @@ def test_accepts_an_array_with_spacing_and_prepared_inputs(engine, volume):
     assert from_array.text == from_inputs.text
 
 
+# ------------------------------------------------------------------ intensity kinds
+
+
+def test_a_unit_volume_to_an_hu_model_warns_and_the_answer_keeps_the_warning(engine, volume):
+    """M3D-style [0, 1] volumes given to a model trained on HU: converted, with a project warning
+    (which napari's worker in the chat dock relays as a notification) and a note in the Answer."""
+    from napari_tghmoe.model.preprocess import IntensityMismatchWarning
+
+    assert engine.model.config.input_intensity == "hu"
+    unit = CTVolume((volume.hu - volume.hu.min()) / np.ptp(volume.hu), spacing=volume.spacing, metadata={"intensity": "unit"})
+    with pytest.warns(IntensityMismatchWarning, match=r"\[0, 1\] display intensities.*trained on CT in Hounsfield units"):
+        answer = engine.ask(unit, "Is the liver normal?", max_new_tokens=2)
+    assert any("display intensities" in note for note in answer.warnings)
+    # a float file whose values all lie in [0, 1] (no kind given) is taken as unit, and the warning says why
+    with pytest.warns(IntensityMismatchWarning, match=r"values lie in \[0, 1\]"):
+        engine.ask(CTVolume(unit.hu, spacing=volume.spacing), "Is the liver normal?", max_new_tokens=1)
+
+
+def test_matching_kinds_do_not_warn_and_a_unit_model_warns_on_hu(engine, volume):
+    import warnings
+
+    from napari_tghmoe.model.preprocess import IntensityMismatchWarning
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", IntensityMismatchWarning)
+        answer = engine.ask(volume, "Is the liver normal?", max_new_tokens=1)
+    assert not any("intensities" in note for note in answer.warnings)
+    model = copy.deepcopy(engine.model)
+    model.config.input_intensity = "unit"
+    unit_engine = InferenceEngine(model, engine.tokenizer, engine.info)
+    with pytest.warns(IntensityMismatchWarning, match="windowed .* min-max normalised the M3D way"):
+        unit_engine.ask(CTVolume(volume.hu, spacing=volume.spacing, metadata={"intensity": "hu"}), "Is it normal?", max_new_tokens=1)
+
+
 # ------------------------------------------------------------------ prompt construction
 
 

@@ -216,3 +216,80 @@ def test_without_physical_depth_each_temporal_patch_is_one_position():
     inputs = prepare_volume(np.zeros((50, 64, 64)), (3.0, 1.0, 1.0), tgh_config())
     first = _temporal_positions(model, inputs)
     assert [p - first[0] for p in first] == [0, 1, 2, 3]
+
+
+# ------------------------------------------------------------------ intensity kinds (HU vs [0, 1])
+
+
+def _channel_means(inputs) -> np.ndarray:
+    """Per-channel mean of the model input with the processor's mean/std undone: what each channel saw in [0, 1]."""
+    frames = patches_to_frames(inputs.pixel_values_videos, tuple(inputs.video_grid_thw[0].tolist()), inputs.settings)
+    mean, std = np.array(inputs.settings.image_mean), np.array(inputs.settings.image_std)
+    return frames.mean(dim=(0, 2, 3)).numpy() * std + mean
+
+
+def _unit_volume(value: float) -> CTVolume:
+    return CTVolume(np.full((8, 64, 64), value, dtype=np.float32), spacing=(5.0, 1.5, 1.5), metadata={"intensity": "unit"})
+
+
+def test_unit_volume_to_an_hu_model_goes_through_the_soft_tissue_window_explicitly():
+    """An M3D [0, 1] volume is not read as HU (0.7 HU would be one grey in every channel): it is
+    mapped back on the soft-tissue window, so that channel sees it unchanged."""
+    inputs = prepare_volume(_unit_volume(0.7), None, tgh_config())
+    lung, soft, bone = _channel_means(inputs)
+    assert soft == pytest.approx(0.7, abs=1e-5)
+    hu = -160.0 + 0.7 * 400.0  # 120 HU
+    assert lung == pytest.approx((hu + 1350.0) / 1500.0, abs=1e-5) and bone == pytest.approx((hu + 500.0) / 1800.0, abs=1e-5)
+    assert inputs.intensity.kind == "unit" and not inputs.intensity.guessed
+    assert inputs.settings.input_intensity == "hu" and inputs.intensity_mismatch
+
+
+def test_a_unit_model_sees_unit_volumes_as_grey_and_hu_volumes_windowed_and_min_max_normalised():
+    config = tgh_config(input_intensity="unit")
+    assert config.input_intensity == "unit"
+    grey = prepare_volume(_unit_volume(0.3), None, config)
+    np.testing.assert_allclose(_channel_means(grey), [0.3, 0.3, 0.3], atol=1e-5)
+    assert not grey.intensity_mismatch
+
+    hu = np.full((8, 64, 64), 40.0, dtype=np.float32)  # soft tissue at the window's centre
+    hu[:, :32] = -1000.0  # air: the window's floor, the volume's minimum
+    hu[:, 32:40] = 1000.0  # bone: the window's ceiling, the volume's maximum
+    inputs = prepare_volume(CTVolume(hu, spacing=(1.0, 1.0, 1.0), metadata={"intensity": "hu"}), None, config)
+    frames = patches_to_frames(inputs.pixel_values_videos, tuple(inputs.video_grid_thw[0].tolist()), inputs.settings)
+    unit = frames * torch.tensor(config.image_std).view(1, 3, 1, 1) + torch.tensor(config.image_mean).view(1, 3, 1, 1)
+    assert torch.allclose(unit[:, :, :32], torch.tensor(0.0), atol=1e-5)
+    assert torch.allclose(unit[:, :, 32:40], torch.tensor(1.0), atol=1e-5)
+    assert torch.allclose(unit[:, :, 40:], torch.tensor(0.5), atol=1e-5)
+    assert inputs.intensity.kind == "hu" and inputs.intensity_mismatch
+
+
+def test_the_kind_is_read_from_metadata_else_guessed_from_the_values():
+    from napari_tghmoe.model.preprocess import volume_intensity
+
+    rng = np.random.default_rng(0)
+    display = rng.random((8, 16, 16)).astype(np.float32)  # a float NIfTI in [0, 1]
+    guessed = volume_intensity(CTVolume(display))
+    assert guessed.kind == "unit" and guessed.guessed and "not in HU" in guessed.reason
+    assert prepare_volume(display, (1, 1, 1), tgh_config()).intensity.kind == "unit"
+    assert volume_intensity(CTVolume(display * 1000.0 - 1000.0)).kind == "hu"
+    assert volume_intensity(np.zeros((4, 8, 8), dtype=np.float32)).kind == "hu"  # constant: no evidence
+    assert volume_intensity(np.ones((4, 8, 8), dtype=np.int16)).kind == "hu"  # integers are stored HU
+    assert volume_intensity(CTVolume(display, metadata={"intensity": "hu"})).kind == "hu"  # the loader's word wins
+    with pytest.raises(ValueError, match="intensity kind must be one of"):
+        tgh_config(input_intensity="rgb")
+    assert prepare_volume(display, (1, 1, 1), tgh_config(), intensity="hu").intensity.kind == "hu"
+
+
+def test_a_config_without_the_field_was_trained_on_hu(tmp_path):
+    """Model folders written before ``input_intensity`` existed (the first bundled demo) are HU models."""
+    import json
+    from pathlib import Path
+
+    from napari_tghmoe.model.configuration import TGHMoEConfig
+
+    demo = Path(__file__).resolve().parents[1] / "resources" / "demo-model" / "config.json"
+    values = json.loads(demo.read_text())
+    values.pop("input_intensity", None)
+    (tmp_path / "config.json").write_text(json.dumps(values))
+    assert TGHMoEConfig.from_pretrained(tmp_path, local_files_only=True).input_intensity == "hu"
+    assert InputSettings.from_config(tiny_base_config()).input_intensity == "hu"  # a plain Qwen2.5-VL config

@@ -9,19 +9,32 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from napari_tghmoe.train.vision_probe import KINDS, finding_patch_targets
+from napari_tghmoe.train.vision_probe import KINDS, LOCATIONS, lesion_patch_targets
 
 ROOT = Path(__file__).resolve().parents[1]
 GRID = (32, 64, 96)  # temporal patch 2, patch 16, merge 2 -> tokens (16, 2, 3), 4 patches each
 
 
-def _targets(findings, volume_shape=GRID, spacing=(10.0, 4.0, 4.0)):
-    return finding_patch_targets(findings, volume_shape, spacing, GRID, temporal_patch=2, patch=16, merge=2)
+def _targets(lesions, findings, field="kind", vocabulary=KINDS):
+    return lesion_patch_targets(lesions, findings, GRID, temporal_patch=2, patch=16, merge=2, field=field, vocabulary=vocabulary)
 
 
-def test_a_small_finding_marks_exactly_its_own_patch():
-    nodule = {"kind": "lung nodule", "center_voxel": [5, 40, 70], "size_mm": 8.0}
-    targets = _targets([nodule])
+def _patch_grid(targets):
+    """Targets in the merger's order (tokens, 4, words) -> (slabs 16, rows 4, columns 6, words)."""
+    words = targets.shape[-1]
+    return targets.reshape(16, 2, 3, 2, 2, words).transpose(0, 1, 3, 2, 4, 5).reshape(16, 4, 6, words) > 0.5
+
+
+def _patches_holding(lesions, values):
+    """(16, 4, 6): the 2 x 16 x 16 blocks of a volume on the grid that hold a voxel of ``values``
+    (read straight off the mask, not through the code under test)."""
+    return np.isin(lesions, values).reshape(16, 2, 4, 16, 6, 16).any(axis=(1, 3, 5))
+
+
+def test_a_small_lesion_marks_exactly_its_own_patch():
+    lesions = np.zeros(GRID, dtype=np.uint8)
+    lesions[5, 40:42, 70:72] = 1
+    targets = _targets(lesions, [{"kind": "lung nodule", "location": "right upper lobe"}])
     assert targets.shape == (16 * 2 * 3, 4, len(KINDS))
     # slab 5 // 2 = 2, patch row 40 // 16 = 2 (block 1, row 0), patch column 70 // 16 = 4 (block 2, column 0)
     token, patch = 2 * (2 * 3) + 1 * 3 + 2, 0
@@ -29,22 +42,66 @@ def test_a_small_finding_marks_exactly_its_own_patch():
     assert targets.sum() == 1.0
 
 
-def test_labels_follow_the_volume_onto_the_model_grid():
-    """A volume twice the grid's size in-plane: the same physical spot gives the same token."""
-    nodule = {"kind": "renal cyst", "center_voxel": [5, 81, 141], "size_mm": 8.0}
-    targets = _targets([nodule], volume_shape=(32, 128, 192), spacing=(10.0, 2.0, 2.0))
+def test_labels_follow_the_mask_through_the_images_resampling():
+    """A volume twice the grid in-plane: the lesion lands on the patch its voxels are averaged into,
+    and a lesion that straddles a patch border in the volume marks both patches."""
+    lesions = np.zeros((32, 128, 192), dtype=np.uint8)
+    lesions[5, 81:84, 141:144] = 1  # -> grid voxels (5, 40-41, 70-71): the patch of the test above
+    lesions[20, 62:66, 10:12] = 2  # -> grid rows 31-32: patch rows 1 and 2
+    findings = [{"kind": "renal cyst"}, {"kind": "hypodense splenic lesion"}]
+    targets = _targets(lesions, findings)
     token = 2 * (2 * 3) + 1 * 3 + 2
     assert targets[token, 0, KINDS.index("renal cyst")] == 1.0
-    assert targets.sum() == 1.0
+    assert targets[..., KINDS.index("renal cyst")].sum() == 1.0
+    splenic = _patch_grid(targets)[..., KINDS.index("hypodense splenic lesion")]
+    assert np.argwhere(splenic).tolist() == [[10, 1, 0], [10, 2, 0]]
 
 
-def test_a_large_finding_spans_neighbouring_patches_and_slabs():
-    effusion = {"kind": "pleural effusion", "center_voxel": [16, 32, 48], "size_mm": 60.0}
-    targets = _targets([effusion])
-    marked = targets[..., KINDS.index("pleural effusion")]
-    assert marked.sum() > 8  # 60 mm is several 20 mm slabs and 64 mm patches
+def test_an_effusion_marks_every_patch_of_its_fluid_and_nothing_else():
+    lesions = np.zeros(GRID, dtype=np.uint8)
+    lesions[4:28, 40:60, 2:30] = 1  # a crescent's bounding block: many patches, far from a cube of its depth
+    targets = _targets(lesions, [{"kind": "pleural effusion", "location": "right pleural space"}])
+    marked = _patch_grid(targets)[..., KINDS.index("pleural effusion")]
+    np.testing.assert_array_equal(marked, _patches_holding(lesions, [1]))
+    assert marked.sum() == 12 * 2 * 2  # slabs 2-13, rows 2-3, columns 0-1
     assert targets[..., KINDS.index("lung nodule")].sum() == 0
-    assert _targets([]).sum() == 0
+    assert _targets(np.zeros(GRID, dtype=np.uint8), []).sum() == 0
+
+
+@pytest.mark.parametrize("field, vocabulary", [("kind", KINDS), ("location", LOCATIONS)])
+def test_on_phantoms_a_patch_is_positive_exactly_when_it_holds_a_voxel_of_the_finding(tmp_path, monkeypatch, field, vocabulary):
+    """What training reads (the phantom cache's volume with its mask, through ``sample_patch_targets``):
+    every positive patch holds a lesion voxel of that kind, and every patch holding one is positive.
+    The bounding-box targets before issue 19 failed both (scripts/probe_target_coverage.py)."""
+    from napari_tghmoe.train.data import load_dataset_spec, load_sample_volume
+    from napari_tghmoe.train.vision_probe import sample_patch_targets
+
+    monkeypatch.setenv("TGHMOE_CACHE_DIR", str(tmp_path / "cache"))
+    samples = load_dataset_spec("phantom:seeds=0-7,region=both,shape=32x64x96", task="report")
+    seen = set()
+    for sample in samples:
+        volume = load_sample_volume(sample)
+        lesions = volume.metadata["phantom_lesions"]
+        findings = sample.meta["phantom_findings"]
+        positive = _patch_grid(sample_patch_targets(volume, findings, GRID, 2, 16, 2, field=field, vocabulary=vocabulary))
+        for word, name in enumerate(vocabulary):
+            values = [i + 1 for i, finding in enumerate(findings) if finding[field] == name]
+            holding = _patches_holding(lesions, values)
+            np.testing.assert_array_equal(positive[..., word], holding, err_msg=f"{sample.meta['id']}: {name}")
+            if holding.any():
+                seen.add(findings[values[0] - 1]["kind"])
+    assert {"pleural effusion", "lung nodule"} <= seen  # the test saw a large and a small finding
+
+
+def test_a_phantom_volume_without_its_mask_is_an_error_not_box_labels():
+    from napari_tghmoe.io import CTVolume
+    from napari_tghmoe.train.vision_probe import sample_patch_targets
+
+    volume = CTVolume(np.zeros(GRID, dtype=np.int16), spacing=(10.0, 4.0, 4.0))
+    finding = {"kind": "renal cyst", "location": "left kidney, upper pole", "center_voxel": [5, 40, 70], "size_mm": 8.0}
+    with pytest.raises(ValueError, match="phantom-7-report-0: phantom findings but no lesion mask"):
+        sample_patch_targets(volume, [finding], GRID, 2, 16, 2, sample_id="phantom-7-report-0")
+    assert sample_patch_targets(volume, [], GRID, 2, 16, 2).sum() == 0  # nothing to find: no mask needed
 
 
 def test_training_with_the_probe_logs_its_loss_keeps_the_heads_out_of_the_model_and_in_the_checkpoints(

@@ -57,6 +57,9 @@ class TGHMoEConfig(Qwen2_5_VLConfig):
         image_mean, image_std: per-channel normalisation after windowing to [0, 1].
         depth_mm_per_position: None = one temporal rope position per temporal patch; a float =
             positions follow physical depth, one position per that many mm.
+        input_intensity: the intensities the model was trained on: "hu" (CT in Hounsfield units) or
+            "unit" ([0, 1] display intensities, M3D); written by the trainer from its data. Volumes of
+            the other kind are converted (``napari_tghmoe.model.preprocess``) with a warning.
     """
 
     model_type = "tghmoe_qwen2_5_vl"
@@ -87,6 +90,7 @@ class TGHMoEConfig(Qwen2_5_VLConfig):
     image_mean: list[float] | tuple[float, ...] = CLIP_IMAGE_MEAN
     image_std: list[float] | tuple[float, ...] = CLIP_IMAGE_STD
     depth_mm_per_position: float | int | None = None
+    input_intensity: str = "hu"
 
     def __post_init__(self, **kwargs: Any) -> None:
         super().__post_init__(**kwargs)
@@ -174,6 +178,9 @@ class TGHMoEConfig(Qwen2_5_VLConfig):
                 raise ValueError(f"{name} needs one entry per input channel ({channels})")
         self.image_mean = [float(v) for v in self.image_mean]
         self.image_std = [float(v) for v in self.image_std]
+        from napari_tghmoe.model.preprocess import intensity_kind
+
+        self.input_intensity = intensity_kind(self.input_intensity)
 
     # ------------------------------------------------------------------ helpers
     @property

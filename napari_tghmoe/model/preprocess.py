@@ -16,6 +16,24 @@ Choices, and why:
   ``(grid_t, tp, C, gh/m, m, p, gw/m, m, p)`` permuted to ``(grid_t, gh/m, gw/m, m, m, C, tp, p, p)``.
   The pretrained Conv3d patch embedding therefore sees what it was trained on, and
   :func:`patches_to_frames` undoes it.
+* **Two kinds of intensities, handled explicitly.** A volume holds either Hounsfield units
+  (``"hu"``: CT from DICOM, NIfTI, phantoms, CT-RATE) or display intensities in [0, 1]
+  (``"unit"``: M3D-Cap / M3D-VQA ``.npy``, made from Radiopaedia JPEG/PNG slices, i.e. an image
+  already windowed for display by whoever exported it, then min-max normalised per volume by
+  M3D's ``m3d_cap_data_prepare.py``). The kind is ``CTVolume.metadata["intensity"]`` (set by the
+  data loaders) or, without it, guessed: a float volume whose values all lie in [0, 1] is
+  ``"unit"`` (no CT in HU does: air is -1000). The model's kind is ``config.input_intensity``
+  (what it was trained on; "hu" when absent). The channels follow the model's kind:
+
+  - an ``"hu"`` model: the three HU windows; a unit volume is first mapped back to pseudo-HU on
+    the :data:`UNIT_DISPLAY_WINDOW` (soft tissue), so the soft-tissue channel sees it unchanged and
+    the lung and bone channels see it compressed (there is no HU left to recover);
+  - a ``"unit"`` model: the unit image itself, the same grey in all three channels (what a 2D MLLM
+    sees of a grey display image); an HU volume is first made unit the M3D way: the
+    :data:`UNIT_DISPLAY_WINDOW` clipped to [0, 1], then min-max normalised over the volume.
+
+  A mismatch is converted, never refused, and :class:`IntensityMismatchWarning` says so (the engine
+  warns; the chat dock's worker turns the warning into a napari notification).
 * **Depth positions can follow millimetres** the way video positions follow seconds:
   Qwen2.5-VL advances the temporal rope position by ``tokens_per_second *
   second_per_grid_ts`` per temporal patch (then truncates to an integer), so with
@@ -50,6 +68,70 @@ DEFAULT_DEPTH_MM_PER_POSITION: float | None = None
 _TRUNCATION_GUARD = 1.0 + 1e-6
 #: What air reads as; non-finite voxels (NaN padding of some exports) become air.
 AIR_HU = -1024.0
+#: Intensity kinds (``CTVolume.metadata["intensity"]``, ``config.input_intensity``).
+INTENSITY_HU = "hu"
+INTENSITY_UNIT = "unit"
+INTENSITY_KINDS = (INTENSITY_HU, INTENSITY_UNIT)
+#: Spellings accepted for the kinds ("normalized" is what the data loaders wrote before issue 19).
+_INTENSITY_ALIASES = {"hu": INTENSITY_HU, "unit": INTENSITY_UNIT, "normalized": INTENSITY_UNIT, "normalised": INTENSITY_UNIT}
+#: (centre, width) in HU of the display window assumed between HU and unit intensities: soft
+#: tissue, the window most CT teaching images (M3D's source) are shown in. unit 0..1 <-> -160..240 HU.
+UNIT_DISPLAY_WINDOW = (40.0, 400.0)
+
+
+class IntensityMismatchWarning(UserWarning):
+    """The volume's intensities are not of the kind the model was trained on (HU vs [0, 1] display
+    intensities): the input was converted, but the model sees what it never saw in training."""
+
+
+def intensity_kind(value: Any) -> str:
+    """``"hu"`` or ``"unit"`` for any accepted spelling; ValueError otherwise."""
+    kind = _INTENSITY_ALIASES.get(str(value).strip().lower())
+    if kind is None:
+        raise ValueError(f"intensity kind must be one of {INTENSITY_KINDS}, got {value!r}")
+    return kind
+
+
+@dataclass(frozen=True)
+class VolumeIntensity:
+    """A volume's intensity kind and where it came from (``guessed``: read off the values)."""
+
+    kind: str
+    guessed: bool
+    reason: str
+
+
+def volume_intensity(volume: Any) -> VolumeIntensity:
+    """The intensity kind of a ``CTVolume`` (its ``metadata["intensity"]``) or array (guessed).
+
+    Guess: a float volume, not constant, whose values all lie in [0, 1] is ``"unit"``: a CT in HU
+    always holds air (about -1000) or tissue above 1 HU. Anything else is taken as ``"hu"``.
+    """
+    metadata = getattr(volume, "metadata", None) or {}
+    if metadata.get("intensity") is not None:
+        return VolumeIntensity(intensity_kind(metadata["intensity"]), False, "set by the loader")
+    values = np.asarray(getattr(volume, "hu", volume))
+    if values.dtype.kind == "f" and values.size:
+        low, high = float(values.min()), float(values.max())  # NaN makes both NaN: taken as HU
+        if 0.0 <= low < high <= 1.0:
+            return VolumeIntensity(INTENSITY_UNIT, True, f"its values lie in [{low:.3g}, {high:.3g}], not in HU")
+    return VolumeIntensity(INTENSITY_HU, True, "no intensity kind given; the values look like HU")
+
+
+def unit_to_hu(unit: torch.Tensor, window: tuple[float, float] = UNIT_DISPLAY_WINDOW) -> torch.Tensor:
+    """[0, 1] display intensities -> pseudo-HU on ``window`` (centre, width): the inverse of the
+    windowing, the best an HU model can be given when the HU are gone."""
+    centre, width = window
+    return unit * width + (centre - width / 2.0)
+
+
+def hu_to_unit(hu: torch.Tensor, window: tuple[float, float] = UNIT_DISPLAY_WINDOW) -> torch.Tensor:
+    """HU -> [0, 1] the M3D way: the display ``window`` clipped to [0, 1], then min-max
+    normalised over the volume (M3D's ``image - min`` then ``/ max(max, 1e-8)``)."""
+    centre, width = window
+    unit = ((hu - (centre - width / 2.0)) / width).clamp(0.0, 1.0)
+    unit = unit - unit.min()
+    return unit / unit.max().clamp(min=1e-8)
 
 
 @dataclass(frozen=True)
@@ -65,6 +147,7 @@ class InputSettings:
     merge_size: int
     tokens_per_second: float
     depth_mm_per_position: float | None
+    input_intensity: str = INTENSITY_HU  # the kind the model was trained on (config.input_intensity)
 
     @classmethod
     def from_config(cls, config: Any = None, volume_grid: tuple[int, int, int] | None = None) -> InputSettings:
@@ -83,6 +166,7 @@ class InputSettings:
         mean = getattr(config, "image_mean", None) or DEFAULT_IMAGE_MEAN
         std = getattr(config, "image_std", None) or DEFAULT_IMAGE_STD
         depth_mm = getattr(config, "depth_mm_per_position", DEFAULT_DEPTH_MM_PER_POSITION)
+        input_intensity = intensity_kind(getattr(config, "input_intensity", None) or INTENSITY_HU)
         windows = tuple((float(c), float(w)) for c, w in windows)
         if len(windows) != 3 or any(w <= 0 for _, w in windows):
             raise ValueError(f"ct_windows must be three (centre, width>0) pairs, got {windows}")
@@ -98,6 +182,7 @@ class InputSettings:
             merge_size=merge,
             tokens_per_second=tokens_per_second,
             depth_mm_per_position=None if depth_mm in (None, 0) else float(depth_mm),
+            input_intensity=input_intensity,
         )
 
 
@@ -130,6 +215,12 @@ class VolumeInputs:
     num_video_tokens: int  # LLM tokens after the 2x2 spatial merge
     mm_per_grid_step: float  # depth in mm one temporal patch covers
     settings: InputSettings
+    intensity: VolumeIntensity | None = None  # the volume's kind (settings.input_intensity: the model's)
+
+    @property
+    def intensity_mismatch(self) -> bool:
+        """The volume's intensities were converted to the model's kind (see the module doc)."""
+        return self.intensity is not None and self.intensity.kind != self.settings.input_intensity
 
     def model_kwargs(self, device: Any = None, dtype: Any = None) -> dict[str, Any]:
         """Keyword arguments for ``model(...)`` / ``model.generate(...)``."""
@@ -199,6 +290,29 @@ def window_channels(hu: torch.Tensor, settings: InputSettings) -> torch.Tensor:
     return unit.sub_(per_channel(list(settings.image_mean))).div_(per_channel(list(settings.image_std)))
 
 
+def unit_channels(unit: torch.Tensor, settings: InputSettings) -> torch.Tensor:
+    """(D, H, W) [0, 1] display intensities -> (D, 3, H, W): the same grey in every channel (how a
+    grey display image reaches an RGB model), then the processor's mean/std."""
+    import torch
+
+    channels = len(settings.image_mean)
+    grey = unit.clamp(0.0, 1.0)[:, None].expand(-1, channels, -1, -1)
+    mean = torch.tensor(list(settings.image_mean), dtype=torch.float32).view(1, -1, 1, 1)
+    std = torch.tensor(list(settings.image_std), dtype=torch.float32).view(1, -1, 1, 1)
+    return (grey - mean) / std
+
+
+def model_channels(resampled: torch.Tensor, kind: str, settings: InputSettings) -> torch.Tensor:
+    """(D, H, W) intensities of ``kind`` -> the (D, 3, H, W) channels of a model trained on
+    ``settings.input_intensity`` (the four cases of the module doc)."""
+    kind = intensity_kind(kind)
+    if settings.input_intensity == INTENSITY_HU:
+        hu = unit_to_hu(resampled) if kind == INTENSITY_UNIT else resampled
+        return window_channels(hu, settings)
+    unit = hu_to_unit(resampled) if kind == INTENSITY_HU else resampled
+    return unit_channels(unit, settings)
+
+
 def frames_to_patches(frames: torch.Tensor, settings: InputSettings) -> tuple[torch.Tensor, tuple[int, int, int]]:
     """(D, C, H, W) frames -> (grid_t*grid_h*grid_w, C*tp*p*p) as Qwen2VLVideoProcessor.patchify."""
     depth, channels, height, width = frames.shape
@@ -228,20 +342,27 @@ def prepare_volume(
     config: Any = None,
     *,
     volume_grid: tuple[int, int, int] | None = None,
+    intensity: str | None = None,
 ) -> VolumeInputs:
-    """Turn a CT volume in HU (a ``CTVolume`` or a (z, y, x) array + spacing) into model inputs.
+    """Turn a CT volume (a ``CTVolume`` or a (z, y, x) array + spacing) into model inputs.
 
     ``config`` is the model config (TGH-MoE or plain Qwen2.5-VL); its ``vision_config`` gives
     the patch sizes and its CT fields (``volume_grid``, ``ct_windows``, ``image_mean``,
-    ``image_std``, ``depth_mm_per_position``) the rest, with the module defaults when absent.
+    ``image_std``, ``depth_mm_per_position``, ``input_intensity``) the rest, with the module
+    defaults when absent. ``intensity`` ("hu" / "unit") overrides the volume's own kind
+    (:func:`volume_intensity`); the result's ``intensity`` says which kind was used.
     """
     import torch
 
     hu, spacing_zyx = _as_hu_and_spacing(volume, spacing)
     settings = InputSettings.from_config(config, volume_grid=volume_grid)
     grid = settings.volume_grid
+    if intensity is None:
+        source_intensity = volume_intensity(volume)
+    else:
+        source_intensity = VolumeIntensity(intensity_kind(intensity), False, "given by the caller")
     resampled = resample_to_grid(hu, grid)
-    frames = window_channels(resampled, settings)
+    frames = model_channels(resampled, source_intensity.kind, settings)
     patches, grid_thw = frames_to_patches(frames, settings)
 
     depth_extent_mm = hu.shape[0] * spacing_zyx[0]
@@ -262,4 +383,5 @@ def prepare_volume(
         num_video_tokens=grid_t * grid_h * grid_w // settings.merge_size**2,
         mm_per_grid_step=mm_per_grid_step,
         settings=settings,
+        intensity=source_intensity,
     )

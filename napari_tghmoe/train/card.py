@@ -77,6 +77,21 @@ def target_verdict(closed_accuracy: float | None, recall: float | None, precisio
     return "**Targets missed**: " + "; ".join(missed) + "."
 
 
+def input_intensity_line(config: dict[str, Any]) -> str:
+    """The card's line on the intensities the model was trained on (``input_intensity``; a folder
+    written before the field existed, like the first demo, was trained on HU)."""
+    kind = config.get("input_intensity") or "hu"
+    if kind == "unit":
+        return (
+            "- Input intensities (`input_intensity`): **unit**, [0, 1] display intensities as M3D ships them "
+            "(grey in all three channels); a CT in HU is windowed (soft tissue) and min-max normalised first, with a warning."
+        )
+    return (
+        "- Input intensities (`input_intensity`): **hu**, CT in Hounsfield units (three HU windows as channels); "
+        "a [0, 1] display-normalised volume (M3D) is mapped to pseudo-HU first, with a warning."
+    )
+
+
 def write_card(
     dest: Path,
     recipe: Any,
@@ -112,7 +127,8 @@ def write_card(
         f"- Experts in vision blocks {config['moe_blocks']} (groups per block {config['block_groups']}), "
         f"{config['experts_per_group']} experts per group, top-{config['router_top_k']}, LoRA rank {config['lora_rank']}; "
         f"LLM LoRA rank {config['llm_lora_rank']} on {config['llm_lora_targets']}.",
-        f"- Input: the CT resampled to {config['volume_grid']} (slices x rows x columns), three HU windows as channels.",
+        f"- Input: the CT resampled to {config['volume_grid']} (slices x rows x columns).",
+        input_intensity_line(config),
         f"- Files: {size_mb:.1f} MB in total, safetensors weights.",
         "- Base weights: none exist offline, so stage 1 also trained the (randomly initialised) base",
         "  vision tower and LLM (`also_train` in the recipe); stage 2 trained only the task experts and",

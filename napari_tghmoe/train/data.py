@@ -3,8 +3,8 @@
 Every source becomes a list of :class:`Sample` (volume or a path to it, prompt, target,
 task, question type, meta), so training, evaluation and the demo share one code path:
 
-* **M3D-Cap** (``.npy`` 1x32x256x256 intensities normalised to [0, 1] + a caption text
-  file), as M3D ships it: a folder with ``M3D_Cap.json`` (``{"train": [{"image", "text"}],
+* **M3D-Cap** (``.npy`` 1x32x256x256 display intensities in [0, 1], not HU, + a caption
+  text file), as M3D ships it: a folder with ``M3D_Cap.json`` (``{"train": [{"image", "text"}],
   ...}``) or just case folders holding ``*.npy`` and a ``.txt``.
 * **M3D-VQA** (CSV: ``Image Path, Question, Choice A..D, Answer, Answer Choice,
   Question Type``): closed prompt ``"{question} Choices: A. {a} B. {b} C. {c} D. {d}"``,
@@ -33,15 +33,16 @@ from typing import Any
 import numpy as np
 
 from napari_tghmoe.io import CTVolume, VolumeReadError
+from napari_tghmoe.model.preprocess import INTENSITY_HU, INTENSITY_UNIT, intensity_kind, volume_intensity
 from napari_tghmoe.train import phrasings as _phr
 
 TASKS = ("report", "vqa_closed", "vqa_open")
 #: M3D-VQA's numeric "Question Type" column, in the order of the M3D paper.
 M3D_QTYPES = {1: "plane", 2: "phase", 3: "organ", 4: "abnormality", 5: "location"}
-#: M3D volumes are intensities in [0, 1] (display-windowed, min-max normalised), not HU.
-#: We map them onto the soft-tissue window (centre 40, width 400 HU) so that the model's
-#: soft-tissue channel sees the M3D image unchanged; lung and bone channels see it compressed.
-M3D_NORMALISED_HU_RANGE = (-160.0, 240.0)
+#: M3D volumes are display intensities in [0, 1] (JPEG/PNG slices as exported for display, then
+#: min-max normalised per volume), not HU. They stay so: their samples and volumes say
+#: ``intensity = "unit"`` and ``napari_tghmoe.model.preprocess`` maps each kind to the channels of
+#: the model's ``input_intensity`` explicitly (no pseudo-HU at load time).
 #: M3D's .npy files carry no spacing; a nominal one keeps depth positions consistent.
 M3D_NOMINAL_SPACING = (5.0, 1.5, 1.5)
 
@@ -64,7 +65,8 @@ class Sample:
     :func:`napari_tghmoe.io.load_volume` reads). ``meta`` carries what evaluation needs:
     ``id``, ``source``, and per task ``choices`` / ``answer_letter`` / ``answer_text``
     (closed VQA), ``question`` (the question before any framing), ``findings`` (phantom
-    reports: list of {kind, location, size_mm}), ``intensity`` ("hu" or "normalized").
+    reports: list of {kind, location, size_mm}), ``intensity`` ("hu" or "unit", see
+    :mod:`napari_tghmoe.model.preprocess`; "normalized" is read as "unit").
     """
 
     volume: Any
@@ -127,12 +129,6 @@ class Phrasing:
 # --------------------------------------------------------------------------- volumes
 
 
-def normalised_to_hu(image: np.ndarray) -> np.ndarray:
-    """M3D [0, 1] intensities -> pseudo-HU on the soft-tissue window (see module constants)."""
-    low, high = M3D_NORMALISED_HU_RANGE
-    return (np.asarray(image, dtype=np.float32) * (high - low) + low).astype(np.float32)
-
-
 def read_m3d_npy(path: str | Path) -> np.ndarray:
     """An M3D ``.npy`` (1, D, H, W) or (D, H, W) in [0, 1] -> (D, H, W) float32."""
     path = Path(path)
@@ -148,19 +144,21 @@ def read_m3d_npy(path: str | Path) -> np.ndarray:
 
 
 def load_sample_volume(sample: Sample) -> CTVolume:
-    """The sample's volume as a ``CTVolume`` in HU (reading its file if it is a path)."""
+    """The sample's volume as a ``CTVolume`` (reading its file if it is a path), its intensity kind
+    in ``metadata["intensity"]``: the sample's ``meta["intensity"]``, "unit" for an M3D ``.npy``,
+    "hu" for a phantom; left unset (guessed from the values by the preprocessing) otherwise.
+    Values are never converted here: an M3D volume stays in [0, 1]."""
     volume = sample.volume
     meta = sample.meta
     spacing = tuple(meta.get("spacing") or (1.0, 1.0, 1.0))
+    declared = intensity_kind(meta["intensity"]) if meta.get("intensity") else None
     if isinstance(volume, CTVolume):
         return volume
     if hasattr(volume, "detach"):  # a torch tensor
         volume = volume.detach().cpu().numpy()
     if isinstance(volume, np.ndarray):
         array = volume[0] if volume.ndim == 4 and volume.shape[0] == 1 else volume
-        if meta.get("intensity") == "normalized":
-            array = normalised_to_hu(array)
-        return CTVolume(hu=array, spacing=spacing)
+        return CTVolume(hu=array, spacing=spacing, metadata={"intensity": declared} if declared else {})
     if not isinstance(volume, (str, Path)):
         raise TypeError(f"sample volume must be a CTVolume, array, tensor or path, got {type(volume).__name__}")
     path = Path(volume)
@@ -169,9 +167,12 @@ def load_sample_volume(sample: Sample) -> CTVolume:
     name = path.name.lower()
     if name.endswith(".npy"):
         array = read_m3d_npy(path)
-        if meta.get("intensity", "normalized") == "normalized":
-            array = normalised_to_hu(array)
-        return CTVolume(hu=array, spacing=tuple(meta.get("spacing") or M3D_NOMINAL_SPACING), source=str(path))
+        return CTVolume(
+            hu=array,
+            spacing=tuple(meta.get("spacing") or M3D_NOMINAL_SPACING),
+            source=str(path),
+            metadata={"source_format": "M3D npy", "intensity": declared or INTENSITY_UNIT},
+        )
     if name.endswith(".npz"):
         return read_phantom_cache(path).volume
     from napari_tghmoe.io import load_volume
@@ -181,15 +182,43 @@ def load_sample_volume(sample: Sample) -> CTVolume:
     if rescale and float(np.min(ct.hu)) >= 0:  # stored without the DICOM rescale (CT-RATE)
         slope, intercept = rescale
         ct.hu = ct.hu.astype(np.float32) * float(slope) + float(intercept)
+    if declared:
+        ct.metadata["intensity"] = declared
     return ct
+
+
+def samples_intensity(samples: Sequence[Sample]) -> str:
+    """The intensity kind most training samples hold (ties: "hu"): what a model trained on them
+    is trained on (``config.input_intensity``); the minority is converted to it by the
+    preprocessing, in training as at inference."""
+    counts = {INTENSITY_HU: 0, INTENSITY_UNIT: 0}
+    for sample in samples:
+        if sample.meta.get("intensity"):
+            kind = intensity_kind(sample.meta["intensity"])
+        elif isinstance(sample.volume, CTVolume):
+            kind = volume_intensity(sample.volume).kind
+        elif isinstance(sample.volume, (str, Path)) and str(sample.volume).lower().endswith(".npy"):
+            kind = INTENSITY_UNIT
+        else:
+            kind = INTENSITY_HU
+        counts[kind] += 1
+    return INTENSITY_UNIT if counts[INTENSITY_UNIT] > counts[INTENSITY_HU] else INTENSITY_HU
 
 
 # --------------------------------------------------------------------------- phantoms
 
 
+#: Layout of the phantom cache files; part of the cache key, so a change regenerates them.
+#: 2: the lesion mask (``Phantom.lesions``) is stored beside the HU array.
+PHANTOM_CACHE_FORMAT = 2
+
+
 @dataclass
 class CachedPhantom:
-    """What the phantom cache keeps: the volume and the ground truth text needs."""
+    """What the phantom cache keeps: the volume, the ground truth text needs, and the lesion
+    mask (``Phantom.lesions``: i + 1 on the voxels of ``findings[i]``) the vision probe's targets
+    come from. The mask also rides on ``volume.metadata["phantom_lesions"]`` so that a sample whose
+    volume was loaded from the cache carries it to the probe."""
 
     volume: CTVolume
     seed: int
@@ -198,6 +227,7 @@ class CachedPhantom:
     report: str
     findings: list[dict[str, Any]]
     vqa: list[dict[str, Any]]
+    lesions: np.ndarray | None = None
 
 
 def phantom_code_version() -> str:
@@ -226,6 +256,7 @@ def phantom_cache_path(
             "shape": list(shape) if shape else None,
             "spacing": [float(s) for s in spacing] if spacing else None,
             "version": phantom_code_version(),
+            "format": PHANTOM_CACHE_FORMAT,
         },
         sort_keys=True,
     )
@@ -274,19 +305,28 @@ def write_phantom_cache(phantom: Any, path: str | Path) -> Path:
         ],
     }
     temporary = path.with_name(f".{path.name}.{os.getpid()}.tmp.npz")
-    np.savez_compressed(temporary, hu=np.asarray(volume.hu), meta=np.array(json.dumps(meta)))
+    lesions = np.asarray(phantom.lesions, dtype=np.uint8)
+    if lesions.shape != np.asarray(volume.hu).shape:
+        raise ValueError(f"{path}: lesion mask shape {lesions.shape} differs from the volume's {np.asarray(volume.hu).shape}")
+    np.savez_compressed(temporary, hu=np.asarray(volume.hu), lesions=lesions, meta=np.array(json.dumps(meta)))
     os.replace(temporary, path)
     return path
 
 
 def read_phantom_cache(path: str | Path) -> CachedPhantom:
+    """A phantom cache file (:func:`write_phantom_cache`) -> :class:`CachedPhantom`; a file
+    without a lesion mask (written before format 2) is a ``VolumeReadError``, so the cache
+    regenerates it."""
     path = Path(path)
     try:
         with np.load(path, allow_pickle=False) as data:
             hu = data["hu"]
+            lesions = data["lesions"]
             meta = json.loads(str(data["meta"]))
     except (OSError, ValueError, KeyError) as err:
-        raise VolumeReadError(path, f"not a phantom cache file ({err})") from err
+        raise VolumeReadError(path, f"not a phantom cache file of format {PHANTOM_CACHE_FORMAT} ({err})") from err
+    if lesions.shape != hu.shape:
+        raise VolumeReadError(path, f"lesion mask shape {lesions.shape} differs from the volume's {hu.shape}")
     volume = CTVolume(
         hu=hu,
         spacing=tuple(meta["spacing"]),
@@ -294,9 +334,11 @@ def read_phantom_cache(path: str | Path) -> CachedPhantom:
         direction=np.asarray(meta["direction"]),
         description=meta.get("description", ""),
         source=str(path),
-        metadata={"source_format": "phantom"},
+        metadata={"source_format": "phantom", "intensity": INTENSITY_HU, "phantom_lesions": lesions},
     )
-    return CachedPhantom(volume, meta["seed"], meta["region"], meta["phase"], meta["report"], meta["findings"], meta["vqa"])
+    return CachedPhantom(
+        volume, meta["seed"], meta["region"], meta["phase"], meta["report"], meta["findings"], meta["vqa"], lesions
+    )
 
 
 def cached_phantom(
@@ -463,7 +505,7 @@ def load_m3d_cap(
                 meta={
                     "id": str(image_path.relative_to(root)) if image_path.is_relative_to(root) else str(image_path),
                     "source": "m3d-cap",
-                    "intensity": "normalized",
+                    "intensity": INTENSITY_UNIT,
                     "spacing": list(M3D_NOMINAL_SPACING),
                 },
             )
@@ -523,7 +565,7 @@ def load_m3d_vqa(
         meta = {
             "id": f"{csv_path.stem}-{row_index}",
             "source": "m3d-vqa",
-            "intensity": "normalized",
+            "intensity": INTENSITY_UNIT,
             "spacing": list(M3D_NOMINAL_SPACING),
             "question": row["Question"].strip(),
             "choices": choices,
@@ -604,7 +646,7 @@ def load_ct_rate(
         findings = (row.get("Findings_EN") or "").strip()
         impression = (row.get("Impressions_EN") or "").strip()
         text = findings if target == "findings" or not impression else f"Findings: {findings}\nImpression: {impression}"
-        meta: dict[str, Any] = {"id": name, "source": "ct-rate", "intensity": "hu"}
+        meta: dict[str, Any] = {"id": name, "source": "ct-rate", "intensity": INTENSITY_HU}
         if name in rescales:
             meta["rescale"] = list(rescales[name])
         samples.append(Sample(str(volumes[name]), phrasing.report_request(), text, "report", None, meta))

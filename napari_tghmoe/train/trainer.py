@@ -388,6 +388,10 @@ def train(
     else:
         tokenizer = build_tokenizer_for(recipe, samples)
     model = build_model(recipe, init=init, tokenizer=tokenizer)
+    if init is None:  # a new model is trained on its data's intensities (HU or [0, 1]); stage 2 keeps stage 1's
+        from napari_tghmoe.train.data import samples_intensity
+
+        model.config.input_intensity = samples_intensity(samples)
     weights_from = None
     if init_weights is not None and init is None:
         weights_from = copy_matching_weights(model, init_weights)

@@ -8,8 +8,9 @@ location questions at chance while plane questions (answerable from the text) we
 So stage 1 of the demo may add an auxiliary loss on the vision tower's merged tokens (what the
 LLM reads), from the phantom's ground truth:
 
-* per patch, which finding kinds overlap it and in which reported location they lie
-  (multi-label, 2x2 patches per merged token, in the merger's order), so every LLM visual token
+* per patch, which finding kinds it holds a voxel of and in which reported location they lie
+  (multi-label, 2x2 patches per merged token, in the merger's order; from the phantom's lesion
+  mask ``Phantom.lesions`` resampled as the image is, :func:`lesion_patch_targets`), so every LLM visual token
   says what lies where in words the report uses (the LLM's attention values carry no position,
   and the vision tower has no absolute position embedding, so "left upper lobe" must be in the
   token's content);
@@ -26,7 +27,14 @@ question as multiple-instance learning: the highest patch logit of each kind (an
 say whether the volume has one.
 
 The heads are thrown away after training: the saved model is a plain TGH-MoE checkpoint. The
-loss is only computed for samples that carry phantom ground truth (``meta["phantom_findings"]``).
+loss is only computed for samples that carry phantom ground truth (``meta["phantom_findings"]``
+and the lesion mask the phantom cache puts in ``CTVolume.metadata["phantom_lesions"]``).
+
+Until issue 19 the per-patch targets were each finding's bounding box around its centre
+(:func:`box_patch_targets`, kept to measure what it got wrong, ``scripts/probe_target_coverage.py``):
+only 42-66 % of the patches it marked held a lesion voxel, and 86 % of an effusion's fluid
+patches were left negative, because an effusion's ``size_mm`` is the depth of a crescent that
+runs along the whole chest wall.
 """
 
 from __future__ import annotations
@@ -45,7 +53,82 @@ DENSE_LOSSES = ("balanced", "hard")
 LOCATIONS: tuple[str, ...] = tuple(dict.fromkeys(loc for locs in KIND_LOCATIONS.values() for loc in locs))
 
 
-def finding_patch_targets(
+#: Where the phantom cache puts the lesion mask on the volume (``read_phantom_cache``).
+LESIONS_KEY = "phantom_lesions"
+
+
+def lesion_patch_targets(
+    lesions: np.ndarray,
+    findings: Sequence[dict[str, Any]],
+    grid: Sequence[int],
+    temporal_patch: int,
+    patch: int,
+    merge: int,
+    field: str = "kind",
+    vocabulary: Sequence[str] = KINDS,
+) -> np.ndarray:
+    """(tokens, merge*merge, len(vocabulary)) 0/1 array: does patch j of token i hold a voxel of a
+    finding whose ``field`` (its kind, or its location) is word k.
+
+    ``lesions``: the phantom's (z, y, x) mask, ``i + 1`` on the voxels of ``findings[i]``
+    (``Phantom.lesions``). Each word's mask is resampled onto the model ``grid`` with
+    :func:`napari_tghmoe.model.preprocess.resample_to_grid`, the very resampling the image gets, and
+    a grid voxel belongs to the word when any of the word's voxels contributes to it (resampled
+    fraction > 0; on a grid equal to the volume's that is the mask itself). A patch is positive iff
+    it holds such a voxel. Tokens come in the merger's order (slab, block row, block column),
+    patches within a token row-major, as :func:`box_patch_targets`.
+    """
+    from napari_tghmoe.model.preprocess import resample_to_grid
+
+    depth, height, width = (int(g) for g in grid)
+    t, h, w = depth // temporal_patch, height // patch, width // patch
+    lesions = np.asarray(lesions)
+    if lesions.ndim != 3:
+        raise ValueError(f"the lesion mask must be (z, y, x), got shape {lesions.shape}")
+    per_patch = np.zeros((t, h, w, len(vocabulary)), dtype=np.float32)
+    words: dict[int, list[int]] = {}
+    for index, finding in enumerate(findings):
+        if finding.get(field) in vocabulary:
+            words.setdefault(list(vocabulary).index(finding[field]), []).append(index + 1)
+    for word, values in words.items():
+        mask = np.isin(lesions, values)
+        if not mask.any():
+            continue
+        on_grid = resample_to_grid(mask.astype(np.float32), (depth, height, width)).numpy() > 0
+        cells = on_grid[: t * temporal_patch, : h * patch, : w * patch].reshape(t, temporal_patch, h, patch, w, patch)
+        per_patch[..., word] = cells.any(axis=(1, 3, 5))
+    blocks = per_patch.reshape(t, h // merge, merge, w // merge, merge, len(vocabulary))
+    return blocks.transpose(0, 1, 3, 2, 4, 5).reshape(t * (h // merge) * (w // merge), merge * merge, len(vocabulary))
+
+
+def sample_patch_targets(
+    volume: Any,
+    findings: Sequence[dict[str, Any]],
+    grid: Sequence[int],
+    temporal_patch: int,
+    patch: int,
+    merge: int,
+    field: str = "kind",
+    vocabulary: Sequence[str] = KINDS,
+    sample_id: str = "?",
+) -> np.ndarray:
+    """:func:`lesion_patch_targets` from the mask a phantom-cache ``CTVolume`` carries.
+
+    A volume with findings but no mask is an error (an old cache, or a volume built by hand):
+    falling back to boxes would silently teach the wrong patches.
+    """
+    lesions = (getattr(volume, "metadata", None) or {}).get(LESIONS_KEY)
+    if lesions is None:
+        if any(finding.get(field) in vocabulary for finding in findings):
+            raise ValueError(
+                f"sample {sample_id}: phantom findings but no lesion mask (CTVolume.metadata[{LESIONS_KEY!r}]); "
+                "load phantoms through the phantom cache (napari_tghmoe.train.data.load_phantoms)"
+            )
+        lesions = np.zeros(np.asarray(volume.hu).shape, dtype=np.uint8)
+    return lesion_patch_targets(lesions, findings, grid, temporal_patch, patch, merge, field=field, vocabulary=vocabulary)
+
+
+def box_patch_targets(
     findings: Sequence[dict[str, Any]],
     volume_shape: Sequence[int],
     spacing: Sequence[float],
@@ -56,8 +139,10 @@ def finding_patch_targets(
     field: str = "kind",
     vocabulary: Sequence[str] = KINDS,
 ) -> np.ndarray:
-    """(tokens, merge*merge, len(vocabulary)) 0/1 array: does a finding whose ``field`` (its
-    kind, or its location) is word k overlap patch j of token i.
+    """The targets before issue 19: does the bounding box of a finding whose ``field`` is word k
+    (a cube of ``size_mm`` around ``center_voxel``) overlap patch j of token i. Kept only to
+    measure what it got wrong (``scripts/probe_target_coverage.py``); train with
+    :func:`lesion_patch_targets`.
 
     ``findings``: dicts with ``kind``, ``location``, ``center_voxel`` (z, y, x in the volume), ``size_mm``.
     The volume (``volume_shape``, ``spacing``) is mapped onto the model ``grid`` as
@@ -220,9 +305,11 @@ class VisionProbeLoss:
                 continue
             tokens = rms_normalised(merged[index * per_sample : (index + 1) * per_sample].float())
             volume = sample.volume if isinstance(sample.volume, CTVolume) else load_sample_volume(sample)
-            geometry = (np.asarray(volume.hu).shape, volume.spacing, grid, int(vision.temporal_patch_size), int(vision.patch_size), merge)
+            geometry = (grid, int(vision.temporal_patch_size), int(vision.patch_size), merge)
+            sample_id = str(sample.meta.get("id", "?"))
             for head, field, vocabulary in ((self.probe.patch_kinds, "kind", KINDS), (self.probe.patch_locations, "location", LOCATIONS)):
-                target = torch.from_numpy(finding_patch_targets(truth, *geometry, field=field, vocabulary=vocabulary))
+                target = sample_patch_targets(volume, truth, *geometry, field=field, vocabulary=vocabulary, sample_id=sample_id)
+                target = torch.from_numpy(target)
                 logits = head(tokens).view(per_sample, merge * merge, len(vocabulary))
                 target = target.to(logits.device)
                 kind_losses.append(self._dense_loss(logits, target))
