@@ -10,7 +10,7 @@ if [ "$(id -u)" = "0" ] && command -v apt-get >/dev/null 2>&1; then
   command -v Xvfb >/dev/null 2>&1 || need_apt+=(xvfb)
   for pkg in libxcb-icccm4 libxcb-keysyms1 libgl1-mesa-dri libegl1 libgl1 libxkbcommon-x11-0 \
              libxcb-image0 libxcb-render-util0 libxcb-cursor0 libxcb-shape0 libfontconfig1 \
-             libdbus-1-3 wordnet-base wordnet-sense-index; do
+             libdbus-1-3 wordnet-base wordnet-sense-index dicom3tools; do
     dpkg -s "$pkg" >/dev/null 2>&1 || need_apt+=("$pkg")
   done
   if [ "${#need_apt[@]}" -gt 0 ]; then

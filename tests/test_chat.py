@@ -179,8 +179,9 @@ def test_routing_view_overlay_matches_the_ct_and_follows_the_selected_answer(
 
 
 def test_export_from_the_dock_writes_every_format_without_the_patient_name(
-    make_napari_viewer, chat_factory, qtbot, tmp_path
+    make_napari_viewer, chat_factory, qtbot, tmp_path, monkeypatch
 ):
+    monkeypatch.setenv("TGHMOE_DEID_SECRET", str(tmp_path / "deid-secret"))  # not the user's key
     folder = tmp_path / "dicom"
     write_dicom_series(_ct_volume(), folder, patient_name="Doe^Jane", patient_id="MRN-4711")
     volume = load_volume(folder)
@@ -198,8 +199,10 @@ def test_export_from_the_dock_writes_every_format_without_the_patient_name(
     report = json.loads(written[2].read_text())
     assert report["answer"] == chat.latest_record().answer.text and report["routing_summary"]["blocks"]
     sr = pydicom.dcmread(written[3])
-    assert str(sr.PatientName) == "" and sr.StudyInstanceUID == volume.study_uid
-    assert sr.CurrentRequestedProcedureEvidenceSequence[0].ReferencedSeriesSequence[0].SeriesInstanceUID == volume.series_uid
+    # de-identified SR (issue 19): a pseudonymous patient in a pseudonymous study, source UIDs remapped
+    assert sr.PatientID.startswith("ANON-") and sr.PatientIdentityRemoved == "YES"
+    assert sr.StudyInstanceUID != volume.study_uid
+    assert sr.CurrentRequestedProcedureEvidenceSequence[0].ReferencedSeriesSequence[0].SeriesInstanceUID != volume.series_uid
 
     # the npe2 writer (File > Save) writes the layer's latest report, never over a file
     saved = viewer.layers.save(str(tmp_path / "via_writer.md"), selected=False, plugin="napari-tghmoe")
@@ -208,8 +211,8 @@ def test_export_from_the_dock_writes_every_format_without_the_patient_name(
         viewer.layers.save(str(written[0]), selected=False, plugin="napari-tghmoe")
 
     chat.identifiers_check.setChecked(True)
-    named = chat.export_answer(tmp_path / "named.dcm")
-    assert str(pydicom.dcmread(named).PatientName) == "Doe^Jane"
+    named = pydicom.dcmread(chat.export_answer(tmp_path / "named.dcm"))
+    assert str(named.PatientName) == "Doe^Jane" and named.StudyInstanceUID == volume.study_uid
 
 
 def test_closing_the_viewer_mid_answer_is_clean(make_napari_viewer, chat_factory, qtbot):
