@@ -129,3 +129,46 @@ def plan_prompt(question: str) -> PromptPlan:
     if is_report_request(question):
         return PromptPlan(kind="report", text=REPORT_PROMPTS[0], closed=False)
     return PromptPlan(kind="question", text=question.strip(), closed=is_closed_question(question))
+
+
+# ---------------------------------------------------------------------------- topics
+#: What a prompt is about, by the words of its question (the choices are not read: they list
+#: distractors from other organs). The level-1 routers see the same words, so this is the content
+#: a content-aware router could pick up, as opposed to the answer format (report / closed / open).
+TOPIC_WORDS: dict[str, tuple[str, ...]] = {
+    "chest": ("lung", "lungs", "pleural", "pleura", "nodule", "effusion", "lobe", "mediastinal", "hilar", "chest"),
+    "abdomen": ("liver", "hepatic", "kidney", "kidneys", "renal", "cyst", "spleen", "splenic", "abdominal", "abdomen"),
+    "acquisition": ("plane", "phase", "contrast", "arterial", "venous", "enhancement"),
+}
+#: Topic of report requests, and of questions that name none of the words above.
+REPORT_TOPIC = "report"
+GENERAL_TOPIC = "general"
+TOPICS: tuple[str, ...] = (*TOPIC_WORDS, GENERAL_TOPIC, REPORT_TOPIC)
+
+
+def prompt_topic(instruction: str) -> str:
+    """``"chest"``, ``"abdomen"``, ``"acquisition"``, ``"general"`` or ``"report"``.
+
+    A question naming words of two topics (e.g. "enlarged lymph node", which occurs in both
+    regions, names none; "liver and lung" names two) is ``"general"``.
+    """
+    if is_report_request(instruction) or normalise(instruction) in REPORT_PROMPTS_NORMALISED:
+        return REPORT_TOPIC
+    stem = re.split(r"\bChoices\s*:", instruction, maxsplit=1)[0]
+    words = set(re.findall(r"[a-z]+", stem.lower()))
+    found = [topic for topic, vocabulary in TOPIC_WORDS.items() if words & set(vocabulary)]
+    return found[0] if len(found) == 1 else GENERAL_TOPIC
+
+
+def routing_label(task: str, instruction: str, group_names: list[str] | tuple[str, ...]) -> int:
+    """Index into ``group_names`` of the group that the task-supervision loss teaches level 1 to
+    pick for this sample, or -100 (no supervision).
+
+    With the default groups (report, vqa_closed, vqa_open) that is the sample's task (its answer
+    format); a model whose groups are topics (e.g. report, chest, abdomen, acquisition, general)
+    is taught the topic of the question instead (:func:`prompt_topic`), i.e. to route by content.
+    """
+    if task in group_names:
+        return list(group_names).index(task)
+    topic = REPORT_TOPIC if task == "report" else prompt_topic(instruction)
+    return list(group_names).index(topic) if topic in group_names else -100

@@ -845,6 +845,7 @@ def collate(
     import torch
 
     from napari_tghmoe.model.preprocess import prepare_volume
+    from napari_tghmoe.model.prompts import routing_label
 
     if not samples:
         raise ValueError("collate needs at least one sample")
@@ -875,9 +876,7 @@ def collate(
         pixels.append(inputs.pixel_values_videos)
         grids.append(inputs.video_grid_thw[0])
         seconds.append(inputs.second_per_grid_ts[0])
-        if sample.task not in group_names:
-            raise ValueError(f"task {sample.task!r} is not a group of this model ({group_names})")
-        task_labels.append(group_names.index(sample.task))
+        task_labels.append(routing_label(sample.task, instruction, group_names))
     width = max(len(ids) for ids, _, _ in rows)
     batch = len(rows)
     input_ids = torch.full((batch, width), pad_id, dtype=torch.long)
