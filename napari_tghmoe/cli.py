@@ -19,6 +19,7 @@ _COMMAND_MODULES = [
     "napari_tghmoe.train.cli",  # train
     "napari_tghmoe.eval.cli",  # eval
     "napari_tghmoe.cli_bench",  # bench
+    "napari_tghmoe.med3d.cli",  # pretrain, finetune-seg, segment, eval-seg
 ]
 
 

@@ -1,12 +1,175 @@
-"""Segment a CT volume with a Med3DInsight segmentation model (work in progress)."""
+"""Segment a CT volume with a Med3DInsight segmentation model.
+
+Resample the CT (HU) to the model's working spacing, MONAI ``sliding_window_inference``
+(Gaussian-weighted windows), labels back to the scan's own grid by nearest neighbour, then one
+finding per connected component of each finding kind's label. The finding-classification head
+runs on every window; a kind's volume-level presence is its highest window probability.
+"""
 
 from __future__ import annotations
 
+import time
 from pathlib import Path
-from typing import Callable
+from typing import Any, Callable
+
+import numpy as np
 
 from napari_tghmoe.io import CTVolume
-from napari_tghmoe.med3d.types import SegmentationResult
+from napari_tghmoe.med3d.types import SegFinding, SegmentationResult, SegmentationStopped, SegModelError
+
+def _resolve_model_dir(model_dir: str | Path | None) -> Path:
+    if model_dir is not None:
+        return Path(model_dir)
+    from napari_tghmoe._resources import resources_dir
+
+    return Path(resources_dir()) / "demo-seg-model"
+
+
+def check_ct_volume(volume: CTVolume) -> None:
+    """A clear one-line error for input the segmenter cannot take (non-CT, 2D)."""
+    name = volume.source or volume.description or "volume"
+    modality = (volume.modality or "").upper()
+    if modality and modality != "CT":
+        raise SegModelError(f"{name}: modality {modality}, not CT (the segmenter is trained on CT in HU)")
+    if min(volume.shape) < 2:
+        raise SegModelError(f"{name}: a 2D image (shape {volume.shape}), not a 3D volume")
+
+
+def window_count(image_size: tuple[int, ...], roi: tuple[int, ...], overlap: float) -> int:
+    """How many windows ``sliding_window_inference`` visits (its scan-interval rule)."""
+    count = 1
+    for size, window in zip(image_size, roi):
+        size = max(size, window)  # MONAI pads smaller images up to the window
+        interval = max(int(window * (1 - overlap)), 1) if size > window else window
+        count *= int(np.ceil((size - window) / interval)) + 1 if size > window else 1
+    return count
+
+
+_cached: dict[str, Any] = {}
+
+
+def _model(folder: Path) -> Any:
+    """Load once per folder (the dock segments several volumes with one model)."""
+    from napari_tghmoe.med3d.encoder import load_seg_model
+
+    key = str(folder.resolve())
+    stamp = (folder / "model.safetensors").stat().st_mtime if (folder / "model.safetensors").exists() else None
+    if key not in _cached or _cached[key][0] != stamp:
+        _cached.clear()
+        _cached[key] = (stamp, load_seg_model(folder))
+    return _cached[key][1]
+
+
+def predict_working_grid(
+    model: Any,
+    image: np.ndarray,
+    *,
+    progress: Callable[[int, int], None] | None = None,
+    should_stop: Callable[[], bool] | None = None,
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(C, z, y, x) working-grid image -> (labels (z, y, x) uint8, softmax (L, z, y, x), presence (K,))."""
+    import torch
+    from monai.inferers import sliding_window_inference
+
+    config = model.config
+    roi = tuple(config.patch_size)
+    total = window_count(image.shape[1:], roi, config.sw_overlap)
+    state = {"done": 0, "presence": None}
+
+    def predictor(window: torch.Tensor) -> torch.Tensor:
+        if should_stop is not None and should_stop():
+            raise SegmentationStopped("segmentation stopped")
+        logits, finding_logits = model(window)
+        window_presence = torch.sigmoid(finding_logits).amax(0)
+        previous = state["presence"]
+        state["presence"] = window_presence if previous is None else torch.maximum(previous, window_presence)
+        state["done"] += window.shape[0]
+        if progress is not None:
+            progress(min(state["done"], total), total)
+        return logits
+
+    with torch.inference_mode():
+        tensor = torch.from_numpy(np.ascontiguousarray(image))[None].float()
+        logits = sliding_window_inference(
+            tensor, roi, config.sw_batch_size, predictor, overlap=config.sw_overlap, mode="gaussian"
+        )
+        probabilities = torch.softmax(logits[0], dim=0)
+        labels = probabilities.argmax(0).to(torch.uint8).numpy()
+    presence = state["presence"].numpy() if state["presence"] is not None else np.zeros(len(config.finding_kinds))
+    return labels, probabilities.numpy(), presence
+
+
+def finding_components(labels: np.ndarray, value: int, min_voxels: int = 1) -> list[np.ndarray]:
+    """Index arrays (N, 3) of each connected component (26-neighbour) of ``labels == value``."""
+    from scipy import ndimage
+
+    mask = labels == value
+    if not mask.any():
+        return []
+    nonzero = np.nonzero(mask)
+    lo = [int(a.min()) for a in nonzero]
+    hi = [int(a.max()) + 1 for a in nonzero]
+    sub = mask[lo[0] : hi[0], lo[1] : hi[1], lo[2] : hi[2]]
+    components, count = ndimage.label(sub, structure=np.ones((3, 3, 3), bool))
+    found = []
+    for index in range(1, count + 1):
+        voxels = np.argwhere(components == index)
+        if len(voxels) >= min_voxels:
+            found.append(voxels + np.array(lo))
+    return found
+
+
+def _snapped_centre(voxels: np.ndarray) -> tuple[int, int, int]:
+    """The component voxel nearest its centre of mass (inside even for a crescent)."""
+    centre = voxels.mean(axis=0)
+    nearest = voxels[np.argmin(((voxels - centre) ** 2).sum(axis=1))]
+    return tuple(int(v) for v in nearest)  # type: ignore[return-value]
+
+
+def _location(labels_work: np.ndarray, voxels_work: np.ndarray, organ_count: int, names: list[str]) -> str | None:
+    """The organ label most common in a one-voxel shell around the component (working grid)."""
+    lo = np.maximum(voxels_work.min(axis=0) - 2, 0)
+    hi = np.minimum(voxels_work.max(axis=0) + 3, labels_work.shape)
+    patch = labels_work[lo[0] : hi[0], lo[1] : hi[1], lo[2] : hi[2]]
+    organs = patch[(patch >= 1) & (patch <= organ_count)]
+    if organs.size == 0:
+        return None
+    return names[int(np.bincount(organs).argmax())]
+
+
+def axial_view(direction: np.ndarray) -> tuple[tuple[int, int, int], tuple[bool, bool, bool]]:
+    """How to view an array stored in any plane as (z, y, x) towards (S, P, L): axis order + flips.
+
+    Each array axis is matched to the patient axis its direction column points at most (an
+    oblique scan goes to its nearest plane), so a coronal or sagittal series reaches the network
+    in the axial orientation it was trained on.
+    """
+    direction = np.asarray(direction, dtype=float).reshape(3, 3)
+    # direction columns are the LPS vectors of array axes (k, j, i); LPS rows 0=x(L), 1=y(P), 2=z(S)
+    wanted_rows = (2, 1, 0)  # canonical array axis 0 <- S, 1 <- P, 2 <- L
+    order, flips, used = [], [], set()
+    for row in wanted_rows:
+        scores = [abs(direction[row, axis]) if axis not in used else -1.0 for axis in range(3)]
+        axis = int(np.argmax(scores))
+        used.add(axis)
+        order.append(axis)
+        flips.append(bool(direction[row, axis] < 0))
+    return tuple(order), tuple(flips)  # type: ignore[return-value]
+
+
+def _to_axial(array: np.ndarray, order, flips) -> np.ndarray:
+    view = np.transpose(array, order)
+    for axis, flip in enumerate(flips):
+        if flip:
+            view = np.flip(view, axis=axis)
+    return view
+
+
+def _from_axial(array: np.ndarray, order, flips) -> np.ndarray:
+    for axis, flip in enumerate(flips):
+        if flip:
+            array = np.flip(array, axis=axis)
+    return np.ascontiguousarray(np.transpose(array, np.argsort(order)))
 
 
 def segment_volume(
@@ -16,5 +179,77 @@ def segment_volume(
     progress: Callable[[int, int], None] | None = None,
     should_stop: Callable[[], bool] | None = None,
 ) -> SegmentationResult:
-    """Label map + findings on ``volume``'s own grid (``model_dir=None``: resources/demo-seg-model)."""
-    raise NotImplementedError("segment_volume is being built (issue 14)")
+    """Label map + findings on ``volume``'s own grid (``model_dir=None``: resources/demo-seg-model).
+
+    ``progress(done, total)`` is called after each batch of sliding windows; when
+    ``should_stop()`` returns True the run ends with :class:`SegmentationStopped`.
+    """
+    from napari_tghmoe.med3d.data import nearest_indices, prepare_image
+
+    started = time.perf_counter()
+    check_ct_volume(volume)
+    folder = _resolve_model_dir(model_dir)
+    model = _model(folder)
+    config = model.config
+    order, flips = axial_view(volume.direction)
+    axial = CTVolume(
+        hu=_to_axial(np.asarray(volume.hu), order, flips),
+        spacing=tuple(volume.spacing[a] for a in order),
+        modality=volume.modality,
+    )
+    image, grid = prepare_image(axial, config)
+    labels_work, probabilities, presence = predict_working_grid(
+        model, image, progress=progress, should_stop=should_stop
+    )
+    if should_stop is not None and should_stop():
+        raise SegmentationStopped("segmentation stopped")
+
+    # Back to the scan's own grid: nearest neighbour with the voxel-centre mapping, then the
+    # scan's own axis order and directions. Work-grid indices of every scan voxel (per axis)
+    # let findings look their probabilities up without resampling the probability maps.
+    axial_axes = [nearest_indices(m, n) for m, n in zip(grid, axial.shape)]
+    labels = _from_axial(labels_work[np.ix_(*axial_axes)], order, flips)
+    axes: list[np.ndarray] = [np.empty(0, np.int64)] * 3
+    for canonical, source_axis in enumerate(order):
+        index = axial_axes[canonical]
+        axes[source_axis] = index[::-1] if flips[canonical] else index
+    names = config.label_names
+    label_names = {value: name for value, name in enumerate(names)}
+    voxel_ml = float(np.prod(volume.spacing)) / 1000.0
+    counts = np.bincount(labels.ravel(), minlength=len(names))
+    structure_volumes = {names[v]: round(float(counts[v]) * voxel_ml, 3) for v in range(1, len(names)) if counts[v]}
+
+    organ_count = len(config.organ_names)
+    min_voxels = max(1, int(np.ceil(config.min_finding_ml / voxel_ml))) if config.min_finding_ml > 0 else 1
+    findings: list[SegFinding] = []
+    for kind in config.finding_kinds:
+        value = config.finding_label(kind)
+        for voxels in finding_components(labels, value, min_voxels):
+            centre = _snapped_centre(voxels)
+            work = np.stack([axes[a][voxels[:, a]] for a in order], axis=1)  # working-grid (z, y, x)
+            unique_work = np.unique(work, axis=0)
+            probability = float(probabilities[value][tuple(unique_work.T)].mean())
+            position = volume.index_to_patient(centre)
+            findings.append(
+                SegFinding(
+                    kind=kind,
+                    label=value,
+                    voxel_zyx=centre,
+                    position_mm=tuple(round(float(p), 2) for p in position),  # type: ignore[arg-type]
+                    volume_ml=round(len(voxels) * voxel_ml, 3),
+                    probability=round(probability, 4),
+                    location=_location(labels_work, unique_work, organ_count, names),
+                    voxel_count=int(len(voxels)),
+                )
+            )
+    findings.sort(key=lambda f: -f.probability)
+    return SegmentationResult(
+        labels=labels,
+        label_names=label_names,
+        findings=findings,
+        structure_volumes_ml=structure_volumes,
+        finding_presence={k: round(float(p), 4) for k, p in zip(config.finding_kinds, presence)},
+        model_name=folder.name,
+        seconds=round(time.perf_counter() - started, 3),
+        working_spacing=tuple(n * s / g for n, s, g in zip(axial.shape, axial.spacing, grid)),  # type: ignore[arg-type]
+    )

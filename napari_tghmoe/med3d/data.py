@@ -1,0 +1,176 @@
+"""Volumes on the model's working grid: CT -> normalised channels, phantom truth -> labels.
+
+One code path for training, segmentation and evaluation: a scan of any spacing is resampled
+(box average, then trilinear: ``napari_tghmoe.model.preprocess.resample_to_grid``) to the
+working spacing, and label maps go between the two grids by nearest neighbour with the same
+voxel-centre mapping (:func:`nearest_indices`), so training phantoms rendered at a clinical-like
+grid look to the network exactly as a scan given to ``tghmoe segment`` does.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Sequence
+
+import numpy as np
+
+from napari_tghmoe.io import CTVolume
+
+
+@dataclass
+class WorkingVolume:
+    """A volume on the working grid: normalised channels, (optional) labels and its text facts."""
+
+    image: np.ndarray  # (C, z, y, x) float32, each HU window mapped to [0, 1]
+    labels: np.ndarray | None  # (z, y, x) uint8 model label values, or None (unlabelled)
+    name: str
+    hu: np.ndarray | None = None  # (z, y, x) float32 HU on the working grid (for the 2D targets)
+    region: str = "CT"
+    finding_kinds: list[str] = field(default_factory=list)  # kinds present (phantom truth)
+
+
+def working_shape(shape: Sequence[int], spacing: Sequence[float], working_spacing: Sequence[float]) -> tuple[int, int, int]:
+    """Grid of the same physical extent at (about) the working spacing."""
+    return tuple(max(1, int(round(n * s / w))) for n, s, w in zip(shape, spacing, working_spacing))  # type: ignore[return-value]
+
+
+def nearest_indices(source_size: int, target_size: int) -> np.ndarray:
+    """For each target voxel along one axis, the source voxel whose extent holds its centre."""
+    centres = (np.arange(target_size) + 0.5) * (source_size / target_size)
+    return np.clip(np.floor(centres).astype(np.int64), 0, source_size - 1)
+
+
+def resample_nearest(array: np.ndarray, shape: Sequence[int]) -> np.ndarray:
+    """Nearest-neighbour resampling of a (z, y, x) array onto a grid of the same extent."""
+    zi, yi, xi = (nearest_indices(n, m) for n, m in zip(array.shape, shape))
+    return array[np.ix_(zi, yi, xi)]
+
+
+def window_channels(hu: Any, windows: Sequence[Sequence[float]]) -> Any:
+    """(z, y, x) HU tensor -> (C, z, y, x): each (centre, width) window mapped to [0, 1]."""
+    import torch
+
+    channels = [((hu - (c - w / 2.0)) / w).clamp(0.0, 1.0) for c, w in windows]
+    return torch.stack(channels, dim=0)
+
+
+def prepare_image(volume: CTVolume, config: Any) -> tuple[np.ndarray, tuple[int, int, int]]:
+    """A CT in HU -> (C, z, y, x) float32 on the working grid, and that grid's shape."""
+    image, _, grid = prepare_image_and_hu(volume, config)
+    return image, grid
+
+
+def prepare_image_and_hu(volume: CTVolume, config: Any) -> tuple[np.ndarray, np.ndarray, tuple[int, int, int]]:
+    """Like :func:`prepare_image`, also returning the working-grid HU (z, y, x) float32."""
+    from napari_tghmoe.model.preprocess import resample_to_grid
+
+    grid = working_shape(volume.shape, volume.spacing, config.working_spacing)
+    hu = resample_to_grid(np.asarray(volume.hu), grid)
+    return window_channels(hu, config.ct_windows).numpy(), hu.numpy(), grid
+
+
+def phantom_model_labels(phantom: Any, config: Any) -> np.ndarray:
+    """Phantom truth -> model label values (organs by name, then each finding by its kind).
+
+    Structures the model does not segment (bone, fat, vessels, heart...) are background.
+    """
+    lut = np.zeros(256, dtype=np.uint8)
+    for value, name in phantom.label_names.items():
+        if name in config.organ_names:
+            lut[value] = 1 + config.organ_names.index(name)
+    labels = lut[phantom.labels]
+    for index, finding in enumerate(phantom.findings):
+        if finding.kind in config.finding_kinds:
+            labels[phantom.lesions == index + 1] = config.finding_label(finding.kind)
+    return labels
+
+
+def phantom_working_volume(phantom: Any, config: Any) -> WorkingVolume:
+    image, hu, grid = prepare_image_and_hu(phantom.volume, config)
+    labels = resample_nearest(phantom_model_labels(phantom, config), grid)
+    kinds = sorted({f.kind for f in phantom.findings if f.kind in config.finding_kinds})
+    return WorkingVolume(
+        image=image, labels=labels, name=f"phantom-{phantom.seed}", hu=hu, region=phantom.region, finding_kinds=kinds
+    )
+
+
+# --------------------------------------------------------------------------- data specs
+
+
+def parse_phantom_spec(spec: str) -> dict[str, Any]:
+    """``phantom:seeds=0-39,region=both[,spacing=2.5x1.5x1.5][,shape=...]`` -> make_phantom arguments."""
+    from napari_tghmoe.train.data import _shape_or_spacing, _spec_parts, parse_seed_range
+
+    kind, _, body = spec.partition(":")
+    if kind.strip().lower() != "phantom":
+        raise ValueError(f"not a phantom spec: {spec!r}")
+    _, options = _spec_parts(body)
+    if "seeds" not in options:
+        raise ValueError(f"phantom spec {spec!r} needs seeds=, e.g. seeds=0-39")
+    return {
+        "seeds": parse_seed_range(options["seeds"]),
+        "region": options.get("region", "both"),
+        "spacing": _shape_or_spacing(options["spacing"], float) if "spacing" in options else None,
+        "shape": _shape_or_spacing(options["shape"], int) if "shape" in options else None,
+    }
+
+
+def iter_phantoms(spec: str):
+    """The phantoms (with their ground truth) a phantom spec names, one at a time."""
+    from napari_tghmoe.phantom import make_phantom
+    from napari_tghmoe.train.data import phantom_region
+
+    parsed = parse_phantom_spec(spec)
+    for seed in parsed["seeds"]:
+        region = phantom_region(parsed["region"], int(seed))
+        yield make_phantom(int(seed), region, shape=parsed["shape"], spacing=parsed["spacing"] or (2.5, 1.5, 1.5))
+
+
+def load_working_volumes(specs: Sequence[str], config: Any, *, labelled: bool = True) -> list[WorkingVolume]:
+    """Every volume of ``specs`` on the working grid.
+
+    Phantom specs carry their labels and truth; other specs (``m3d-cap:``, ``ct-rate:``,
+    through :func:`napari_tghmoe.train.data.load_dataset_spec`) give unlabelled volumes, which
+    pre-training can use and fine-tuning cannot.
+    """
+    volumes: list[WorkingVolume] = []
+    for spec in specs:
+        if spec.strip().lower().startswith("phantom:"):
+            for phantom in iter_phantoms(spec):
+                volumes.append(phantom_working_volume(phantom, config))
+            continue
+        if labelled:
+            raise ValueError(f"{spec}: fine-tuning needs labelled volumes (phantom specs); this spec has none")
+        from napari_tghmoe.train.data import load_dataset_spec, load_sample_volume
+
+        seen: set[str] = set()
+        for sample in load_dataset_spec(spec, task="report"):
+            key = str(sample.volume)
+            if key in seen:
+                continue
+            seen.add(key)
+            ct = load_sample_volume(sample)
+            image, hu, _ = prepare_image_and_hu(ct, config)
+            volumes.append(WorkingVolume(image=image, labels=None, name=str(sample.meta.get("id", key)), hu=hu))
+    return volumes
+
+
+# --------------------------------------------------------------------------- crops
+
+
+def crop_box(shape: Sequence[int], size: Sequence[int], centre: Sequence[int]) -> tuple[slice, ...]:
+    """A ``size`` box around ``centre`` kept inside ``shape`` where it fits."""
+    box = []
+    for n, s, c in zip(shape, size, centre):
+        start = int(np.clip(c - s // 2, 0, max(0, n - s)))
+        box.append(slice(start, start + s))
+    return tuple(box)
+
+
+def crop(array: np.ndarray, box: tuple[slice, ...], size: Sequence[int], fill: float = 0.0) -> np.ndarray:
+    """``array[..., box]`` padded with ``fill`` up to ``size`` where the volume is smaller."""
+    spatial = array[(Ellipsis, *box)]
+    pad = [(0, 0)] * (array.ndim - 3) + [(0, s - n) for s, n in zip(size, spatial.shape[-3:])]
+    if any(after for _, after in pad):
+        spatial = np.pad(spatial, pad, constant_values=fill)
+    return np.ascontiguousarray(spatial)

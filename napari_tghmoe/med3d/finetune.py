@@ -1,0 +1,110 @@
+"""Fine-tune segmentation + finding classification (``tghmoe finetune-seg``).
+
+Labelled phantoms on the working grid; each step draws crops of the sliding-window size,
+half of them (``lesion_crop_fraction``) centred on a finding voxel so that the rare focal
+labels are seen often, the rest anywhere in the body. Loss: Dice + cross-entropy (MONAI
+``DiceCELoss``) over all labels, plus binary cross-entropy of the finding-presence head
+against "does this crop hold a voxel of that kind". ``--init`` copies a pre-trained encoder
+(``tghmoe pretrain`` output) in; without it the same network starts from scratch.
+``label_fraction`` keeps the labels of that share of the training volumes (seeded choice).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from napari_tghmoe.med3d.data import crop, crop_box
+from napari_tghmoe.med3d.recipe import Med3DRecipe
+
+
+def labelled_subset(count: int, fraction: float, seed: int) -> list[int]:
+    """Indices of the volumes whose labels a ``fraction`` run uses (at least one)."""
+    keep = max(1, int(round(count * fraction)))
+    return sorted(np.random.default_rng([seed, 11]).permutation(count)[:keep].tolist())
+
+
+def finetune(
+    recipe: Med3DRecipe,
+    out_dir: str | Path,
+    *,
+    init: str | Path | None = None,
+    label_fraction: float | None = None,
+    resume: bool = False,
+    progress: bool = True,
+    stop_after: int | None = None,
+) -> Any:
+    """Fine-tune the recipe's segmentation model into ``out_dir`` (a ``Med3DSegModel`` folder)."""
+    import torch
+    from monai.losses import DiceCELoss
+
+    from napari_tghmoe.med3d.data import load_working_volumes
+    from napari_tghmoe.med3d.encoder import Med3DSegModel, copy_encoder, load_pretrain_model
+    from napari_tghmoe.med3d.training import run_loop
+
+    out_dir = Path(out_dir)
+    settings = recipe.finetune
+    fraction = settings.label_fraction if label_fraction is None else float(label_fraction)
+    if not 0.0 < fraction <= 1.0:
+        raise ValueError(f"label fraction must be in (0, 1], got {fraction}")
+    config = recipe.config()
+    torch.manual_seed(recipe.seed + 1)
+    model = Med3DSegModel(config)
+    copied = 0
+    if init is not None:
+        pretrained = load_pretrain_model(init)
+        if pretrained.config.encoder != config.encoder or pretrained.config.patch_size != config.patch_size:
+            raise ValueError(f"{init}: pre-trained with encoder {pretrained.config.encoder} / patch "
+                             f"{pretrained.config.patch_size}, the recipe asks {config.encoder} / {config.patch_size}")
+        copied = copy_encoder(pretrained, model)
+        del pretrained
+    volumes = load_working_volumes(recipe.data.train, config, labelled=True)
+    chosen_volumes = [volumes[i] for i in labelled_subset(len(volumes), fraction, recipe.seed)]
+    patch = tuple(config.patch_size)
+    organ_count = len(config.organ_names)
+    kinds = config.finding_kinds
+    first_finding = 1 + organ_count
+    lesion_voxels = [np.argwhere(v.labels >= first_finding) for v in chosen_volumes]
+    body_voxels = [np.argwhere(v.image[-1] > 0.0)[::7] for v in chosen_volumes]
+    dice_ce = DiceCELoss(to_onehot_y=True, softmax=True)
+    bce = torch.nn.BCEWithLogitsLoss()
+
+    def draw_crop(rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
+        index = int(rng.integers(len(chosen_volumes)))
+        volume = chosen_volumes[index]
+        pool = lesion_voxels[index] if len(lesion_voxels[index]) and rng.random() < settings.lesion_crop_fraction else body_voxels[index]
+        if len(pool) == 0:
+            centre = np.array(volume.labels.shape) // 2
+        else:
+            centre = pool[int(rng.integers(len(pool)))] + rng.integers(-patch[0] // 4, patch[0] // 4 + 1, 3)
+        box = crop_box(volume.labels.shape, patch, centre)
+        return crop(volume.image, box, patch), crop(volume.labels, box, patch)
+
+    def step(model: Any, rng: np.random.Generator) -> dict[str, Any]:
+        pairs = [draw_crop(rng) for _ in range(settings.batch_size)]
+        device = next(model.parameters()).device
+        images = torch.from_numpy(np.stack([p[0] for p in pairs])).float().to(device)
+        labels = torch.from_numpy(np.stack([p[1] for p in pairs]).astype(np.int64)).to(device)
+        presence = torch.stack(
+            [torch.stack([(labels[b] == config.finding_label(k)).any() for k in kinds]) for b in range(len(pairs))]
+        ).float()
+        logits, finding_logits = model(images)
+        segmentation = dice_ce(logits, labels[:, None])
+        classification = bce(finding_logits, presence)
+        total = segmentation + settings.classification_weight * classification
+        return {"total": total, "segmentation": segmentation, "classification": classification}
+
+    summary = {
+        "recipe": recipe.to_dict(),
+        "init": str(init) if init else None,
+        "encoder_tensors_from_init": copied,
+        "label_fraction": fraction,
+        "labelled_volumes": [v.name for v in chosen_volumes],
+        "training_volumes": len(volumes),
+    }
+    return run_loop(
+        model, settings, out_dir, phase="finetune", seed=recipe.seed, step_fn=step,
+        resume=resume, progress=progress, stop_after=stop_after, summary=summary,
+    )

@@ -1,0 +1,326 @@
+"""Med3DInsight: PSAT, the partial-OT loss, pretrain -> finetune-seg -> segment on a tiny recipe."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+torch = pytest.importorskip("torch")
+
+from napari_tghmoe.io import CTVolume  # noqa: E402
+
+ROOT = Path(__file__).resolve().parents[1]
+TINY_RECIPE = ROOT / "recipes" / "med3d-tiny.toml"
+
+
+@pytest.fixture(autouse=True)
+def _offline(monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("TRANSFORMERS_OFFLINE", "1")
+    torch.set_num_threads(1)
+
+
+# --------------------------------------------------------------------------- PSAT
+
+
+def _psat():
+    from napari_tghmoe.med3d.psat import PlaneSliceAwareTransformer
+
+    torch.manual_seed(0)
+    return PlaneSliceAwareTransformer(
+        token_channels=12, token_grid=(2, 2, 2), hidden=16, queries=5, layers=2, heads=2, ffn=32, slice_bins=8, out_dim=7
+    ).eval()
+
+
+def test_psat_output_shape_and_plane_slice_awareness():
+    psat = _psat()
+    tokens = torch.randn(1, 8, 12).expand(3, -1, -1)
+    planes = torch.tensor([0, 1, 0])
+    fractions = torch.tensor([0.1, 0.1, 0.9])
+    with torch.no_grad():
+        out = psat(tokens, planes, fractions)
+    assert out.shape == (3, 7)
+    # same tokens: another plane, or another slice of the same plane, gives another embedding
+    assert not torch.allclose(out[0], out[1], atol=1e-4)
+    assert not torch.allclose(out[0], out[2], atol=1e-4)
+    with torch.no_grad():
+        again = psat(tokens[:1], planes[:1], torch.tensor([0.11]))  # same slice bin as 0.1
+    assert torch.allclose(again[0], out[0], atol=1e-5)
+    with pytest.raises(ValueError, match="tokens"):
+        psat(torch.randn(1, 9, 12), planes[:1], fractions[:1])
+
+
+# --------------------------------------------------------------------------- losses
+
+
+def test_partial_ot_loss_matches_hand_worked_case():
+    from napari_tghmoe.med3d.losses import mahalanobis_cost, partial_ot_loss, partial_ot_plan
+
+    x = torch.eye(2)  # cost with L = I: [[0, sqrt 2], [sqrt 2, 0]] / sqrt 2 = [[0, 1], [1, 0]]
+    cost = mahalanobis_cost(x, x, torch.eye(2))
+    assert torch.allclose(cost, torch.tensor([[0.0, 1.0], [1.0, 0.0]]), atol=1e-5)
+    plan = partial_ot_plan(cost, reg=0.03, mass=0.95)
+    # exp(-1 / 0.03) ~ 3e-15: all of the 0.95 mass stays on the diagonal, half each
+    assert torch.allclose(plan, torch.tensor([[0.475, 0.0], [0.0, 0.475]]), atol=1e-4)
+    loss = partial_ot_loss(x, x, torch.eye(2), reg=0.03, mass=0.95)
+    assert float(loss) == pytest.approx(-math.log(0.95 / 2), abs=1e-3)
+
+
+def test_partial_ot_loss_lower_for_aligned_pairs_and_decreases_when_optimised():
+    from napari_tghmoe.med3d.losses import partial_ot_loss
+
+    torch.manual_seed(0)
+    target = torch.nn.functional.normalize(torch.randn(6, 5), dim=-1)
+    factor = torch.eye(5)
+    aligned = float(partial_ot_loss(target, target, factor))
+    shuffled = float(partial_ot_loss(target[torch.tensor([1, 2, 3, 4, 5, 0])], target, factor))
+    assert aligned < shuffled
+    source = torch.nn.functional.normalize(torch.randn(6, 5), dim=-1).requires_grad_(True)
+    optimiser = torch.optim.Adam([source], lr=0.05)
+    first = None
+    for _ in range(20):
+        loss = partial_ot_loss(torch.nn.functional.normalize(source, dim=-1), target, factor)
+        first = float(loss.detach()) if first is None else first
+        optimiser.zero_grad()
+        loss.backward()
+        optimiser.step()
+    assert float(loss.detach()) < first - 0.5
+
+
+def test_mahalanobis_factor_gets_gradient_through_the_plan():
+    from napari_tghmoe.med3d.losses import partial_ot_loss
+
+    torch.manual_seed(1)
+    x = torch.nn.functional.normalize(torch.randn(5, 4), dim=-1)
+    y = torch.nn.functional.normalize(x + 0.5 * torch.randn(5, 4), dim=-1)
+    factor = torch.eye(4, requires_grad=True)
+    loss = partial_ot_loss(x, y, factor)
+    loss.backward()
+    assert factor.grad is not None and float(factor.grad.abs().sum()) > 0
+    with torch.no_grad():
+        moved = partial_ot_loss(x, y, factor - 10.0 * factor.grad)
+    assert float(moved) < float(loss)
+
+
+def test_alignment_loss_switch_infonce():
+    from napari_tghmoe.med3d.losses import alignment_loss, info_nce_loss
+
+    torch.manual_seed(2)
+    image = torch.randn(4, 6)
+    text = torch.randn(4, 6)
+    factor = torch.eye(6)
+    matched = alignment_loss(image, image, text, factor, align="infonce")
+    unmatched = alignment_loss(image.flip(0), image, text, factor, align="infonce")
+    assert float(matched["image"]) < float(unmatched["image"])
+    normalised = torch.nn.functional.normalize(image, dim=-1)
+    assert float(matched["image"]) == pytest.approx(float(info_nce_loss(normalised, normalised, 0.07)), abs=1e-5)
+    ot = alignment_loss(image, image, text, factor, align="ot")
+    assert float(ot["image"]) != pytest.approx(float(matched["image"]), abs=1e-3)
+    with pytest.raises(ValueError, match="align"):
+        alignment_loss(image, image, text, factor, align="mmd")
+
+
+# --------------------------------------------------------------------------- models
+
+
+def test_seg_model_save_load_round_trip(tmp_path):
+    from napari_tghmoe.med3d.encoder import Med3DConfig, build_tiny_seg_model, load_seg_model
+
+    folder = build_tiny_seg_model(tmp_path / "seg", seed=3)
+    assert (folder / "model.safetensors").is_file()
+    config = Med3DConfig.from_pretrained(str(folder))
+    assert config.label_names[0] == "background" and "renal cyst" in config.label_names
+    model = load_seg_model(folder)
+    x = torch.rand(1, config.in_channels, *config.patch_size)
+    with torch.no_grad():
+        first = model(x)
+        second = load_seg_model(folder)(x)
+    assert first[0].shape == (1, len(config.label_names), *config.patch_size)
+    assert first[1].shape == (1, len(config.finding_kinds))
+    assert torch.allclose(first[0], second[0]) and torch.allclose(first[1], second[1])
+
+
+def test_config_rejects_bad_values():
+    from napari_tghmoe.med3d.encoder import Med3DConfig
+
+    with pytest.raises(ValueError, match="patch_size"):
+        Med3DConfig(patch_size=[18, 16, 16], blocks_down=[1, 1, 1])
+    with pytest.raises(ValueError, match="encoder"):
+        Med3DConfig(encoder="nnformer")
+
+
+def test_axial_view_undoes_a_coronal_storage():
+    from napari_tghmoe.med3d.segment import _from_axial, _to_axial, axial_view
+
+    axial = np.arange(24).reshape(2, 3, 4)
+    # a coronal series: array axes (k, j, i) run along (P, S reversed, L)
+    direction = np.array([[0.0, 0.0, 1.0], [1.0, 0.0, 0.0], [0.0, -1.0, 0.0]])
+    order, flips = axial_view(direction)
+    stored = np.flip(np.transpose(axial, (1, 0, 2)), axis=1)  # what such a series would hold
+    assert order == (1, 0, 2) and flips == (True, False, False)
+    assert np.array_equal(_to_axial(stored, order, flips), axial)
+    assert np.array_equal(_from_axial(axial, order, flips), stored)
+
+
+# --------------------------------------------------------------------------- end to end
+
+
+def _run(argv, capsys=None):
+    from napari_tghmoe.cli import main
+
+    return main(argv)
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    """pretrain (2 of 3 steps, then resumed) and finetune-seg from it, on the tiny recipe."""
+    from napari_tghmoe.med3d.pretrain import pretrain
+    from napari_tghmoe.med3d.recipe import load_recipe
+
+    torch.set_num_threads(1)
+    root = tmp_path_factory.mktemp("med3d")
+    recipe = load_recipe(TINY_RECIPE)
+    stopped = pretrain(recipe, root / "pre", progress=False, stop_after=2)
+    assert not stopped.finished and stopped.steps_done == 2
+    assert not (root / "pre" / "model.safetensors").exists()
+    code = _run(["pretrain", "--config", str(TINY_RECIPE), "--out", str(root / "pre"), "--resume", "--no-progress"])
+    assert code == 0
+    code = _run(
+        ["finetune-seg", "--config", str(TINY_RECIPE), "--out", str(root / "seg"), "--init", str(root / "pre"),
+         "--label-fraction", "0.5", "--no-progress"]
+    )
+    assert code == 0
+    return root
+
+
+def test_pretrain_resumes_and_logs(trained):
+    log = [json.loads(line) for line in (trained / "pre" / "train_log.jsonl").read_text().splitlines()]
+    assert [entry["step"] for entry in log] == [1, 2, 3]
+    assert all(math.isfinite(entry["align_image"]) and math.isfinite(entry["align_text"]) for entry in log)
+    summary = json.loads((trained / "pre" / "training_summary.json").read_text())
+    assert summary["resumed_from_step"] == 2
+    assert (trained / "pre" / "targets.safetensors").is_file()
+    from napari_tghmoe.med3d.encoder import load_pretrain_model
+
+    model = load_pretrain_model(trained / "pre")
+    assert model.config.target_dim == 128 and model.mahalanobis_factor.shape == (128, 128)
+
+
+def test_finetune_starts_from_the_pretrained_encoder(trained):
+    from napari_tghmoe.med3d.encoder import is_encoder_key, load_pretrain_model, load_seg_model
+    from napari_tghmoe.med3d.finetune import labelled_subset
+
+    summary = json.loads((trained / "seg" / "training_summary.json").read_text())
+    assert summary["encoder_tensors_from_init"] > 0
+    assert summary["label_fraction"] == 0.5 and len(summary["labelled_volumes"]) == 1
+    assert labelled_subset(40, 0.1, 0) == labelled_subset(40, 0.1, 0) and len(labelled_subset(40, 0.1, 0)) == 4
+    pre = load_pretrain_model(trained / "pre").backbone.state_dict()
+    seg = load_seg_model(trained / "seg").backbone.state_dict()
+    encoder_keys = [k for k in pre if is_encoder_key("segresnet", k) and k.endswith("weight")]
+    assert encoder_keys
+    # fine-tuning moved the encoder a little from where pre-training left it, not from scratch
+    diffs = [float((pre[k] - seg[k]).abs().max()) for k in encoder_keys]
+    assert max(diffs) < 0.05
+
+
+def _nifti_scan(tmp_path: Path) -> tuple[Path, object]:
+    from napari_tghmoe.io._write import write_volume
+    from napari_tghmoe.phantom import make_phantom
+
+    phantom = make_phantom(5, "abdomen", spacing=(7.0, 6.0, 6.0))
+    volume = phantom.volume
+    volume.origin = (-120.5, 33.25, 410.0)
+    path = write_volume(volume, tmp_path / "scan.nii.gz")
+    return path, volume
+
+
+def test_segment_cli_writes_labels_on_the_scans_own_grid(trained, tmp_path, capsys):
+    import SimpleITK as sitk
+
+    scan, volume = _nifti_scan(tmp_path)
+    out = tmp_path / "seg.nii.gz"
+    code = _run(["segment", str(scan), "--out", str(out), "--model", str(trained / "seg")])
+    assert code == 0
+    written = sitk.ReadImage(str(out))
+    source = sitk.ReadImage(str(scan))
+    assert written.GetSize() == source.GetSize()
+    assert np.allclose(written.GetSpacing(), source.GetSpacing())
+    assert np.allclose(written.GetOrigin(), source.GetOrigin())
+    assert np.allclose(written.GetDirection(), source.GetDirection())
+    names = json.loads((tmp_path / "seg.labels.json").read_text())
+    assert names["0"] == "background" and "liver" in names.values() and "renal cyst" in names.values()
+    values = np.unique(sitk.GetArrayFromImage(written))
+    assert set(values.tolist()) <= {int(k) for k in names}
+    summary = json.loads(capsys.readouterr().out)
+    assert set(summary["finding_presence"]) >= {"renal cyst", "lung nodule"}
+
+
+def test_segment_volume_progress_stop_and_findings(trained):
+    from napari_tghmoe.med3d import SegmentationStopped, segment_volume
+    from napari_tghmoe.phantom import make_phantom
+
+    volume = make_phantom(7, "chest", spacing=(8.0, 8.0, 8.0)).volume
+    calls = []
+    result = segment_volume(volume, trained / "seg", progress=lambda done, total: calls.append((done, total)))
+    assert result.labels.shape == volume.shape and result.labels.dtype == np.uint8
+    assert calls and calls[-1][0] == calls[-1][1] and all(total == calls[0][1] for _, total in calls)
+    assert result.label_names[0] == "background"
+    for finding in result.findings:
+        assert result.labels[finding.voxel_zyx] == finding.label
+        assert np.allclose(finding.position_mm, volume.index_to_patient(finding.voxel_zyx), atol=0.01)
+    assert all(0.0 <= p <= 1.0 for p in result.finding_presence.values())
+    with pytest.raises(SegmentationStopped):
+        segment_volume(volume, trained / "seg", should_stop=lambda: True)
+
+
+def test_eval_seg_reports_the_numbers(trained, tmp_path):
+    out = tmp_path / "results.json"
+    code = _run(["eval-seg", "--model", str(trained / "seg"), "--data", "phantom:seeds=900000-900001,region=both,spacing=8x8x8", "--out", str(out)])
+    assert code == 0
+    results = json.loads(out.read_text())
+    assert results["volumes"] == 2
+    assert 0.0 <= results["mean_dice"] <= 1.0
+    assert "liver" in results["dice_per_organ"] or "right upper lobe" in results["dice_per_organ"]
+    assert results["false_findings_per_volume"] >= 0
+
+
+def test_segment_bad_inputs_give_one_line_errors(trained, tmp_path, capsys):
+    import pydicom
+    import SimpleITK as sitk
+
+    from napari_tghmoe.phantom import make_phantom, write_dicom_series
+
+    # an MR series
+    volume = make_phantom(1, "chest", spacing=(10.0, 10.0, 10.0)).volume
+    folder = tmp_path / "mr"
+    write_dicom_series(volume, folder)
+    for path in folder.rglob("*"):
+        if path.is_file():
+            dataset = pydicom.dcmread(path)
+            dataset.Modality = "MR"
+            dataset.save_as(path)
+    assert _run(["segment", str(folder), "--out", str(tmp_path / "a.nii.gz"), "--model", str(trained / "seg")]) != 0
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "MR" in err[0] and "not CT" in err[0]
+
+    # a 2D image
+    flat = tmp_path / "flat.nii.gz"
+    sitk.WriteImage(sitk.GetImageFromArray(np.zeros((32, 32), np.int16)), str(flat))
+    assert _run(["segment", str(flat), "--out", str(tmp_path / "b.nii.gz"), "--model", str(trained / "seg")]) != 0
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "flat.nii.gz" in err[0]
+
+    # the TGH-MoE chat model folder, and a pre-training folder, are not segmenters
+    scan, _ = _nifti_scan(tmp_path)
+    chat = ROOT / "resources" / "demo-model"
+    assert _run(["segment", str(scan), "--out", str(tmp_path / "c.nii.gz"), "--model", str(chat)]) != 0
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "demo-model" in err[0] and "not a Med3DInsight model" in err[0]
+    assert _run(["segment", str(scan), "--out", str(tmp_path / "d.nii.gz"), "--model", str(trained / "pre")]) != 0
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "Med3DPretrainModel" in err[0]
+    assert not (tmp_path / "c.nii.gz").exists()
