@@ -221,6 +221,9 @@ def launch(
 
     chat_options = {} if screenshot is None else {"autosave": False, "max_new_tokens": 48}
     chat, routing = dock_assistant(viewer, **chat_options)
+    from napari_tghmoe._widgets.segment_dock import dock_segment
+
+    dock_segment(viewer, area=CHAT_DOCK_AREA)  # a tab beside the chat and routing docks (issue 14)
     if screenshot is None:
         napari.run()
         return 0
