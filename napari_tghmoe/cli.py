@@ -17,7 +17,7 @@ _COMMAND_MODULES = [
     "napari_tghmoe.cli_infer",  # ask, report
     "napari_tghmoe.model.convert",  # convert
     "napari_tghmoe.train.cli",  # train
-    "napari_tghmoe.eval.cli",  # eval
+    "napari_tghmoe.eval.cli",  # eval, eval-baseline
     "napari_tghmoe.cli_bench",  # bench
     "napari_tghmoe.med3d.cli",  # pretrain, finetune-seg, segment, eval-seg
 ]

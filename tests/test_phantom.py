@@ -10,14 +10,17 @@ import pytest
 from scipy import ndimage
 
 from napari_tghmoe.io import AXIAL_DIRECTION, load_volume
+from napari_tghmoe.io._geometry import orientation_name
 from napari_tghmoe.phantom import (
     DEFAULT_SPACING,
     FINDING_KINDS,
     KIND_LOCATIONS,
     LABEL_ORGAN,
     PHASES,
+    PLANES,
     QTYPES,
     Phantom,
+    acquisition,
     default_shape,
     extract_findings,
     finding_recall_precision,
@@ -116,7 +119,7 @@ def test_both_shape_and_spacing_crop_the_body():
 
 @pytest.mark.parametrize(
     "kwargs",
-    [{"region": "head"}, {"phase": "delayed"}, {"shape": (10, 10)}, {"spacing": (1.0, 0.0, 1.0)}, {"shape": (1, 64, 64)}],
+    [{"region": "head"}, {"phase": "venous"}, {"plane": "transverse"}, {"shape": (10, 10)}, {"spacing": (1.0, 0.0, 1.0)}, {"shape": (1, 64, 64)}],
 )
 def test_bad_arguments_raise_value_error(kwargs):
     with pytest.raises(ValueError):
@@ -161,14 +164,15 @@ def test_noise_is_realistic():
 
 @pytest.mark.parametrize("region", ["chest", "abdomen"])
 def test_contrast_phase_drives_enhancement(region):
-    nc, art, pv = (small(9, region, phase) for phase in PHASES)
-    aorta = [median_hu(p, "aorta") for p in (nc, art, pv)]
+    nc, art, pv, delayed = (small(9, region, phase) for phase in PHASES)
+    aorta = [median_hu(p, "aorta") for p in (nc, art, pv, delayed)]
     assert aorta[0] < 70 and aorta[1] > 250 and 110 < aorta[2] < 220
-    assert aorta[0] < aorta[2] < aorta[1]
+    assert aorta[0] < aorta[3] < aorta[2] < aorta[1]  # delayed: washed out below portal venous
     if region == "abdomen":
         assert median_hu(nc, "liver") < median_hu(art, "liver") < median_hu(pv, "liver")
         assert median_hu(nc, "right kidney") + 80 < median_hu(art, "right kidney")
         assert median_hu(nc, "spleen") + 40 < median_hu(pv, "spleen")
+        assert median_hu(nc, "liver") + 20 < median_hu(delayed, "liver") < median_hu(pv, "liver")
     # Bone and lung do not enhance.
     assert abs(median_hu(nc, "cancellous bone") - median_hu(art, "cancellous bone")) < 30
 
@@ -296,7 +300,7 @@ def test_report_has_technique_findings_and_impression():
         assert re.search(r"TECHNIQUE:.*\n", p.report) and "FINDINGS:" in p.report and "IMPRESSION:" in p.report
         technique = p.report.split("\n")[0]
         assert p.region in technique
-        assert {"non-contrast": "without intravenous contrast", "arterial": "arterial", "portal venous": "portal venous"}[p.phase] in technique
+        assert {"non-contrast": "without intravenous contrast", "arterial": "arterial", "portal venous": "portal venous", "delayed": "delayed"}[p.phase] in technique
         assert f"{p.volume.spacing[0]:g} mm" in technique
 
 
@@ -332,7 +336,6 @@ def test_report_scoring_detects_wrong_reports():
 def test_vqa_items_are_well_formed_and_cover_the_five_types():
     letters = []
     for p in cases():
-        assert {q.qtype for q in p.vqa} == set(QTYPES)
         for q in p.vqa:
             assert len(q.choices) == 4 and len(set(q.choices)) == 4
             assert q.answer_letter in "ABCD"
@@ -340,47 +343,135 @@ def test_vqa_items_are_well_formed_and_cover_the_five_types():
             assert q.prompt.startswith(q.question + " Choices: A. ")
             assert q.target == f"{q.answer_letter}. {q.answer_text}"
             letters.append(q.answer_letter)
+    assert {q.qtype for p in cases() for q in p.vqa} == set(QTYPES)
     counts = {letter: letters.count(letter) for letter in "ABCD"}
     assert min(counts.values()) > len(letters) / 8, counts  # answer position is shuffled
+
+
+def _locations_in(kind: str, region: str) -> list[str]:
+    from napari_tghmoe.phantom._types import ABDOMEN_NODE_STATIONS, CHEST_NODE_STATIONS
+
+    if kind == "enlarged lymph node":
+        return list(CHEST_NODE_STATIONS if region == "chest" else ABDOMEN_NODE_STATIONS)
+    return list(KIND_LOCATIONS[kind])
 
 
 def test_vqa_answers_agree_with_the_findings():
     for p in cases():
         by_type = {t: [q for q in p.vqa if q.qtype == t] for t in QTYPES}
-        assert [q.answer_text for q in by_type["plane"]] == ["axial"]
+        assert [q.answer_text for q in by_type["plane"]] == [p.plane]
         assert [q.answer_text for q in by_type["phase"]] == [p.phase]
-        organs = {f.organ for f in p.findings}
+        # organ and abnormality: only when one answer is right (at most one finding), and then both
+        assert len(by_type["organ"]) == len(by_type["abnormality"]) <= (1 if len(p.findings) <= 1 else 0)
         for q in by_type["organ"]:
-            if organs:
-                assert q.answer_text in organs
-                assert len(organs & set(q.choices)) == 1  # exactly one right answer among the choices
-            else:
-                assert q.answer_text == "none of these organs"
-            assert "none of these organs" in q.choices
-        stated = {q.answer_text for q in by_type["abnormality"]} - {"no abnormality"}
-        assert stated == {f.kind for f in p.findings}
+            assert q.answer_text == (p.findings[0].organ if p.findings else "none of these organs")
         for q in by_type["abnormality"]:
-            assert "no abnormality" in q.choices  # the negative is always offered
+            assert q.answer_text == (p.findings[0].kind if p.findings else "no abnormality")
+        present = {f.kind for f in p.findings}
         for f in p.findings:
             asked = [q for q in by_type["location"] if f.kind in q.question]
-            assert [q.answer_text for q in asked] == [f.location]
-            assert f"no {f.kind} is seen" in asked[0].choices
-            assert sum(c in KIND_LOCATIONS[f.kind] and c != f.location for c in asked[0].choices) >= 1
-        present = {f.kind for f in p.findings}
+            real = _locations_in(f.kind, p.region)
+            # a kind with fewer than three locations would need a never-right fourth option
+            assert [q.answer_text for q in asked] == ([f.location] if len(real) >= 3 else [])
+            for q in asked:
+                assert set(q.choices) <= set(real) | {f"no {f.kind} is seen"}
         for q in by_type["location"]:
-            kind = next(k for k in FINDING_KINDS if k in q.question)
+            kind = next(k for k in sorted(FINDING_KINDS, key=len, reverse=True) if k in q.question)
             if kind not in present:
                 assert q.answer_text == f"no {kind} is seen"
+                assert set(q.choices) <= set(_locations_in(kind, p.region)) | {q.answer_text}
 
 
 def test_normal_cases_get_negative_answers():
     normal = [p for p in cases() if not p.findings]
     assert normal
     for p in normal:
-        answers = {q.qtype: q.answer_text for q in p.vqa if q.qtype in ("organ", "location")}
-        assert answers["organ"] == "none of these organs"
-        assert answers["location"].startswith("no ") and answers["location"].endswith(" is seen")
-        assert all(q.answer_text == "no abnormality" for q in p.vqa if q.qtype == "abnormality")
+        for q in p.vqa:
+            if q.qtype in ("organ", "abnormality", "location"):
+                assert q.answer_text in ("none of these organs", "no abnormality") or (
+                    q.answer_text.startswith("no ") and q.answer_text.endswith(" is seen")
+                )
+
+
+# --------------------------------------------------------------- balanced choice lists
+
+BALANCE_SEEDS = range(400)
+BALANCE_GRID = (16, 48, 64)
+
+
+@lru_cache(maxsize=None)
+def balance_set() -> tuple[Phantom, ...]:
+    """400 phantoms as the data loaders make them (plane drawn from the seed), on a small grid."""
+    return tuple(
+        make_phantom(seed, "chest" if seed % 2 == 0 else "abdomen", shape=BALANCE_GRID, plane=None) for seed in BALANCE_SEEDS
+    )
+
+
+def test_the_plane_answer_takes_every_plane_and_the_phase_every_phase():
+    phantoms = balance_set()
+    planes = [q.answer_text for p in phantoms for q in p.vqa if q.qtype == "plane"]
+    phases = [q.answer_text for p in phantoms for q in p.vqa if q.qtype == "phase"]
+    for values, vocabulary in ((planes, PLANES), (phases, PHASES)):
+        counts = {v: values.count(v) for v in vocabulary}
+        assert set(values) == set(vocabulary) and min(counts.values()) > len(values) / 6, counts
+    # every option of a plane or phase question is a value phantoms really take
+    assert {c for p in phantoms for q in p.vqa if q.qtype == "plane" for c in q.choices} == set(PLANES)
+    assert {c for p in phantoms for q in p.vqa if q.qtype == "phase" for c in q.choices} == set(PHASES)
+
+
+def test_every_choice_text_that_is_shown_is_sometimes_right_about_a_quarter_of_the_time():
+    shown: dict[tuple[str, str], int] = {}
+    right: dict[tuple[str, str], int] = {}
+    for p in balance_set():
+        for q in p.vqa:
+            for choice in q.choices:
+                shown[q.qtype, choice] = shown.get((q.qtype, choice), 0) + 1
+                right[q.qtype, choice] = right.get((q.qtype, choice), 0) + (choice == q.answer_text)
+    never = [key for key in shown if right.get(key, 0) == 0]
+    assert not never, f"options shown but never right: {never}"
+    # per type, the options' hit rates pooled: a quarter, as for a fair four-choice question
+    for qtype in QTYPES:
+        total_shown = sum(n for (t, _), n in shown.items() if t == qtype)
+        total_right = sum(n for (t, _), n in right.items() if t == qtype)
+        assert total_right / total_shown == pytest.approx(0.25)
+    frequent = {key: right.get(key, 0) / n for key, n in shown.items() if n >= 100}
+    assert frequent and all(0.15 <= rate <= 0.37 for rate in frequent.values()), frequent
+
+
+def test_the_plane_is_stored_in_the_slice_order_with_its_geometry():
+    axial = make_phantom(3, "abdomen", shape=(12, 40, 48), plane="axial")
+    assert axial.plane == "axial" and np.allclose(axial.volume.direction, AXIAL_DIRECTION)
+    for plane in ("coronal", "sagittal", "oblique"):
+        p = make_phantom(3, "abdomen", shape=(12, 40, 48), plane=plane)
+        v = p.volume
+        assert p.plane == plane and orientation_name(v.direction) == plane
+        assert p.labels.shape == p.lesions.shape == v.shape
+        assert np.allclose(v.direction.T @ v.direction, np.eye(3))  # orthonormal
+        assert [q.answer_text for q in p.vqa if q.qtype == "plane"] == [plane]
+        assert plane in p.report.split("\n")[0].lower()
+        # the same patient: each finding's centre lies at the same place in mm (within a voxel)
+        assert [f.kind for f in p.findings] == [f.kind for f in axial.findings]
+        for f, g in zip(p.findings, axial.findings):
+            assert p.lesions[f.center_voxel] == p.findings.index(f) + 1
+            here, there = v.index_to_patient(f.center_voxel), axial.volume.index_to_patient(g.center_voxel)
+            assert np.linalg.norm(here - there) <= np.linalg.norm(axial.volume.spacing) + 1e-6
+        if plane != "oblique":  # orthogonal planes: the same voxels, reordered
+            assert sorted(v.shape) == sorted(axial.volume.shape)
+            assert np.array_equal(np.sort(p.labels, axis=None), np.sort(axial.labels, axis=None))
+    coronal = make_phantom(3, "abdomen", shape=(12, 40, 48), plane="coronal")
+    # coronal: slices run front to back, rows head to feet, columns right to left
+    np.testing.assert_array_equal(coronal.labels, np.transpose(axial.labels, (1, 0, 2))[:, ::-1, :])
+
+
+def test_the_acquisition_draw_is_deterministic_and_leaves_the_patient_alone():
+    assert [acquisition(s) for s in range(20)] == [acquisition(s) for s in range(20)]
+    a = make_phantom(6, "chest", shape=(12, 40, 48), plane=None)
+    b = make_phantom(6, "chest", shape=(12, 40, 48), plane=None)
+    np.testing.assert_array_equal(a.volume.hu, b.volume.hu)
+    assert a.vqa == b.vqa and a.plane == acquisition(6)["plane"]
+    # the anatomy and findings do not depend on the plane
+    c = make_phantom(6, "chest", shape=(12, 40, 48), plane="axial", phase=a.phase)
+    assert [(f.kind, f.location) for f in a.findings] == [(f.kind, f.location) for f in c.findings]
 
 
 # ---------------------------------------------------------------------------- files

@@ -1,4 +1,5 @@
-"""``tghmoe eval``: score a model folder on a dataset by the M3D protocol (JSON + Markdown)."""
+"""``tghmoe eval``: score a model folder on a dataset by the M3D protocol (JSON + Markdown);
+``tghmoe eval-baseline``: what rules that never look at the image score on the same questions."""
 
 from __future__ import annotations
 
@@ -32,7 +33,22 @@ def register(subparsers: Any) -> None:
     parser.add_argument("--quantization", default="auto", choices=["auto", "4bit", "8bit", "none"])
     parser.add_argument("--max-new-tokens", type=int, default=256, metavar="N")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+    parser.add_argument(
+        "--prior-train",
+        metavar="SPEC",
+        help="also learn the image-free prior on this (training) data and show it beside every closed-VQA accuracy",
+    )
     parser.set_defaults(func=run_eval)
+
+    baseline = subparsers.add_parser(
+        "eval-baseline",
+        help="score image-free rules (learnt prior, hand rule) on the closed questions of a dataset",
+    )
+    baseline.add_argument("--train", required=True, metavar="SPEC", help="data the prior learns from (training seeds); " + DATA_HELP)
+    baseline.add_argument("--data", required=True, metavar="SPEC", help="held-out data it is scored on")
+    baseline.add_argument("--out", required=True, metavar="JSON", help="results file (a .md table is written beside it)")
+    baseline.add_argument("--cache-dir", metavar="DIR", help="phantom cache folder (default: ~/.cache/napari-tghmoe)")
+    baseline.set_defaults(func=run_eval_baseline)
 
 
 def run_eval(args: argparse.Namespace) -> int:
@@ -61,6 +77,15 @@ def run_eval(args: argparse.Namespace) -> int:
         progress=not args.no_progress,
         info={"model": str(model_path), "data": args.data, "device": engine.device, "precision": engine.precision},
     )
+    if args.prior_train:
+        from napari_tghmoe.eval.baselines import PRIOR, run_baselines
+        from napari_tghmoe.eval.evaluate import attach_baselines
+
+        closed = [s for s in samples if s.task == "vqa_closed"]
+        if closed and "vqa_closed" in results:
+            prior = run_baselines(_load(args.prior_train, "vqa_closed", args.cache_dir), closed)
+            attach_baselines(results, {PRIOR: prior["baselines"][PRIOR]})
+            results["prior_train"] = args.prior_train
     json_path, markdown_path = write_results(results, args.out, args.markdown)
     print(_summary_line(results), file=sys.stderr)
     print(f"wrote {json_path} and {markdown_path}", file=sys.stderr)
@@ -84,3 +109,34 @@ def _summary_line(results: dict[str, Any]) -> str:
     if open_vqa:
         parts.append(f"open-VQA BLEU-1 {open_vqa['bleu1']:.3f}")
     return "; ".join(parts)
+
+
+def _load(spec: str, task: str, cache_dir: str | None) -> list[Any]:
+    from napari_tghmoe.cli import CLIError
+    from napari_tghmoe.train.data import load_dataset_spec
+
+    try:
+        samples = load_dataset_spec(spec, task=task, cache_dir=cache_dir)
+    except ValueError as err:
+        raise CLIError(str(err)) from err
+    if not samples:
+        raise CLIError(f"{spec}: no closed questions")
+    return samples
+
+
+def run_eval_baseline(args: argparse.Namespace) -> int:
+    from napari_tghmoe.cli import CLIError
+    from napari_tghmoe.eval.baselines import run_baselines, write_baselines
+
+    train = _load(args.train, "vqa_closed", args.cache_dir)
+    test = _load(args.data, "vqa_closed", args.cache_dir)
+    try:
+        results = run_baselines(train, test, info={"train": args.train, "data": args.data})
+    except ValueError as err:
+        raise CLIError(str(err)) from err
+    json_path, markdown_path = write_baselines(results, args.out)
+    for name, summary in results["baselines"].items():
+        per_type = ", ".join(f"{q} {row['accuracy']:.3f}" for q, row in summary["per_type"].items())
+        print(f"{name}: closed accuracy {summary['accuracy']:.3f} ({per_type})", file=sys.stderr)
+    print(f"wrote {json_path} and {markdown_path}", file=sys.stderr)
+    return 0

@@ -34,6 +34,19 @@ def engine_generate_fn(engine: Any, max_new_tokens: int = 256) -> GenerateFn:
     return generate
 
 
+def sample_case(sample: Sample) -> str:
+    """The case (scan) a sample asks about: phantom seed, else the volume's file, else its id.
+
+    Intervals resample cases, not questions: the questions of one scan are correlated.
+    """
+    meta = sample.meta
+    if meta.get("source") == "phantom" and meta.get("seed") is not None:
+        return f"phantom:{meta.get('region', '')}:{meta['seed']}"
+    if isinstance(sample.volume, (str, Path)):
+        return str(sample.volume)
+    return str(meta.get("case") or meta.get("id") or id(sample.volume))
+
+
 def _as_generate_fn(model: Any, max_new_tokens: int) -> GenerateFn:
     if hasattr(model, "answer") and hasattr(model, "tokenizer"):
         return engine_generate_fn(model, max_new_tokens)
@@ -156,7 +169,7 @@ def score_results(
 
     report_indices = [i for i in by_task.get("report", []) if samples[i].meta.get("findings") is not None]
     if report_indices:
-        finding_scores = []
+        finding_scores: list[M.FindingScore] = []
         for i in report_indices:
             score = M.finding_scores(predictions[i], samples[i].meta["findings"])
             finding_scores.append(score)
@@ -167,7 +180,9 @@ def score_results(
                 "n_stated": score.n_stated,
                 "stated": score.stated,
             }
-        results["report"]["findings"] = M.aggregate_finding_scores(finding_scores)
+        results["report"]["findings"] = M.add_finding_intervals(
+            M.aggregate_finding_scores(finding_scores), finding_scores, [sample_case(samples[i]) for i in report_indices]
+        )
 
     closed = by_task.get("vqa_closed")
     if closed:
@@ -177,10 +192,11 @@ def score_results(
             qtypes=[samples[i].qtype for i in closed],
             choices=[samples[i].meta.get("choices") for i in closed],
         )
-        for i, row in zip(closed, summary.pop("per_sample")):
+        rows = summary.pop("per_sample")
+        for i, row in zip(closed, rows):
             records[i]["parsed_letter"] = row["parsed"]
             records[i]["correct"] = row["correct"]
-        results["vqa_closed"] = summary
+        results["vqa_closed"] = M.add_accuracy_intervals(summary, rows, [sample_case(samples[i]) for i in closed])
     return results
 
 
@@ -200,6 +216,29 @@ def _fmt(value: Any, digits: int = 3) -> str:
     if isinstance(value, float):
         return f"{value:.{digits}f}"
     return str(value)
+
+
+def format_with_interval(value: Any, interval: Sequence[float] | None, digits: int = 3) -> str:
+    """``0.598 [0.54, 0.66]``: the value and its 95 % interval (two decimals), when there is one."""
+    text = _fmt(value, digits)
+    if interval is None or value is None:
+        return text
+    return f"{text} [{interval[0]:.2f}, {interval[1]:.2f}]"
+
+
+def attach_baselines(results: dict[str, Any], baselines: dict[str, dict[str, Any]]) -> dict[str, Any]:
+    """Put closed-VQA baseline summaries (name -> accuracy summary with ``per_type``, e.g. the
+    image-free prior of :mod:`napari_tghmoe.eval.baselines`, or the ``vqa_closed`` of a model
+    trained with the image zeroed) beside the model's, so the tables show them as columns."""
+    closed = results.get("vqa_closed")
+    if not closed:
+        raise ValueError("results have no closed-VQA scores to compare baselines with")
+    slot = closed.setdefault("baselines", {})
+    for name, summary in baselines.items():
+        slot[name] = {
+            key: value for key, value in summary.items() if key in ("n", "accuracy", "accuracy_ci", "per_type", "interval")
+        }
+    return results
 
 
 _TEXT_COLUMNS = (
@@ -227,15 +266,34 @@ def results_to_markdown(results: dict[str, Any]) -> str:
         values = [_fmt(report["n"])] + [_fmt(report.get(key)) for key, _ in _TEXT_COLUMNS]
         if findings:
             header += ["Finding recall", "Finding precision", "Normal correct"]
-            values += [_fmt(findings.get("recall")), _fmt(findings.get("precision")), _fmt(findings.get("normal_correct"))]
+            values += [
+                format_with_interval(findings.get("recall"), findings.get("recall_ci")),
+                format_with_interval(findings.get("precision"), findings.get("precision_ci")),
+                _fmt(findings.get("normal_correct")),
+            ]
         lines += ["## Report generation", "", "| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
         lines += ["| " + " | ".join(values) + " |", ""]
     closed = results.get("vqa_closed")
     if closed:
-        lines += ["## Closed VQA (accuracy by answer letter)", "", "| Question type | n | Accuracy | Accuracy (M3D rule) |", "|---|---|---|---|"]
+        baselines = closed.get("baselines") or {}
+        header = ["Question type", "n", "Accuracy", "Accuracy (M3D rule)"] + list(baselines)
+        lines += ["## Closed VQA (accuracy by answer letter, [95 % interval])", "", "| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+
+        def cells(row: dict[str, Any], qtype: str | None) -> list[str]:
+            out = [
+                format_with_interval(row.get("accuracy"), row.get("accuracy_ci")),
+                format_with_interval(row.get("accuracy_m3d"), row.get("accuracy_m3d_ci")),
+            ]
+            for baseline in baselines.values():
+                other = baseline if qtype is None else (baseline.get("per_type") or {}).get(qtype, {})
+                out.append(format_with_interval(other.get("accuracy"), other.get("accuracy_ci")))
+            return out
+
         for qtype, row in closed.get("per_type", {}).items():
-            lines.append(f"| {qtype} | {row['n']} | {_fmt(row['accuracy'])} | {_fmt(row['accuracy_m3d'])} |")
-        lines += [f"| **overall** | {closed['n']} | {_fmt(closed['accuracy'])} | {_fmt(closed['accuracy_m3d'])} |", ""]
+            lines.append("| " + " | ".join([qtype, str(row["n"])] + cells(row, qtype)) + " |")
+        lines += ["| " + " | ".join(["**overall**", str(closed["n"])] + cells(closed, None)) + " |", ""]
+        if closed.get("interval"):
+            lines += [f"Intervals: {closed['interval']}.", ""]
     open_vqa = results.get("vqa_open")
     if open_vqa:
         header = ["Question type", "n"] + [label for _, label in _TEXT_COLUMNS]

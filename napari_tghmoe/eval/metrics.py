@@ -518,3 +518,118 @@ def aggregate_finding_scores(scores: Sequence[FindingScore]) -> dict[str, Any]:
         "normal_reports": len(normals),
         "normal_correct": sum(normals) / len(normals) if normals else None,
     }
+
+
+# --------------------------------------------------------------------------- intervals
+
+#: Bootstrap settings of every interval in the results: 95 % percentile intervals over cases.
+BOOTSTRAP_CONFIDENCE = 0.95
+BOOTSTRAP_RESAMPLES = 2000
+BOOTSTRAP_SEED = 0
+
+
+def _ratio_of_sums(numerators: Any, denominators: Any, axis: int = -1) -> Any:
+    import numpy as np
+
+    num = np.sum(numerators, axis=axis)
+    den = np.sum(denominators, axis=axis)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        return np.where(den > 0, num / np.where(den > 0, den, 1), np.nan)
+
+
+def cluster_bootstrap_interval(
+    numerators: Sequence[float],
+    denominators: Sequence[float],
+    clusters: Sequence[Any],
+    *,
+    confidence: float = BOOTSTRAP_CONFIDENCE,
+    n_resamples: int = BOOTSTRAP_RESAMPLES,
+    seed: int = BOOTSTRAP_SEED,
+) -> tuple[float, float] | None:
+    """95 % percentile bootstrap interval of ``sum(numerators) / sum(denominators)``, resampling
+    whole clusters (cases: one phantom or one scan), not single items.
+
+    Why by case: the questions (or findings) of one scan share its image and its difficulty, so
+    they are not independent; resampling them one by one would make the interval too narrow.
+    Items are summed per cluster and ``scipy.stats.bootstrap`` resamples the clusters (paired
+    numerator and denominator sums, ratio of the resampled sums). None when fewer than two
+    clusters hold a positive denominator (no spread to resample).
+    """
+    import numpy as np
+    from scipy.stats import bootstrap
+
+    if not (len(numerators) == len(denominators) == len(clusters)):
+        raise ValueError(f"{len(numerators)} numerators, {len(denominators)} denominators, {len(clusters)} clusters")
+    index: dict[Any, int] = {}
+    for cluster in clusters:
+        index.setdefault(cluster, len(index))
+    num = np.zeros(len(index))
+    den = np.zeros(len(index))
+    for n, d, cluster in zip(numerators, denominators, clusters):
+        num[index[cluster]] += float(n)
+        den[index[cluster]] += float(d)
+    if int(np.count_nonzero(den > 0)) < 2:
+        return None
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # scipy warns when every resample gives the same value
+        result = bootstrap(
+            (num, den),
+            _ratio_of_sums,
+            paired=True,
+            vectorized=True,
+            n_resamples=n_resamples,
+            confidence_level=confidence,
+            method="percentile",
+            rng=np.random.default_rng(seed),
+        )
+    low, high = float(result.confidence_interval.low), float(result.confidence_interval.high)
+    if not (np.isfinite(low) and np.isfinite(high)):
+        return None
+    return (low, high)
+
+
+def add_accuracy_intervals(summary: dict[str, Any], rows: Sequence[dict[str, Any]], clusters: Sequence[Any]) -> dict[str, Any]:
+    """Add ``accuracy_ci`` (and ``accuracy_m3d_ci``) overall and per type to a
+    :func:`closed_vqa_accuracy` summary; ``rows`` are its ``per_sample`` rows, ``clusters`` the
+    case of each row."""
+    rows = list(rows)
+    clusters = list(clusters)
+    if len(rows) != len(clusters):
+        raise ValueError(f"{len(rows)} rows for {len(clusters)} clusters")
+
+    def fill(target: dict[str, Any], chosen: list[int]) -> None:
+        ones = [1.0] * len(chosen)
+        keep = [clusters[i] for i in chosen]
+        target["accuracy_ci"] = cluster_bootstrap_interval([float(rows[i]["correct"]) for i in chosen], ones, keep)
+        if "correct_m3d" in rows[0]:
+            target["accuracy_m3d_ci"] = cluster_bootstrap_interval(
+                [float(rows[i]["correct_m3d"]) for i in chosen], ones, keep
+            )
+
+    fill(summary, list(range(len(rows))))
+    for qtype, row in summary.get("per_type", {}).items():
+        fill(row, [i for i, r in enumerate(rows) if str(r["qtype"]) == qtype])
+    summary["interval"] = interval_note()
+    return summary
+
+
+def add_finding_intervals(aggregate: dict[str, Any], scores: Sequence[FindingScore], clusters: Sequence[Any]) -> dict[str, Any]:
+    """Add ``recall_ci`` and ``precision_ci`` (micro, resampled by case) to an
+    :func:`aggregate_finding_scores` dict."""
+    aggregate["recall_ci"] = cluster_bootstrap_interval(
+        [s.n_true_found for s in scores], [s.n_true for s in scores], clusters
+    )
+    aggregate["precision_ci"] = cluster_bootstrap_interval(
+        [s.n_stated_true for s in scores], [s.n_stated for s in scores], clusters
+    )
+    aggregate["interval"] = interval_note()
+    return aggregate
+
+
+def interval_note() -> str:
+    return (
+        f"{int(BOOTSTRAP_CONFIDENCE * 100)} % percentile bootstrap over cases (scipy.stats.bootstrap, "
+        f"{BOOTSTRAP_RESAMPLES} resamples, seed {BOOTSTRAP_SEED}; the questions of one scan are resampled together)"
+    )

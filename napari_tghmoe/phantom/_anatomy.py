@@ -23,8 +23,8 @@ REGION_Z_WINDOW = {"chest": (-90.0, 230.0), "abdomen": (-290.0, 30.0)}
 #: Field of view needed to hold the largest body the generator draws, (z, y, x) in mm.
 REGION_FOV_MM = {"chest": (320.0, 270.0, 360.0), "abdomen": (320.0, 270.0, 360.0)}
 
-_NC, _ART, _PV = 0, 1, 2
-_PHASE_INDEX = {"non-contrast": _NC, "arterial": _ART, "portal venous": _PV}
+_NC, _ART, _PV, _DELAYED = 0, 1, 2, 3
+_PHASE_INDEX = {"non-contrast": _NC, "arterial": _ART, "portal venous": _PV, "delayed": _DELAYED}
 
 #: Mean HU per label and phase (non-contrast, arterial, portal venous).
 HU_TABLE: dict[str, tuple[float, float, float]] = {
@@ -65,17 +65,44 @@ HU_TABLE: dict[str, tuple[float, float, float]] = {
 }
 
 
+#: Delayed (equilibrium, ~3-5 min) phase: the labels that enhance, washed out below portal
+#: venous (blood pool ~125 HU, liver ~95); every other label keeps its portal-venous value.
+DELAYED_HU: dict[str, float] = {
+    "muscle": 55,
+    "pulmonary vessels": 120,
+    "myocardium": 95,
+    "cardiac blood pool": 125,
+    "aorta": 125,
+    "inferior vena cava": 125,
+    "liver": 95,
+    "spleen": 100,
+    "right kidney": 150,
+    "left kidney": 150,
+    "pancreas": 85,
+    "stomach": 33,
+    "bowel": 38,
+    "esophagus": 60,
+    "lymph node": 72,
+}
+
+
+def _phase_hu(name: str, column: int) -> float:
+    if column == _DELAYED:
+        return float(DELAYED_HU.get(name, HU_TABLE[name][_PV]))
+    return float(HU_TABLE[name][column])
+
+
 def hu_lut(phase: str) -> np.ndarray:
     """Label value -> HU for one contrast phase (uint8 labels index it directly)."""
     lut = np.full(256, -1000.0, dtype=np.float32)
     column = _PHASE_INDEX[phase]
-    for name, values in HU_TABLE.items():
-        lut[L[name]] = values[column]
+    for name in HU_TABLE:
+        lut[L[name]] = _phase_hu(name, column)
     return lut
 
 
 def organ_hu(name: str, phase: str) -> float:
-    return float(HU_TABLE[name][_PHASE_INDEX[phase]])
+    return _phase_hu(name, _PHASE_INDEX[phase])
 
 
 @dataclass

@@ -8,6 +8,8 @@ never named.
 
 from __future__ import annotations
 
+import functools
+import itertools
 import re
 
 import numpy as np
@@ -17,8 +19,8 @@ from napari_tghmoe.phantom._types import (
     FINDING_SENTENCE,
     IMPRESSION_ITEM,
     KIND_LOCATIONS,
-    ORGANS_BY_REGION,
     PHASES,
+    PLANES,
     Finding,
     VQAItem,
 )
@@ -30,11 +32,12 @@ _PHASE_TECHNIQUE = {
     "non-contrast": "without intravenous contrast",
     "arterial": "with intravenous contrast in the arterial phase",
     "portal venous": "with intravenous contrast in the portal venous phase",
+    "delayed": "with intravenous contrast in the delayed phase",
 }
 _TECHNIQUE = (
-    "Axial CT of the {region} {phase}, reconstructed at {thickness} mm slice thickness.",
-    "CT of the {region} was performed {phase}. Axial images at {thickness} mm slice thickness.",
-    "Helical CT of the {region} {phase}; {thickness} mm axial reconstructions.",
+    "{Plane} CT of the {region} {phase}, reconstructed at {thickness} mm slice thickness.",
+    "CT of the {region} was performed {phase}. {Plane} images at {thickness} mm slice thickness.",
+    "Helical CT of the {region} {phase}; {thickness} mm {plane} reconstructions.",
 )
 
 #: Report sections per region: (heading, organ group or None, normal phrasings).
@@ -65,10 +68,15 @@ def _pick(options, rng: np.random.Generator):
     return options[int(rng.integers(len(options)))]
 
 
-def write_report(region: str, phase: str, slice_thickness: float, findings: list[Finding], rng: np.random.Generator) -> str:
-    """A sectioned radiology report (technique, findings by organ, impression)."""
-    thickness = f"{slice_thickness:g}"
-    lines = ["TECHNIQUE: " + _pick(_TECHNIQUE, rng).format(region=region, phase=_PHASE_TECHNIQUE[phase], thickness=thickness), "", "FINDINGS:"]
+def write_report(
+    region: str, phase: str, slice_thickness: float, findings: list[Finding], rng: np.random.Generator, plane: str = "axial"
+) -> str:
+    """A sectioned radiology report (technique with the stored plane, findings by organ, impression)."""
+    thickness = f"{slice_thickness:.3g}"
+    technique = _pick(_TECHNIQUE, rng).format(
+        region=region, phase=_PHASE_TECHNIQUE[phase], thickness=thickness, plane=plane, Plane=plane.capitalize()
+    )
+    lines = ["TECHNIQUE: " + technique, "", "FINDINGS:"]
     by_organ: dict[str, list[Finding]] = {}
     for f in findings:
         by_organ.setdefault(f.organ, []).append(f)
@@ -118,105 +126,167 @@ def finding_recall_precision(text: str, findings: list[Finding]) -> tuple[float,
 
 
 # ----------------------------------------------------------------------------- VQA
+#
+# Balanced choice lists. A four-choice question says nothing without the image only if every
+# option text is right about as often as it is shown. The rule used here: for each kind of
+# question, the *universe* of answers it can have (e.g. a chest organ question: lung, pleura,
+# lymph node, none of these organs) and their design probabilities (from the generator's own
+# constants, COUNT_PROBABILITIES and REGION_ORGANS) are fixed; the four options are drawn from a
+# sampling design over four-answer sets whose inclusion probability is four times each answer's
+# probability, conditioned on containing the correct answer. Then P(answer = v | options shown)
+# is 1/4 for every option of every list (a text-only rule can do no better than chance), as long
+# as the generator meets its design. Three consequences:
+#
+# * Answers more frequent than 1/4 are thinned: a normal case gets an organ/abnormality question
+#   only with the probability that makes "none" as frequent as each organ, and an absent kind gets
+#   a location question only as often as each of its locations is the answer.
+# * Questions with two true answers are not asked: organ and abnormality questions only for cases
+#   with at most one finding (with two, one abnormal organ could not be a distractor of the other).
+# * Questions with fewer than four possible answers are not asked: pleural effusion (two sides),
+#   splenic lesion and abdominal lymph node (two locations each) get no location question; a
+#   fourth option would be one that is never right.
 
 _PLANE_Q = ("In which plane is this image shown?", "Which imaging plane is displayed?", "What is the plane of this CT image?")
 _PHASE_Q = ("In which contrast phase was this CT acquired?", "What is the contrast phase of this scan?", "Which phase of contrast enhancement is shown?")
 _ORGAN_Q = ("Which organ contains the abnormality?", "Which of these organs shows an abnormality?", "In which organ is the abnormality found?")
-_ABN_Q = ("What abnormality is seen in the {organ}?", "What is the abnormal finding in the {organ}?", "Which abnormality is present in the {organ}?")
+_ABN_Q = ("What abnormality is seen in the {region}?", "What is the abnormal finding in the {region}?", "Which abnormality is present in the {region}?")
 _LOC_Q = ("Where is the {kind} located?", "What is the location of the {kind}?", "In which location is the {kind} seen?")
-#: How abnormality questions name each organ group.
-_ORGAN_PHRASE = {
-    ("chest", "lung"): "lungs",
-    ("chest", "pleura"): "pleural spaces",
-    ("chest", "lymph node"): "mediastinal lymph nodes",
-    ("abdomen", "liver"): "liver",
-    ("abdomen", "kidney"): "kidneys",
-    ("abdomen", "spleen"): "spleen",
-    ("abdomen", "lymph node"): "abdominal lymph nodes",
-}
+#: Options per question (M3D closed VQA).
+N_CHOICES = 4
 
 
 def _absent(kind: str) -> str:
     return f"no {kind} is seen"
 
 
-def _item(question: str, correct: str, distractors: list[str], qtype: str, rng: np.random.Generator) -> VQAItem:
-    unique = [d for d in dict.fromkeys(distractors) if d != correct][:3]
-    if len(unique) < 3:  # pragma: no cover - every vocabulary below offers >= 3 distractors
-        raise ValueError(f"not enough distractors for {question!r}")
-    choices = [correct] + unique
-    order = rng.permutation(4)
-    shuffled = tuple(choices[i] for i in order)
-    letter = "ABCD"[shuffled.index(correct)]
-    return VQAItem(question=question, choices=shuffled, answer_letter=letter, answer_text=correct, qtype=qtype)  # type: ignore[arg-type]
+@functools.lru_cache(maxsize=64)
+def _design(probabilities: tuple[float, ...]) -> tuple[tuple[tuple[int, ...], ...], np.ndarray]:
+    """Four-answer sets and their probabilities Q(S) such that answer v is in the set with
+    probability 4 p_v (the maximum-entropy design, fitted by iterative scaling).
 
-
-def make_vqa(region: str, phase: str, findings: list[Finding], rng: np.random.Generator) -> list[VQAItem]:
-    """Closed VQA items of the five M3D types, all answerable from the image.
-
-    Every "organ", "abnormality" and "location" question offers the negative answer among
-    its choices whether or not the case is normal, so the question and choices alone never
-    give the answer away.
+    Drawing the correct answer y with probability p_y and then S with probability proportional to
+    Q(S) among the sets holding y gives P(y = v | S) = Q(S) / 4 / P(S) = 1/4 for every v in S.
     """
-    items = [
-        _item(_pick(_PLANE_Q, rng), "axial", ["coronal", "sagittal", "oblique"], "plane", rng),
-        _item(_pick(_PHASE_Q, rng), phase, [p for p in PHASES if p != phase] + ["delayed"], "phase", rng),
-    ]
-    region_organs = list(ORGANS_BY_REGION[region])
-    abnormal = list(dict.fromkeys(f.organ for f in findings))
-    normal_organs = [o for o in region_organs if o not in abnormal]
-    # Organ: one abnormal organ (or "none") against normal organs.
-    question = _pick(_ORGAN_Q, rng)
-    if abnormal:
-        correct = abnormal[int(rng.integers(len(abnormal)))]
-        distractors = [NONE_OF_THEM] + [str(o) for o in rng.permutation(np.asarray(normal_organs, dtype=object))]
-    else:
-        correct = NONE_OF_THEM
-        distractors = [str(o) for o in rng.permutation(np.asarray(normal_organs, dtype=object))]
-    items.append(_item(question, correct, distractors, "organ", rng))
-    # Abnormality: one question per organ group the region can show findings in.
-    region_kinds = [k for k, (_, regions) in FINDING_KINDS.items() if region in regions]
-    for (phrase_region, organ), phrase in _ORGAN_PHRASE.items():
-        if phrase_region != region:
-            continue
-        present = [f.kind for f in findings if f.organ == organ]
-        own_kinds = [k for k in region_kinds if FINDING_KINDS[k][0] == organ]
-        other_kinds = [str(k) for k in rng.permutation(np.asarray([k for k in region_kinds if k not in own_kinds], dtype=object))]
-        correct = present[0] if present else NO_ABNORMALITY
-        distractors = [NO_ABNORMALITY] + own_kinds + other_kinds
-        items.append(_item(_pick(_ABN_Q, rng).format(organ=phrase), correct, distractors, "abnormality", rng))
-    # Location: each finding, plus one kind that is absent (always when the case is normal).
-    for f in findings:
-        real, extra = _region_locations(f.kind, region)
-        others = [str(x) for x in rng.permutation(np.asarray([loc for loc in real if loc != f.location], dtype=object))]
-        distractors = [_absent(f.kind)] + others + list(extra)
-        items.append(_item(_pick(_LOC_Q, rng).format(kind=f.kind), f.location, distractors, "location", rng))
-    absent_kinds = [k for k in region_kinds if k not in {f.kind for f in findings}]
-    if absent_kinds and (not findings or rng.random() < 0.5):
-        kind = absent_kinds[int(rng.integers(len(absent_kinds)))]
-        real, extra = _region_locations(kind, region)
-        locations = [str(x) for x in rng.permutation(np.asarray(real, dtype=object))] + list(extra)
-        items.append(_item(_pick(_LOC_Q, rng).format(kind=kind), _absent(kind), locations, "location", rng))
-    return items
+    p = np.asarray(probabilities, dtype=float)
+    p = p / p.sum()
+    if p.size < N_CHOICES or np.any(p > 1.0 / N_CHOICES + 1e-9):
+        raise ValueError(f"a balanced design needs >= {N_CHOICES} answers of probability <= 1/{N_CHOICES}, got {p}")
+    sets = tuple(itertools.combinations(range(p.size), N_CHOICES))
+    members = np.zeros((len(sets), p.size))
+    for row, chosen in enumerate(sets):
+        members[row, list(chosen)] = 1.0
+    target = np.minimum(N_CHOICES * p, 1.0)
+    log_weight = np.zeros(p.size)
+    for _ in range(2000):
+        q = np.exp(members @ log_weight)
+        q /= q.sum()
+        inclusion = q @ members
+        if np.max(np.abs(inclusion - target)) < 1e-10:
+            break
+        log_weight += np.log(np.maximum(target, 1e-12) / np.maximum(inclusion, 1e-12))
+        log_weight = np.clip(log_weight, -60.0, 60.0)
+    return sets, q
 
 
-#: Extra wrong-but-plausible locations for kinds with fewer than three locations in a region.
-_EXTRA_LOCATIONS = {
-    "pleural effusion": ("pericardial space", "right upper lobe", "left lower lobe"),
-    "hypodense splenic lesion": ("spleen, hilum", "left kidney, upper pole", "left lobe of the liver"),
-    "enlarged lymph node, chest": ("right hilar region", "aortopulmonary window"),
-    "enlarged lymph node, abdomen": ("aortocaval region", "right para-caval region"),
-}
+def _choose(correct: str, universe: dict[str, float], rng: np.random.Generator) -> tuple[str, ...]:
+    """Four options holding ``correct``, drawn from the balanced design over ``universe``
+    (answer -> design probability), in random order."""
+    texts = list(universe)
+    sets, q = _design(tuple(universe[t] for t in texts))
+    mine = texts.index(correct)
+    candidates = [row for row, chosen in enumerate(sets) if mine in chosen]
+    weights = q[candidates] / q[candidates].sum()
+    chosen = sets[candidates[int(rng.choice(len(candidates), p=weights))]]
+    options = [texts[i] for i in chosen]
+    return tuple(options[i] for i in rng.permutation(N_CHOICES))
 
 
-def _region_locations(kind: str, region: str) -> tuple[list[str], list[str]]:
-    """Locations a kind really occurs at in this region, and wrong-but-plausible extras
-    that make up four choices where it has fewer."""
+def _item(question: str, correct: str, universe: dict[str, float], qtype: str, rng: np.random.Generator) -> VQAItem:
+    choices = _choose(correct, universe, rng)
+    letter = "ABCD"[choices.index(correct)]
+    return VQAItem(question=question, choices=choices, answer_letter=letter, answer_text=correct, qtype=qtype)  # type: ignore[arg-type]
+
+
+def _uniform(texts) -> dict[str, float]:
+    texts = list(dict.fromkeys(texts))
+    return {t: 1.0 / len(texts) for t in texts}
+
+
+def _region_plan(region: str) -> dict[str, object]:
+    """Design constants of a region, from the generator's own: how often a case has one finding,
+    none, each organ and kind, and how often to ask about a normal case or an absent kind."""
+    from napari_tghmoe.phantom._findings import COUNT_PROBABILITIES, REGION_ORGANS
+
+    organs = tuple(REGION_ORGANS[region])
+    counts = np.asarray(COUNT_PROBABILITIES, dtype=float)
+    p_none, p_one = float(counts[0]), float(counts[1])
+    expected_count = float((np.arange(counts.size) * counts).sum())
+    kinds_of = {o: [k for k, (organ, regions) in FINDING_KINDS.items() if organ == o and region in regions] for o in organs}
+    p_one_organ = p_one / len(organs)  # a case whose one finding is in this organ
+    present = {k: expected_count / len(organs) / len(kinds_of[o]) for o in organs for k in kinds_of[o]}
+    return {
+        "organs": organs,
+        "kinds_of": kinds_of,
+        # a normal case is asked with the probability that makes "none" as frequent as each organ
+        "ask_normal": p_one_organ / p_none,
+        "abnormality_universe": {
+            **{k: p_one_organ / len(kinds_of[o]) for o in organs for k in kinds_of[o]},
+            NO_ABNORMALITY: p_one_organ,
+        },
+        "p_present": present,
+    }
+
+
+def _locations(kind: str, region: str) -> list[str]:
+    """Locations a kind really occurs at in this region."""
     from napari_tghmoe.phantom._types import ABDOMEN_NODE_STATIONS, CHEST_NODE_STATIONS
 
     if kind == "enlarged lymph node":
-        real = list(CHEST_NODE_STATIONS if region == "chest" else ABDOMEN_NODE_STATIONS)
-    else:
-        real = list(KIND_LOCATIONS[kind])
-    extras = _EXTRA_LOCATIONS.get(f"{kind}, {region}", _EXTRA_LOCATIONS.get(kind, ()))
-    return real, [e for e in extras if e not in real][: max(0, 4 - len(real))]
+        return list(CHEST_NODE_STATIONS if region == "chest" else ABDOMEN_NODE_STATIONS)
+    return list(KIND_LOCATIONS[kind])
+
+
+def make_vqa(region: str, phase: str, findings: list[Finding], rng: np.random.Generator, plane: str = "axial") -> list[VQAItem]:
+    """Closed VQA items of the five M3D types, all answerable from the image, with balanced
+    choice lists (see the comment above): plane and phase always; organ and abnormality for a
+    case with one finding (and some normal cases); location for each finding whose kind has at
+    least three locations in the region (and some absent kinds)."""
+    plan = _region_plan(region)
+    items = [
+        _item(_pick(_PLANE_Q, rng), plane, _uniform(PLANES), "plane", rng),
+        _item(_pick(_PHASE_Q, rng), phase, _uniform(PHASES), "phase", rng),
+    ]
+    organs = plan["organs"]
+    ask_normal = bool(rng.random() < plan["ask_normal"])  # type: ignore[operator]
+    if len(findings) == 1 or (not findings and ask_normal):
+        finding = findings[0] if findings else None
+        organ_universe = _uniform(list(organs) + [NONE_OF_THEM])  # type: ignore[arg-type]
+        items.append(_item(_pick(_ORGAN_Q, rng), finding.organ if finding else NONE_OF_THEM, organ_universe, "organ", rng))
+        items.append(
+            _item(
+                _pick(_ABN_Q, rng).format(region=region),
+                finding.kind if finding else NO_ABNORMALITY,
+                plan["abnormality_universe"],  # type: ignore[arg-type]
+                "abnormality",
+                rng,
+            )
+        )
+    present_kinds = {f.kind for f in findings}
+    for f in findings:
+        real = _locations(f.kind, region)
+        if len(real) + 1 < N_CHOICES:
+            continue
+        question = _pick(_LOC_Q, rng).format(kind=f.kind)
+        items.append(_item(question, f.location, _uniform(real + [_absent(f.kind)]), "location", rng))
+    for organ in organs:  # type: ignore[attr-defined]
+        for kind in plan["kinds_of"][organ]:  # type: ignore[index]
+            real = _locations(kind, region)
+            draw = rng.random()
+            if kind in present_kinds or len(real) + 1 < N_CHOICES:
+                continue
+            p_present = plan["p_present"][kind]  # type: ignore[index]
+            # as often as each location of the kind is the answer of a present one
+            if draw < (p_present / len(real)) / (1.0 - p_present):
+                question = _pick(_LOC_Q, rng).format(kind=kind)
+                items.append(_item(question, _absent(kind), _uniform(real + [_absent(kind)]), "location", rng))
+    return items

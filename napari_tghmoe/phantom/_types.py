@@ -17,7 +17,14 @@ import numpy as np
 from napari_tghmoe.io import CTVolume
 
 REGIONS = ("chest", "abdomen")
-PHASES = ("non-contrast", "arterial", "portal venous")
+#: Contrast phases a phantom is drawn in, each with probability 1/4 (delayed: the equilibrium
+#: phase a few minutes after injection, when vessels and organs have washed out below portal venous).
+PHASES = ("non-contrast", "arterial", "portal venous", "delayed")
+#: Planes a phantom's slices can be stored in, each with probability 1/4 when drawn: the volume
+#: is stored as axial, coronal or sagittal slices, or as oblique slices tilted 20-35 degrees from
+#: axial about the left-right axis, with its true geometry in ``CTVolume.direction`` (as M3D stores
+#: each scan in the plane it was shown in), so the plane is in the slice order the model sees.
+PLANES = ("axial", "coronal", "sagittal", "oblique")
 QTYPES = ("plane", "phase", "organ", "abnormality", "location")
 
 #: kind -> (organ, region it is generated in)
@@ -83,7 +90,7 @@ class Finding:
     organ: str  # e.g. "lung", "liver", "kidney"
     location: str  # one of KIND_LOCATIONS[kind], e.g. "right upper lobe"
     size_mm: float  # largest diameter (effusion: depth of the fluid layer)
-    center_voxel: tuple[int, int, int]  # (z, y, x) index of a voxel inside the finding
+    center_voxel: tuple[int, int, int]  # index of a voxel inside the finding, in volume.hu order
     mean_hu: float  # designed attenuation of the finding (before blur and noise)
     label: int = 0  # label value (in Phantom.labels) of the structure containing it
 
@@ -124,10 +131,13 @@ class Phantom:
     region: str
     phase: str
     seed: int
-    labels: np.ndarray  # (z, y, x) uint8 anatomical label map, same grid as volume.hu
+    labels: np.ndarray  # uint8 anatomical label map, same grid (and axis order) as volume.hu
     label_names: dict[int, str]  # label value -> structure name
     lesions: np.ndarray  # (z, y, x) uint8: 0 background, i + 1 for findings[i]
     info: dict[str, Any] = field(default_factory=dict)  # anatomy parameters (mm)
+    #: Plane the slices are stored in (one of PLANES). labels, lesions and every finding's
+    #: center_voxel are indexed like volume.hu, i.e. in the stored (slice, row, column) order.
+    plane: str = "axial"
 
     def organ_mask(self, organ: str) -> np.ndarray:
         """Boolean mask of every label that belongs to ``organ`` (e.g. "lung", "kidney")."""

@@ -33,6 +33,7 @@ from typing import Any
 import numpy as np
 
 from napari_tghmoe.io import CTVolume, VolumeReadError
+from napari_tghmoe.io._geometry import orientation_name
 from napari_tghmoe.model.preprocess import INTENSITY_HU, INTENSITY_UNIT, intensity_kind, volume_intensity
 from napari_tghmoe.train import phrasings as _phr
 
@@ -357,7 +358,9 @@ def cached_phantom(
             pass  # a damaged cache file: regenerate it
     from napari_tghmoe.phantom import make_phantom
 
-    phantom = make_phantom(int(seed), region=region, shape=shape, spacing=spacing)
+    # plane=None: the stored plane is drawn from the seed (axial, coronal, sagittal or oblique),
+    # so the plane questions vary and the slice order shows the answer.
+    phantom = make_phantom(int(seed), region=region, shape=shape, spacing=spacing, plane=None)
     write_phantom_cache(phantom, path)
     return path, read_phantom_cache(path)
 
@@ -398,6 +401,7 @@ def load_phantoms(
             "seed": cached.seed,
             "region": cached.region,
             "phase": cached.phase,
+            "plane": orientation_name(cached.volume.direction),  # the stored plane (what its question asks)
             "spacing": list(cached.volume.spacing),
             "intensity": "hu",
             "phantom_findings": cached.findings,  # ground truth for the demo's vision probe
@@ -825,6 +829,7 @@ def collate(
     *,
     max_length: int | None = None,
     rewrite_like_engine: bool = True,
+    zero_image: bool = False,
 ) -> dict[str, Any]:
     """Batch samples into keyword arguments for ``TGHMoEForConditionalGeneration.forward``.
 
@@ -841,6 +846,9 @@ def collate(
     ``video_grid_thw`` (B, 3), ``second_per_grid_ts`` (B,), ``task_labels`` (index of each
     sample's task in ``model_config.group_names``).
     ``max_length`` truncates the target (never the prompt or the vision tokens).
+    ``zero_image`` (recipe ``[data] zero_image``) replaces ``pixel_values_videos`` by zeros of the
+    same shape: the image-free control trained on the same budget (grid, tokens, positions and
+    text unchanged, so the model differs only in what it sees).
     """
     import torch
 
@@ -896,7 +904,7 @@ def collate(
         "labels": labels,
         "mm_token_type_ids": (input_ids == video_token_id).to(torch.int32) * 2,
         "text_guidance_mask": guidance_mask,
-        "pixel_values_videos": torch.cat(pixels, dim=0),
+        "pixel_values_videos": torch.zeros_like(torch.cat(pixels, dim=0)) if zero_image else torch.cat(pixels, dim=0),
         "video_grid_thw": torch.stack(grids).to(torch.long),
         "second_per_grid_ts": torch.stack(seconds).to(torch.float32),
         "task_labels": torch.tensor(task_labels, dtype=torch.long),

@@ -74,6 +74,9 @@ class DataSpec:
     max_length: int | None = None  # truncate targets so a sequence fits
     cache_dir: str | None = None
     preload: bool = True  # keep prepared volumes in memory (phantoms, small sets)
+    #: Train on zeros instead of the image (same shapes, same batches): the control that says how
+    #: much of a score the question and choices alone give a model trained on the same budget.
+    zero_image: bool = False
 
 
 @dataclass
@@ -242,6 +245,8 @@ def _validate(recipe: Recipe) -> None:
         raise RecipeError(f"{where}: [tokenizer] source = 'base' needs [model] base; use 'build' for a tiny model")
     if not recipe.data.train:
         raise RecipeError(f"{where}: [data] train lists no data spec")
+    if not isinstance(recipe.data.zero_image, bool):
+        raise RecipeError(f"{where}: [data] zero_image must be true or false, got {recipe.data.zero_image!r}")
     for stage in (recipe.stage1, recipe.stage2):
         if stage.schedule not in ("cosine", "linear", "constant"):
             raise RecipeError(f"{where}: schedule must be cosine, linear or constant, got {stage.schedule!r}")

@@ -242,10 +242,12 @@ class _CollateConfig:
         return getattr(self._config, name)
 
 
-def make_batch(samples: list[Any], tokenizer: Any, collate_config: _CollateConfig, max_length: int | None) -> dict:
+def make_batch(
+    samples: list[Any], tokenizer: Any, collate_config: _CollateConfig, max_length: int | None, zero_image: bool = False
+) -> dict:
     from napari_tghmoe.train.data import collate
 
-    batch = collate(samples, tokenizer, collate_config, max_length=max_length)
+    batch = collate(samples, tokenizer, collate_config, max_length=max_length, zero_image=zero_image)
     if not collate_config.has_task_groups:
         batch.pop("task_labels", None)
     return batch
@@ -469,7 +471,7 @@ def train(
         first_batch = None
         for micro in range(settings.gradient_accumulation_steps):
             chosen = sampler.draw(step, micro, settings.batch_size, accelerator.process_index)
-            batch = make_batch(chosen, tokenizer, collate_config, recipe.data.max_length)
+            batch = make_batch(chosen, tokenizer, collate_config, recipe.data.max_length, recipe.data.zero_image)
             batch = {k: v.to(accelerator.device) for k, v in batch.items()}
             if first_batch is None:
                 first_batch = batch
