@@ -41,6 +41,7 @@ from qtpy.QtWidgets import (
 
 from napari_tghmoe.io._types import AXIAL_DIRECTION, CTVolume
 from napari_tghmoe.layers import ct_volume_of
+from napari_tghmoe.slice_context import THIS_SLICE_QUESTION, PlaneTracker, context_for_layer, is_slice_question
 from napari_tghmoe.transcript import Transcript, Turn, default_transcript_path, user_data_dir
 
 REPORT_REQUEST = "Generate a radiology report."
@@ -53,6 +54,7 @@ QUICK_ACTIONS: dict[str, str] = {
     "Organ": "Which organ shows an abnormality in this scan?",
     "Abnormality": "What abnormality is seen in this CT scan?",
     "Location": "Where is the abnormality located?",
+    "This slice": THIS_SLICE_QUESTION,  # sends the plane and slice on screen (issue 14)
 }
 
 #: Device / precision choices -> ``InferenceEngine.from_pretrained`` load options.
@@ -272,6 +274,8 @@ class ChatWidget(QWidget):
         self._stream_saved_at = 0.0
         self._last_rate: float | None = None
         self._closing = False
+        self.plane_tracker = PlaneTracker(napari_viewer.dims)  # plane of the last scroll/click
+        self._next_slice: Any = None  # SliceContext of a "this slice" question being sent
 
         self._render_timer = QTimer(self)
         self._render_timer.setSingleShot(True)
@@ -579,7 +583,9 @@ class ChatWidget(QWidget):
             return False
         if typed:
             self.question_box.clear()
-        self._add_turn("user", question, layer=layer.name)
+        self._next_slice = self.slice_context(layer) if is_slice_question(question) else None
+        shown = question if self._next_slice is None else f"{question} [{self._next_slice.text}]"
+        self._add_turn("user", shown, layer=layer.name)
         self._stream_turn = self._add_turn("assistant", "", layer=layer.name, question=question)
         self._stream_text = ""
         if self.engine is not None and self._engine_key == self._requested_key():
@@ -599,6 +605,10 @@ class ChatWidget(QWidget):
             self._abandon_stream_turn()
             self._report_error(str(err))
             return
+        on_screen, self._next_slice = self._next_slice, None
+        model_question = question
+        if on_screen is not None:  # the slab around the slice on screen, and where it is
+            volume, model_question = on_screen.slab, on_screen.question_for_model(question)
         engine = self.engine
         stop_event = threading.Event()
         done = threading.Event()
@@ -607,7 +617,7 @@ class ChatWidget(QWidget):
 
         def generate():
             try:
-                yield from engine.answer(volume, question, max_new_tokens=max_new_tokens, stop_event=stop_event)
+                yield from engine.answer(volume, model_question, max_new_tokens=max_new_tokens, stop_event=stop_event)
             finally:
                 done.set()
 
@@ -713,6 +723,10 @@ class ChatWidget(QWidget):
     @property
     def is_busy(self) -> bool:
         return self._gen_worker is not None or self._stream_turn is not None
+
+    def slice_context(self, layer: Any) -> Any:
+        """The plane and slice the user is looking at on ``layer`` (prompt words + slab volume)."""
+        return context_for_layer(layer, volume_from_layer(layer), self.plane_tracker.plane, self.viewer.dims.point)
 
     # ------------------------------------------------------------------ transcript
     def _add_turn(self, role: str, text: str, **meta: Any) -> Turn:
@@ -887,6 +901,7 @@ class ChatWidget(QWidget):
             return
         self._closing = True
         self._pending_question = None
+        self.plane_tracker.disconnect()
         # Let the generator run to its end rather than quitting the worker: the engine stops
         # within a token, yields its Answer and joins its thread, so nothing is left running.
         self._stop_event.set()
