@@ -84,3 +84,36 @@ def test_tghmoe_eval_reports_a_bad_spec_in_one_line(tiny_tghmoe_folder, tmp_path
     assert len(captured.err.strip().splitlines()) == 1
     code = main(["eval", "--data", f"m3d-vqa:{tmp_path / 'missing.csv'}", "--out", str(tmp_path / "r.json")])
     assert code == 2 and "missing.csv" in capsys.readouterr().err
+
+
+def test_zero_image_scoring_feeds_zeros_of_the_volume_s_shape(tiny_tghmoe_folder, tmp_path, capsys):
+    from napari_tghmoe.engine import InferenceEngine
+    from napari_tghmoe.eval.evaluate import engine_generate_fn
+    from napari_tghmoe.train.data import load_sample_volume
+
+    engine = InferenceEngine.from_pretrained(tiny_tghmoe_folder, device="cpu")
+    sample = load_dataset_spec("phantom:seeds=1,region=chest,shape=8x64x64", task="vqa_closed")[0]
+    seen = []
+    answer = engine.answer
+
+    def spy(inputs, question, **kwargs):
+        seen.append(inputs)
+        yield from answer(inputs, question, **kwargs)
+
+    engine.answer = spy
+    engine_generate_fn(engine, 2)(sample)
+    engine_generate_fn(engine, 2, zero_image=True)(sample)
+    real, zeroed = seen
+    assert real.pixel_values_videos.abs().sum() > 0
+    assert zeroed.pixel_values_videos.shape == real.pixel_values_videos.shape
+    assert not zeroed.pixel_values_videos.any()
+    assert engine.prepare(load_sample_volume(sample)).pixel_values_videos.abs().sum() > 0
+
+    out = tmp_path / "zero.json"
+    code = main(
+        ["eval", "--model", str(tiny_tghmoe_folder), "--data", "phantom:seeds=1,region=chest,shape=8x64x64",
+         "--task", "vqa_closed", "--out", str(out), "--limit", "2", "--max-new-tokens", "2", "--no-bertscore",
+         "--no-progress", "--device", "cpu", "--zero-image"]
+    )
+    assert code == 0, capsys.readouterr().err
+    assert json.loads(out.read_text())["zero_image"] is True

@@ -34,6 +34,11 @@ def register(subparsers: Any) -> None:
     parser.add_argument("--max-new-tokens", type=int, default=256, metavar="N")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
     parser.add_argument(
+        "--zero-image",
+        action="store_true",
+        help="feed zeros instead of the pixels (scores a model trained with [data] zero_image = true)",
+    )
+    parser.add_argument(
         "--prior-train",
         metavar="SPEC",
         help="also learn the image-free prior on this (training) data and show it beside every closed-VQA accuracy",
@@ -68,14 +73,23 @@ def run_eval(args: argparse.Namespace) -> int:
 
     model_path = resolve_model_path(args.model)
     engine = load_engine(args)
+    from napari_tghmoe.eval.evaluate import engine_generate_fn
+
+    answer_with = engine_generate_fn(engine, args.max_new_tokens, zero_image=True) if args.zero_image else engine
     results = evaluate(
-        engine,
+        answer_with,
         samples,
         task=args.task,
         max_new_tokens=args.max_new_tokens,
         use_bertscore=not args.no_bertscore,
         progress=not args.no_progress,
-        info={"model": str(model_path), "data": args.data, "device": engine.device, "precision": engine.precision},
+        info={
+            "model": str(model_path),
+            "data": args.data,
+            "device": engine.device,
+            "precision": engine.precision,
+            "zero_image": bool(args.zero_image),
+        },
     )
     if args.prior_train:
         from napari_tghmoe.eval.baselines import PRIOR, run_baselines

@@ -22,12 +22,19 @@ from napari_tghmoe.train.data import Sample, instruction_for, load_sample_volume
 GenerateFn = Callable[[Sample], str]
 
 
-def engine_generate_fn(engine: Any, max_new_tokens: int = 256) -> GenerateFn:
-    """Answer a sample through ``engine.answer`` (greedy; routing trace off for speed)."""
+def engine_generate_fn(engine: Any, max_new_tokens: int = 256, zero_image: bool = False) -> GenerateFn:
+    """Answer a sample through ``engine.answer`` (greedy; routing trace off for speed).
+
+    ``zero_image``: the model sees zeros instead of the volume's pixels (the same zeros a recipe's
+    ``[data] zero_image`` trains on): how an image-free model of the same budget is scored.
+    """
 
     def generate(sample: Sample) -> str:
+        inputs = engine.prepare(load_sample_volume(sample))
+        if zero_image:
+            inputs.pixel_values_videos = inputs.pixel_values_videos.new_zeros(inputs.pixel_values_videos.shape)
         answer = None
-        for item in engine.answer(load_sample_volume(sample), sample.prompt, max_new_tokens=max_new_tokens, trace=False):
+        for item in engine.answer(inputs, sample.prompt, max_new_tokens=max_new_tokens, trace=False):
             answer = item
         return str(getattr(answer, "text", "")).strip()
 
