@@ -431,3 +431,86 @@ def test_a_model_trained_on_m3d_volumes_records_unit_intensities_and_its_card_sa
     assert config["input_intensity"] == "unit"
     assert "**unit**" in input_intensity_line(config)
     assert "**hu**" in input_intensity_line({})  # a folder written before the field: trained on HU
+
+
+# --------------------------------------------------------------------------- issue 19: the image-free control and the stored plane
+
+
+def test_zero_image_zeroes_the_pixels_and_nothing_else(tokenizer_and_config):
+    tokenizer, config = tokenizer_and_config
+    samples = [
+        _volume_sample("Which organ? Choices: A. lung B. liver C. kidney D. spleen", "B. liver", "vqa_closed", 0),
+        _volume_sample("Describe the findings.", "The lungs are clear.", "report", 1),
+    ]
+    seen = D.collate(samples, tokenizer, config)
+    zeroed = D.collate(samples, tokenizer, config, zero_image=True)
+    assert seen["pixel_values_videos"].abs().sum() > 0
+    assert zeroed["pixel_values_videos"].shape == seen["pixel_values_videos"].shape
+    assert zeroed["pixel_values_videos"].dtype == seen["pixel_values_videos"].dtype
+    assert not zeroed["pixel_values_videos"].any()
+    for key in seen:
+        if key != "pixel_values_videos":
+            assert seen[key].equal(zeroed[key]), key
+    bound = D.make_collate_fn(tokenizer, config, zero_image=True)
+    assert not bound(samples)["pixel_values_videos"].any()
+
+
+def test_zero_image_recipe_switch_reaches_every_training_batch(tmp_path, monkeypatch):
+    """With ``[data] zero_image = true`` the model is trained on zeros: every batch the training
+    loop builds (and hands to the model) has all-zero pixels; without it, it does not."""
+    from napari_tghmoe.train import trainer as T
+    from napari_tghmoe.train.recipe import RecipeError, load_recipe, recipe_from_dict
+
+    recipe = load_recipe(Path(__file__).parent.parent / "recipes" / "tiny-test.toml")
+    assert recipe.data.zero_image is False
+    recipe.stage1.steps = 1
+    recipe.stage1.gradient_accumulation_steps = 1
+    built: list = []
+    original = T.make_batch
+
+    def recording(*args, **kwargs):
+        batch = original(*args, **kwargs)
+        built.append(batch["pixel_values_videos"].clone())
+        return batch
+
+    monkeypatch.setattr(T, "make_batch", recording)
+    T.train(recipe, 1, tmp_path / "seen", progress=False)
+    assert built and all(b.abs().sum() > 0 for b in built)
+    built.clear()
+    recipe.data.zero_image = True
+    T.train(recipe, 1, tmp_path / "zeroed", progress=False)
+    assert built and all(not b.any() for b in built)
+    with pytest.raises(RecipeError, match="zero_image"):
+        recipe_from_dict(
+            {"model": {"tiny": {"text_hidden": 64}}, "tokenizer": {"source": "build"}, "data": {"train": ["phantom:seeds=0"], "zero_image": "yes"}},
+            "inline",
+        )
+
+
+def test_a_phantom_reaches_the_model_in_the_plane_it_is_stored_in(tokenizer_and_config):
+    """The loaders draw the plane from the seed and nothing on the way to the model turns the
+    volume back to axial: the model's input is the stored slice order (else the plane question
+    could not be answered from the image)."""
+    import torch
+
+    from napari_tghmoe.io._geometry import orientation_name
+    from napari_tghmoe.model.preprocess import prepare_volume
+    from napari_tghmoe.phantom import acquisition, make_phantom
+
+    tokenizer, config = tokenizer_and_config
+    seeds = {acquisition(seed)["plane"]: seed for seed in range(40)}
+    assert set(seeds) == {"axial", "coronal", "sagittal", "oblique"}
+    for plane, seed in seeds.items():
+        samples = D.load_phantoms([seed], "chest", shape=(8, 48, 64), tasks=("vqa_closed",))
+        volume = D.load_sample_volume(samples[0])
+        stored = make_phantom(seed, "chest", shape=(8, 48, 64), plane=plane)
+        assert samples[0].meta["plane"] == plane == orientation_name(volume.direction)
+        np.testing.assert_array_equal(volume.hu, stored.volume.hu)
+        plane_items = [s for s in samples if s.qtype == "plane"]
+        assert [s.meta["answer_text"] for s in plane_items] == [plane]
+        batch = D.collate(plane_items, tokenizer, config)
+        expected = prepare_volume(stored.volume, None, config).pixel_values_videos
+        assert torch.equal(batch["pixel_values_videos"], expected)
+        if plane != "axial":
+            axial = prepare_volume(make_phantom(seed, "chest", shape=(8, 48, 64), plane="axial").volume, None, config)
+            assert not torch.allclose(axial.pixel_values_videos, expected)

@@ -226,3 +226,74 @@ def test_phantom_ground_truth_reports_score_perfectly_and_agree_with_the_phantom
         stated = {(s.kind, s.location) for s in M.extract_stated_findings(phantom.report)}
         assert stated == set(extract_findings(phantom.report))
     assert seen_findings > 0  # the seeds above include abnormal cases
+
+
+# --------------------------------------------------------------------------- issue 19: bootstrap intervals
+
+
+def test_bootstrap_interval_holds_the_estimate_and_shrinks_with_more_cases():
+    import numpy as np
+
+    rng = np.random.default_rng(3)
+    widths = []
+    for n in (40, 400, 4000):
+        correct = (rng.random(n) < 0.6).astype(float)
+        low, high = M.cluster_bootstrap_interval(correct, np.ones(n), range(n))
+        estimate = correct.mean()
+        assert low <= estimate <= high
+        widths.append(high - low)
+    assert widths[0] > widths[1] > widths[2]
+    # about the binomial 95 % width (2 x 1.96 x sqrt(p (1 - p) / n)) at n = 4000
+    assert widths[2] == pytest.approx(2 * 1.96 * math.sqrt(0.24 / 4000), rel=0.2)
+    # deterministic (fixed seed)
+    assert M.cluster_bootstrap_interval([1, 0, 1, 1], [1, 1, 1, 1], "abcd") == M.cluster_bootstrap_interval(
+        [1, 0, 1, 1], [1, 1, 1, 1], "abcd"
+    )
+
+
+def test_bootstrap_resamples_cases_not_questions():
+    """Ten questions per scan, all right or all wrong together: resampling questions would
+    pretend to 1000 independent answers; resampling the 100 scans gives the honest, wider interval."""
+    import numpy as np
+
+    rng = np.random.default_rng(0)
+    case_right = rng.random(100) < 0.5
+    correct = np.repeat(case_right, 10).astype(float)
+    cases = np.repeat(np.arange(100), 10)
+    by_case = M.cluster_bootstrap_interval(correct, np.ones(1000), cases)
+    by_question = M.cluster_bootstrap_interval(correct, np.ones(1000), np.arange(1000))
+    assert (by_case[1] - by_case[0]) > 2.5 * (by_question[1] - by_question[0])
+    assert M.cluster_bootstrap_interval([1.0, 0.0], [1.0, 1.0], ["one scan", "one scan"]) is None
+
+
+def test_recall_interval_is_a_ratio_of_sums_over_reports():
+    scores = [
+        M.finding_scores("There is a 10 mm lung nodule in the right upper lobe.", [{"kind": "lung nodule", "location": "right upper lobe"}]),
+        M.finding_scores("The lungs are clear.", [{"kind": "lung nodule", "location": "left lower lobe"}]),
+        M.finding_scores("The lungs are clear.", []),
+    ] * 10
+    aggregate = M.add_finding_intervals(M.aggregate_finding_scores(scores), scores, range(len(scores)))
+    assert aggregate["recall"] == 0.5
+    low, high = aggregate["recall_ci"]
+    assert low < 0.5 < high
+    assert aggregate["precision"] == 1.0 and aggregate["precision_ci"] == (1.0, 1.0)
+
+
+def test_tables_show_each_accuracy_with_its_interval_and_the_baselines_beside_it():
+    from napari_tghmoe.eval.evaluate import attach_baselines, format_with_interval, results_to_markdown
+
+    assert format_with_interval(0.598, (0.5412, 0.6633)) == "0.598 [0.54, 0.66]"
+    assert format_with_interval(0.598, None) == "0.598"
+    predictions = ["A", "B", "A", "C"] * 25
+    summary = M.closed_vqa_accuracy(predictions, ["A"] * 100, qtypes=["plane", "phase"] * 50)
+    rows = summary.pop("per_sample")
+    summary = M.add_accuracy_intervals(summary, rows, [i // 2 for i in range(100)])
+    assert summary["accuracy_ci"][0] <= summary["accuracy"] <= summary["accuracy_ci"][1]
+    assert set(summary["per_type"]) == {"plane", "phase"} and all("accuracy_ci" in row for row in summary["per_type"].values())
+    results = {"task": "vqa_closed", "n": 100, "generation": {"max_new_tokens": 8}, "vqa_closed": summary}
+    prior = {"n": 100, "accuracy": 0.25, "accuracy_ci": (0.2, 0.3), "per_type": {"plane": {"n": 50, "accuracy": 0.24, "accuracy_ci": (0.15, 0.33)}}}
+    markdown = results_to_markdown(attach_baselines(results, {"image-free prior": prior}))
+    assert "| Accuracy (M3D rule) | image-free prior |" in markdown
+    assert "| **overall** | 100 | 0.500 [" in markdown and "| 0.250 [0.20, 0.30] |" in markdown
+    assert "| plane | 50 | 1.000 [1.00, 1.00] |" in markdown and "0.240 [0.15, 0.33]" in markdown
+    assert "| phase | 50 | 0.000 [0.00, 0.00] |" in markdown  # no prior given for phase: n/a
