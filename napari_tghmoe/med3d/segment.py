@@ -90,12 +90,14 @@ def predict_working_grid(
 
     with torch.inference_mode():
         tensor = torch.from_numpy(np.ascontiguousarray(image))[None].float()
+        device = next(model.parameters()).device  # windows run there; the stitched map stays on the CPU
         logits = sliding_window_inference(
-            tensor, roi, config.sw_batch_size, predictor, overlap=config.sw_overlap, mode="gaussian"
+            tensor, roi, config.sw_batch_size, predictor, overlap=config.sw_overlap, mode="gaussian",
+            sw_device=device, device="cpu",
         )
-        probabilities = torch.softmax(logits[0], dim=0)
+        probabilities = torch.softmax(logits[0].float(), dim=0)
         labels = probabilities.argmax(0).to(torch.uint8).numpy()
-    presence = state["presence"].numpy() if state["presence"] is not None else np.zeros(len(config.finding_kinds))
+    presence = state["presence"].cpu().numpy() if state["presence"] is not None else np.zeros(len(config.finding_kinds))
     return labels, probabilities.numpy(), presence
 
 
