@@ -9,12 +9,16 @@ docs/results.md ("Is the lesion there to be seen?") reports the numbers this scr
     .venv/bin/python scripts/detection_baselines.py patch-mlp --patch 4 --twins
     # the same, told where the organs are (the context the oracle has)
     .venv/bin/python scripts/detection_baselines.py patch-mlp --patch 16 --organ-masks
+    # the same on the bounding-box labels used before issue 19 (to compare the labels on the same phantoms)
+    .venv/bin/python scripts/detection_baselines.py patch-mlp --patch 16 --box-labels
     # control: a small 3D CNN, dense targets, fresh phantoms and their twins every step
     .venv/bin/python scripts/detection_baselines.py cnn --steps 1500
     # the same with organ context, hard negatives, and where its highest cell lies (stop 12)
     .venv/bin/python scripts/detection_baselines.py cnn --steps 1500 --organ-input --threads 1
     .venv/bin/python scripts/detection_baselines.py cnn --steps 1000 --dense-loss hard --save cnn.safetensors
     .venv/bin/python scripts/detection_baselines.py cnn-errors cnn.safetensors
+    # check the training path: the CNN memorises the renal cysts of one fixed batch
+    .venv/bin/python scripts/detection_baselines.py cnn-overfit --steps 50
 
 ``oracle`` is not a model: it reads the phantom's organ labels, which no model gets, and counts the
 voxels more than 40 HU brighter (hyperdense) or darker (hypodense, cysts) than the organ's median.
@@ -109,14 +113,15 @@ def organ_masks(seed: int, region: str) -> np.ndarray:
     return np.stack([organ_mask(normal, organs) for organs in CONTEXT_ORGANS]).astype(np.float32)
 
 
-def patches_of(case, patch: int, findings: list[dict], shift: tuple[int, int] = (0, 0), masks=None):
+def patches_of(case, patch: int, findings: list[dict], shift: tuple[int, int] = (0, 0), masks=None, boxes: bool = False):
     """(patches, features) windowed voxels as the processor feeds the tower (then, if given, the
     patch's voxels of each organ mask), and (patches, kinds) labels: the patches holding a voxel of a
-    finding of each kind (``findings``: ``case``'s own, or [] for its lesion-free twin)."""
+    finding of each kind (``findings``: ``case``'s own, or [] for its lesion-free twin). ``boxes``: the
+    labels before issue 19 instead (each finding's bounding box), to compare the two on the same phantoms."""
     import torch
 
     from napari_tghmoe.model.preprocess import InputSettings, frames_to_patches, window_channels
-    from napari_tghmoe.train.vision_probe import lesion_patch_targets
+    from napari_tghmoe.train.vision_probe import box_patch_targets, lesion_patch_targets
 
     settings = dataclasses.replace(InputSettings.from_config(None), volume_grid=GRID, patch_size=patch, merge_size=1)
     hu = np.roll(np.asarray(case.volume.hu, dtype=np.float32), shift, axis=(1, 2))
@@ -124,8 +129,12 @@ def patches_of(case, patch: int, findings: list[dict], shift: tuple[int, int] = 
     if masks is not None:  # as extra "channels": (z, organs, y, x) frames, patched like the image
         frames = torch.from_numpy(np.roll(masks, shift, axis=(2, 3))).permute(1, 0, 2, 3)
         flat = torch.cat([flat, frames_to_patches(frames, settings)[0]], dim=1)
-    lesions = np.roll(case.lesions, shift, axis=(1, 2)) if findings else np.zeros_like(case.lesions)
-    labels = lesion_patch_targets(lesions, findings, GRID, 2, patch, 1)
+    if boxes:
+        moved = [dict(f, center_voxel=(f["center_voxel"][0], f["center_voxel"][1] + shift[0], f["center_voxel"][2] + shift[1])) for f in findings]
+        labels = box_patch_targets(moved, hu.shape, case.volume.spacing, GRID, 2, patch, 1)
+    else:
+        lesions = np.roll(case.lesions, shift, axis=(1, 2)) if findings else np.zeros_like(case.lesions)
+        labels = lesion_patch_targets(lesions, findings, GRID, 2, patch, 1)
     return flat.numpy().astype(np.float16), labels.reshape(len(flat), -1)
 
 
@@ -149,7 +158,7 @@ def patch_mlp(args: argparse.Namespace) -> None:
             for shift in shifts:
                 keep = None
                 for case, with_findings in renders:
-                    x, y = patches_of(case, args.patch, truth if with_findings else [], shift, masks)
+                    x, y = patches_of(case, args.patch, truth if with_findings else [], shift, masks, args.box_labels)
                     if keep is None:  # every positive patch, a sample of the rest (same patches in the twin)
                         keep = (y.max(1) > 0) | (rng.random(len(y)) < args.negatives / len(shifts))
                     features.append(x[keep])
@@ -160,11 +169,12 @@ def patch_mlp(args: argparse.Namespace) -> None:
         for region in ("chest", "abdomen"):
             case = phantom(seed, region)
             masks = organ_masks(seed, region) if args.organ_masks else None
-            held.append(patches_of(case, args.patch, [dataclasses.asdict(f) for f in case.findings], masks=masks))
+            held.append(patches_of(case, args.patch, [dataclasses.asdict(f) for f in case.findings], masks=masks, boxes=args.box_labels))
             regions.append(region)
     x_held = torch.from_numpy(np.concatenate([h[0] for h in held])).float()
     y_held = np.concatenate([h[1] for h in held]) > 0.5
-    print(f"patch {args.patch}, twins {args.twins}, shift {args.shift}, organ masks {args.organ_masks}: {len(x_train)} training patches "
+    print(f"patch {args.patch}, twins {args.twins}, shift {args.shift}, organ masks {args.organ_masks}, "
+          f"{'box' if args.box_labels else 'lesion-mask'} labels: {len(x_train)} training patches "
           f"({time.perf_counter() - started:.0f} s to render), {len(held)} held-out volumes", flush=True)
 
     model = torch.nn.Sequential(
@@ -348,6 +358,54 @@ def _cell_label(case, z: int, y: int, x: int, cell: int = 4) -> str:
     return case.label_names.get(int(values[counts.argmax()]), "?")
 
 
+def cnn_overfit(args: argparse.Namespace) -> None:
+    """Is the CNN's training path able to find a lesion at all? Train it on one fixed batch (the
+    first ``--volumes`` abdomen phantoms from seed 0 with a finding of ``--kind``, and their
+    lesion-free twins) and print, every ``--every`` steps, on how many of those volumes the kind's
+    highest cell lies on the finding. Memorising a batch is not detecting: this only rules out a
+    bug in the targets or the loss."""
+    import torch
+
+    from napari_tghmoe.train.vision_probe import KINDS, balanced_bce, hard_negative_bce
+
+    torch.manual_seed(0)
+    k = KINDS.index(args.kind)
+    cases, seed = [], 1
+    while len(cases) < args.volumes:
+        case = phantom(seed, "abdomen")
+        if any(finding.kind == args.kind for finding in case.findings):
+            cases.append(case)
+        seed += 2  # odd seeds: the abdomen phantoms of region=both
+    twins = [phantom(case.seed, "abdomen", findings=False) for case in cases]
+    images = torch.stack([_windowed(case) for case in cases + twins])
+    targets = torch.stack([_kind_grid(case, 4) for case in cases] + [torch.zeros_like(_kind_grid(cases[0], 4))] * len(twins))
+    network = small_cnn(len(KINDS), args.width)
+    optimiser = torch.optim.AdamW(network.parameters(), lr=args.lr, weight_decay=0.01)
+    print(f"cnn width {args.width}, {args.dense_loss} dense BCE + presence, fixed batch: abdomen seeds "
+          f"{[case.seed for case in cases]} with a {args.kind} and their twins", flush=True)
+    for step in range(1, args.steps + 1):
+        network.train()
+        logits = network(images)
+        presence = torch.nn.functional.binary_cross_entropy_with_logits(logits.amax((2, 3, 4)), targets.amax((2, 3, 4)))
+        if args.dense_loss == "hard":
+            dense = hard_negative_bce(logits.flatten(2), targets.flatten(2), args.hardest)
+        else:
+            dense = balanced_bce(logits, targets)
+        loss = dense + presence
+        optimiser.zero_grad()
+        loss.backward()
+        optimiser.step()
+        if step % args.every == 0 or step == args.steps:
+            network.eval()
+            with torch.no_grad():
+                maps = network(images[: len(cases)])[:, k]
+            on_finding = 0
+            for index, case in enumerate(cases):
+                top = np.unravel_index(int(maps[index].argmax()), tuple(maps[index].shape))
+                on_finding += bool(targets[index, k][top] > 0.5)
+            print(f"step {step} loss {loss.item():.3f}: top {args.kind} cell on the finding in {on_finding}/{len(cases)} volumes", flush=True)
+
+
 def cnn_errors(args: argparse.Namespace) -> None:
     """Where does a trained CNN (``cnn --save``) put its highest cell? Per kind, on the held-out
     volumes of the kind's region: the share of volumes with the finding whose top cell lies on the
@@ -408,6 +466,10 @@ def main() -> None:
         help="give the MLP the liver, spleen and kidney masks of each patch (from the phantom without findings)",
     )
     second.add_argument("--negatives", type=float, default=0.3, help="fraction of lesion-free patches kept")
+    second.add_argument(
+        "--box-labels", action="store_true",
+        help="train and score with the bounding-box labels used before issue 19 instead of the lesion mask",
+    )
     second.add_argument("--epochs", type=int, default=5)
     second.add_argument("--threads", type=int, default=2)
     third = sub.add_parser("cnn", help="control: a small 3D CNN with dense targets on fresh phantoms")
@@ -441,6 +503,16 @@ def main() -> None:
     fourth.add_argument("--seeds", default="100000-100039", help="held-out seeds (chest and abdomen each)")
     fourth.add_argument("--most", type=int, default=5, help="how many structures to list per kind")
     fourth.add_argument("--threads", type=int, default=2)
+    fifth = sub.add_parser("cnn-overfit", help="check: the CNN memorises the lesions of one fixed batch")
+    fifth.add_argument("--kind", default="renal cyst")
+    fifth.add_argument("--volumes", type=int, default=4, help="phantoms with the finding (each with its twin)")
+    fifth.add_argument("--steps", type=int, default=50)
+    fifth.add_argument("--every", type=int, default=10)
+    fifth.add_argument("--width", type=int, default=16)
+    fifth.add_argument("--lr", type=float, default=2e-3)
+    fifth.add_argument("--dense-loss", choices=["balanced", "hard"], default="hard")
+    fifth.add_argument("--hardest", type=int, default=32)
+    fifth.add_argument("--threads", type=int, default=2)
     args = parser.parse_args()
     if args.baseline == "oracle":
         oracle(seed_range(args.seeds))
@@ -452,6 +524,8 @@ def main() -> None:
         patch_mlp(args)
     elif args.baseline == "cnn-errors":
         cnn_errors(args)
+    elif args.baseline == "cnn-overfit":
+        cnn_overfit(args)
     else:
         cnn(args)
 

@@ -25,10 +25,36 @@ def _patch_grid(targets):
     return targets.reshape(16, 2, 3, 2, 2, words).transpose(0, 1, 3, 2, 4, 5).reshape(16, 4, 6, words) > 0.5
 
 
+def _footprint(patch_index: int, patch: int, source: int, grid: int) -> np.ndarray:
+    """Source indices that feed one patch of ``patch`` grid voxels along an axis of ``source``
+    voxels resampled to ``grid``: torch's adaptive average pooling windows when shrinking
+    (``floor(i S / G)`` to ``ceil((i + 1) S / G)``), the two trilinear neighbours with a non-zero
+    weight when growing (``align_corners=False``), the voxels themselves when equal."""
+    cells = range(patch_index * patch, (patch_index + 1) * patch)
+    if source == grid:
+        return np.array(list(cells))
+    if source > grid:
+        return np.arange(int(np.floor(cells[0] * source / grid)), int(np.ceil((cells[-1] + 1) * source / grid)))
+    used = set()
+    for cell in cells:
+        coordinate = max((cell + 0.5) * source / grid - 0.5, 0.0)
+        low = int(np.floor(coordinate))
+        used.add(min(low, source - 1))
+        if coordinate > low:
+            used.add(min(low + 1, source - 1))
+    return np.array(sorted(used))
+
+
 def _patches_holding(lesions, values):
-    """(16, 4, 6): the 2 x 16 x 16 blocks of a volume on the grid that hold a voxel of ``values``
-    (read straight off the mask, not through the code under test)."""
-    return np.isin(lesions, values).reshape(16, 2, 4, 16, 6, 16).any(axis=(1, 3, 5))
+    """(16, 4, 6): the patches of the model grid whose footprint in the volume holds a voxel of
+    ``values`` (computed from the resampling's geometry, not through the code under test)."""
+    mask = np.isin(lesions, values)
+    shape, patches = mask.shape, (2, 16, 16)
+    holding = np.zeros((16, 4, 6), dtype=bool)
+    for index in np.ndindex(holding.shape):
+        z, y, x = (_footprint(i, p, s, g) for i, p, s, g in zip(index, patches, shape, GRID))
+        holding[index] = mask[np.ix_(z, y, x)].any()
+    return holding
 
 
 def test_a_small_lesion_marks_exactly_its_own_patch():
@@ -78,11 +104,13 @@ def test_on_phantoms_a_patch_is_positive_exactly_when_it_holds_a_voxel_of_the_fi
 
     monkeypatch.setenv("TGHMOE_CACHE_DIR", str(tmp_path / "cache"))
     samples = load_dataset_spec("phantom:seeds=0-7,region=both,shape=32x64x96", task="report")
+    shapes = set()
     seen = set()
     for sample in samples:
         volume = load_sample_volume(sample)
         lesions = volume.metadata["phantom_lesions"]
         findings = sample.meta["phantom_findings"]
+        shapes.add(lesions.shape)
         positive = _patch_grid(sample_patch_targets(volume, findings, GRID, 2, 16, 2, field=field, vocabulary=vocabulary))
         for word, name in enumerate(vocabulary):
             values = [i + 1 for i, finding in enumerate(findings) if finding[field] == name]
@@ -91,6 +119,7 @@ def test_on_phantoms_a_patch_is_positive_exactly_when_it_holds_a_voxel_of_the_fi
             if holding.any():
                 seen.add(findings[values[0] - 1]["kind"])
     assert {"pleural effusion", "lung nodule"} <= seen  # the test saw a large and a small finding
+    assert len(shapes) > 1  # volumes stored in other planes: resampled onto the grid, shrinking and growing
 
 
 def test_a_phantom_volume_without_its_mask_is_an_error_not_box_labels():
