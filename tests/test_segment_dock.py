@@ -15,12 +15,14 @@ import pytest
 from napari.layers import Labels, Points
 from napari.utils.notifications import notification_manager
 from qtpy.QtCore import Qt
+from qtpy.QtWidgets import QWidget
 
 from napari_tghmoe.io import load_volume, write_dicom_series, write_nifti
 from napari_tghmoe.layers import ct_layer_kwargs
 from napari_tghmoe.phantom import make_phantom
 from napari_tghmoe._widgets.ortho_views import OrthoViewsWidget
-from napari_tghmoe._widgets.segment_dock import SegmentDock
+from napari_tghmoe._widgets._napari_private import main_qt_window
+from napari_tghmoe._widgets.segment_dock import SegmentDock, dock_segment
 
 SHAPE = (24, 48, 48)
 
@@ -153,8 +155,10 @@ def test_save_nifti_on_the_ct_grid_with_labels_json_and_no_silent_overwrite(
 
     viewer = make_napari_viewer()
     ct = viewer.add_image(phantom_volume.hu, **ct_layer_kwargs(phantom_volume))
+    viewer.dims.ndisplay = 3  # the reading layout's 3D canvas: adding the labels there must not fail
     dock = dock_factory(viewer)
     _segment(qtbot, dock)
+    assert viewer.layers.selection.active is ct and "structure" in dock.labels_layer.features
     assert not dock.save_seg_button.isEnabled()  # a phantom has no DICOM series to reference
     assert "DICOM" in dock.save_seg_button.toolTip()
     dock.labels_layer.data[0, 0, 0] = 1  # a user's edit is what gets saved
@@ -229,21 +233,22 @@ def test_stop_ends_the_segmentation_without_a_layer(make_napari_viewer, dock_fac
     assert dock.segment_button.isEnabled() and not dock.stop_button.isEnabled()
 
 
-def test_a_wrong_model_folder_is_a_notification_not_a_crash(
-    make_napari_viewer, dock_factory, qtbot, tmp_path, phantom_volume
-):
+def test_a_wrong_model_folder_is_a_notification_not_a_crash(make_napari_viewer, qtbot, tmp_path, phantom_volume):
     viewer = make_napari_viewer()
     viewer.add_image(phantom_volume.hu, **ct_layer_kwargs(phantom_volume))
     bad = tmp_path / "not-a-seg-model"
     bad.mkdir()
     (bad / "readme.txt").write_text("nothing here")
+    other = viewer.window.add_dock_widget(QWidget(), name="Other", area="right")
     notes = []
     notification_manager.notification_ready.connect(notes.append)
+    dock = dock_segment(viewer, model_path=bad)  # as the launcher docks it: a tab beside the others
     try:
-        dock = dock_factory(viewer, model=bad)
+        qtbot.waitUntil(lambda: other in main_qt_window(viewer).tabifiedDockWidgets(dock.parentWidget()), timeout=5_000)
         _segment(qtbot, dock)
     finally:
         notification_manager.notification_ready.disconnect(notes.append)
+        dock.shutdown()
 
     assert any("not-a-seg-model" in str(n.message) for n in notes)
     assert "not-a-seg-model" in dock.status_label.text()

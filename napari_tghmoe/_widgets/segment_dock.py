@@ -359,10 +359,15 @@ class SegmentDock(QWidget):
         ct_name, scale, translate = geometry
         self.result, self.volume, self._geometry = result, volume, geometry
         data, kwargs, _ = seglayers.labels_layer_data(result, ct_name, scale, translate, volume=volume)
+        kwargs.update(self._ct_units(ct_name))
+        # napari 0.9.2: a 3D status update on an *active* Labels layer with features, before the
+        # mouse has been over the canvas, fails (np.asarray(None) as view direction). So the
+        # layer gets its features once the CT is the active layer again.
+        features = kwargs.pop("features")
         existing = self._layer_named(kwargs["name"], Labels)
         if existing is not None and existing.data.shape == data.shape:
             existing.data = data
-            for key in ("scale", "translate", "colormap", "features", "metadata"):
+            for key in ("scale", "translate", "colormap", "metadata"):
                 setattr(existing, key, kwargs[key])
             self.labels_layer = existing
         else:
@@ -371,11 +376,12 @@ class SegmentDock(QWidget):
             self.labels_layer = self.viewer.add_labels(data, **kwargs)
         self.findings = seglayers.sorted_findings(result)
         self._show_findings_layer()
-        self._fill_structures(seglayers.structure_rows(result, scale))
-        self._fill_findings()
-        ct_layer = next((layer for layer in self._ct_layers() if layer.name == ct_name), None)
+        ct_layer = self._ct_layer_named(ct_name)
         if ct_layer is not None:
             self.viewer.layers.selection.active = ct_layer  # keep the CT the active layer (W/L, chat)
+        self.labels_layer.features = features  # hover names (napari's status bar)
+        self._fill_structures(seglayers.structure_rows(result, scale))
+        self._fill_findings()
         self.status_label.setText(
             f"{len(self.structures_rows)} structures, {len(self.findings)} findings "
             f"in {float(result.seconds):.1f} s ({result.model_name})"
@@ -383,6 +389,14 @@ class SegmentDock(QWidget):
         self._update_save_buttons()
         self.segmentation_finished.emit(self.labels_layer)
         return self.labels_layer
+
+    def _ct_layer_named(self, name: str) -> Image | None:
+        return next((layer for layer in self._ct_layers() if layer.name == name), None)
+
+    def _ct_units(self, ct_name: str) -> dict[str, Any]:
+        """The CT layer's world units (mm for our readers), so every layer agrees on them."""
+        ct_layer = self._ct_layer_named(ct_name)
+        return {"units": tuple(ct_layer.units)[-3:]} if ct_layer is not None else {}
 
     def _layer_named(self, name: str, kind: type) -> Any:
         return next((layer for layer in self.viewer.layers if layer.name == name and isinstance(layer, kind)), None)
@@ -393,6 +407,7 @@ class SegmentDock(QWidget):
             return None
         ct_name, scale, translate = self._geometry
         data, kwargs, _ = seglayers.points_layer_data(self.result, ct_name, scale, translate)
+        kwargs.update(self._ct_units(ct_name))
         existing = self._layer_named(kwargs["name"], Points)
         if existing is not None:
             self.viewer.layers.remove(existing)
@@ -596,9 +611,16 @@ def dock_segment(viewer: Any, *, area: str = "right", tabify: bool = True, **opt
     """Dock the Segment panel (the launcher puts it as a tab beside the chat/routing docks)."""
     from napari_tghmoe._widgets import _napari_private
 
+    from qtpy.QtCore import QTimer
+
     dock = SegmentDock(viewer, **options)
     dock_widget = viewer.window.add_dock_widget(dock, name=SEGMENT_DOCK_NAME, area=area, tabify=tabify)
-    siblings = _napari_private.main_qt_window(viewer).tabifiedDockWidgets(dock_widget) if tabify else []
-    if siblings:
-        siblings[-1].raise_()  # keep the tab that was showing in front (the routing view in the demo)
+
+    def keep_previous_tab_in_front() -> None:  # Qt knows the tab siblings only after layout
+        siblings = _napari_private.main_qt_window(viewer).tabifiedDockWidgets(dock_widget)
+        if siblings:
+            siblings[-1].raise_()  # the routing view stays in front in the demo layout
+
+    if tabify:
+        QTimer.singleShot(0, keep_previous_tab_in_front)
     return dock
