@@ -3,7 +3,9 @@
 A file we cannot read becomes one napari error notification naming the file and the
 reason (``VolumeReadError``), and the reader returns napari's "read, but nothing to add"
 sentinel ``[(None,)]``: raising instead would make napari show a traceback and offer
-other readers, which is not what a radiologist should see.
+other readers, which is not what a radiologist should see. Every warning the reader records
+(tilt, gaps, resampling, not CT, dropped images, 4D, values not HU) becomes a warning
+notification naming the layer.
 """
 
 from __future__ import annotations
@@ -65,6 +67,14 @@ def read_ct(path: str | list[str]) -> LayerDataList:
         volume = load_volume(path)
     except VolumeReadError as err:
         show_error(f"Cannot open CT: {err}")
+        return list(_NULL_LAYER)
+    except MemoryError:
+        show_error(f"Cannot open CT: {path}: not enough memory for this volume")
+        return list(_NULL_LAYER)
+    except Exception as err:  # noqa: BLE001 - a reader bug must not become napari's "raised by all plugins"
+        lines = [ln.strip() for ln in str(err).splitlines() if ln.strip()]
+        reason = f"{type(err).__name__}: {lines[0]}" if lines else type(err).__name__
+        show_error(f"Cannot open CT: {path}: unexpected error ({reason})")
         return list(_NULL_LAYER)
     for warning in volume.warnings:
         show_warning(f"{layer_name(volume)}: {warning}")

@@ -45,6 +45,10 @@ def _add_model_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
     parser.add_argument("--quantization", default="auto", choices=["auto", "4bit", "8bit", "none"])
     parser.add_argument("--max-new-tokens", type=int, default=256, metavar="N")
+    parser.add_argument(
+        "--allow-non-ct", action="store_true",
+        help="answer about an MR/PET/... series anyway (the model reads CT in HU; the answer is meaningless)",
+    )
 
 
 # ---------------------------------------------------------------------------- helpers
@@ -168,6 +172,26 @@ def _stem_for(scan: Path, used: set[str]) -> str:
     return candidate
 
 
+def read_scan(path: str | Path, *, allow_non_ct: bool = False, say: Any = None) -> Any:
+    """Load a scan, telling every reader warning as a ``warning: PATH: ...`` line on stderr.
+
+    A series that is not CT is refused (:class:`CLIError`, one line naming the modality) unless
+    ``allow_non_ct``: the model would read its values as Hounsfield units.
+    """
+    from napari_tghmoe.cli import CLIError
+    from napari_tghmoe.io import load_volume
+    from napari_tghmoe.io._checks import modality_problem
+
+    say = say or (lambda line: print(line, file=sys.stderr))
+    volume = load_volume(path)  # VolumeReadError -> one line naming the file
+    problem = modality_problem(volume)
+    if problem and not allow_non_ct:
+        raise CLIError(f"{path}: {problem} (pass --allow-non-ct to answer anyway)")
+    for warning in volume.warnings:
+        say(f"warning: {path}: {' '.join(str(warning).split())}")
+    return volume
+
+
 @dataclass
 class ScanFailure:
     scan: Path
@@ -182,10 +206,9 @@ class ScanFailure:
 
 
 def run_ask(args: argparse.Namespace) -> int:
-    from napari_tghmoe.io import load_volume
     from napari_tghmoe.report import ReportDocument, export_report
 
-    volume = load_volume(args.volume)  # VolumeReadError -> one line, exit 2 (cli.main)
+    volume = read_scan(args.volume, allow_non_ct=args.allow_non_ct)  # bad scan -> one line, exit 2 (cli.main)
     engine = load_engine(args)
     answer = stream_answer(engine, volume, args.question, args.max_new_tokens, out=sys.stdout)
     sys.stdout.write("\n")
@@ -204,7 +227,6 @@ def run_report(args: argparse.Namespace) -> int:
     from tqdm import tqdm
 
     from napari_tghmoe.cli import CLIError
-    from napari_tghmoe.io import load_volume
     from napari_tghmoe.report import ReportDocument, ReportExistsError, export_all
 
     scans = expand_inputs(args.inputs)
@@ -224,7 +246,7 @@ def run_report(args: argparse.Namespace) -> int:
         for scan in bar:
             bar.set_postfix_str(scan.name[:30])
             try:
-                volume = load_volume(scan)
+                volume = read_scan(scan, allow_non_ct=args.allow_non_ct, say=lambda line: tqdm.write(line, file=sys.stderr))
                 answer = stream_answer(engine, volume, args.question, args.max_new_tokens)
                 document = ReportDocument.from_answer(answer, volume, question=args.question)
                 export_all(document, out, stems[scan], formats=["txt", "json"], overwrite=args.overwrite)
@@ -234,7 +256,12 @@ def run_report(args: argparse.Namespace) -> int:
             except ReportExistsError as err:
                 failures.append(ScanFailure(scan, f"{err.path} exists (pass --overwrite to replace it)"))
                 tqdm.write(f"failed: {failures[-1]}", file=sys.stderr)
+            except CLIError as err:  # e.g. not CT: the message already names the scan
+                failures.append(ScanFailure(scan, _one_line(err)))
+                tqdm.write(f"failed: {failures[-1]}", file=sys.stderr)
             except Exception as err:  # carry on past a bad scan; list it at the end
+                if getattr(args, "debug", False):
+                    raise
                 failures.append(ScanFailure(scan, _one_line(err)))
                 tqdm.write(f"failed: {failures[-1]}", file=sys.stderr)
     print(f"{written} report(s) written to {out}", file=sys.stderr)

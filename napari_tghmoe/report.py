@@ -119,6 +119,9 @@ class ReportDocument:
     # What the answer states as findings: dicts with "kind", "location" and optionally
     # "size_mm", "center_voxel" (z, y, x) and "center_mm" (patient LPS x, y, z). Coded in the SR.
     findings: list[dict[str, Any]] = field(default_factory=list)
+    # What the reader warned about the scan (tilt, gaps, resampling, not CT, 4D...): the JSON
+    # carries it so a report read later still says what the model was shown.
+    warnings: list[str] = field(default_factory=list)
 
     # ------------------------------------------------------------------ construction
     @classmethod
@@ -167,6 +170,7 @@ class ReportDocument:
         self.source_format = summary.get("source_format") if isinstance(summary, dict) else None
         source = getattr(volume, "source", None)
         self.source_path = str(source) if source else None
+        self.warnings = [str(w) for w in (getattr(volume, "warnings", None) or [])]
         if hasattr(volume, "index_to_patient"):
             for finding in self.findings:
                 if finding.get("center_voxel") is not None and finding.get("center_mm") is None:

@@ -194,6 +194,42 @@ def test_corrupt_weights_are_a_load_error_not_a_crash(tmp_path, m2_tghmoe_folder
     assert "cannot" in one_line_error(folder)
 
 
+def _shard(folder) -> list[str]:
+    """Split the single checkpoint into two shards with the index transformers writes."""
+    from safetensors.torch import save_file
+
+    state = load_file(folder / "model.safetensors")
+    (folder / "model.safetensors").unlink()
+    keys = sorted(state)
+    names = ["model-00001-of-00002.safetensors", "model-00002-of-00002.safetensors"]
+    halves = [keys[: len(keys) // 2], keys[len(keys) // 2 :]]
+    weight_map = {}
+    for name, part in zip(names, halves):
+        save_file({k: state[k].contiguous() for k in part}, str(folder / name), metadata={"format": "pt"})
+        weight_map.update({k: name for k in part})
+    index = {"metadata": {"total_size": 0}, "weight_map": weight_map}
+    (folder / "model.safetensors.index.json").write_text(json.dumps(index))
+    return names
+
+
+def test_sharded_folder_with_a_missing_or_corrupt_shard(tmp_path, m2_tghmoe_folder):
+    folder = copy_folder(m2_tghmoe_folder, tmp_path)
+    names = _shard(folder)
+    assert load_model(folder, device="cpu").model is not None  # the shards themselves are right
+
+    (folder / names[1]).rename(tmp_path / "aside.safetensors")
+    message = one_line_error(folder)
+    assert "1 of 2 weight shard(s) missing" in message and names[1] in message
+
+    (tmp_path / "aside.safetensors").rename(folder / names[1])
+    data = (folder / names[1]).read_bytes()
+    (folder / names[1]).write_bytes(data[: len(data) // 3])  # a copy cut short
+    assert "not valid safetensors" in one_line_error(folder)
+
+    (folder / "model.safetensors.index.json").write_text("{broken")
+    assert "not a valid shard index" in one_line_error(folder)
+
+
 # ------------------------------------------------------------------ planning and memory fallback (pure)
 
 COUNTS_3B = ParameterCounts(llm=3_000_000_000, other=700_000_000)

@@ -12,6 +12,7 @@ ones go through pydicom's decoders (pylibjpeg plugins for JPEG, JPEG 2000 and RL
 from __future__ import annotations
 
 import os
+import stat
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -19,6 +20,7 @@ from typing import Any, Iterable
 
 import numpy as np
 
+from napari_tghmoe.io._checks import not_a_file_reason, special_file_kind
 from napari_tghmoe.io._geometry import orientation_name, reorient_to_lps
 from napari_tghmoe.io._metadata import dicom_metadata
 from napari_tghmoe.io._types import CTVolume, SeriesInfo, VolumeReadError
@@ -98,7 +100,7 @@ class _Frame:
 class _Skipped:
     path: str
     reason: str
-    kind: str  # "empty", "not-dicom", "dicomdir", "non-image", "colour", "broken"
+    kind: str  # "empty", "not-dicom", "dicomdir", "non-image", "colour", "broken", "special", "unreadable"
 
 
 @dataclass
@@ -182,9 +184,15 @@ def _sop_class_name(uid: Any) -> str:
 def read_frames(path: str) -> list[_Frame] | _Skipped:
     """Header pass for one file: its image frames, or why it holds none."""
     try:
-        if os.path.getsize(path) == 0:
+        info = os.stat(path)
+        if not stat.S_ISREG(info.st_mode):  # never open a FIFO/socket: it would block
+            kind = special_file_kind(path) or "special file"
+            return _Skipped(path, not_a_file_reason(kind), "special")
+        if info.st_size == 0:
             return _Skipped(path, "zero-byte file", "empty")
         dataset = _read_dataset(path)
+    except OSError as exc:  # symlink loops, permissions: not a question of format
+        return _Skipped(path, f"cannot open ({exc.strerror or _short(exc)})", "unreadable")
     except Exception as exc:  # noqa: BLE001 - anything unparsable is "not DICOM" here
         name = type(exc).__name__
         return _Skipped(path, f"not a readable DICOM file ({name}: {_short(exc)})", "not-dicom")
@@ -429,9 +437,25 @@ def _enhanced_frames(ds: Any, n_frames: int, common: dict[str, Any]) -> list[_Fr
 
 
 def iter_candidate_files(folder: Path) -> list[str]:
-    """Every regular file below ``folder`` (any name, any depth), hidden files excluded."""
+    """Every file below ``folder`` (any name, any depth), hidden files excluded.
+
+    Folder symlinks are followed (archives link series in), each real folder once, so a
+    symlink loop ends; FIFOs and sockets are listed and turned away by :func:`read_frames`
+    without being opened.
+    """
     files = []
-    for root, dirs, names in os.walk(folder):
+    seen: set[tuple[int, int]] = set()
+    for root, dirs, names in os.walk(folder, followlinks=True):
+        try:
+            info = os.stat(root)
+        except OSError:
+            dirs[:] = []
+            continue
+        key = (info.st_dev, info.st_ino)
+        if key in seen:  # reached again through a symlink: a loop or a second link
+            dirs[:] = []
+            continue
+        seen.add(key)
         dirs[:] = sorted(d for d in dirs if not d.startswith("."))
         files.extend(os.path.join(root, n) for n in sorted(names) if not n.startswith("."))
     return files
@@ -594,7 +618,10 @@ def stack_geometry(stack: _Stack, root: str, *, allow_2d: bool, resample: bool) 
         if len(frames) > 1:
             warnings.append("no ImagePositionPatient: slices ordered by InstanceNumber, spacing from SliceThickness")
         frames.sort(key=lambda f: (f.instance_number or 0, f.frame_index or 0))
-        thickness = first.slice_thickness or 1.0
+        thickness = first.slice_thickness if first.slice_thickness and first.slice_thickness > 0 else None
+        if thickness is None and len(frames) > 1:
+            warnings.append("no usable SliceThickness either: assumed 1 mm between slices")
+        thickness = thickness or 1.0
         distances = np.arange(len(frames), dtype=float) * thickness
         positions = None
     else:
@@ -616,7 +643,7 @@ def stack_geometry(stack: _Stack, root: str, *, allow_2d: bool, resample: bool) 
         )
     pixel_spacing = first.pixel_spacing
     if pixel_spacing is None:
-        warnings.append("no PixelSpacing: assumed 1 mm pixels")
+        warnings.append("no PixelSpacing (or a zero or negative one): assumed 1 mm pixels, sizes in mm are unknown")
         pixel_spacing = (1.0, 1.0)
 
     resample_to = None
@@ -628,25 +655,32 @@ def stack_geometry(stack: _Stack, root: str, *, allow_2d: bool, resample: bool) 
             smallest = float(np.min(gaps))
             multiples = gaps / smallest
             missing = int(np.sum(np.round(multiples) - 1)) if np.allclose(multiples, np.round(multiples), atol=0.05) else None
-            step = smallest if missing is not None else step
+            step = smallest  # mixed spacing keeps its finest (resample=False keeps the slices)
             what = (
                 f"{missing} missing slice(s) (gaps of {', '.join(f'{g:.3g}' for g in sorted(set(np.round(gaps, 3))))} mm)"
                 if missing
                 else f"non-uniform slice spacing ({float(gaps.min()):.3g} to {float(gaps.max()):.3g} mm)"
             )
             if resample:
-                count = int(round((distances[-1] - distances[0]) / step)) + 1
+                # floor, not round: no slice is placed past the last one that holds data
+                count = int(np.floor((distances[-1] - distances[0]) / step + 1e-3)) + 1
                 resample_to = distances[0] + step * np.arange(count)
                 warnings.append(f"{what}: resampled to a uniform {step:.4g} mm grid ({count} slices) by linear interpolation")
             else:
-                warnings.append(f"{what}: NOT resampled, the volume's slice spacing is only the median {step:.4g} mm")
+                median = float(np.median(gaps))
+                warnings.append(f"{what}: NOT resampled, the volume's slice spacing is only the median {median:.4g} mm")
+                step = median
         spacing_k = step
         if positions is not None:
             stacking = _unit(positions[-1] - positions[0])
             tilt = float(np.degrees(np.arccos(np.clip(abs(stacking @ normal), -1.0, 1.0))))
             if tilt > _TILT_WARN_DEGREES:
+                travel = positions[-1] - positions[0]
+                shear_mm = float(np.linalg.norm(travel - normal * (travel @ normal)))
                 warnings.append(
-                    f"gantry/detector tilt of {tilt:.1f} degrees: slices are sheared and shown without tilt correction"
+                    f"gantry/detector tilt of {tilt:.1f} degrees: slices are sheared and shown without tilt "
+                    f"correction (the last slice sits {shear_mm:.1f} mm off the straight stack); slice "
+                    f"spacing {step:.4g} mm is measured along the slice normal"
                 )
     else:
         spacing_k = first.slice_thickness or 1.0

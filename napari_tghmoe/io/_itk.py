@@ -9,6 +9,7 @@ dimensions are refused before any allocation.
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -50,6 +51,10 @@ def read_itk(path: Path, *, allow_2d: bool = False) -> CTVolume:
     fmt = itk_format(path) or "ITK"
     if path.stat().st_size == 0:
         raise VolumeReadError(path, f"zero-byte file, not a {fmt} image")
+    warnings: list[str] = []
+    if fmt == "NIfTI":
+        warnings.extend(nifti_geometry_warnings(path))
+    sitk.ProcessObject.SetGlobalWarningDisplay(False)  # ITK's multi-line console warnings: ours say it
     reader = sitk.ImageFileReader()
     reader.SetFileName(str(path))
     try:
@@ -57,7 +62,6 @@ def read_itk(path: Path, *, allow_2d: bool = False) -> CTVolume:
     except RuntimeError as exc:
         raise VolumeReadError(path, f"not a readable {fmt} file ({_first_line(exc)})") from exc
 
-    warnings: list[str] = []
     dimension = reader.GetDimension()
     size = list(reader.GetSize())
     components = reader.GetNumberOfComponents()
@@ -149,7 +153,8 @@ def _check_nifti(path: Path) -> None:
     import nibabel as nib
 
     try:
-        image = nib.load(str(path))
+        with nib.imageglobals.LoggingOutputSuppressor():  # its header fixes are our warnings
+            image = nib.load(str(path))
     except Exception as exc:  # noqa: BLE001 - nibabel raises many types for bad headers
         raise VolumeReadError(path, f"cannot read the NIfTI header ({type(exc).__name__}: {exc})") from exc
     header = image.header
@@ -181,6 +186,74 @@ def _check_nifti(path: Path) -> None:
             chunk = np.asanyarray(data[:, :, index] if len(shape) > 2 else data)
             if not np.all(np.isfinite(chunk)):
                 raise VolumeReadError(path, f"NaN or infinite voxel values (slice {index})")
+
+
+#: Degrees of shear between the axes of a NIfTI sform worth a warning.
+_SHEAR_WARN_DEGREES = 0.1
+
+
+def _raw_nifti_header(path: Path) -> Any:
+    """The header as written (nibabel's ``load`` silently sets a zero pixdim to 1)."""
+    import gzip
+    import io
+
+    import nibabel as nib
+
+    opener = gzip.open if path.name.lower().endswith(".gz") else open
+    try:
+        with opener(path, "rb") as handle:
+            block = handle.read(540)
+    except (OSError, EOFError) as exc:
+        raise VolumeReadError(path, f"cannot read the NIfTI header ({exc})") from exc
+    if len(block) < 348:
+        raise VolumeReadError(path, f"not a NIfTI file: the header needs 348 bytes, the file holds {len(block)}")
+    sizes = {int.from_bytes(block[:4], "little"), int.from_bytes(block[:4], "big")}
+    header_class = nib.Nifti2Header if 540 in sizes else nib.Nifti1Header
+    try:
+        return header_class.from_fileobj(io.BytesIO(block), check=False)
+    except Exception as exc:  # noqa: BLE001 - nibabel raises many types for bad headers
+        raise VolumeReadError(path, f"cannot read the NIfTI header ({type(exc).__name__}: {exc})") from exc
+
+
+def nifti_geometry_warnings(path: Path) -> list[str]:
+    """What ITK would change silently: a zero voxel size (-> 1 mm), a sheared sform (-> the qform).
+
+    A sheared sform without a qform cannot be placed on napari's grid at all: refused.
+    """
+    header = _raw_nifti_header(path)
+    warnings: list[str] = []
+    dims = int(header["dim"][0])
+    pixdim = [float(v) for v in header["pixdim"][1 : 1 + min(dims, 3)]]
+    zero = [axis for axis, size in zip("xyz", pixdim) if not np.isfinite(size) or size == 0]
+    if zero:
+        warnings.append(
+            f"voxel size along {', '.join(zero)} is {'zero' if all(np.isfinite(pixdim)) else 'not a number'} "
+            "in the header: taken as 1 mm, so distances and sizes in mm are unknown"
+        )
+    if int(header["sform_code"]) > 0:
+        matrix = np.asarray(header.get_sform(), dtype=float)[:3, :3]
+        norms = np.linalg.norm(matrix, axis=0)
+        if np.all(norms > 0):
+            unit = matrix / norms
+            cosines = np.abs(unit.T @ unit)[np.triu_indices(3, 1)]
+            shear = float(np.degrees(np.arcsin(np.clip(np.max(cosines), 0.0, 1.0))))
+            if shear > _SHEAR_WARN_DEGREES:
+                if int(header["qform_code"]) <= 0:
+                    raise VolumeReadError(
+                        path,
+                        f"sheared affine: the sform's axes are {shear:.1f} degrees off square and there is no "
+                        "qform; a sheared grid cannot be shown without resampling (resample it first)",
+                    )
+                size = np.asarray(header["dim"][1:4], dtype=float) - 1
+                corner_s = header.get_sform()[:3, :3] @ size
+                corner_q = header.get_qform()[:3, :3] @ size
+                off = float(np.linalg.norm(corner_s - corner_q))
+                warnings.append(
+                    f"sheared affine: the sform's axes are {shear:.1f} degrees off square; NOT used, the "
+                    f"geometry comes from the qform (rigid), which places the far corner {off:.1f} mm away "
+                    "from where the sform puts it"
+                )
+    return warnings
 
 
 def _stem(path: Path) -> str:

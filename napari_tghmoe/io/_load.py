@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from napari_tghmoe.io import _dicom
+from napari_tghmoe.io._checks import not_a_file_reason, oblique_warning, special_file_kind, value_warnings
 from napari_tghmoe.io._itk import itk_format, read_itk
 from napari_tghmoe.io._types import CTVolume, SeriesInfo, VolumeReadError
 
@@ -28,13 +29,38 @@ def load_volume(
     Every failure raises :class:`VolumeReadError` naming the file and the reason.
     """
     path = Path(path)
-    if not path.exists():
-        raise VolumeReadError(path, "no such file or folder")
+    _check_path(path)
     if path.is_dir():
-        return _load_dicom_folder(path, series_uid, allow_2d=allow_2d, resample=resample)
-    if itk_format(path) is not None:
-        return read_itk(path, allow_2d=allow_2d)
-    return _load_dicom_file(path, series_uid, allow_2d=allow_2d, resample=resample)
+        volume = _load_dicom_folder(path, series_uid, allow_2d=allow_2d, resample=resample)
+    elif itk_format(path) is not None:
+        volume = read_itk(path, allow_2d=allow_2d)
+    else:
+        volume = _load_dicom_file(path, series_uid, allow_2d=allow_2d, resample=resample)
+    _add_value_warnings(volume)
+    return volume
+
+
+def _check_path(path: Path) -> None:
+    """Refuse what is not a file or folder before opening it (a FIFO would block)."""
+    try:
+        path.stat()
+    except FileNotFoundError:
+        if path.is_symlink():
+            raise VolumeReadError(path, "broken symbolic link (its target does not exist)") from None
+        raise VolumeReadError(path, "no such file or folder") from None
+    except OSError as exc:  # symlink loops (ELOOP), permissions, names too long
+        raise VolumeReadError(path, f"cannot open ({exc.strerror or exc})") from None
+    kind = special_file_kind(path)
+    if kind is not None:
+        raise VolumeReadError(path, not_a_file_reason(kind))
+
+
+def _add_value_warnings(volume: CTVolume) -> None:
+    """What every reader tells about the values and the axes, once, in the same words."""
+    volume.warnings.extend(value_warnings(volume.hu))
+    oblique = oblique_warning(volume.direction)
+    if oblique is not None:
+        volume.warnings.append(oblique)
 
 
 def list_series(folder: str | Path) -> list[SeriesInfo]:
@@ -44,8 +70,7 @@ def list_series(folder: str | Path) -> list[SeriesInfo]:
     Volume files (NIfTI, MetaImage, NRRD) are listed as one series named after the file.
     """
     folder = Path(folder)
-    if not folder.exists():
-        raise VolumeReadError(folder, "no such file or folder")
+    _check_path(folder)
     if folder.is_file() and itk_format(folder) is not None:
         volume_info = _itk_series_info(folder)
         return [volume_info]

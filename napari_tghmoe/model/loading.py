@@ -237,9 +237,29 @@ def check_model_folder(path: str | Path) -> FolderCheck:
                 "pickle can run arbitrary code; convert the weights to .safetensors",
             )
         raise ModelLoadError(folder, "no .safetensors weights found")
+    _check_shards(folder)
     if not any((folder / name).is_file() for name in TOKENIZER_FILES):
         raise ModelLoadError(folder, f"no tokenizer (none of {', '.join(TOKENIZER_FILES)})")
     return FolderCheck(folder, config, model_type, model_type == tgh_type, weights)
+
+
+def _check_shards(folder: Path) -> None:
+    """A sharded checkpoint must have every shard its index lists (a copy cut short, a failed download)."""
+    index_file = folder / "model.safetensors.index.json"
+    if not index_file.is_file():
+        return
+    try:
+        weight_map = json.loads(index_file.read_text(encoding="utf-8"))["weight_map"]
+        shards = sorted({str(name) for name in weight_map.values()})
+    except (OSError, ValueError, KeyError, TypeError, AttributeError) as err:
+        raise ModelLoadError(folder, f"{index_file.name} is not a valid shard index ({type(err).__name__}: {err})") from None
+    missing = [name for name in shards if not (folder / name).is_file()]
+    if missing:
+        raise ModelLoadError(
+            folder,
+            f"{len(missing)} of {len(shards)} weight shard(s) missing: {', '.join(missing[:3])}"
+            f"{' ...' if len(missing) > 3 else ''} (listed in {index_file.name}); copy the whole folder again",
+        )
 
 
 def count_parameters(weight_files: tuple[Path, ...]) -> ParameterCounts:
