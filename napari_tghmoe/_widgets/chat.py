@@ -39,6 +39,7 @@ from qtpy.QtWidgets import (
     QWidget,
 )
 
+from napari_tghmoe.io._checks import modality_problem
 from napari_tghmoe.io._types import AXIAL_DIRECTION, CTVolume
 from napari_tghmoe.layers import ct_volume_of
 from napari_tghmoe.slice_context import THIS_SLICE_QUESTION, PlaneTracker, context_for_layer, is_slice_question
@@ -577,9 +578,13 @@ class ChatWidget(QWidget):
             self._report_error("No CT layer: open a CT scan (File > Open) or pick an image layer first.")
             return False
         try:
-            volume_from_layer(layer)
+            volume = volume_from_layer(layer)
         except ValueError as err:
             self._report_error(str(err))
+            return False
+        not_ct = modality_problem(volume)
+        if not_ct:  # an MR/PET series would be read as HU: refuse rather than answer nonsense
+            self._report_error(f"{layer.name}: {not_ct}.")
             return False
         if typed:
             self.question_box.clear()
