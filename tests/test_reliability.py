@@ -316,17 +316,31 @@ def test_a_series_six_folders_deep_under_names_with_spaces_and_non_ascii(tmp_pat
 # =========================================================================== non-CT series
 
 
-def _mr_series(folder: Path) -> Path:
-    _, paths = series(folder, extra_attributes={"Modality": "MR"})
-    for path in paths:  # an MR image: no rescale to HU
-        edit(path, Modality="MR", SOPClassUID=pydicom.uid.MRImageStorage, RescaleIntercept=None, RescaleSlope=None)
+def _mr_series(folder: Path, modality: str = "MR") -> Path:
+    sop_class = {"MR": pydicom.uid.MRImageStorage, "PT": pydicom.uid.PositronEmissionTomographyImageStorage}[modality]
+    _, paths = series(folder)
+    for path in paths:  # no rescale to HU
+        edit(path, Modality=modality, SOPClassUID=sop_class, RescaleIntercept=None, RescaleSlope=None)
     return folder
 
 
-def test_mr_series_loads_for_viewing_with_a_warning_naming_the_modality(tmp_path):
-    loaded = load_volume(_mr_series(tmp_path / "mr"))
-    assert loaded.modality == "MR"
-    warned(loaded, "modality is MR, not CT")
+@pytest.mark.parametrize("modality", ["MR", "PT"])
+def test_non_ct_series_loads_for_viewing_with_a_warning_naming_the_modality(tmp_path, modality):
+    loaded = load_volume(_mr_series(tmp_path / "scan", modality))
+    assert loaded.modality == modality
+    warned(loaded, f"modality is {modality}, not CT")
+
+
+def test_a_decode_failure_names_the_reason(tmp_path):
+    _, paths = series(tmp_path, transfer_syntax=pydicom.uid.RLELossless)
+    ds = pydicom.dcmread(paths[3])
+    ds.PixelData = ds.PixelData[:64] + b"\xff" * 16  # the RLE segments point past the data
+    ds.save_as(paths[3])
+    with pytest.raises(VolumeReadError) as caught:
+        load_volume(tmp_path)
+    assert caught.value.path == str(paths[3])
+    assert caught.value.reason.startswith("cannot decode pixel data (") and caught.value.reason.endswith(")")
+    assert len(caught.value.reason) > len("cannot decode pixel data ()") + 10  # the decoder's own words follow
 
 
 # =========================================================================== the npe2 reader
@@ -381,6 +395,43 @@ def test_reader_names_a_fifo_and_an_unexpected_failure_in_one_notification(tmp_p
 
 def _err_lines(captured) -> list[str]:
     return [line for line in captured.err.splitlines() if line.strip()]
+
+
+def _truncated_gzip(tmp_path: Path) -> Path:
+    path = _nifti(tmp_path / "cut.nii.gz", make_volume().hu)
+    path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
+    return path
+
+
+def _fifo(tmp_path: Path) -> Path:
+    os.mkfifo(tmp_path / "pipe.nii.gz")
+    return tmp_path / "pipe.nii.gz"
+
+
+def _huge_header(tmp_path: Path) -> Path:
+    path = tmp_path / "huge.nhdr"
+    path.write_text("NRRD0004\ntype: short\ndimension: 3\nsizes: 90000 90000 90000\nencoding: raw\n"
+                    "endian: little\ndata file: huge.raw\n\n")
+    (tmp_path / "huge.raw").write_bytes(b"\x00" * 64)
+    return path
+
+
+def _empty_folder(tmp_path: Path) -> Path:
+    (tmp_path / "nothing here").mkdir()
+    return tmp_path / "nothing here"
+
+
+@pytest.mark.parametrize("make_input, reason", [
+    (_truncated_gzip, "truncated"), (_fifo, "named pipe (FIFO)"), (_huge_header, "refusing"),
+    (_empty_folder, "empty folder"),
+], ids=["truncated-gzip", "fifo", "huge-header", "empty-folder"])
+def test_cli_bad_input_is_one_line_naming_it_and_exit_2(tmp_path, capsys, make_input, reason):
+    path = make_input(tmp_path)
+    code = finishes(lambda: main(["ask", str(path), "hello"]))
+    captured = capsys.readouterr()
+    lines = _err_lines(captured)
+    assert code == 2 and len(lines) == 1 and "Traceback" not in captured.err
+    assert lines[0].startswith(f"tghmoe ask: error: {path}: ") and reason in lines[0]
 
 
 def test_cli_ask_tells_reader_warnings_on_stderr_and_in_the_json(tiny_tghmoe_folder, tmp_path, capsys):

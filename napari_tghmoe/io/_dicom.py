@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import os
 import stat
+import warnings as py_warnings
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -182,7 +183,18 @@ def _sop_class_name(uid: Any) -> str:
 
 
 def read_frames(path: str) -> list[_Frame] | _Skipped:
-    """Header pass for one file: its image frames, or why it holds none."""
+    """Header pass for one file: its image frames, or why it holds none.
+
+    pydicom's own warnings (forced reads of non-DICOM files, odd VRs) are silenced: a folder
+    of thousands of stray files would otherwise print as many lines; what matters about a
+    file is in its ``_Skipped`` reason or the volume's warnings.
+    """
+    with py_warnings.catch_warnings():
+        py_warnings.simplefilter("ignore")
+        return _read_frames(path)
+
+
+def _read_frames(path: str) -> list[_Frame] | _Skipped:
     try:
         info = os.stat(path)
         if not stat.S_ISREG(info.st_mode):  # never open a FIFO/socket: it would block
