@@ -40,10 +40,11 @@ def hide_qt_viewer_chrome(qt_viewer: Any) -> None:
         welcome.hide()
 
 
-def resize_bottom_dock(viewer: Any, dock: QWidget, fraction: float) -> None:
-    """Give a bottom dock ``fraction`` of the window height (QMainWindow.resizeDocks)."""
-    from qtpy.QtCore import Qt
+def main_qt_viewer(viewer: Any) -> QWidget:
+    """The main canvas' ``QtViewer`` (``viewer.window._qt_viewer``): a cell of the reading layout."""
+    return viewer.window._qt_viewer
 
-    window = main_qt_window(viewer)
-    height = max(int(window.height() * fraction), 200)
-    window.resizeDocks([dock], [height], Qt.Orientation.Vertical)
+
+def main_central_widget(viewer: Any) -> QWidget:
+    """The QMainWindow's central widget, which napari lays out as an HBox around its QtViewer."""
+    return main_qt_window(viewer).centralWidget()

@@ -4,8 +4,10 @@
 file, else the chest phantom) and can save a screenshot of the whole window and quit, which
 ``python -m napari_tghmoe --screenshot PATH`` and ``scripts/demo.sh`` use.
 
-Layout: the three plane views are docked along the bottom, under the 3D canvas; the right
-side is kept for the window/level dock now and the chat and routing docks later.
+Layout: as in 3D Slicer, Four-Up by default (axial, 3D, sagittal, coronal in a 2x2 grid in
+the window's central area; ``layout.py``), switchable to one plane + 3D or 3D only and
+remembered; the right side holds the window/level dock and the chat, routing and segment
+docks. Mouse and keys follow PACS habits (``ortho_views.py``, ``shortcuts.py``).
 """
 
 from __future__ import annotations
@@ -22,10 +24,10 @@ from qtpy.QtWidgets import QApplication, QWidget
 from napari_tghmoe.io._types import CTVolume
 from napari_tghmoe.layers import BONE_ISO_THRESHOLD_HU, ct_layer_kwargs, ct_volume_of
 from napari_tghmoe._widgets import _napari_private
+from napari_tghmoe._widgets.layout import ReadingLayout
 from napari_tghmoe._widgets.ortho_views import VIEW_3D_ONLY_KEY, OrthoViewsWidget
 from napari_tghmoe._widgets.window_level import WindowLevelWidget
 
-ORTHO_DOCK_NAME = "Orthogonal views"
 WINDOW_LEVEL_DOCK_NAME = "Window / level"
 #: Where later docks go: the chat and routing views sit on the right (issue 5).
 CHAT_DOCK_AREA = "right"
@@ -40,7 +42,19 @@ class CTWorkspace:
     ct_layer: Image | None
     ortho_views: OrthoViewsWidget
     window_level: WindowLevelWidget
+    layout: ReadingLayout
     docks: dict[str, QWidget] = field(default_factory=dict)
+    shortcuts: dict[str, Any] = field(default_factory=dict)
+
+    def reset_views(self) -> None:
+        """``R``: every plane fitted to its window, the 3D view from the front, fitted."""
+        self.ortho_views.fit_all()
+        if len(self.viewer.layers) == 0:
+            return
+        if self.viewer.dims.ndisplay == 3:
+            show_anterior_3d(self.viewer)
+        else:
+            self.viewer.reset_view()
 
 
 def _find_ct_layer(viewer: Any) -> Image | None:
@@ -122,8 +136,11 @@ def setup_viewer(
     *,
     ndisplay: int = 3,
     bone_surface: bool = True,
+    layout: str | None = None,
+    settings_file: str | Path | None = None,
 ) -> CTWorkspace:
-    """Arrange ``viewer`` for reading a CT: 3D main view, plane views, W/L dock.
+    """Arrange ``viewer`` for reading a CT: 3D main view and plane views in a Slicer layout
+    (``layout``; None: the one remembered, else Four-Up), W/L dock, PACS mouse and keys.
 
     With ``bone_surface`` the 3D view is drawn as 3D Slicer's default CT scene: a shaded
     bone iso-surface (a 3D-only layer with its own window) plus the CT's axial plane at
@@ -151,20 +168,26 @@ def setup_viewer(
         if ndisplay == 3:
             show_anterior_3d(viewer)
 
-    ortho = OrthoViewsWidget(viewer, orientation=Qt.Orientation.Horizontal)
+    ortho = OrthoViewsWidget(viewer, orientation=Qt.Orientation.Horizontal, arrange=False)
+    reading_layout = ReadingLayout(viewer, ortho, layout=layout, settings_file=settings_file)
     window_level = WindowLevelWidget(viewer)
+    ortho.window_target = window_level.target_layer  # a W/L drag acts on the CT, never an overlay
     docks = {
-        ORTHO_DOCK_NAME: viewer.window.add_dock_widget(ortho, name=ORTHO_DOCK_NAME, area="bottom"),
         WINDOW_LEVEL_DOCK_NAME: viewer.window.add_dock_widget(
             window_level, name=WINDOW_LEVEL_DOCK_NAME, area=CHAT_DOCK_AREA
         ),
     }
-    _napari_private.resize_bottom_dock(viewer, docks[ORTHO_DOCK_NAME], fraction=0.42)
+    workspace = CTWorkspace(viewer, layer, ortho, window_level, reading_layout, docks)
+    from napari_tghmoe._widgets.shortcuts import install_shortcuts
+
+    workspace.shortcuts = install_shortcuts(
+        viewer, reset_views=workspace.reset_views, apply_preset=window_level.apply_preset
+    )
     QApplication.processEvents()
     ortho.fit_all()
     if layer is not None and ndisplay == 3:
         viewer.fit_to_view()  # the canvas shrank when the docks arrived
-    return CTWorkspace(viewer, layer, ortho, window_level, docks)
+    return workspace
 
 
 def load_demo_volume(region: str = "chest", seed: int = 0) -> CTVolume:
@@ -229,7 +252,7 @@ def launch(
         return 0
     record = answer_and_wait(chat)  # "Generate report" to completion, then the overlay
     if record is not None and routing.trace is not None:
-        routing.update_overlay(create=True)
+        routing.update_overlay(create=True)  # listed under Overlays, hidden until shown
     routing.wait_until_rendered()
     for _ in range(5):
         QApplication.processEvents()

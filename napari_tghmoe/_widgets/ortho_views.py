@@ -11,6 +11,12 @@ as in 3D Slicer: axial red, coronal green, sagittal yellow).
 
 World coordinates are millimetres (layer ``scale`` = voxel spacing), so a 5 mm x 0.7 mm
 coronal plane is shown with its true aspect ratio.
+
+Mouse as in 3D Slicer and PACS: the wheel scrolls slices (Ctrl+wheel zooms), right-drag or
+Ctrl+drag changes window/level live (left-right: width, up-down: level), a double-click asks
+the layout to maximise the view (``view_double_clicked``). Each view carries orientation
+markers (R/L, A/P, S/I) and a mm scale bar; hovering puts the world position and the CT value
+(HU) under the cursor into the main viewer's status bar.
 """
 
 from __future__ import annotations
@@ -24,10 +30,11 @@ import numpy as np
 from napari.components import ViewerModel
 from napari.layers import Image, Labels, Layer, Shapes
 from napari.qt import QtViewer
-from qtpy.QtCore import QEvent, QObject, Qt
+from qtpy.QtCore import QEvent, QObject, Qt, Signal
 from qtpy.QtWidgets import QHBoxLayout, QLabel, QSizePolicy, QVBoxLayout, QWidget
 
 from napari_tghmoe._widgets import _napari_private
+from napari_tghmoe.layers import CT_VOLUME_KEY
 
 CROSSHAIR_LAYER_NAME = "crosshair"
 #: Layers whose metadata has this key set are 3D-only helpers (e.g. the bone surface)
@@ -72,15 +79,23 @@ class Plane:
     dims_order: tuple[int, int, int]  # napari dims order; the last two are displayed
     orientation2d: tuple[str, str]  # (vertical, horizontal) direction of increasing index
     color: str  # Slicer's slice colours
+    markers: tuple[str, str, str, str]  # patient directions at the (top, bottom, left, right) edges
 
 
 #: Radiological display: axial anterior up / patient right on screen left; coronal and
 #: sagittal with the head up (z increases towards superior, so the vertical axis points up).
+#: World axes (z, y, x) point (superior, posterior, patient-left), hence the edge markers.
 PLANES: tuple[Plane, ...] = (
-    Plane("axial", 0, (0, 1, 2), ("down", "right"), "#e05050"),
-    Plane("coronal", 1, (1, 0, 2), ("up", "right"), "#5fbf5f"),
-    Plane("sagittal", 2, (2, 0, 1), ("up", "right"), "#e8c547"),
+    Plane("axial", 0, (0, 1, 2), ("down", "right"), "#e05050", ("A", "P", "R", "L")),
+    Plane("coronal", 1, (1, 0, 2), ("up", "right"), "#5fbf5f", ("S", "I", "R", "L")),
+    Plane("sagittal", 2, (2, 0, 1), ("up", "right"), "#e8c547", ("S", "I", "A", "P")),
 )
+#: Window/level change per pixel of a right- or Ctrl-drag, as a fraction of the current width
+#: (so fine windows such as brain 80 HU change finely, wide ones such as lung 1500 fast).
+WINDOW_DRAG_WIDTH_PER_PX = 1.0 / 150.0
+WINDOW_DRAG_LEVEL_PER_PX = 1.0 / 300.0
+MIN_DRAG_WIDTH_HU = 20.0
+ZOOM_PER_WHEEL_STEP = 1.15
 _PLANE_COLOR_BY_AXIS = {plane.normal_axis: plane.color for plane in PLANES}
 
 
@@ -118,6 +133,52 @@ class PlaneView(QWidget):
         layout.addWidget(title)
         layout.addWidget(self.qt_viewer, stretch=1)
         self.setMinimumSize(160, 160)
+        self.title = title
+
+        # mm ruler: napari's scale bar in the layers' units (mm for our CT layers)
+        scale_bar = self.viewer_model.canvas.overlays.scale_bar
+        scale_bar.visible = True
+        scale_bar.ticks = True
+        scale_bar.position = "bottom_right"
+        # wheel scrolls slices (ours), not napari's zoom; double-click maximises (the layout's)
+        self.viewer_model.scene.camera.mouse_zoom = False
+        _remove_default_callbacks(self.viewer_model)
+        self.orientation_markers: dict[str, QLabel] = {}
+        for edge, letter in zip(("top", "bottom", "left", "right"), plane.markers):
+            marker = QLabel(letter, self)
+            marker.setStyleSheet(
+                f"color: {plane.color}; background: transparent; font-weight: bold; font-size: 13px;"
+            )
+            marker.setAttribute(Qt.WidgetAttribute.WA_TransparentForMouseEvents)
+            marker.adjustSize()
+            self.orientation_markers[edge] = marker
+
+    def resizeEvent(self, event: Any) -> None:  # noqa: N802 (Qt API)
+        super().resizeEvent(event)
+        self._place_markers()
+        self.fit()
+
+    def showEvent(self, event: Any) -> None:  # noqa: N802 (Qt API)
+        super().showEvent(event)
+        self._place_markers()
+
+    def _place_markers(self) -> None:
+        """Letters at the middle of each canvas edge, over the canvas (not over the slider)."""
+        canvas = self.canvas_widget
+        top_left = canvas.mapTo(self, canvas.rect().topLeft())
+        x0, y0, width, height = top_left.x(), top_left.y(), canvas.width(), canvas.height()
+        margin = 4
+        for edge, marker in self.orientation_markers.items():
+            w, h = marker.width(), marker.height()
+            if edge == "top":
+                marker.move(x0 + (width - w) // 2, y0 + margin)
+            elif edge == "bottom":
+                marker.move(x0 + (width - w) // 2, y0 + height - h - margin)
+            elif edge == "left":
+                marker.move(x0 + margin, y0 + (height - h) // 2)
+            else:
+                marker.move(x0 + width - w - margin, y0 + (height - h) // 2)
+            marker.raise_()
 
     @property
     def canvas_widget(self) -> QWidget:
@@ -143,6 +204,17 @@ class PlaneView(QWidget):
         self.qt_viewer.deleteLater()
 
 
+def _remove_default_callbacks(viewer_model: ViewerModel) -> None:
+    """Drop napari's Ctrl+wheel slice scroll and double-click zoom: these views bind their own."""
+    for callbacks, name in (
+        (viewer_model.mouse_wheel_callbacks, "dims_scroll"),
+        (viewer_model.mouse_double_click_callbacks, "double_click_to_zoom"),
+    ):
+        for callback in list(callbacks):
+            if getattr(callback, "__name__", "") == name:
+                callbacks.remove(callback)
+
+
 class _CloseWatcher(QObject):
     """Calls ``on_close`` when the watched window closes (dock widgets get no closeEvent)."""
 
@@ -156,17 +228,41 @@ class _CloseWatcher(QObject):
         return False
 
 
+def _window_of(layer: Image) -> tuple[float, float]:
+    low, high = (float(v) for v in layer.contrast_limits)
+    return (low + high) / 2.0, high - low
+
+
+def dragged_window(level: float, width: float, dx: float, dy: float) -> tuple[float, float]:
+    """Contrast limits after a W/L drag of (dx, dy) pixels from (level, width).
+
+    Right widens the window, up raises the level (as in 3D Slicer); steps scale with the
+    width at the drag's start so narrow and wide windows are both controllable.
+    """
+    scale = max(width, MIN_DRAG_WIDTH_HU)
+    new_width = max(width + dx * scale * WINDOW_DRAG_WIDTH_PER_PX, 1.0)
+    new_level = level - dy * scale * WINDOW_DRAG_LEVEL_PER_PX
+    return (new_level - new_width / 2.0, new_level + new_width / 2.0)
+
+
 class OrthoViewsWidget(QWidget):
     """Three linked plane views of the main viewer's CT (dock widget, any orientation).
 
-    ``napari_viewer`` is injected by napari when opened from the Plugins menu.
+    ``napari_viewer`` is injected by napari when opened from the Plugins menu. With
+    ``arrange=False`` the views are not laid out here: a reading layout (``layout.py``)
+    places them beside the main canvas and this widget stays hidden, as their controller.
     """
+
+    #: A plane view was double-clicked (its plane name): the layout maximises or restores it.
+    view_double_clicked = Signal(str)
 
     def __init__(
         self,
         napari_viewer: Any,
         orientation: Qt.Orientation = Qt.Orientation.Horizontal,
         parent: QWidget | None = None,
+        *,
+        arrange: bool = True,
     ) -> None:
         super().__init__(parent)
         self._viewer_ref = weakref.ref(napari_viewer)
@@ -174,6 +270,8 @@ class OrthoViewsWidget(QWidget):
         self._closed = False
         self._connections: dict[int, list[tuple[Any, Callable]]] = {}
         self.views: dict[str, PlaneView] = {}
+        #: Which layer a W/L drag acts on; None: the CT shown in the views (bottom image).
+        self.window_target: Callable[[], Image | None] | None = None
 
         horizontal = orientation == Qt.Orientation.Horizontal
         layout = QHBoxLayout(self) if horizontal else QVBoxLayout(self)
@@ -182,9 +280,18 @@ class OrthoViewsWidget(QWidget):
         for plane in PLANES:
             view = PlaneView(plane, self)
             self.views[plane.name] = view
-            layout.addWidget(view, stretch=1)
+            if arrange:
+                layout.addWidget(view, stretch=1)
+            else:
+                view.hide()
             view.viewer_model.dims.events.point.connect(self._on_view_point)
+            view.viewer_model.mouse_drag_callbacks.append(self._make_window_drag_handler(view))
             view.viewer_model.mouse_drag_callbacks.append(self._make_click_handler(view))
+            view.viewer_model.mouse_wheel_callbacks.append(self._make_wheel_handler(view))
+            view.viewer_model.mouse_move_callbacks.append(self._make_hover_handler(view))
+            view.viewer_model.mouse_double_click_callbacks.append(
+                lambda _model, _event, name=plane.name: self.view_double_clicked.emit(name)
+            )
 
         napari_viewer.layers.events.inserted.connect(self._on_inserted)
         napari_viewer.layers.events.removed.connect(self._on_removed)
@@ -368,7 +475,7 @@ class OrthoViewsWidget(QWidget):
         """A click (press and release without dragging) moves the cursor; a drag pans."""
 
         def on_press(_viewer_model: Any, event: Any):
-            if event.button != 1:
+            if event.button != 1 or "Control" in event.modifiers:
                 return
             start = np.asarray(event.pos, dtype=float)
             yield
@@ -381,6 +488,92 @@ class OrthoViewsWidget(QWidget):
                 self.click_world(view.plane.name, tuple(event.position))
 
         return on_press
+
+    # ------------------------------------------------------ wheel, W/L drag, hover
+    def scroll_slices(self, plane: str, steps: int) -> None:
+        """Move ``plane``'s slice by ``steps`` (the main viewer and the other views follow)."""
+        view = self.views[plane]
+        dims = view.viewer_model.dims
+        if dims.ndim != 3 or steps == 0:
+            return
+        axis = view.plane.normal_axis
+        n_steps = int(dims.nsteps[axis])
+        target = int(np.clip(dims.current_step[axis] + steps, 0, max(n_steps - 1, 0)))
+        if target != dims.current_step[axis]:
+            dims.set_current_step(axis, target)
+
+    def _make_wheel_handler(self, view: PlaneView) -> Callable:
+        """Wheel: one slice per notch (towards superior / posterior / left on wheel up);
+        Ctrl+wheel: zoom, as napari's wheel does elsewhere."""
+
+        def on_wheel(_viewer_model: Any, event: Any) -> None:
+            delta = float(event.delta[1]) if len(event.delta) > 1 else 0.0
+            if delta == 0.0:
+                return
+            direction = 1 if delta > 0 else -1
+            if "Control" in event.modifiers:
+                view.viewer_model.scene.camera.zoom *= ZOOM_PER_WHEEL_STEP**direction
+            else:
+                self.scroll_slices(view.plane.name, direction)
+            event.handled = True
+
+        return on_wheel
+
+    def target_window_layer(self) -> Image | None:
+        """The image whose window a drag changes: the layout's choice, else the views' CT."""
+        if self.window_target is not None:
+            return self.window_target()
+        reference = self._reference_layer()
+        return reference if isinstance(reference, Image) else None
+
+    def _make_window_drag_handler(self, view: PlaneView) -> Callable:
+        """Right-drag or Ctrl+left-drag: window (left-right) and level (up-down), live."""
+
+        def on_press(_viewer_model: Any, event: Any):
+            is_window_drag = event.button == 2 or (event.button == 1 and "Control" in event.modifiers)
+            layer = self.target_window_layer() if is_window_drag else None
+            if layer is None:
+                return
+            camera = view.viewer_model.scene.camera
+            pan_was = camera.mouse_pan
+            camera.mouse_pan = False  # a right-drag would otherwise zoom, a Ctrl-drag pan
+            start = np.asarray(event.pos, dtype=float)
+            level, width = _window_of(layer)
+            yield
+            try:
+                while event.type == "mouse_move":
+                    dx, dy = np.asarray(event.pos, dtype=float) - start
+                    layer.contrast_limits = dragged_window(level, width, dx, dy)
+                    yield
+            finally:
+                camera.mouse_pan = pan_was
+
+        return on_press
+
+    def _make_hover_handler(self, view: PlaneView) -> Callable:
+        def on_move(_viewer_model: Any, event: Any) -> None:
+            text = self.cursor_readout(view.plane.name, tuple(event.position))
+            if text:
+                self.viewer.status = text
+
+        return on_move
+
+    def cursor_readout(self, plane: str, world_position: tuple[float, ...]) -> str:
+        """Status-bar text for the cursor in a plane: position in mm, voxel, and the CT value."""
+        reference = self._reference_layer()
+        if reference is None or len(world_position) != 3:
+            return ""
+        data_point = np.asarray(reference.world_to_data(world_position), dtype=float)
+        index = np.round(data_point).astype(int)
+        shape = np.asarray(reference.data.shape[-3:])
+        z, y, x = (float(v) for v in world_position)
+        position = f"{plane}: x {x:.1f}  y {y:.1f}  z {z:.1f} mm"
+        if np.any(index < 0) or np.any(index >= shape):
+            return f"{position}  (outside the volume)"
+        value = np.asarray(reference.data[tuple(index)]).item()
+        unit = "HU" if reference.metadata.get(CT_VOLUME_KEY) is not None else "value"
+        value_text = f"{value:.0f}" if float(value).is_integer() else f"{value:.1f}"
+        return f"{position}  voxel ({index[0]}, {index[1]}, {index[2]})  {unit} {value_text}"
 
     def click_world(self, plane: str, world_position: tuple[float, ...]) -> None:
         """What a click in a plane does: move the in-plane coordinates, keep its slice."""

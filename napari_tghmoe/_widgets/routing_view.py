@@ -107,7 +107,7 @@ class RoutingView(QWidget):
         self.answer_combo.activated.connect(self._on_answer_picked)
         self.block_combo.activated.connect(lambda _: self._redraw(update_overlay=True))
         self.expert_combo.activated.connect(lambda _: self.update_overlay())
-        self.overlay_button.clicked.connect(lambda: self.update_overlay(create=True))
+        self.overlay_button.clicked.connect(lambda: self.update_overlay(create=True, show=True))
 
     # ------------------------------------------------------------------ chat link
     def _on_chat_created(self, chat: ChatWidget) -> None:
@@ -250,8 +250,12 @@ class RoutingView(QWidget):
         self._resize_timer.start()
 
     # ------------------------------------------------------------------ overlay
-    def update_overlay(self, create: bool = False) -> Labels | Image | None:
-        """Add (``create``) or refresh the overlay layer for the chosen block and expert."""
+    def update_overlay(self, create: bool = False, show: bool = False) -> Labels | Image | None:
+        """Add (``create``) or refresh the overlay layer for the chosen block and expert.
+
+        A new overlay starts hidden unless ``show`` (the user pressed "Show overlay"): the CT
+        is read untinted until someone asks; a refreshed one keeps its visibility.
+        """
         trace = self.trace
         if trace is None or (self.overlay_layer is None and not create):
             return None
@@ -276,6 +280,7 @@ class RoutingView(QWidget):
             # Label the body only: air around the patient would fill the 3D view with a box.
             labels[np.asarray(ct_layer.data) < BODY_THRESHOLD_HU] = 0
             layer = self._replace_overlay(Labels, labels, name, geometry, opacity=0.35, blending="translucent")
+            layer.metadata["label_names"] = {i + 1: n for i, n in enumerate(trace.expert_names)}  # legend
         else:
             weights = np.asarray(trace.expert_map(block, target_shape, expert=expert), dtype=np.float32)
             high = float(weights.max()) or 1.0
@@ -283,6 +288,8 @@ class RoutingView(QWidget):
                 Image, weights, name, geometry,
                 colormap="inferno", contrast_limits=(0.0, high), opacity=0.55, blending="additive",
             )
+        if show:
+            layer.visible = True
         return layer
 
     def _replace_overlay(self, kind: type, data: np.ndarray, name: str, geometry: dict, **style: Any) -> Any:
@@ -298,7 +305,8 @@ class RoutingView(QWidget):
         else:
             if old is not None and old in self.viewer.layers:
                 self.viewer.layers.remove(old)
-            layer = kind(data, name=name, metadata={"routing_overlay": True}, **geometry, **style)
+            visible = old.visible if old is not None else False
+            layer = kind(data, name=name, metadata={"routing_overlay": True}, visible=visible, **geometry, **style)
             self.viewer.add_layer(layer)
         if self.record is not None and self.record.layer is not None:
             self.viewer.layers.selection.active = self.record.layer  # keep the chat on the CT

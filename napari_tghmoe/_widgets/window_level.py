@@ -1,8 +1,10 @@
-"""Window/level dock: CT presets in HU, the file's own window, manual W/L, 3D rendering.
+"""Window/level dock: CT presets in HU, the file's own window, manual W/L, 3D rendering,
+and the overlays (routing, segmentation): shown or not, opacity, colour legend.
 
-Acts on the selected image layer (else the top image layer). Everything is applied through
-public layer attributes (``contrast_limits``, ``rendering``, ``iso_threshold``), so the
-orthogonal views, which mirror ``contrast_limits``, follow automatically.
+Acts on the selected image layer (else the top image layer), never on an overlay: showing,
+selecting or fading an overlay leaves the CT's window as it was. Everything is applied
+through public layer attributes (``contrast_limits``, ``rendering``, ``iso_threshold``,
+``visible``, ``opacity``), so the orthogonal views, which mirror them, follow automatically.
 """
 
 from __future__ import annotations
@@ -10,15 +12,18 @@ from __future__ import annotations
 import weakref
 from typing import Any
 
-from napari.layers import Image
+import numpy as np
+from napari.layers import Image, Labels, Layer
 from qtpy.QtCore import Qt
 from qtpy.QtWidgets import (
+    QCheckBox,
     QComboBox,
     QFormLayout,
     QGridLayout,
     QGroupBox,
     QLabel,
     QPushButton,
+    QSlider,
     QVBoxLayout,
     QWidget,
 )
@@ -38,6 +43,130 @@ from napari_tghmoe.layers import (
 FROM_FILE = "from file"
 _WIDTH_RANGE = (1, 4000)
 _LEVEL_RANGE = (-1200, 3000)
+#: Metadata keys that mark a layer as an overlay on the CT (routing view, segment dock).
+OVERLAY_METADATA_KEYS = ("routing_overlay", "segmentation_result")
+#: Metadata key an overlay may carry: ``{label value: name}`` for its legend.
+LEGEND_KEY = "label_names"
+_MAX_LEGEND_ROWS = 16
+
+
+def is_overlay(layer: Layer) -> bool:
+    """Routing and segmentation layers, and any other 3D labels layer, drawn over the CT."""
+    if layer.metadata.get(VIEW_3D_ONLY_KEY):
+        return False
+    if any(layer.metadata.get(key) is not None and layer.metadata.get(key) is not False for key in OVERLAY_METADATA_KEYS):
+        return True
+    return isinstance(layer, Labels) and layer.ndim == 3
+
+
+def overlay_legend(layer: Layer) -> list[tuple[str, tuple[float, float, float, float]]]:
+    """(name, RGBA 0-1) per colour of an overlay: label names for labels, a ramp for heatmaps."""
+    if isinstance(layer, Labels):
+        names: dict[int, str] = {}
+        features = getattr(layer, "features", None)
+        if features is not None and "index" in features and "structure" in features:
+            names = {int(i): str(n) for i, n in zip(features["index"], features["structure"])}
+        names = names or {int(k): str(v) for k, v in (layer.metadata.get(LEGEND_KEY) or {}).items()}
+        if not names:
+            present = np.unique(np.asarray(layer.data))
+            names = {int(v): f"label {int(v)}" for v in present[:_MAX_LEGEND_ROWS]}
+        values = [v for v in sorted(names) if v != 0][:_MAX_LEGEND_ROWS]
+        if not values:
+            return []
+        colors = np.asarray(layer.colormap.map(np.asarray(values)), dtype=float).reshape(len(values), 4)
+        return [(names[v], tuple(float(c) for c in color)) for v, color in zip(values, colors)]
+    if isinstance(layer, Image):
+        low, high = (float(v) for v in layer.contrast_limits)
+        colors = np.asarray(layer.colormap.map(np.array([0.0, 0.5, 1.0])), dtype=float).reshape(3, 4)
+        labels = (f"{low:.3g}", f"{(low + high) / 2:.3g}", f"{high:.3g}")
+        return [(text, tuple(float(c) for c in color)) for text, color in zip(labels, colors)]
+    return []
+
+
+def _legend_html(entries: list[tuple[str, tuple[float, float, float, float]]]) -> str:
+    cells = []
+    for name, (r, g, b, _a) in entries:
+        colour = f"#{int(r * 255):02x}{int(g * 255):02x}{int(b * 255):02x}"
+        cells.append(f"<span style='color:{colour}; font-size:14px'>&#9632;</span>&nbsp;{name}")
+    return "&nbsp;&nbsp; ".join(cells)
+
+
+class OverlayControls(QGroupBox):
+    """One row per overlay: a "show" box (off until the user ticks it), opacity, legend."""
+
+    def __init__(self, napari_viewer: Any, parent: QWidget | None = None) -> None:
+        super().__init__("Overlays", parent)
+        self._viewer_ref = weakref.ref(napari_viewer)
+        self._layout = QVBoxLayout(self)
+        self.empty_label = QLabel("none yet (routing: chat dock; segmentation: Segment dock)")
+        self.empty_label.setWordWrap(True)
+        self._layout.addWidget(self.empty_label)
+        self.rows: dict[int, tuple[Layer, QCheckBox, QSlider, QLabel, QWidget]] = {}
+        napari_viewer.layers.events.inserted.connect(self.refresh)
+        napari_viewer.layers.events.removed.connect(self.refresh)
+        self.refresh()
+
+    def overlay_layers(self) -> list[Layer]:
+        viewer = self._viewer_ref()
+        return [layer for layer in viewer.layers if is_overlay(layer)] if viewer is not None else []
+
+    def refresh(self, _event: Any = None) -> None:
+        layers = self.overlay_layers()
+        keep = {id(layer) for layer in layers}
+        for key in [key for key in self.rows if key not in keep]:
+            layer, box, slider, legend, row = self.rows.pop(key)
+            layer.events.visible.disconnect(self._sync_rows)
+            layer.events.opacity.disconnect(self._sync_rows)
+            layer.events.name.disconnect(self._sync_rows)
+            row.setParent(None)
+            row.deleteLater()
+        for layer in layers:
+            if id(layer) not in self.rows:
+                self._add_row(layer)
+        self.empty_label.setVisible(not layers)
+        self._sync_rows()
+
+    def _add_row(self, layer: Layer) -> None:
+        row = QWidget()
+        grid = QGridLayout(row)
+        grid.setContentsMargins(0, 2, 0, 2)
+        box = QCheckBox()
+        box.setToolTip("Show this overlay over the CT (the CT's window is not changed)")
+        slider = QSlider(Qt.Orientation.Horizontal)
+        slider.setRange(0, 100)
+        slider.setToolTip("Overlay opacity")
+        legend = QLabel()
+        legend.setWordWrap(True)
+        legend.setTextFormat(Qt.TextFormat.RichText)
+        grid.addWidget(box, 0, 0, 1, 2)
+        grid.addWidget(QLabel("Opacity"), 1, 0)
+        grid.addWidget(slider, 1, 1)
+        grid.addWidget(legend, 2, 0, 1, 2)
+        box.toggled.connect(lambda checked, ref=weakref.ref(layer): _set_attribute(ref, "visible", bool(checked)))
+        slider.valueChanged.connect(lambda value, ref=weakref.ref(layer): _set_attribute(ref, "opacity", value / 100.0))
+        for emitter in (layer.events.visible, layer.events.opacity, layer.events.name):
+            emitter.connect(self._sync_rows)
+        self._layout.addWidget(row)
+        self.rows[id(layer)] = (layer, box, slider, legend, row)
+
+    def _sync_rows(self, _event: Any = None) -> None:
+        for layer, box, slider, legend, _row in self.rows.values():
+            for widget in (box, slider):
+                widget.blockSignals(True)
+            box.setText(layer.name)
+            box.setChecked(bool(layer.visible))
+            slider.setValue(int(round(float(layer.opacity) * 100)))
+            for widget in (box, slider):
+                widget.blockSignals(False)
+            slider.setEnabled(bool(layer.visible))
+            legend.setText(_legend_html(overlay_legend(layer)))
+            legend.setVisible(bool(layer.visible))
+
+
+def _set_attribute(layer_ref: weakref.ReferenceType, name: str, value: Any) -> None:
+    layer = layer_ref()
+    if layer is not None:
+        setattr(layer, name, value)
 
 
 class WindowLevelWidget(QWidget):
@@ -93,6 +222,8 @@ class WindowLevelWidget(QWidget):
         layout.addWidget(presets_box)
         layout.addWidget(manual)
         layout.addWidget(rendering_box)
+        self.overlays = OverlayControls(napari_viewer)
+        layout.addWidget(self.overlays)
         layout.addStretch(1)
 
         napari_viewer.layers.selection.events.active.connect(self._on_selection)
@@ -106,18 +237,24 @@ class WindowLevelWidget(QWidget):
         return self._viewer_ref()
 
     def target_layer(self) -> Image | None:
-        """The selected image layer, else the topmost image layer, else None."""
+        """The selected image layer, else the topmost image layer, else None; never an
+        overlay or a 3D-only helper (their windows are not the CT's)."""
         viewer = self.viewer
         if viewer is None:
             return None
+
+        def is_target(layer: Any) -> bool:
+            return (
+                isinstance(layer, Image)
+                and not layer.rgb
+                and not layer.metadata.get(VIEW_3D_ONLY_KEY)
+                and not is_overlay(layer)
+            )
+
         active = viewer.layers.selection.active
-        if isinstance(active, Image) and not active.rgb:
+        if is_target(active):
             return active
-        images = [
-            layer
-            for layer in viewer.layers
-            if isinstance(layer, Image) and not layer.rgb and not layer.metadata.get(VIEW_3D_ONLY_KEY)
-        ]
+        images = [layer for layer in viewer.layers if is_target(layer)]
         return images[-1] if images else None
 
     def _on_selection(self, _event: Any = None) -> None:
