@@ -339,8 +339,10 @@ def test_a_decode_failure_names_the_reason(tmp_path):
     with pytest.raises(VolumeReadError) as caught:
         load_volume(tmp_path)
     assert caught.value.path == str(paths[3])
-    assert caught.value.reason.startswith("cannot decode pixel data (") and caught.value.reason.endswith(")")
-    assert len(caught.value.reason) > len("cannot decode pixel data ()") + 10  # the decoder's own words follow
+    reason = caught.value.reason
+    assert reason.startswith("cannot decode pixel data (") and reason.endswith(")") and "\n" not in reason
+    assert not reason.rstrip(")").endswith(":")  # not pydicom's dangling "raised by all available plugins:"
+    assert "RLE" in reason  # the decoders' own reasons follow
 
 
 # =========================================================================== the npe2 reader
@@ -495,6 +497,31 @@ def test_cli_unexpected_error_is_one_line_and_debug_shows_the_traceback(tmp_path
     for argv in (["--debug", "ask", str(tmp_path / "scan"), "hello"], ["ask", str(tmp_path / "scan"), "hello", "--debug"]):
         with pytest.raises(ZeroDivisionError):
             main(argv)
+
+
+def test_cli_python_warnings_are_one_line_each(tmp_path, capsys, monkeypatch):
+    import warnings
+
+    def warns_then_fails(path, *args, **kwargs):
+        with warnings.catch_warnings():  # shown whatever -W filters the test run has
+            warnings.simplefilter("always")
+            warnings.warn("the input was converted,\n  the answer may be unreliable", UserWarning)
+        raise VolumeReadError(path, "broken on purpose")
+
+    monkeypatch.setattr("napari_tghmoe.io.load_volume", warns_then_fails)
+    code = main(["ask", str(tmp_path), "hello"])
+    lines = _err_lines(capsys.readouterr())
+    assert code == 2
+    assert lines == [
+        "tghmoe ask: warning: the input was converted, the answer may be unreliable",
+        f"tghmoe ask: error: {tmp_path}: broken on purpose",
+    ]
+
+
+def test_broken_symlink_is_named_as_such(tmp_path, capsys):
+    (tmp_path / "scan.nii.gz").symlink_to(tmp_path / "gone.nii.gz")
+    with pytest.raises(VolumeReadError, match="broken symbolic link"):
+        load_volume(tmp_path / "scan.nii.gz")
 
 
 def test_cli_disk_full_while_writing_the_json_leaves_no_file(tiny_tghmoe_folder, tmp_path, capsys, monkeypatch):

@@ -217,7 +217,15 @@ def _read_frames(path: str) -> list[_Frame] | _Skipped:
 
 
 def _short(exc: BaseException) -> str:
-    text = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+    """One line of an exception's text, whole: a first line ending in ':' (pydicom's "raised by
+    all available plugins:") takes the lines that follow, joined by '; '."""
+    lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
+    if not lines:
+        return type(exc).__name__
+    text = lines[0]
+    if text.endswith(":") and len(lines) > 1:
+        text = f"{text} {'; '.join(lines[1:])}"
+        return text if len(text) <= 400 else text[:399] + "\u2026"
     return text[:160]
 
 
