@@ -2,9 +2,9 @@
 # Reproduce the bundled demo model (resources/demo-model) from nothing but this repository:
 #   1. tghmoe train --config recipes/demo.toml --stage both: stage 1 (builds the BPE tokenizer on
 #      the phantom training corpus, then trains the randomly initialised base + shared experts +
-#      merger + LLM LoRA), its five continuation phases ([[stage1_continue]] in the recipe: more
+#      merger + LLM LoRA), its six continuation phases ([[stage1_continue]] in the recipe: more
 #      closed questions, then the auxiliary vision loss and the per-sample LM loss, then mostly
-#      closed questions, then a longer one at a lower lr), then stage 2 (task experts and routers) from the last phase,
+#      closed questions, then a longer one at a lower lr, then one on the current phantoms), then stage 2 (task experts and routers) from the last phase,
 #   2. evaluation on the recipe's held-out phantom seeds with held-out phrasings,
 #   3. the model card (README.md), card_check.json and eval_results.json in resources/demo-model.
 # Environment: OUT (default runs/demo), DEST (default resources/demo-model), RESUME=1 to continue
@@ -41,7 +41,7 @@ $PY -m napari_tghmoe.cli eval --model "$OUT/stage2" --data "$DATA" --task all --
 
 $PY -m napari_tghmoe.train.card --model "$OUT/stage2" --stage1 "$LAST1" --recipe "$RECIPE" \
     --results "$OUT/eval/heldout.json" --dest "$DEST" --command "scripts/train_demo.sh" \
-    --stage1-note "six phases: 400 steps (lr 2e-3) + 500 + 1000 (lr 1e-3, closed-VQA weight 0.6) + 1500 (auxiliary vision loss, per-sample LM loss) + 2000 (closed-VQA weight 0.7) + 2500 (lr 3e-4, closed-VQA weight 0.65), 7900 in all" \
+    --stage1-note "seven phases: 400 steps (lr 2e-3) + 500 + 1000 (lr 1e-3, closed-VQA weight 0.6) + 1500 (auxiliary vision loss, per-sample LM loss) + 2000 (closed-VQA weight 0.7) + 2500 (lr 3e-4, closed-VQA weight 0.65) + 800 (lr 3e-4, phantoms in four planes and four phases, balanced choices), 8700 in all" \
     --stage1-seconds $((t1 - t0)) --stage2-seconds $((t2 - t1)) \
     --hardware "$(nproc) CPU cores ($(uname -m)), shared with other jobs; no GPU"
 echo "demo model written to $DEST"

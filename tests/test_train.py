@@ -292,3 +292,21 @@ def test_the_card_says_plainly_which_targets_are_met():
     verdict = target_verdict(0.5, 0.75, 0.6)
     assert "closed-VQA accuracy 0.500 is 0.35 below 0.85" in verdict and "precision 0.600" in verdict
     assert "recall" not in verdict
+
+
+def test_stage2_of_a_topic_routed_arm_starts_from_a_stage1_output_with_init_weights(env, two_stages, tmp_path):
+    """The content-routing ablation: stage 2 with other task groups, on the stage-1 base."""
+    stage1, _ = two_stages
+    topics = '["shared", "report", "chest", "abdomen", "acquisition", "general"]'
+    code = main(
+        ["train", "--config", str(TINY), "--stage", "2", "--init-weights", str(stage1), "--out", str(tmp_path / "e"),
+         "--no-progress", "--set", f"model.moe.group_names={topics}", "--set", "stage2.steps=2"]
+    )
+    assert code == 0
+    config = json.loads((tmp_path / "e" / "config.json").read_text())
+    assert config["group_names"][2:] == ["chest", "abdomen", "acquisition", "general"]
+    source = load_file(str(stage1 / "model.safetensors"))
+    arm = load_file(str(tmp_path / "e" / "model.safetensors"))
+    patch_key = next(k for k in source if "patch_embed" in k)
+    assert torch.equal(source[patch_key], arm[patch_key])  # stage 2 keeps the stage-1 base
+    assert any(".groups.chest." in k for k in arm)

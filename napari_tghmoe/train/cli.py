@@ -126,8 +126,10 @@ def run_train(args: argparse.Namespace) -> int:
             results = train_both_stages(recipe, out, init=args.init, resume=args.resume, progress=not args.no_progress)
         else:
             stage = int(args.stage)
-            if stage == 2 and not args.init:
-                raise CLIError("stage 2 starts from the stage-1 output: pass --init DIR")
+            if stage == 2 and not (args.init or args.init_weights):
+                # --init-weights: a stage-1 output whose matching tensors go into a model built
+                # from the recipe (an ablation that changes the routing of stage 2)
+                raise CLIError("stage 2 starts from the stage-1 output: pass --init DIR (or --init-weights DIR)")
             results = [
                 train(
                     recipe, stage, out, init=args.init, resume=args.resume, progress=not args.no_progress,

@@ -361,8 +361,8 @@ def train(
     threads = os.environ.get("TGHMOE_TRAIN_THREADS")
     if threads:  # on a shared CPU one thread per process beats oversubscribed cores
         torch.set_num_threads(int(threads))
-    if stage == 2 and init is None:
-        raise RecipeError("stage 2 starts from the stage-1 output: give init (--init DIR)")
+    if stage == 2 and init is None and init_weights is None:
+        raise RecipeError("stage 2 starts from the stage-1 output: give init (--init DIR or --init-weights DIR)")
     out_dir = Path(out_dir)
     cuda = torch.cuda.is_available()
     accelerator = Accelerator(
