@@ -10,7 +10,8 @@ model unless ``--model``):
 * ``MONAI baseline``: what a plain MONAI script does: ``Spacing`` (trilinear) to the working
   spacing, ``ScaleIntensityRange`` per window, ``sliding_window_inference`` (same window,
   overlap, batch), ``argmax``, ``Resize`` (nearest) of the labels back to the scan's shape.
-  It yields the label map only (no findings, no presence).
+  It yields the label map only (no findings, no presence). A model with ``position_channels``
+  gets the same three position channels (``napari_tghmoe.med3d.data.position_channels``).
 
 Each path runs in its own fresh process (rounds interleaved, like ``bench_io.py``): time is
 the median and best of the timed runs after one warm-up; peak memory is the process's
@@ -73,6 +74,9 @@ def run():
         ScaleIntensityRange(a_min=c - w / 2, a_max=c + w / 2, b_min=0.0, b_max=1.0, clip=True)(resampled)
         for c, w in config.ct_windows
     ])
+    if config.position_channels:  # the network's extra input: position in the body's box
+        from napari_tghmoe.med3d.data import position_channels
+        channels = torch.cat([channels, torch.from_numpy(position_channels(np.asarray(resampled[0])))])
     with torch.inference_mode():
         logits = sliding_window_inference(
             channels[None].float().to(device), tuple(config.patch_size), config.sw_batch_size,

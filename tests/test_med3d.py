@@ -324,3 +324,17 @@ def test_segment_bad_inputs_give_one_line_errors(trained, tmp_path, capsys):
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "Med3DPretrainModel" in err[0]
     assert not (tmp_path / "c.nii.gz").exists()
+
+
+def test_position_channels_follow_the_body_box():
+    from napari_tghmoe.med3d.data import position_channels
+
+    hu = np.full((10, 12, 14), -1000.0, np.float32)
+    hu[2:8, 3:10, 4:12] = 40.0  # the body: z 2..7, y 3..9, x 4..11
+    channels = position_channels(hu)
+    assert channels.shape == (3, 10, 12, 14)
+    assert channels[0, 2, 0, 0] == pytest.approx(-1.0) and channels[0, 7, 5, 5] == pytest.approx(1.0)
+    assert channels[1, 0, 3, 0] == pytest.approx(-1.0) and channels[1, 0, 9, 0] == pytest.approx(1.0)
+    assert channels[2, 0, 0, 4] == pytest.approx(-1.0) and channels[2, 0, 0, 11] == pytest.approx(1.0)
+    shifted = np.roll(hu, 2, axis=2)  # the same body elsewhere in the field of view: same values on it
+    assert np.allclose(position_channels(shifted)[2][:, :, 6:14], channels[2][:, :, 4:12])

@@ -66,7 +66,34 @@ def prepare_image_and_hu(volume: CTVolume, config: Any) -> tuple[np.ndarray, np.
 
     grid = working_shape(volume.shape, volume.spacing, config.working_spacing)
     hu = resample_to_grid(np.asarray(volume.hu), grid)
-    return window_channels(hu, config.ct_windows).numpy(), hu.numpy(), grid
+    image = window_channels(hu, config.ct_windows).numpy()
+    hu_array = hu.numpy()
+    if getattr(config, "position_channels", False):
+        image = np.concatenate([image, position_channels(hu_array)], axis=0)
+    return image, hu_array, grid
+
+
+#: Voxels above this HU count as body when finding its bounding box.
+BODY_HU = -500.0
+
+
+def position_channels(hu: np.ndarray) -> np.ndarray:
+    """(3, z, y, x) float32: each voxel's position along z, y, x relative to the body's box, -1..1.
+
+    The box is that of voxels above :data:`BODY_HU`, so the same anatomy gets the same values
+    whatever the field of view; outside the box values go beyond +-1 (clipped at +-2).
+    """
+    body = hu > BODY_HU
+    channels = np.empty((3, *hu.shape), dtype=np.float32)
+    for axis in range(3):
+        others = tuple(a for a in range(3) if a != axis)
+        present = np.nonzero(body.any(axis=others))[0]
+        lo, hi = (int(present[0]), int(present[-1])) if len(present) else (0, hu.shape[axis] - 1)
+        coordinate = (np.arange(hu.shape[axis], dtype=np.float32) - lo) / max(1, hi - lo) * 2.0 - 1.0
+        shape = [1, 1, 1]
+        shape[axis] = hu.shape[axis]
+        channels[axis] = np.clip(coordinate, -2.0, 2.0).reshape(shape)
+    return channels
 
 
 def phantom_model_labels(phantom: Any, config: Any) -> np.ndarray:

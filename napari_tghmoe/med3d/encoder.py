@@ -65,7 +65,11 @@ class Med3DConfig(PretrainedConfig):
 
     Encoder: ``encoder`` ("segresnet" | "swin_unetr"), ``feature_size`` (SegResNet init filters /
     SwinUNETR feature size), ``blocks_down`` / ``blocks_up`` (SegResNet), ``swin_depths`` /
-    ``swin_heads`` (SwinUNETR), ``ct_windows`` (one input channel per HU window).
+    ``swin_heads`` (SwinUNETR), ``ct_windows`` (one input channel per HU window),
+    ``position_channels`` (three more channels: each voxel's z, y, x position relative to the
+    body's bounding box, -1..1, computed on the whole volume before windowing, so that a window
+    knows where in the body it lies: which lung lobe a lung voxel belongs to is a matter of
+    position, not of intensity).
     Labels: ``organ_names`` then ``finding_kinds`` follow background (label 0) in that order.
     Geometry: ``working_spacing`` (z, y, x) mm, ``patch_size`` (z, y, x) voxels of one window,
     ``sw_overlap``, ``sw_batch_size``; ``min_finding_ml`` drops smaller finding components.
@@ -86,6 +90,7 @@ class Med3DConfig(PretrainedConfig):
         swin_depths: list[int] | tuple[int, ...] = (2, 2, 2, 2),
         swin_heads: list[int] | tuple[int, ...] = (3, 6, 12, 24),
         ct_windows: Any = DEFAULT_WINDOWS,
+        position_channels: bool = False,
         organ_names: list[str] | tuple[str, ...] = DEFAULT_ORGANS,
         finding_kinds: list[str] | tuple[str, ...] = DEFAULT_FINDING_KINDS,
         working_spacing: list[float] | tuple[float, ...] = (3.0, 3.0, 3.0),
@@ -114,6 +119,7 @@ class Med3DConfig(PretrainedConfig):
         self.swin_depths = [int(d) for d in swin_depths]
         self.swin_heads = [int(h) for h in swin_heads]
         self.ct_windows = [[float(c), float(w)] for c, w in ct_windows]
+        self.position_channels = bool(position_channels)
         self.organ_names = [str(n) for n in organ_names]
         self.finding_kinds = [str(k) for k in finding_kinds]
         self.working_spacing = [float(s) for s in working_spacing]
@@ -154,7 +160,7 @@ class Med3DConfig(PretrainedConfig):
     # ------------------------------------------------------------------ derived
     @property
     def in_channels(self) -> int:
-        return len(self.ct_windows)
+        return len(self.ct_windows) + (3 if self.position_channels else 0)
 
     @property
     def label_names(self) -> list[str]:
@@ -305,7 +311,7 @@ class Med3DPretrainModel(_Med3DBase):
         stride = config.encoder_stride // 2  # reconstruct at half the input resolution
         self.recon_stride = 2
         self.recon_head = nn.ConvTranspose3d(
-            config.encoder_channels, config.in_channels, kernel_size=stride, stride=stride
+            config.encoder_channels, len(config.ct_windows), kernel_size=stride, stride=stride
         )
         # M = L L^T stays positive semi-definite whatever L learns.
         self.mahalanobis_factor = nn.Parameter(torch.eye(config.target_dim))
@@ -327,7 +333,9 @@ class Med3DPretrainModel(_Med3DBase):
         return {
             "embedding": embedding,
             "reconstruction": self.recon_head(bottom),
-            "recon_target": torch.nn.functional.avg_pool3d(pixel_values, self.recon_stride),
+            "recon_target": torch.nn.functional.avg_pool3d(
+                pixel_values[:, : len(self.config.ct_windows)], self.recon_stride
+            ),
         }
 
 

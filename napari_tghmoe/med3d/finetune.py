@@ -67,7 +67,8 @@ def finetune(
     kinds = config.finding_kinds
     first_finding = 1 + organ_count
     lesion_voxels = [np.argwhere(v.labels >= first_finding) for v in chosen_volumes]
-    body_voxels = [np.argwhere(v.image[-1] > 0.0)[::7] for v in chosen_volumes]
+    soft_tissue = len(config.ct_windows) - 1  # the soft-tissue window channel: > 0 is above -160 HU
+    body_voxels = [np.argwhere(v.image[soft_tissue] > 0.0)[::7] for v in chosen_volumes]
     dice_ce = DiceCELoss(to_onehot_y=True, softmax=True)
     bce = torch.nn.BCEWithLogitsLoss()
 
