@@ -11,8 +11,15 @@ Opens napari (3D CT + plane views + chat and routing docks, as the demo does) an
   (cold), for the demo model (``resources/demo-model``) or, when it is not bundled yet, the
   untrained placeholder model.
 
-Run: ``.venv/bin/python benchmarks/bench_ui.py [--tokens 64] [--repeats 3]`` (starts its own
-virtual X server when DISPLAY is unset; needs Xvfb).
+* time per slice change (``--part slices``): the reading layout (Four-Up) on a large CT
+  (600 x 512 x 512 by default, 0.7 x 0.7 x 0.8 mm), one wheel step in a plane view
+  (``OrthoViewsWidget.scroll_slices``, what a wheel notch does) until every canvas has
+  repainted (the other planes' crosshairs and the 3D view's axial plane follow the cursor),
+  against the demo phantom as baseline.
+
+Run: ``.venv/bin/python benchmarks/bench_ui.py [--part all|chat|slices] [--tokens 64]
+[--repeats 3] [--shape 600 512 512]`` (starts its own virtual X server when DISPLAY is unset;
+needs Xvfb).
 """
 
 from __future__ import annotations
@@ -91,11 +98,19 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--tokens", type=int, default=64, help="max_new_tokens per answer")
     parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--part", choices=("all", "chat", "slices"), default="all")
+    parser.add_argument("--shape", type=int, nargs=3, default=(600, 512, 512), help="large CT (z y x)")
+    parser.add_argument("--steps", type=int, default=20, help="slice changes per plane")
     args = parser.parse_args(argv)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     display = _ensure_display()
     try:
-        return _run(args)
+        code = 0
+        if args.part in ("all", "chat"):
+            code = _run(args)
+        if args.part in ("all", "slices"):
+            code = code or _run_slices(args)
+        return code
     finally:
         if display is not None:
             display.stop()
@@ -193,6 +208,79 @@ def _run(args) -> int:
     print(f"| warm, median of {args.repeats} | {statistics.median(warm_times):.2f} |")
     target = "met" if worker[0] < 50 else "NOT met"
     print(f"\ntarget: longest stall while answering < 50 ms: {target} ({worker[0]:.1f} ms)")
+    return 0
+
+
+def large_ct(shape: tuple[int, int, int], spacing=(0.8, 0.7, 0.7)):
+    """A body-like CT of ``shape``: air, an elliptic soft-tissue trunk, a bone column, noise."""
+    import numpy as np
+
+    from napari_tghmoe.io import CTVolume
+
+    z, y, x = shape
+    yy, xx = np.ogrid[:y, :x]
+    trunk = ((yy - y / 2) / (0.4 * y)) ** 2 + ((xx - x / 2) / (0.45 * x)) ** 2 <= 1.0
+    spine = ((yy - 0.7 * y) / (0.06 * y)) ** 2 + ((xx - x / 2) / (0.06 * x)) ** 2 <= 1.0
+    plane = np.where(trunk, 40, -1000).astype(np.int16)
+    plane[spine] = 700
+    hu = np.empty(shape, dtype=np.int16)
+    rng = np.random.default_rng(0)
+    noise = rng.integers(-20, 21, size=(y, x), dtype=np.int16)
+    for k in range(z):
+        hu[k] = plane + np.roll(noise, k, axis=1)
+    return CTVolume(hu=hu, spacing=spacing, origin=(0.0, 0.0, 0.0), description="large CT", window=(40.0, 400.0))
+
+
+def _slice_change_times(volume, steps: int) -> dict[str, list[float]]:
+    """Seconds per wheel step in each plane view of a Four-Up window showing ``volume``."""
+    import napari
+    from qtpy.QtWidgets import QApplication
+
+    from napari_tghmoe._widgets._napari_private import main_qt_window
+    from napari_tghmoe._widgets.layout import FOUR_UP
+    from napari_tghmoe._widgets.main_window import setup_viewer
+
+    viewer = napari.Viewer(show=True)
+    main_qt_window(viewer).resize(1600, 1000)
+    workspace = setup_viewer(viewer, volume, layout=FOUR_UP, settings_file=Path(tempfile.mkdtemp()) / "s.json")
+    _pump(2.0)
+    ortho = workspace.ortho_views
+    times: dict[str, list[float]] = {}
+    for plane in ("axial", "coronal", "sagittal"):
+        ortho.scroll_slices(plane, 1)  # warm-up (first texture upload of this plane)
+        _pump(0.3)
+        times[plane] = []
+        for step in range(steps):
+            t0 = time.perf_counter()
+            ortho.scroll_slices(plane, 1 if step % 2 == 0 else -1)
+            QApplication.processEvents()  # slicing, texture upload, and the repaint of every canvas
+            QApplication.processEvents()
+            times[plane].append(time.perf_counter() - t0)
+            _pump(0.02)
+    viewer.close()
+    return times
+
+
+def _run_slices(args) -> int:
+    from napari_tghmoe._widgets.main_window import load_demo_volume
+
+    baseline = load_demo_volume("chest")
+    large = large_ct(tuple(args.shape))
+    results = {"baseline": (baseline, _slice_change_times(baseline, args.steps))}
+    results["large"] = (large, _slice_change_times(large, args.steps))
+    print(f"one wheel step in a plane view of the Four-Up layout, {args.steps} steps per plane, "
+          "until every canvas repainted (Xvfb, software OpenGL)")
+    print()
+    print("| volume (z x y x x) | plane | median (ms) | p90 (ms) | max (ms) | median vs baseline |")
+    print("|---|---|---:|---:|---:|---:|")
+    base_median = {p: statistics.median(t) for p, t in results["baseline"][1].items()}
+    for key, (volume, times) in results.items():
+        label = " x ".join(str(n) for n in volume.shape) + (" (demo phantom, baseline)" if key == "baseline" else "")
+        for plane, values in times.items():
+            ms = sorted(v * 1000 for v in values)
+            median = statistics.median(ms)
+            print(f"| {label} | {plane} | {median:.1f} | {ms[int(0.9 * (len(ms) - 1))]:.1f} | {ms[-1]:.1f} | "
+                  f"{median / (base_median[plane] * 1000):.2f}x |")
     return 0
 
 

@@ -147,10 +147,12 @@ class PlaneView(QWidget):
         for edge, letter in zip(("top", "bottom", "left", "right"), plane.markers):
             marker = QLabel(letter, self)
             marker.setStyleSheet(
-                f"color: {plane.color}; background: transparent; font-weight: bold; font-size: 13px;"
+                f"color: {plane.color}; background-color: rgba(0, 0, 0, 140); font-weight: bold;"
+                " font-size: 13px; border-radius: 3px;"
             )
+            marker.setAlignment(Qt.AlignmentFlag.AlignCenter)
+            marker.setFixedSize(20, 20)
             marker.setAttribute(Qt.WidgetAttribute.WA_TransparentForMouseEvents)
-            marker.adjustSize()
             self.orientation_markers[edge] = marker
 
     def resizeEvent(self, event: Any) -> None:  # noqa: N802 (Qt API)
