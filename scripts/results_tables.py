@@ -2,6 +2,9 @@
 
     python scripts/results_tables.py "a) TGH-MoE two-stage=runs/eval/abl_a.json" "b) stage 1 only=runs/eval/abl_b.json" ...
 
+A ``tghmoe eval-baseline`` JSON gives one row per image-free rule (closed VQA only). Values carry
+their 95 % interval where the JSON has one ("0.288 [0.25, 0.32]").
+
 Besides the M3D numbers (closed-VQA accuracy by answer letter, report text metrics, finding
 recall/precision) it prints the *answer-text* accuracy of closed VQA: whether the text after the
 letter is the correct choice. The two differ when a model knows the answer but not which letter
@@ -31,8 +34,10 @@ def answer_text_accuracy(samples: list[dict]) -> float | None:
     return hits / len(closed)
 
 
-def fmt(value) -> str:
-    return "n/a" if value is None else f"{value:.3f}"
+def fmt(value, interval=None) -> str:
+    if value is None:
+        return "n/a"
+    return f"{value:.3f}" if not interval else f"{value:.3f} [{interval[0]:.2f}, {interval[1]:.2f}]"
 
 
 def main(argv: list[str]) -> int:
@@ -40,6 +45,10 @@ def main(argv: list[str]) -> int:
     for item in argv:
         label, _, path = item.rpartition("=")
         results = json.load(open(path))
+        if "baselines" in results:  # tghmoe eval-baseline: closed VQA of each image-free rule
+            for name, closed in results["baselines"].items():
+                rows.append((f"{label}: {name}", closed, {}, {}, {}, None))
+            continue
         closed = results.get("vqa_closed") or {}
         report = results.get("report") or {}
         findings = report.get("findings") or {}
@@ -49,8 +58,9 @@ def main(argv: list[str]) -> int:
     print("|---|---|---|---|---|---|---|---|---|---|---|")
     for label, closed, report, findings, open_vqa, text_acc in rows:
         print(
-            f"| {label} | {fmt(closed.get('accuracy'))} | {fmt(text_acc)} | {fmt(findings.get('recall'))} | "
-            f"{fmt(findings.get('precision'))} | {fmt(report.get('bleu1'))} | {fmt(report.get('bleu4'))} | "
+            f"| {label} | {fmt(closed.get('accuracy'), closed.get('accuracy_ci'))} | {fmt(text_acc)} | "
+            f"{fmt(findings.get('recall'), findings.get('recall_ci'))} | "
+            f"{fmt(findings.get('precision'), findings.get('precision_ci'))} | {fmt(report.get('bleu1'))} | {fmt(report.get('bleu4'))} | "
             f"{fmt(report.get('rouge1'))} | {fmt(report.get('rougeL'))} | {fmt(report.get('meteor'))} | {fmt(open_vqa.get('bleu1'))} |"
         )
     print()
@@ -59,7 +69,8 @@ def main(argv: list[str]) -> int:
     print("|---|" + "---|" * len(types))
     for label, closed, *_ in rows:
         per = closed.get("per_type") or {}
-        print(f"| {label} | " + " | ".join(fmt((per.get(t) or {}).get("accuracy")) for t in types) + " |")
+        cells = [fmt((per.get(t) or {}).get("accuracy"), (per.get(t) or {}).get("accuracy_ci")) for t in types]
+        print(f"| {label} | " + " | ".join(cells) + " |")
     return 0
 
 
