@@ -12,7 +12,8 @@
 #       general) taught by the question's topic (napari_tghmoe.model.prompts.routing_label)
 #   (f) level 1 from the answer alone: p7 + stage 2 with task_loss_coef = 0
 #   (z) image zeroed: z7 + stage 2, trained and scored on zeros
-# Every arm is scored on the recipe's 200 held-out phantoms with 95 % case-bootstrap intervals;
+# Every arm is scored on the recipe's 200 held-out phantoms with 95 % case-bootstrap intervals
+# (the ablation table: $OUT/eval/{a_closed,b,d,e,f,z_closed}.json; scripts/results_tables.py);
 # the image-free prior (tghmoe eval-baseline) is learnt on the training seeds.
 # Environment: OUT (default runs/ablation), PHASE7_STEPS (default 800), ARMS_TASK (task for arms
 # b, d, e, f; default vqa_closed), TGHMOE_TRAIN_THREADS.
@@ -60,6 +61,8 @@ ev b "$OUT/b" "$ARMS_TASK"
 ev d "$OUT/d" "$ARMS_TASK"
 ev e "$OUT/e" "$ARMS_TASK"
 ev f "$OUT/f" "$ARMS_TASK"
+ev a_closed "$OUT/a" "$ARMS_TASK"  # (a) and (z) again with the arms' task: the same question framings
+ev z_closed "$OUT/z" "$ARMS_TASK" --zero-image
 for arm in a d e f; do
   $PY scripts/routing_content.py "$OUT/$arm" --data "$DATA" --out "$OUT/eval/routing_$arm.json" > "$OUT/eval/routing_$arm.txt"
 done
