@@ -27,7 +27,7 @@ def register(subparsers: Any) -> None:
     fine = subparsers.add_parser("finetune-seg", help="Med3DInsight: fine-tune segmentation + finding classification")
     fine.add_argument("--config", required=True, metavar="TOML")
     fine.add_argument("--out", required=True, metavar="DIR")
-    fine.add_argument("--init", metavar="PRETRAINED_DIR", help="start the encoder from this `tghmoe pretrain` folder")
+    fine.add_argument("--init", metavar="PRETRAINED_DIR", help="start the encoder from this `tghmoe pretrain` folder (or continue a segmentation model folder)")
     fine.add_argument("--label-fraction", type=float, metavar="F", help="use the labels of this share of the volumes")
     fine.add_argument("--resume", action="store_true")
     fine.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")

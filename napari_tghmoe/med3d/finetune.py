@@ -5,7 +5,8 @@ half of them (``lesion_crop_fraction``) centred on a finding voxel so that the r
 labels are seen often, the rest anywhere in the body. Loss: Dice + cross-entropy (MONAI
 ``DiceCELoss``) over all labels, plus binary cross-entropy of the finding-presence head
 against "does this crop hold a voxel of that kind". ``--init`` copies a pre-trained encoder
-(``tghmoe pretrain`` output) in; without it the same network starts from scratch.
+(``tghmoe pretrain`` output) in; without it the same network starts from scratch; a
+segmentation model folder given as ``--init`` is trained further (its own architecture).
 ``label_fraction`` keeps the labels of that share of the training volumes (seeded choice).
 """
 
@@ -26,6 +27,15 @@ def labelled_subset(count: int, fraction: float, seed: int) -> list[int]:
     return sorted(np.random.default_rng([seed, 11]).permutation(count)[:keep].tolist())
 
 
+def _is_seg_folder(folder: str | Path) -> bool:
+    import json
+
+    config = Path(folder) / "config.json"
+    if not config.is_file():
+        return False
+    return "Med3DSegModel" in (json.loads(config.read_text()).get("architectures") or [])
+
+
 def finetune(
     recipe: Med3DRecipe,
     out_dir: str | Path,
@@ -41,7 +51,7 @@ def finetune(
     from monai.losses import DiceCELoss
 
     from napari_tghmoe.med3d.data import load_working_volumes
-    from napari_tghmoe.med3d.encoder import Med3DSegModel, copy_encoder, load_pretrain_model
+    from napari_tghmoe.med3d.encoder import Med3DSegModel, copy_encoder, load_pretrain_model, load_seg_model
     from napari_tghmoe.med3d.training import run_loop
 
     out_dir = Path(out_dir)
@@ -53,7 +63,13 @@ def finetune(
     torch.manual_seed(recipe.seed + 1)
     model = Med3DSegModel(config)
     copied = 0
-    if init is not None:
+    continued = False
+    if init is not None and _is_seg_folder(init):
+        # Continue fine-tuning a segmentation model: its own architecture and weights.
+        model = load_seg_model(init).train()
+        config = model.config
+        continued = True
+    elif init is not None:
         pretrained = load_pretrain_model(init)
         if pretrained.config.encoder != config.encoder or pretrained.config.patch_size != config.patch_size:
             raise ValueError(f"{init}: pre-trained with encoder {pretrained.config.encoder} / patch "
@@ -101,6 +117,7 @@ def finetune(
         "recipe": recipe.to_dict(),
         "init": str(init) if init else None,
         "encoder_tensors_from_init": copied,
+        "continued_from_segmentation_model": continued,
         "label_fraction": fraction,
         "labelled_volumes": [v.name for v in chosen_volumes],
         "training_volumes": len(volumes),
