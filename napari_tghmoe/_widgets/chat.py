@@ -21,7 +21,7 @@ from typing import Any
 import numpy as np
 from napari.layers import Image
 from napari.utils.notifications import show_error, show_info
-from qtpy.QtCore import QEvent, QObject, Qt, QTimer, Signal
+from qtpy.QtCore import QObject, Qt, QTimer, Signal
 from qtpy.QtGui import QColor, QKeyEvent
 from qtpy.QtWidgets import (
     QCheckBox,
@@ -39,6 +39,7 @@ from qtpy.QtWidgets import (
     QWidget,
 )
 
+from napari_tghmoe._widgets._viewer_dock import ViewerDockMixin
 from napari_tghmoe.io._checks import modality_problem
 from napari_tghmoe.io._types import AXIAL_DIRECTION, CTVolume
 from napari_tghmoe.layers import ct_volume_of
@@ -232,7 +233,7 @@ def chat_hub() -> _ChatHub:
 # --------------------------------------------------------------------------- the dock
 
 
-class ChatWidget(QWidget):
+class ChatWidget(ViewerDockMixin, QWidget):
     """Chat dock: layer picker, model picker, quick actions, question box, transcript."""
 
     answer_recorded = Signal(int)  # turn id of a finished answer
@@ -401,13 +402,6 @@ class ChatWidget(QWidget):
         combo.blockSignals(False)
 
     # ------------------------------------------------------------------ layers
-    def _connect_viewer(self) -> None:
-        layers = self.viewer.layers
-        layers.events.inserted.connect(self._refresh_layers)
-        layers.events.removed.connect(self._refresh_layers)
-        layers.events.reordered.connect(self._refresh_layers)
-        layers.selection.events.active.connect(self._on_active_layer)
-
     def _image_layers(self) -> list[Image]:
         return [layer for layer in self.viewer.layers if isinstance(layer, Image) and not layer.name.startswith("routing:")]
 
@@ -916,44 +910,11 @@ class ChatWidget(QWidget):
                 timer.stop()
             except RuntimeError:  # already deleted with the window
                 pass
-        window = getattr(self, "_main_window", None)
-        if window is not None:
-            try:
-                window.removeEventFilter(self)
-            except RuntimeError:  # already deleted
-                pass
-            self._main_window = None
+        self._unbind_viewer()
         if self._stream_turn is not None:
             text = self._stream_text + " [viewer closed]"
             self.transcript.update(self._stream_turn, text)
             self._stream_turn = None
-        for signal, slot in (
-            (self.viewer.layers.events.inserted, self._refresh_layers),
-            (self.viewer.layers.events.removed, self._refresh_layers),
-            (self.viewer.layers.events.reordered, self._refresh_layers),
-            (self.viewer.layers.selection.events.active, self._on_active_layer),
-        ):
-            try:
-                signal.disconnect(slot)
-            except Exception:
-                pass
-
-    def _watch_main_window(self) -> None:
-        """Shut down with the viewer's window (dock widgets get no close event of their own)."""
-        from napari_tghmoe._widgets import _napari_private
-
-        if _napari_private.has_qt_window(self.viewer):
-            self._main_window = _napari_private.main_qt_window(self.viewer)
-            self._main_window.installEventFilter(self)
-
-    def eventFilter(self, obj: QObject, event: QEvent) -> bool:  # noqa: N802
-        if event.type() == QEvent.Type.Close and obj is getattr(self, "_main_window", None):
-            self.shutdown()
-        return False
-
-    def closeEvent(self, event: Any) -> None:  # noqa: N802
-        self.shutdown()
-        super().closeEvent(event)
 
 
 # --------------------------------------------------------------------------- launcher glue

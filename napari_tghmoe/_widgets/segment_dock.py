@@ -18,7 +18,7 @@ from typing import Any
 import numpy as np
 from napari.layers import Image, Labels, Points
 from napari.utils.notifications import show_error, show_info
-from qtpy.QtCore import QEvent, QObject, Qt, Signal
+from qtpy.QtCore import Qt, Signal
 from qtpy.QtWidgets import (
     QAbstractItemView,
     QCheckBox,
@@ -41,6 +41,7 @@ from qtpy.QtWidgets import (
 from napari_tghmoe import segmentation_layers as seglayers
 from napari_tghmoe.io._types import CTVolume
 from napari_tghmoe.layers import ct_volume_of
+from napari_tghmoe._widgets._viewer_dock import ViewerDockMixin
 from napari_tghmoe._widgets.ortho_views import VIEW_3D_ONLY_KEY
 
 SEGMENT_DOCK_NAME = "Segment"
@@ -63,7 +64,7 @@ def _short(err: BaseException) -> str:
     return lines[0] if lines else type(err).__name__
 
 
-class SegmentDock(QWidget):
+class SegmentDock(ViewerDockMixin, QWidget):
     """Segment dock: CT layer and model pickers, Segment/Stop, structure table, findings, save."""
 
     segmentation_finished = Signal(object)  # the Labels layer
@@ -199,13 +200,6 @@ class SegmentDock(QWidget):
         self._model_index = index
 
     # ------------------------------------------------------------------ layers
-    def _connect_viewer(self) -> None:
-        layers = self.viewer.layers
-        layers.events.inserted.connect(self._refresh_layers)
-        layers.events.removed.connect(self._refresh_layers)
-        layers.events.reordered.connect(self._refresh_layers)
-        layers.selection.events.active.connect(self._on_active_layer)
-
     def _ct_layers(self) -> list[Image]:
         return [
             layer
@@ -572,39 +566,7 @@ class SegmentDock(QWidget):
         self._closing = True
         self._stop_event.set()
         self._done_event.wait(timeout_s)
-        window = getattr(self, "_main_window", None)
-        if window is not None:
-            try:
-                window.removeEventFilter(self)
-            except RuntimeError:
-                pass
-            self._main_window = None
-        for signal, slot in (
-            (self.viewer.layers.events.inserted, self._refresh_layers),
-            (self.viewer.layers.events.removed, self._refresh_layers),
-            (self.viewer.layers.events.reordered, self._refresh_layers),
-            (self.viewer.layers.selection.events.active, self._on_active_layer),
-        ):
-            try:
-                signal.disconnect(slot)
-            except Exception:
-                pass
-
-    def _watch_main_window(self) -> None:
-        from napari_tghmoe._widgets import _napari_private
-
-        if _napari_private.has_qt_window(self.viewer):
-            self._main_window = _napari_private.main_qt_window(self.viewer)
-            self._main_window.installEventFilter(self)
-
-    def eventFilter(self, obj: QObject, event: QEvent) -> bool:  # noqa: N802 (Qt name)
-        if event.type() == QEvent.Type.Close and obj is getattr(self, "_main_window", None):
-            self.shutdown()
-        return False
-
-    def closeEvent(self, event: Any) -> None:  # noqa: N802 (Qt name)
-        self.shutdown()
-        super().closeEvent(event)
+        self._unbind_viewer()
 
 
 def dock_segment(viewer: Any, *, area: str = "right", tabify: bool = True, **options: Any) -> SegmentDock:
