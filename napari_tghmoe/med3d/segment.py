@@ -224,8 +224,11 @@ def segment_volume(
     organ_count = len(config.organ_names)
     min_voxels = max(1, int(np.ceil(config.min_finding_ml / voxel_ml))) if config.min_finding_ml > 0 else 1
     findings: list[SegFinding] = []
+    predicted = set(np.unique(labels_work).tolist())  # skip full-grid searches for absent kinds
     for kind in config.finding_kinds:
         value = config.finding_label(kind)
+        if value not in predicted:
+            continue
         for voxels in finding_components(labels, value, min_voxels):
             centre = _snapped_centre(voxels)
             work = np.stack([axes[a][voxels[:, a]] for a in order], axis=1)  # working-grid (z, y, x)
