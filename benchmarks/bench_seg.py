@@ -66,23 +66,23 @@ from monai.transforms import Resize, ScaleIntensityRange, Spacing
 model = load_seg_model(model_dir).to(device)
 config = model.config
 def run():
-    image = torch.from_numpy(volume.hu.astype(np.float32))[None]
-    spacing = Spacing(pixdim=tuple(config.working_spacing), mode="bilinear")
+    from monai.data import MetaTensor
     affine = torch.diag(torch.tensor([*volume.spacing, 1.0], dtype=torch.float64))
-    resampled = spacing(image, affine=affine)
+    image = MetaTensor(torch.from_numpy(volume.hu.astype(np.float32))[None], affine=affine)
+    resampled = Spacing(pixdim=tuple(config.working_spacing), mode="bilinear")(image)
     channels = torch.cat([
         ScaleIntensityRange(a_min=c - w / 2, a_max=c + w / 2, b_min=0.0, b_max=1.0, clip=True)(resampled)
         for c, w in config.ct_windows
     ])
     if config.position_channels:  # the network's extra input: position in the body's box
         from napari_tghmoe.med3d.data import position_channels
-        channels = torch.cat([channels, torch.from_numpy(position_channels(np.asarray(resampled[0])))])
+        channels = torch.cat([channels, torch.from_numpy(position_channels(resampled[0].numpy()))])
     with torch.inference_mode():
         logits = sliding_window_inference(
             channels[None].float().to(device), tuple(config.patch_size), config.sw_batch_size,
             lambda x: model(x)[0], overlap=config.sw_overlap, mode="gaussian",
         )
-    labels = logits[0].argmax(0, keepdim=True).cpu()
+    labels = logits[0].argmax(0, keepdim=True).cpu().as_tensor() if hasattr(logits, "as_tensor") else logits[0].argmax(0, keepdim=True).cpu()
     back = Resize(spatial_size=volume.shape, mode="nearest")(labels.float())
     return np.asarray(back[0]).astype(np.uint8)
 """,
@@ -100,7 +100,7 @@ print(json.dumps({{"times": times, "shape": list(labels.shape)}}))
 
 PEAK = """
 labels = run()
-print(json.dumps({{"peak_kib": peak_kib(), "shape": list(labels.shape)}}))
+print(json.dumps({"peak_kib": peak_kib(), "shape": list(labels.shape)}))
 """
 
 BASELINE = """
