@@ -6,9 +6,9 @@
 # 1. PSAT pre-training of the 3D encoder against the frozen 2D MLLM (resources/demo-model).
 # 2. The paper's claim, budget A: four fine-tunes of 200 steps, {PSAT-pretrained, scratch} x
 #    {100 %, 10 %} labels, each evaluated on the held-out phantoms (tghmoe eval-seg).
-# 3. The demo model: 500 steps from the pretrained encoder, continued 400 and 500 steps.
+# 3. The demo model: 500 steps from the pretrained encoder, continued 400, 500 and 500 steps.
 # 4. The demo model is bundled to resources/demo-seg-model (the card README.md is written by hand
-#    from $RUN/demo-3/eval_results.json and the training summaries).
+#    from $RUN/demo-4/eval_results.json and the training summaries).
 # One thread per run (TGHMOE_TRAIN_THREADS=1): on 2 shared cores two threads per process were
 # 10x slower (oversubscription). Runs that do not depend on each other go side by side.
 set -euo pipefail
@@ -38,8 +38,9 @@ finetune psat-10 0.1 --init "$RUN/pretrain" "${BUDGET_A[@]}" &
 finetune demo-1 1.0 --init "$RUN/pretrain"
 finetune demo-2 1.0 --init "$RUN/demo-1" --set finetune.steps=400 --set finetune.lr=2e-3
 finetune demo-3 1.0 --init "$RUN/demo-2" --set finetune.steps=500 --set finetune.lr=2e-3
+finetune demo-4 1.0 --init "$RUN/demo-3" --set finetune.steps=500 --set finetune.lr=2e-3
 wait
 
 mkdir -p resources/demo-seg-model
-cp "$RUN/demo-3/model.safetensors" "$RUN/demo-3/config.json" "$RUN/demo-3/eval_results.json" resources/demo-seg-model/
+cp "$RUN/demo-4/model.safetensors" "$RUN/demo-4/config.json" "$RUN/demo-4/eval_results.json" resources/demo-seg-model/
 echo "done: $RUN"
