@@ -15,19 +15,10 @@ from typing import Any, Callable
 
 import numpy as np
 
-#: The organs the issue's Dice target is over.
-DICE_ORGANS = (
-    "liver",
-    "spleen",
-    "right kidney",
-    "left kidney",
-    "aorta",
-    "right upper lobe",
-    "right middle lobe",
-    "right lower lobe",
-    "left upper lobe",
-    "left lower lobe",
-)
+from napari_tghmoe.med3d.encoder import DEFAULT_ORGANS
+
+#: The organs the issue's Dice target is over: the ones the demo segments.
+DICE_ORGANS = DEFAULT_ORGANS
 
 
 def dice(prediction: np.ndarray, truth: np.ndarray) -> float | None:

@@ -18,7 +18,7 @@ from typing import Any, Callable
 import numpy as np
 
 LOG_NAME = "train_log.jsonl"
-STATE_NAME = "trainer_state.json"
+from napari_tghmoe.train.trainer import STATE_NAME, _trim_log, checkpoint_dirs  # one checkpoint layout for both trainers
 SUMMARY_NAME = "training_summary.json"
 _PHASE_IDS = {"pretrain": 1, "finetune": 2}
 
@@ -32,22 +32,6 @@ class LoopResult:
     seconds: float
     last_log: dict[str, Any] = field(default_factory=dict)
     finished: bool = True
-
-
-def checkpoint_dirs(out_dir: Path) -> list[Path]:
-    """Completed checkpoints (they hold ``trainer_state.json``), oldest first."""
-    root = out_dir / "checkpoints"
-    if not root.is_dir():
-        return []
-    found = [d for d in root.iterdir() if d.is_dir() and (d / STATE_NAME).is_file()]
-    return sorted(found, key=lambda d: json.loads((d / STATE_NAME).read_text())["step"])
-
-
-def _trim_log(log_path: Path, last_step: int) -> None:
-    if not log_path.is_file():
-        return
-    kept = [line for line in log_path.read_text().splitlines() if line.strip() and json.loads(line)["step"] <= last_step]
-    log_path.write_text("".join(line + "\n" for line in kept))
 
 
 def run_loop(
