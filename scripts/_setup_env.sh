@@ -2,7 +2,7 @@
 # Nothing here runs at model run time; installs come from PyPI and Debian only.
 set -euo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
-VENV="$ROOT/.venv"
+VENV="${TGHMOE_VENV:-$ROOT/.venv}"
 PY="$VENV/bin/python"
 
 need_apt=()
@@ -28,12 +28,13 @@ fi
 
 # Reinstall only when the package definition changed.
 STAMP="$VENV/.tghmoe-installed"
-WANT="$(cat "$ROOT/setup.cfg" "$ROOT/pyproject.toml" | sha256sum | cut -d' ' -f1)"
+CONSTRAINTS="${TGHMOE_CONSTRAINTS-$ROOT/constraints.txt}"  # empty: newest releases (scripts/test_newest.sh)
+WANT="$(cat "$ROOT/setup.cfg" "$ROOT/pyproject.toml" ${CONSTRAINTS:+"$CONSTRAINTS"} | sha256sum | cut -d' ' -f1)"
 if [ ! -f "$STAMP" ] || [ "$(cat "$STAMP")" != "$WANT" ]; then
   echo "[setup] installing python packages into .venv (torch==2.13.0 first, CPU build)"
   "$PY" -m pip install -q --upgrade pip
   "$PY" -m pip install -q "torch==2.13.0"
-  "$PY" -m pip install -q -e "$ROOT[pyqt6,eval,test]"
+  "$PY" -m pip install -q -e "$ROOT[pyqt6,eval,test]" ${CONSTRAINTS:+-c "$CONSTRAINTS"}
   echo "$WANT" > "$STAMP"
 fi
 
