@@ -11,7 +11,8 @@ from qtpy.QtCore import QEvent, QObject
 
 class ViewerDockMixin:
     """Mix in before ``QWidget``. The dock provides ``viewer``, ``_refresh_layers``,
-    ``_on_active_layer`` and ``shutdown``; ``shutdown`` calls :meth:`_unbind_viewer`."""
+    ``_on_active_layer``, ``current_layer``, ``_report_error`` and ``shutdown``; ``shutdown``
+    calls :meth:`_unbind_viewer`."""
 
     viewer: Any
 
@@ -27,6 +28,20 @@ class ViewerDockMixin:
     def _connect_viewer(self) -> None:
         for signal, slot in self._layer_signals():
             signal.connect(slot)
+
+    def _selected_volume(self) -> Any:
+        """The chosen layer's ``CTVolume``, or None after telling the user why there is none."""
+        from napari_tghmoe._widgets.chat import volume_from_layer
+
+        layer = self.current_layer()
+        if layer is None:
+            self._report_error("No CT layer: open a CT scan (File > Open) or pick a 3D image layer first.")
+            return None
+        try:
+            return volume_from_layer(layer)
+        except ValueError as err:
+            self._report_error(str(err))
+            return None
 
     def _watch_main_window(self) -> None:
         """Shut down with the viewer's window."""

@@ -567,15 +567,10 @@ class ChatWidget(ViewerDockMixin, QWidget):
         question = (self.question_box.toPlainText() if typed else question).strip()
         if not question:
             return False
+        volume = self._selected_volume()
+        if volume is None:
+            return False
         layer = self.current_layer()
-        if layer is None:
-            self._report_error("No CT layer: open a CT scan (File > Open) or pick an image layer first.")
-            return False
-        try:
-            volume = volume_from_layer(layer)
-        except ValueError as err:
-            self._report_error(str(err))
-            return False
         not_ct = modality_problem(volume)
         if not_ct:  # an MR/PET series would be read as HU: refuse rather than answer nonsense
             self._report_error(f"{layer.name}: {not_ct}.")

@@ -252,20 +252,13 @@ class SegmentDock(ViewerDockMixin, QWidget):
         """Segment the chosen CT layer in a worker; False (with a notification) if it cannot start."""
         from napari.qt.threading import create_worker
 
-        from napari_tghmoe._widgets.chat import volume_from_layer
-
         if self.is_busy:
             show_info("Segmentation is running: press Stop first.")
             return False
+        volume = self._selected_volume()
+        if volume is None:
+            return False
         layer = self.current_layer()
-        if layer is None:
-            self._report_error("No CT layer: open a CT scan (File > Open) or pick a 3D image layer first.")
-            return False
-        try:
-            volume = volume_from_layer(layer)
-        except ValueError as err:
-            self._report_error(str(err))
-            return False
         model_dir = self.model_path()
         stop_event, done_event = threading.Event(), threading.Event()
         self._stop_event, self._done_event = stop_event, done_event
