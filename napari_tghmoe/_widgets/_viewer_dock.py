@@ -4,6 +4,7 @@ closes, so long work would outlive it)."""
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
 from qtpy.QtCore import QEvent, QObject
@@ -74,3 +75,15 @@ class ViewerDockMixin:
     def closeEvent(self, event: Any) -> None:  # noqa: N802 (Qt name)
         self.shutdown()
         super().closeEvent(event)
+
+
+def select_model_folder(combo: Any, folder: str | Path) -> int:
+    """Select ``folder`` in a model picker, adding it above the last ("Open model folder...")
+    entry if new; returns its index."""
+    folder = str(folder)
+    index = combo.findData(folder)
+    if index < 0:
+        combo.insertItem(combo.count() - 1, Path(folder).name, folder)
+        index = combo.findData(folder)
+    combo.setCurrentIndex(index)
+    return index

@@ -39,7 +39,7 @@ from qtpy.QtWidgets import (
     QWidget,
 )
 
-from napari_tghmoe._widgets._viewer_dock import ViewerDockMixin
+from napari_tghmoe._widgets._viewer_dock import ViewerDockMixin, select_model_folder
 from napari_tghmoe.io._checks import modality_problem
 from napari_tghmoe.io._types import AXIAL_DIRECTION, CTVolume
 from napari_tghmoe.layers import ct_volume_of
@@ -446,12 +446,7 @@ class ChatWidget(ViewerDockMixin, QWidget):
     def set_model_folder(self, folder: str | Path) -> None:
         """Choose a model folder (as "Open model folder..." does) and remember it."""
         folder = str(folder)
-        index = self.model_combo.findData(folder)
-        if index < 0:
-            self.model_combo.insertItem(self.model_combo.count() - 1, Path(folder).name, folder)
-            index = self.model_combo.findData(folder)
-        self.model_combo.setCurrentIndex(index)
-        self._model_index = index
+        self._model_index = select_model_folder(self.model_combo, folder)
         recent = [folder] + [f for f in self._settings.get("recent_models", []) if f != folder]
         self._settings["recent_models"] = recent[:_MAX_RECENT_MODELS]
         self._remember_model()

@@ -41,7 +41,7 @@ from qtpy.QtWidgets import (
 from napari_tghmoe import segmentation_layers as seglayers
 from napari_tghmoe.io._types import CTVolume
 from napari_tghmoe.layers import ct_volume_of
-from napari_tghmoe._widgets._viewer_dock import ViewerDockMixin
+from napari_tghmoe._widgets._viewer_dock import ViewerDockMixin, select_model_folder
 from napari_tghmoe._widgets.ortho_views import VIEW_3D_ONLY_KEY
 
 SEGMENT_DOCK_NAME = "Segment"
@@ -173,13 +173,7 @@ class SegmentDock(ViewerDockMixin, QWidget):
         combo.blockSignals(False)
 
     def _insert_model(self, folder: str | Path) -> None:
-        folder = str(folder)
-        index = self.model_combo.findData(folder)
-        if index < 0:
-            self.model_combo.insertItem(self.model_combo.count() - 1, Path(folder).name, folder)
-            index = self.model_combo.findData(folder)
-        self.model_combo.setCurrentIndex(index)
-        self._model_index = index
+        self._model_index = select_model_folder(self.model_combo, folder)
 
     def set_model_folder(self, folder: str | Path) -> None:
         """Choose a model folder, as "Open model folder..." does."""
