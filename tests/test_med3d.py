@@ -338,3 +338,85 @@ def test_position_channels_follow_the_body_box():
     assert channels[2, 0, 0, 4] == pytest.approx(-1.0) and channels[2, 0, 0, 11] == pytest.approx(1.0)
     shifted = np.roll(hu, 2, axis=2)  # the same body elsewhere in the field of view: same values on it
     assert np.allclose(position_channels(shifted)[2][:, :, 6:14], channels[2][:, :, 4:12])
+
+
+def _biased_seg_model(folder: Path, favoured: str, **overrides) -> Path:
+    """A tiny segmentation model whose output favours one label everywhere (a known answer)."""
+    import torch
+
+    from napari_tghmoe.med3d.encoder import build_tiny_seg_model, load_seg_model
+
+    build_tiny_seg_model(folder, **overrides)
+    model = load_seg_model(folder)
+    final = model.backbone.net.conv_final[2].conv
+    with torch.no_grad():
+        final.weight.zero_()
+        final.bias.fill_(-10.0)
+        final.bias[model.config.label_names.index(favoured)] = 10.0
+    model.save_pretrained(str(folder), safe_serialization=True)
+    return folder
+
+
+def test_cascade_finding_model_decides_the_findings_on_its_own_grid(tmp_path):
+    """The organ model's finding labels are ignored; the finer finding model's are drawn over organs."""
+    from napari_tghmoe.med3d import segment_volume
+    from napari_tghmoe.med3d.segment import attach_finding_model
+    from napari_tghmoe.phantom import make_phantom
+
+    volume = make_phantom(3, "abdomen", spacing=(8.0, 8.0, 8.0)).volume
+    organs = _biased_seg_model(tmp_path / "organs", "lung nodule")  # would call everything a nodule
+    cyst_finder = _biased_seg_model(
+        tmp_path / "cysts", "renal cyst", organ_names=[], working_spacing=[4.0, 4.0, 4.0]
+    )
+    quiet_finder = _biased_seg_model(tmp_path / "quiet", "background", organ_names=[], working_spacing=[4.0, 4.0, 4.0])
+
+    alone_calls = []
+    alone = segment_volume(volume, organs, progress=lambda done, total: alone_calls.append((done, total)))
+    assert {f.kind for f in alone.findings} == {"lung nodule"}
+
+    calls = []
+    bundle = attach_finding_model(organs, cyst_finder, tmp_path / "bundle")
+    assert json.loads((bundle / "config.json").read_text())["finding_model"] == "findings"
+    result = segment_volume(volume, bundle, progress=lambda done, total: calls.append((done, total)))
+    cyst = [v for v, n in result.label_names.items() if n == "renal cyst"][0]
+    assert set(np.unique(result.labels).tolist()) == {cyst}
+    assert {f.kind for f in result.findings} == {"renal cyst"}
+    assert result.finding_presence.keys() >= {"renal cyst", "lung nodule"}
+    # progress counts the windows of both models, the finder's finer grid after the organs'
+    total = calls[0][1]
+    assert calls[-1] == (total, total) and all(t == total for _, t in calls)
+    assert total > alone_calls[-1][1] and [d for d, _ in calls] == sorted(d for d, _ in calls)
+
+    quiet = segment_volume(volume, attach_finding_model(organs, quiet_finder, tmp_path / "bundle2"))
+    assert quiet.findings == []
+    names = quiet.label_names
+    from napari_tghmoe.med3d.encoder import DEFAULT_ORGANS
+
+    assert all(names[v] in ("background", *DEFAULT_ORGANS) for v in np.unique(quiet.labels).tolist())
+
+
+def test_a_finding_model_with_organs_or_foreign_kinds_is_refused(tmp_path):
+    from napari_tghmoe.med3d.segment import attach_finding_model
+    from napari_tghmoe.med3d.encoder import build_tiny_seg_model
+    from napari_tghmoe.med3d.types import SegModelError
+
+    organs = build_tiny_seg_model(tmp_path / "organs")
+    with pytest.raises(SegModelError, match="finding kinds only"):
+        attach_finding_model(organs, build_tiny_seg_model(tmp_path / "full"), tmp_path / "out")
+    foreign = build_tiny_seg_model(tmp_path / "foreign", organ_names=[], finding_kinds=["bone metastasis"])
+    with pytest.raises(SegModelError, match="bone metastasis"):
+        attach_finding_model(organs, foreign, tmp_path / "out")
+
+
+def test_seg_bundle_cli_builds_a_cascade_or_says_why_not(tmp_path, capsys):
+    from napari_tghmoe.med3d.encoder import build_tiny_seg_model, read_folder_config
+
+    organs = build_tiny_seg_model(tmp_path / "organs")
+    finder = build_tiny_seg_model(tmp_path / "finder", organ_names=[], working_spacing=[4.0, 4.0, 4.0])
+    assert _run(["seg-bundle", "--organs", str(organs), "--findings", str(finder), "--out", str(tmp_path / "b")]) == 0
+    assert read_folder_config(tmp_path / "b", "Med3DSegModel").finding_model == "findings"
+    assert read_folder_config(tmp_path / "b" / "findings", "Med3DSegModel").working_spacing == [4.0, 4.0, 4.0]
+    capsys.readouterr()
+    code = _run(["seg-bundle", "--organs", str(organs), "--findings", str(organs), "--out", str(tmp_path / "c")])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code != 0 and len(err) == 1 and str(organs) in err[0] and "finding kinds only" in err[0]

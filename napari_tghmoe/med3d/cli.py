@@ -2,6 +2,7 @@
 
     tghmoe pretrain --config recipes/med3d-demo.toml --out runs/med3d/pretrain [--resume]
     tghmoe finetune-seg --config recipes/med3d-demo.toml --out runs/med3d/seg --init runs/med3d/pretrain
+    tghmoe seg-bundle --organs DIR --findings DIR --out DIR  # one cascade folder
     tghmoe segment SCAN --out OUT.nii.gz [--model DIR]      # + OUT.labels.json
     tghmoe eval-seg --model DIR --data SPEC --out results.json
 """
@@ -33,6 +34,12 @@ def register(subparsers: Any) -> None:
     fine.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
     fine.add_argument("--no-progress", action="store_true")
     fine.set_defaults(func=run_finetune)
+
+    bundle = subparsers.add_parser("seg-bundle", help="one segmentation folder: an organ model plus a finer finding model")
+    bundle.add_argument("--organs", required=True, metavar="DIR", help="segmentation model folder (organs and finding labels)")
+    bundle.add_argument("--findings", required=True, metavar="DIR", help="finding model folder (finding kinds only, e.g. 2 mm)")
+    bundle.add_argument("--out", required=True, metavar="DIR")
+    bundle.set_defaults(func=run_bundle)
 
     seg = subparsers.add_parser("segment", help="segment a CT: label map on the scan's own grid + labels.json")
     seg.add_argument("scan", metavar="SCAN", help="CT file or DICOM folder")
@@ -88,6 +95,19 @@ def run_finetune(args: argparse.Namespace) -> int:
     except (SegModelError, ValueError) as err:
         raise CLIError(str(err)) from err
     _report(result)
+    return 0
+
+
+def run_bundle(args: argparse.Namespace) -> int:
+    from napari_tghmoe.cli import CLIError
+    from napari_tghmoe.med3d.segment import attach_finding_model
+    from napari_tghmoe.med3d.types import SegModelError
+
+    try:
+        out = attach_finding_model(args.organs, args.findings, args.out)
+    except SegModelError as err:
+        raise CLIError(str(err)) from err
+    print(f"cascade: organs {args.organs} + findings {args.findings} -> {out}", file=sys.stderr)
     return 0
 
 

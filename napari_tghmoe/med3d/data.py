@@ -153,8 +153,21 @@ def iter_phantoms(spec: str):
         yield make_phantom(int(seed), region, shape=parsed["shape"], spacing=parsed["spacing"] or (2.5, 1.5, 1.5))
 
 
-def load_working_volumes(specs: Sequence[str], config: Any, *, labelled: bool = True) -> list[WorkingVolume]:
-    """Every volume of ``specs`` on the working grid.
+def compacted(volume: WorkingVolume) -> WorkingVolume:
+    """The same volume for fine-tuning only: float16 channels, no HU copy (a third of the memory).
+
+    A finer working grid (a 2 mm finding model) over a hundred phantoms would otherwise hold
+    several GB; [0, 1] window values lose nothing that matters in float16 (3 decimal digits).
+    """
+    volume.image = volume.image.astype(np.float16)
+    volume.hu = None
+    return volume
+
+
+def load_working_volumes(
+    specs: Sequence[str], config: Any, *, labelled: bool = True, compact: bool = False
+) -> list[WorkingVolume]:
+    """Every volume of ``specs`` on the working grid (``compact``: see :func:`compacted`).
 
     Phantom specs carry their labels and truth; other specs (``m3d-cap:``, ``ct-rate:``,
     through :func:`napari_tghmoe.train.data.load_dataset_spec`) give unlabelled volumes, which
@@ -164,7 +177,8 @@ def load_working_volumes(specs: Sequence[str], config: Any, *, labelled: bool = 
     for spec in specs:
         if spec.strip().lower().startswith("phantom:"):
             for phantom in iter_phantoms(spec):
-                volumes.append(phantom_working_volume(phantom, config))
+                volume = phantom_working_volume(phantom, config)
+                volumes.append(compacted(volume) if compact else volume)
             continue
         if labelled:
             raise ValueError(f"{spec}: fine-tuning needs labelled volumes (phantom specs); this spec has none")

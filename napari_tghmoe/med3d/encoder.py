@@ -19,6 +19,7 @@ Both models are ``PreTrainedModel`` subclasses: safetensors folders, offline, no
 
 from __future__ import annotations
 
+import contextlib
 import json
 from pathlib import Path
 from typing import Any
@@ -77,6 +78,11 @@ class Med3DConfig(PretrainedConfig):
     ``psat_slice_bins`` (slice-index rows of the plane x slice table), ``target_dim`` (the frozen
     2D model's embedding size). Loss: ``align`` ("ot" | "infonce"), ``ot_reg``, ``ot_mass``,
     ``infonce_temperature``, ``recon_weight``.
+    Cascade: ``finding_model`` names a sub-folder holding a second, finer segmentation model whose
+    labels are only finding kinds (``organ_names`` empty). When set, this model's own finding
+    labels are ignored and the finder's replace them (``segment_volume``): focal lesions are
+    < 0.1 % of the voxels and 2-3 voxels across on an organ model's coarse grid, so they get a
+    model of their own at a finer spacing with lesion-centred training windows.
     """
 
     model_type = MODEL_TYPE
@@ -110,6 +116,7 @@ class Med3DConfig(PretrainedConfig):
         ot_mass: float = 0.95,
         infonce_temperature: float = 0.07,
         recon_weight: float = 1.0,
+        finding_model: str = "",
         **kwargs: Any,
     ) -> None:
         self.encoder = str(encoder)
@@ -139,6 +146,7 @@ class Med3DConfig(PretrainedConfig):
         self.ot_mass = float(ot_mass)
         self.infonce_temperature = float(infonce_temperature)
         self.recon_weight = float(recon_weight)
+        self.finding_model = str(finding_model)
         super().__init__(**kwargs)
         self.validate_med3d()
 
@@ -156,6 +164,8 @@ class Med3DConfig(PretrainedConfig):
             raise ValueError(f"psat_hidden ({self.psat_hidden}) must be divisible by psat_heads ({self.psat_heads})")
         if len(set(self.label_names)) != len(self.label_names):
             raise ValueError("organ_names and finding_kinds must be distinct")
+        if self.finding_model and ("/" in self.finding_model or "\\" in self.finding_model or self.finding_model.startswith(".")):
+            raise ValueError(f"finding_model must be a plain sub-folder name, got {self.finding_model!r}")
 
     # ------------------------------------------------------------------ derived
     @property
@@ -374,13 +384,29 @@ def read_folder_config(folder: str | Path, want: str) -> Med3DConfig:
 def load_seg_model(folder: str | Path) -> Med3DSegModel:
     """A segmentation model folder, checked, in fp32 eval mode on the CPU."""
     read_folder_config(folder, SEG_ARCHITECTURE)
-    model = Med3DSegModel.from_pretrained(str(folder), local_files_only=True, use_safetensors=True)
+    with _quiet_loading():
+        model = Med3DSegModel.from_pretrained(str(folder), local_files_only=True, use_safetensors=True)
     return model.float().eval()
 
 
 def load_pretrain_model(folder: str | Path) -> Med3DPretrainModel:
     read_folder_config(folder, PRETRAIN_ARCHITECTURE)
-    return Med3DPretrainModel.from_pretrained(str(folder), local_files_only=True, use_safetensors=True)
+    with _quiet_loading():
+        return Med3DPretrainModel.from_pretrained(str(folder), local_files_only=True, use_safetensors=True)
+
+
+@contextlib.contextmanager
+def _quiet_loading():
+    """No "Loading weights" bar: a few-MB model loads in milliseconds, and CLI errors stay one line."""
+    from transformers.utils import logging as hf_logging
+
+    was_enabled = hf_logging.is_progress_bar_enabled()
+    hf_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        if was_enabled:
+            hf_logging.enable_progress_bar()
 
 
 def copy_encoder(source: nn.Module, target: Med3DSegModel) -> int:

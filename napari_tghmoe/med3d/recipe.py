@@ -59,6 +59,8 @@ class FinetuneSettings(LoopSettings):
     label_fraction: float = 1.0  # share of the training volumes whose labels are used
     lesion_crop_fraction: float = 0.5  # crops centred on a finding voxel (else anywhere in the body)
     classification_weight: float = 0.5  # weight of the finding-presence BCE beside Dice + CE
+    loss: str = "dice_ce"  # dice_ce (MONAI DiceCELoss) | dice_focal (DiceFocalLoss: rare small labels)
+    focal_gamma: float = 2.0  # dice_focal only
 
 
 @dataclass
@@ -117,6 +119,8 @@ def recipe_from_dict(values: dict[str, Any], source: str = "recipe") -> Med3DRec
             raise Med3DRecipeError(f"{source}: schedule must be cosine, linear or constant, got {loop.schedule!r}")
         if loop.steps < 0 or loop.batch_size < 1:
             raise Med3DRecipeError(f"{source}: steps >= 0 and batch_size >= 1")
+    if recipe.finetune.loss not in ("dice_ce", "dice_focal"):
+        raise Med3DRecipeError(f"{source}: [finetune] loss must be dice_ce or dice_focal, got {recipe.finetune.loss!r}")
     if not 0.0 < recipe.finetune.label_fraction <= 1.0:
         raise Med3DRecipeError(f"{source}: label_fraction must be in (0, 1], got {recipe.finetune.label_fraction}")
     recipe.config()  # validate the model table now, with the file's name

@@ -9,6 +9,7 @@ runs on every window; a kind's volume-level presence is its highest window proba
 from __future__ import annotations
 
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
 
@@ -48,14 +49,18 @@ def window_count(image_size: tuple[int, ...], roi: tuple[int, ...], overlap: flo
 _cached: dict[str, Any] = {}
 
 
-def _model(folder: Path) -> Any:
-    """Load once per folder (the dock segments several volumes with one model)."""
+def _model(folder: Path, keep_others: bool = False) -> Any:
+    """Load once per folder (the dock segments several volumes with one model).
+
+    ``keep_others``: a cascade's finding model is cached beside its organ model.
+    """
     from napari_tghmoe.med3d.encoder import load_seg_model
 
     key = str(folder.resolve())
     stamp = (folder / "model.safetensors").stat().st_mtime if (folder / "model.safetensors").exists() else None
     if key not in _cached or _cached[key][0] != stamp:
-        _cached.clear()
+        if not keep_others:
+            _cached.clear()
         _cached[key] = (stamp, load_seg_model(folder))
     return _cached[key][1]
 
@@ -174,6 +179,91 @@ def _from_axial(array: np.ndarray, order, flips) -> np.ndarray:
     return np.ascontiguousarray(np.transpose(array, np.argsort(order)))
 
 
+@dataclass
+class _GridPrediction:
+    """One model's prediction on its working grid, and how scan voxels index into that grid."""
+
+    labels: np.ndarray  # (z, y, x) working-grid labels
+    probabilities: np.ndarray  # (L, z, y, x) softmax
+    presence: np.ndarray  # (K,) finding-presence head, max over windows
+    scan_axes: list[np.ndarray]  # per scan array axis: the working-grid index of each scan voxel
+    grid: tuple[int, int, int]
+
+    def on_scan(self, labels_work: np.ndarray, order: Any, flips: Any) -> np.ndarray:
+        """A working-grid map on the scan's own grid (nearest neighbour, the scan's axis order)."""
+        axial_axes = [self.scan_axes[source] for source in order]
+        axial_axes = [a[::-1] if f else a for a, f in zip(axial_axes, flips)]
+        return _from_axial(labels_work[np.ix_(*axial_axes)], order, flips)
+
+    def working_indices(self, voxels: np.ndarray, order: Any) -> np.ndarray:
+        """Distinct working-grid (z, y, x) indices of scan voxels (N, 3)."""
+        work = np.stack([self.scan_axes[a][voxels[:, a]] for a in order], axis=1)
+        return np.unique(work, axis=0)
+
+
+def _predict_scan(
+    model: Any, axial: CTVolume, order: Any, flips: Any, *, progress: Any, should_stop: Any
+) -> _GridPrediction:
+    """Resample the (axially viewed) scan to ``model``'s grid and segment it there."""
+    from napari_tghmoe.med3d.data import nearest_indices, prepare_image
+
+    image, grid = prepare_image(axial, model.config)
+    labels_work, probabilities, presence = predict_working_grid(
+        model, image, progress=progress, should_stop=should_stop
+    )
+    if should_stop is not None and should_stop():
+        raise SegmentationStopped("segmentation stopped")
+    # Work-grid indices of every scan voxel (per axis) let findings look their probabilities up
+    # without resampling the probability maps back to the scan.
+    axial_axes = [nearest_indices(m, n) for m, n in zip(grid, axial.shape)]
+    scan_axes: list[np.ndarray] = [np.empty(0, np.int64)] * 3
+    for canonical, source_axis in enumerate(order):
+        index = axial_axes[canonical]
+        scan_axes[source_axis] = index[::-1] if flips[canonical] else index
+    return _GridPrediction(labels_work, probabilities, presence, scan_axes, grid)
+
+
+def finding_model_of(folder: Path, config: Any) -> Any | None:
+    """The cascade's finding model (``config.finding_model`` sub-folder), checked, or None."""
+    if not config.finding_model:
+        return None
+    sub = folder / config.finding_model
+    finder = _model(sub, keep_others=True)
+    if finder.config.organ_names:
+        raise SegModelError(f"{sub}: a finding model segments finding kinds only, this one also has organs")
+    unknown = sorted(set(finder.config.finding_kinds) - set(config.finding_kinds))
+    if unknown:
+        raise SegModelError(f"{sub}: finding kinds {', '.join(unknown)} are not labels of {folder}")
+    return finder
+
+
+def attach_finding_model(organ_dir: str | Path, finding_dir: str | Path, out_dir: str | Path, name: str = "findings") -> Path:
+    """One segmentation folder from an organ model and a finer finding model (``tghmoe seg-bundle``).
+
+    ``out_dir`` gets the organ model's files with ``finding_model = name`` in its config and the
+    finding model's files in ``out_dir/name``; ``tghmoe segment`` then runs both.
+    """
+    import shutil
+
+    from napari_tghmoe.med3d.encoder import load_seg_model
+
+    organ_dir, finding_dir, out_dir = Path(organ_dir), Path(finding_dir), Path(out_dir)
+    organs = load_seg_model(organ_dir)
+    finder = load_seg_model(finding_dir)
+    if finder.config.organ_names:
+        raise SegModelError(f"{finding_dir}: a finding model segments finding kinds only, this one also has organs")
+    unknown = sorted(set(finder.config.finding_kinds) - set(organs.config.finding_kinds))
+    if unknown:
+        raise SegModelError(f"{finding_dir}: finding kinds {', '.join(unknown)} are not labels of {organ_dir}")
+    out_dir.mkdir(parents=True, exist_ok=True)
+    organs.config.finding_model = name
+    organs.save_pretrained(str(out_dir), safe_serialization=True)
+    (out_dir / name).mkdir(exist_ok=True)
+    for item in ("config.json", "model.safetensors"):
+        shutil.copy2(finding_dir / item, out_dir / name / item)
+    return out_dir
+
+
 def segment_volume(
     volume: CTVolume,
     model_dir: str | Path | None = None,
@@ -183,57 +273,76 @@ def segment_volume(
 ) -> SegmentationResult:
     """Label map + findings on ``volume``'s own grid (``model_dir=None``: resources/demo-seg-model).
 
-    ``progress(done, total)`` is called after each batch of sliding windows; when
-    ``should_stop()`` returns True the run ends with :class:`SegmentationStopped`.
+    A model whose config names a ``finding_model`` is a cascade: the organ model gives the organ
+    labels on its grid, the finer finding model the finding labels on its own grid; finding
+    voxels are drawn over the organs. ``progress(done, total)`` is called after each batch of
+    sliding windows (of both models); when ``should_stop()`` returns True the run ends with
+    :class:`SegmentationStopped`.
     """
-    from napari_tghmoe.med3d.data import nearest_indices, prepare_image
+    from napari_tghmoe.med3d.data import working_shape
 
     started = time.perf_counter()
     check_ct_volume(volume)
     folder = _resolve_model_dir(model_dir)
     model = _model(folder)
     config = model.config
+    finder = finding_model_of(folder, config)
     order, flips = axial_view(volume.direction)
     axial = CTVolume(
         hu=_to_axial(np.asarray(volume.hu), order, flips),
         spacing=tuple(volume.spacing[a] for a in order),
         modality=volume.modality,
     )
-    image, grid = prepare_image(axial, config)
-    labels_work, probabilities, presence = predict_working_grid(
-        model, image, progress=progress, should_stop=should_stop
-    )
-    if should_stop is not None and should_stop():
-        raise SegmentationStopped("segmentation stopped")
+    stages = [model] if finder is None else [model, finder]
+    totals = [
+        window_count(working_shape(axial.shape, axial.spacing, m.config.working_spacing), tuple(m.config.patch_size), m.config.sw_overlap)
+        for m in stages
+    ]
 
-    # Back to the scan's own grid: nearest neighbour with the voxel-centre mapping, then the
-    # scan's own axis order and directions. Work-grid indices of every scan voxel (per axis)
-    # let findings look their probabilities up without resampling the probability maps.
-    axial_axes = [nearest_indices(m, n) for m, n in zip(grid, axial.shape)]
-    labels = _from_axial(labels_work[np.ix_(*axial_axes)], order, flips)
-    axes: list[np.ndarray] = [np.empty(0, np.int64)] * 3
-    for canonical, source_axis in enumerate(order):
-        index = axial_axes[canonical]
-        axes[source_axis] = index[::-1] if flips[canonical] else index
+    def stage_progress(offset: int) -> Callable[[int, int], None] | None:
+        if progress is None:
+            return None
+        return lambda done, _total: progress(offset + done, sum(totals))
+
+    organ_pass = _predict_scan(model, axial, order, flips, progress=stage_progress(0), should_stop=should_stop)
+    organ_count = len(config.organ_names)
+    organ_labels_work = organ_pass.labels
+    if finder is not None:  # the finding model decides the findings: organs (and background) only here
+        organ_labels_work = organ_pass.probabilities[: 1 + organ_count].argmax(0).astype(np.uint8)
+    labels = organ_pass.on_scan(organ_labels_work, order, flips)
+    finding_passes: dict[str, tuple[_GridPrediction, int, np.ndarray]] = {}
+    presence = dict(zip(config.finding_kinds, organ_pass.presence))
+    if finder is None:
+        for kind in config.finding_kinds:
+            finding_passes[kind] = (organ_pass, config.finding_label(kind), organ_pass.labels)
+    else:
+        finder_pass = _predict_scan(finder, axial, order, flips, progress=stage_progress(totals[0]), should_stop=should_stop)
+        lut = np.zeros(finder.config.num_labels_total, dtype=labels.dtype)
+        for kind in finder.config.finding_kinds:
+            lut[finder.config.finding_label(kind)] = config.finding_label(kind)
+            finding_passes[kind] = (finder_pass, finder.config.finding_label(kind), finder_pass.labels)
+        presence.update(zip(finder.config.finding_kinds, finder_pass.presence))
+        finder_on_scan = lut[finder_pass.on_scan(finder_pass.labels, order, flips)]
+        labels = np.where(finder_on_scan > 0, finder_on_scan, labels)
+
     names = config.label_names
     label_names = {value: name for value, name in enumerate(names)}
     voxel_ml = float(np.prod(volume.spacing)) / 1000.0
     counts = np.bincount(labels.ravel(), minlength=len(names))
     structure_volumes = {names[v]: round(float(counts[v]) * voxel_ml, 3) for v in range(1, len(names)) if counts[v]}
 
-    organ_count = len(config.organ_names)
     min_voxels = max(1, int(np.ceil(config.min_finding_ml / voxel_ml))) if config.min_finding_ml > 0 else 1
     findings: list[SegFinding] = []
-    predicted = set(np.unique(labels_work).tolist())  # skip full-grid searches for absent kinds
     for kind in config.finding_kinds:
-        value = config.finding_label(kind)
-        if value not in predicted:
+        if kind not in finding_passes:
             continue
+        source, source_value, source_labels = finding_passes[kind]
+        if not (source_labels == source_value).any():  # skip full-grid searches for absent kinds
+            continue
+        value = config.finding_label(kind)
         for voxels in finding_components(labels, value, min_voxels):
             centre = _snapped_centre(voxels)
-            work = np.stack([axes[a][voxels[:, a]] for a in order], axis=1)  # working-grid (z, y, x)
-            unique_work = np.unique(work, axis=0)
-            probability = float(probabilities[value][tuple(unique_work.T)].mean())
+            probability = float(source.probabilities[source_value][tuple(source.working_indices(voxels, order).T)].mean())
             position = volume.index_to_patient(centre)
             findings.append(
                 SegFinding(
@@ -243,17 +352,18 @@ def segment_volume(
                     position_mm=tuple(round(float(p), 2) for p in position),  # type: ignore[arg-type]
                     volume_ml=round(len(voxels) * voxel_ml, 3),
                     probability=round(probability, 4),
-                    location=_location(labels_work, unique_work, organ_count, names),
+                    location=_location(organ_labels_work, organ_pass.working_indices(voxels, order), organ_count, names),
                     voxel_count=int(len(voxels)),
                 )
             )
     findings.sort(key=lambda f: -f.probability)
+    grid = organ_pass.grid
     return SegmentationResult(
         labels=labels,
         label_names=label_names,
         findings=findings,
         structure_volumes_ml=structure_volumes,
-        finding_presence={k: round(float(p), 4) for k, p in zip(config.finding_kinds, presence)},
+        finding_presence={k: round(float(p), 4) for k, p in presence.items()},
         model_name=folder.name,
         seconds=round(time.perf_counter() - started, 3),
         working_spacing=tuple(n * s / g for n, s, g in zip(axial.shape, axial.spacing, grid)),  # type: ignore[arg-type]
