@@ -1,7 +1,8 @@
-"""Locate files bundled with the project (demo model, presets, WordNet list)."""
+"""Locate files bundled with the project (demo model, presets, WordNet list) and the cache folder."""
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 _PACKAGE_DIR = Path(__file__).resolve().parent
@@ -22,3 +23,12 @@ def resource_path(*parts: str) -> Path:
 def demo_model_path() -> Path:
     """Folder of the bundled demo model (``resources/demo-model``)."""
     return resource_path("demo-model")
+
+
+def default_cache_dir() -> Path:
+    """Where derived files go (phantom cache, WordNet folder): ``$TGHMOE_CACHE_DIR`` or ~/.cache."""
+    root = os.environ.get("TGHMOE_CACHE_DIR")
+    if root:
+        return Path(root)
+    base = os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache")
+    return Path(base) / "napari-tghmoe"

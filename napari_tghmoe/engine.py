@@ -19,6 +19,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from napari_tghmoe.model.prompts import PromptBuilder, PromptInputs
+
+__all__ = ["Answer", "InferenceEngine", "PromptInputs"]
+
 logger = logging.getLogger(__name__)
 
 
@@ -87,17 +91,6 @@ def _stop_criteria(*events: threading.Event):
     return StoppingCriteriaList([_EventStop()])
 
 
-@dataclass
-class PromptInputs:
-    """Token-level inputs for one (volume, question) pair."""
-
-    input_ids: Any  # (1, L) long
-    attention_mask: Any  # (1, L) long
-    mm_token_type_ids: Any  # (1, L) int: 2 on video tokens
-    text_guidance_mask: Any  # (1, L) bool: the user's instruction tokens only
-    prompt_text: str  # rendered prompt with one video placeholder
-
-
 class InferenceEngine:
     """A loaded model + tokenizer answering questions about CT volumes (thread-safe, one at a time)."""
 
@@ -106,11 +99,7 @@ class InferenceEngine:
         self.tokenizer = tokenizer
         self.info = info
         self._lock = threading.Lock()
-        config = model.config
-        self.video_token_id = int(config.video_token_id)
-        self.vision_start_token = "<|vision_start|>"
-        self.vision_end_token = "<|vision_end|>"
-        self.video_token = tokenizer.convert_ids_to_tokens(self.video_token_id)
+        self.prompts = PromptBuilder(tokenizer, model.config)
         forward_params = inspect.signature(model.forward).parameters
         self.accepts_text_guidance = "text_guidance_mask" in forward_params
 
@@ -143,40 +132,12 @@ class InferenceEngine:
     # ------------------------------------------------------------------ prompts
 
     def render_prompt(self, instruction: str) -> str:
-        """Chat prompt with ONE video placeholder (expanded to the real count in token space)."""
-        content = f"{self.vision_start_token}{self.video_token}{self.vision_end_token}{instruction}"
-        messages = [{"role": "user", "content": content}]
-        if getattr(self.tokenizer, "chat_template", None):
-            return self.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
-        return f"<|im_start|>user\n{content}<|im_end|>\n<|im_start|>assistant\n"
+        """Chat prompt with ONE video placeholder (see :meth:`PromptBuilder.render`)."""
+        return self.prompts.render(instruction)
 
     def build_inputs(self, instruction: str, num_video_tokens: int) -> PromptInputs:
-        """Tokenise the prompt, expand the video placeholder, mark the instruction tokens."""
-        import torch
-
-        prompt = self.render_prompt(instruction)
-        start = prompt.rfind(instruction)
-        end = start + len(instruction)
-        encoded = self.tokenizer(prompt, add_special_tokens=False, return_offsets_mapping=True)
-        ids: list[int] = []
-        guidance: list[bool] = []
-        for token_id, (s, e) in zip(encoded["input_ids"], encoded["offset_mapping"]):
-            if token_id == self.video_token_id:
-                ids.extend([token_id] * num_video_tokens)
-                guidance.extend([False] * num_video_tokens)
-            else:
-                ids.append(token_id)
-                guidance.append(start >= 0 and e > s and s < end and e > start)
-        if ids.count(self.video_token_id) != num_video_tokens:
-            raise RuntimeError("the tokenizer split the video placeholder: tokenizer and model do not match")
-        input_ids = torch.tensor([ids], dtype=torch.long)
-        return PromptInputs(
-            input_ids=input_ids,
-            attention_mask=torch.ones_like(input_ids),
-            mm_token_type_ids=(input_ids == self.video_token_id).to(torch.int32) * 2,
-            text_guidance_mask=torch.tensor([guidance], dtype=torch.bool),
-            prompt_text=prompt,
-        )
+        """Token inputs of one prompt (see :meth:`PromptBuilder.build_inputs`)."""
+        return self.prompts.build_inputs(instruction, num_video_tokens)
 
     # ------------------------------------------------------------------ answering
 

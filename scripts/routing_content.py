@@ -18,7 +18,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 def main(argv: list[str] | None = None) -> int:
     from napari_tghmoe.engine import InferenceEngine
     from napari_tghmoe.eval.routing_content import routing_content_summary
-    from napari_tghmoe.train.data import load_dataset_spec
+    from napari_tghmoe.datasets import load_dataset_spec
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("model")

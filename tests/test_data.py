@@ -11,7 +11,7 @@ import pytest
 
 from napari_tghmoe.io import CTVolume, VolumeReadError, write_nifti
 from napari_tghmoe.train import data as D
-from napari_tghmoe.train import phrasings as P
+from napari_tghmoe.datasets import phrasings as P
 
 
 @pytest.fixture(autouse=True)
@@ -239,7 +239,9 @@ def test_the_cache_carries_the_lesion_mask_to_the_volume_and_regenerates_files_w
 
 def test_the_cache_key_names_the_cache_format(tmp_path, monkeypatch):
     before = D.phantom_cache_path(1, "chest", (8, 48, 48), None, tmp_path)
-    monkeypatch.setattr(D, "PHANTOM_CACHE_FORMAT", D.PHANTOM_CACHE_FORMAT + 1)
+    from napari_tghmoe.datasets import phantom as phantom_source  # where the cache key is built
+
+    monkeypatch.setattr(phantom_source, "PHANTOM_CACHE_FORMAT", D.PHANTOM_CACHE_FORMAT + 1)
     assert D.phantom_cache_path(1, "chest", (8, 48, 48), None, tmp_path) != before
 
 

@@ -218,6 +218,46 @@ def test_minimal_template_when_the_tokenizer_has_none(engine):
 
 
 @pytest.mark.parametrize(
+    "prompt, target, task",
+    [
+        ("Write the report.", "The lungs are clear.", "report"),
+        (format_closed_question("Which organ is abnormal?", ["lung", "liver", "kidney", "spleen"]), "B. liver", "vqa_closed"),
+    ],
+)
+def test_training_sees_the_very_prompt_tokens_the_engine_sends(engine, volume, monkeypatch, prompt, target, task):
+    """One prompt builder: the ids and instruction mask training collates for a sample are the
+    ones the engine hands to ``generate`` for the same volume and prompt."""
+    from napari_tghmoe.train.data import Sample, collate
+
+    sent = {}
+    generate = engine.model.generate
+
+    def recording_generate(**kwargs):
+        sent.update(kwargs)
+        return generate(**kwargs)
+
+    monkeypatch.setattr(engine.model, "generate", recording_generate)
+    engine.ask(volume, prompt, max_new_tokens=1, trace=False)
+    sample = Sample(volume, prompt, target, task)
+    batch = collate([sample], engine.tokenizer, engine.model.config)
+    prompt_length = int((batch["labels"][0] == -100).sum())  # no padding in a batch of one
+
+    assert batch["input_ids"][0, :prompt_length].tolist() == sent["input_ids"][0].tolist()
+    assert batch["text_guidance_mask"][0, :prompt_length].tolist() == sent["text_guidance_mask"][0].tolist()
+    assert batch["mm_token_type_ids"][0, :prompt_length].tolist() == sent["mm_token_type_ids"][0].tolist()
+
+
+def test_the_prompt_builder_uses_the_tokenizers_own_chat_template(engine):
+    from napari_tghmoe.model.prompts import PromptBuilder
+
+    tokenizer = copy.deepcopy(engine.tokenizer)
+    tokenizer.chat_template = "{% for m in messages %}<<{{ m['role'] }}>>{{ m['content'] }}{% endfor %}<<reply>>"
+    builder = PromptBuilder(tokenizer, engine.model.config)
+    assert builder.render("Q?") == "<<user>><|vision_start|><|video_pad|><|vision_end|>Q?<<reply>>"
+    assert InferenceEngine(engine.model, tokenizer, engine.info).render_prompt("Q?") == builder.render("Q?")
+
+
+@pytest.mark.parametrize(
     "request_text",
     ["Generate a report", "write the report.", "Describe the findings", "What are the findings?",
      "Can you write me a report of this CT?", "Please generate a radiology report for this scan", "findings",

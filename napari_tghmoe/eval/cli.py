@@ -59,7 +59,7 @@ def register(subparsers: Any) -> None:
 def run_eval(args: argparse.Namespace) -> int:
     from napari_tghmoe.cli import CLIError
     from napari_tghmoe.eval.evaluate import evaluate, write_results
-    from napari_tghmoe.train.data import load_dataset_spec
+    from napari_tghmoe.datasets import load_dataset_spec
 
     try:
         samples = load_dataset_spec(
@@ -127,7 +127,7 @@ def _summary_line(results: dict[str, Any]) -> str:
 
 def _load(spec: str, task: str, cache_dir: str | None) -> list[Any]:
     from napari_tghmoe.cli import CLIError
-    from napari_tghmoe.train.data import load_dataset_spec
+    from napari_tghmoe.datasets import load_dataset_spec
 
     try:
         samples = load_dataset_spec(spec, task=task, cache_dir=cache_dir)

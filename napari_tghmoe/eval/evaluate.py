@@ -17,7 +17,8 @@ from pathlib import Path
 from typing import Any
 
 from napari_tghmoe.eval import metrics as M
-from napari_tghmoe.train.data import Sample, instruction_for, load_sample_volume
+from napari_tghmoe.datasets import Sample, load_sample_volume
+from napari_tghmoe.model.prompts import instruction_for
 
 GenerateFn = Callable[[Sample], str]
 
@@ -88,7 +89,7 @@ def evaluate(
     record per sample with prompt, target, prediction and its scores), ``seconds``, plus
     whatever ``info`` holds (model, data spec).
     """
-    from napari_tghmoe.train.data import tasks_for
+    from napari_tghmoe.datasets import tasks_for
 
     wanted = tasks_for(task) if task else None
     chosen = [s for s in samples if wanted is None or s.task in wanted]

@@ -139,7 +139,7 @@ def ensure_wordnet(source: str = "/usr/share/wordnet") -> Path | None:
     import nltk
 
     if not _wordnet_loads():
-        from napari_tghmoe.train.data import default_cache_dir
+        from napari_tghmoe._resources import default_cache_dir
 
         root = default_cache_dir() / "nltk_data"
         try:

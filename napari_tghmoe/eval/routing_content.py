@@ -58,8 +58,7 @@ def routing_content_summary(engine: Any, samples: Sequence[Any]) -> dict[str, An
     questions about different organs route differently; ``cells``: the mean distribution of each
     (format, topic).
     """
-    from napari_tghmoe.model.prompts import REPORT_TOPIC, prompt_topic
-    from napari_tghmoe.train.data import instruction_for
+    from napari_tghmoe.model.prompts import REPORT_TOPIC, instruction_for, prompt_topic
 
     instructions = [instruction_for(s.prompt) for s in samples]
     formats = [s.task for s in samples]

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass
-from typing import Literal
+from typing import Any, Literal
 
 PromptKind = Literal["report", "question"]
 
@@ -129,6 +129,82 @@ def plan_prompt(question: str) -> PromptPlan:
     if is_report_request(question):
         return PromptPlan(kind="report", text=REPORT_PROMPTS[0], closed=False)
     return PromptPlan(kind="question", text=question.strip(), closed=is_closed_question(question))
+
+
+def instruction_for(prompt: str) -> str:
+    """What the engine sends for a typed prompt (report requests become its report template):
+    training and evaluation rewrite their prompts with it so that they see what inference sees."""
+    return plan_prompt(prompt).text
+
+
+# ---------------------------------------------------------------------------- tokens
+VISION_START_TOKEN = "<|vision_start|>"
+VISION_END_TOKEN = "<|vision_end|>"
+
+
+@dataclass
+class PromptInputs:
+    """Token-level inputs for one (volume, question) pair."""
+
+    input_ids: Any  # (1, L) long
+    attention_mask: Any  # (1, L) long
+    mm_token_type_ids: Any  # (1, L) int: 2 on video tokens
+    text_guidance_mask: Any  # (1, L) bool: the user's instruction tokens only
+    prompt_text: str  # rendered prompt with one video placeholder
+
+
+class PromptBuilder:
+    """The one place a prompt becomes tokens, for the engine and for training alike.
+
+    Needs only the tokenizer and the model's config (its ``video_token_id``), not the model, so
+    training collation renders exactly what inference sends: a model fine-tuned on other tokens
+    than it is asked with answers worse.
+    """
+
+    def __init__(self, tokenizer: Any, model_config: Any):
+        self.tokenizer = tokenizer
+        self.video_token_id = int(model_config.video_token_id)
+        self.video_token = tokenizer.convert_ids_to_tokens(self.video_token_id)
+
+    def render(self, instruction: str) -> str:
+        """Chat prompt with ONE video placeholder (expanded to the real count in token space).
+
+        The tokenizer's own chat template when it has one (a real Qwen2.5-VL folder), else the
+        Qwen chat layout written out.
+        """
+        content = f"{VISION_START_TOKEN}{self.video_token}{VISION_END_TOKEN}{instruction}"
+        messages = [{"role": "user", "content": content}]
+        if getattr(self.tokenizer, "chat_template", None):
+            return self.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+        return f"<|im_start|>user\n{content}<|im_end|>\n<|im_start|>assistant\n"
+
+    def build_inputs(self, instruction: str, num_video_tokens: int) -> PromptInputs:
+        """Tokenise the prompt, expand the video placeholder, mark the instruction tokens."""
+        import torch
+
+        prompt = self.render(instruction)
+        start = prompt.rfind(instruction)
+        end = start + len(instruction)
+        encoded = self.tokenizer(prompt, add_special_tokens=False, return_offsets_mapping=True)
+        ids: list[int] = []
+        guidance: list[bool] = []
+        for token_id, (s, e) in zip(encoded["input_ids"], encoded["offset_mapping"]):
+            if token_id == self.video_token_id:
+                ids.extend([token_id] * num_video_tokens)
+                guidance.extend([False] * num_video_tokens)
+            else:
+                ids.append(token_id)
+                guidance.append(start >= 0 and e > s and s < end and e > start)
+        if ids.count(self.video_token_id) != num_video_tokens:
+            raise RuntimeError("the tokenizer split the video placeholder: tokenizer and model do not match")
+        input_ids = torch.tensor([ids], dtype=torch.long)
+        return PromptInputs(
+            input_ids=input_ids,
+            attention_mask=torch.ones_like(input_ids),
+            mm_token_type_ids=(input_ids == self.video_token_id).to(torch.int32) * 2,
+            text_guidance_mask=torch.tensor([guidance], dtype=torch.bool),
+            prompt_text=prompt,
+        )
 
 
 # ---------------------------------------------------------------------------- topics

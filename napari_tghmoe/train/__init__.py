@@ -1,6 +1,6 @@
-"""Training data and (later) two-stage training of TGH-MoE.
+"""Two-stage training of TGH-MoE: recipes, the trainer, collation, the vision probe.
 
-Kept light: importing this package imports neither torch nor transformers; see
-:mod:`napari_tghmoe.train.data` (samples, loaders, collation) and
-:mod:`napari_tghmoe.train.phrasings` (report requests and question framings).
+Kept light: importing this package imports neither torch nor transformers. The data it trains on
+(samples, loaders, phrasings) is :mod:`napari_tghmoe.datasets`, shared with evaluation;
+:mod:`napari_tghmoe.train.collate` turns samples into model batches.
 """

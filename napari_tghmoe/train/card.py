@@ -36,7 +36,7 @@ def card_check(model_dir: str | Path, data: str, limit: int = 16, max_new_tokens
     """Greedy closed-VQA answers of ``model_dir`` on the first ``limit`` held-out items."""
     from napari_tghmoe.engine import InferenceEngine
     from napari_tghmoe.eval.evaluate import evaluate
-    from napari_tghmoe.train.data import load_dataset_spec
+    from napari_tghmoe.datasets import load_dataset_spec
 
     samples = load_dataset_spec(data, task="vqa_closed", limit=limit, seed=seed)
     engine = InferenceEngine.from_pretrained(model_dir, device="cpu", quantization="none")

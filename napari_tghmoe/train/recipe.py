@@ -65,7 +65,7 @@ class TokenizerSpec:
 
 @dataclass
 class DataSpec:
-    """Training data: data specs (see ``napari_tghmoe.train.data.load_dataset_spec``)."""
+    """Training data: data specs (see ``napari_tghmoe.datasets.load_dataset_spec``)."""
 
     train: list[str] = field(default_factory=list)
     tasks: str = "all"  # report, vqa, vqa_closed, vqa_open, all

@@ -67,7 +67,7 @@ class TrainResult:
 def corpus_from_samples(samples: list[Any]) -> list[str]:
     """Texts the tokenizer should know: targets, prompts and every training phrasing."""
     from napari_tghmoe.model.prompts import REPORT_PROMPTS
-    from napari_tghmoe.train import phrasings
+    from napari_tghmoe.datasets import phrasings
 
     texts = {s.target for s in samples} | {s.prompt for s in samples}
     texts |= set(REPORT_PROMPTS) | set(phrasings.REPORT_TRAIN) | set(phrasings.QUESTION_TRAIN)
@@ -168,7 +168,7 @@ def open_parameters(model: Any, stage: int, settings: StageSettings) -> dict[str
 
 
 def load_training_samples(recipe: Recipe) -> list[Any]:
-    from napari_tghmoe.train.data import load_dataset_spec
+    from napari_tghmoe.datasets import load_dataset_spec
 
     samples = []
     for spec in recipe.data.train:
@@ -188,7 +188,7 @@ def preload_volumes(samples: list[Any]) -> None:
     A phantom gives a report and several questions on one volume; reading it once keeps a
     training step to a forward and a backward.
     """
-    from napari_tghmoe.train.data import load_sample_volume
+    from napari_tghmoe.datasets import load_sample_volume
 
     loaded: dict[str, Any] = {}
     for sample in samples:
@@ -234,7 +234,7 @@ class _CollateConfig:
         self._config = config
         names = list(getattr(config, "group_names", None) or [])
         self.has_task_groups = len(names) > 1
-        from napari_tghmoe.train.data import DEFAULT_GROUP_NAMES
+        from napari_tghmoe.train.collate import DEFAULT_GROUP_NAMES
 
         self.group_names = names if self.has_task_groups else list(DEFAULT_GROUP_NAMES)
 
@@ -245,7 +245,7 @@ class _CollateConfig:
 def make_batch(
     samples: list[Any], tokenizer: Any, collate_config: _CollateConfig, max_length: int | None, zero_image: bool = False
 ) -> dict:
-    from napari_tghmoe.train.data import collate
+    from napari_tghmoe.train.collate import collate
 
     batch = collate(samples, tokenizer, collate_config, max_length=max_length, zero_image=zero_image)
     if not collate_config.has_task_groups:
@@ -391,7 +391,7 @@ def train(
         tokenizer = build_tokenizer_for(recipe, samples)
     model = build_model(recipe, init=init, tokenizer=tokenizer)
     if init is None:  # a new model is trained on its data's intensities (HU or [0, 1]); stage 2 keeps stage 1's
-        from napari_tghmoe.train.data import samples_intensity
+        from napari_tghmoe.datasets import samples_intensity
 
         model.config.input_intensity = samples_intensity(samples)
     weights_from = None

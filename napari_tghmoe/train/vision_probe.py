@@ -122,7 +122,7 @@ def sample_patch_targets(
         if any(finding.get(field) in vocabulary for finding in findings):
             raise ValueError(
                 f"sample {sample_id}: phantom findings but no lesion mask (CTVolume.metadata[{LESIONS_KEY!r}]); "
-                "load phantoms through the phantom cache (napari_tghmoe.train.data.load_phantoms)"
+                "load phantoms through the phantom cache (napari_tghmoe.datasets.load_phantoms)"
             )
         lesions = np.zeros(np.asarray(volume.hu).shape, dtype=np.uint8)
     return lesion_patch_targets(lesions, findings, grid, temporal_patch, patch, merge, field=field, vocabulary=vocabulary)
@@ -284,7 +284,7 @@ class VisionProbeLoss:
         import torch.nn.functional as F
 
         from napari_tghmoe.io import CTVolume
-        from napari_tghmoe.train.data import load_sample_volume
+        from napari_tghmoe.datasets import load_sample_volume
 
         captured, self.tokens = self.tokens, []
         if not captured:

@@ -1,0 +1,114 @@
+"""Samples -> one batch of keyword arguments for ``TGHMoEForConditionalGeneration.forward``.
+
+Training only: the prompt goes through the engine's own :class:`~napari_tghmoe.model.prompts.PromptBuilder`
+and the volume through the engine's own preprocessing, so a model is trained on exactly the tokens
+and pixels it is asked with.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+from napari_tghmoe.datasets.samples import Sample
+from napari_tghmoe.datasets.volumes import load_sample_volume
+
+#: Tasks the model's groups are named after when the config has no ``group_names``.
+DEFAULT_GROUP_NAMES = ("shared", "report", "vqa_closed", "vqa_open")
+IGNORE_INDEX = -100
+
+
+def collate(
+    samples: Sequence[Sample],
+    tokenizer: Any,
+    model_config: Any,
+    *,
+    max_length: int | None = None,
+    rewrite_like_engine: bool = True,
+    zero_image: bool = False,
+) -> dict[str, Any]:
+    """Batch samples into keyword arguments for ``TGHMoEForConditionalGeneration.forward``.
+
+    The prompt is rendered by the engine's own code (:class:`napari_tghmoe.model.prompts.PromptBuilder`):
+    chat template, ``<|vision_start|>`` + ``<|video_pad|>`` x N + ``<|vision_end|>`` +
+    instruction, assistant turn; then the target tokens and the end-of-turn token
+    (``tokenizer.eos_token``). With ``rewrite_like_engine`` the instruction is what the
+    engine would send for ``sample.prompt`` (``plan_prompt``), so training sees exactly what
+    inference sees. Sequences are right-padded.
+
+    Returns ``input_ids``, ``attention_mask``, ``labels`` (prompt, vision tokens and padding
+    = -100), ``mm_token_type_ids`` (2 on video tokens), ``text_guidance_mask`` (the
+    instruction tokens only), ``pixel_values_videos`` (concatenated over the batch),
+    ``video_grid_thw`` (B, 3), ``second_per_grid_ts`` (B,), ``task_labels`` (index of each
+    sample's task in ``model_config.group_names``).
+    ``max_length`` truncates the target (never the prompt or the vision tokens).
+    ``zero_image`` (recipe ``[data] zero_image``) replaces ``pixel_values_videos`` by zeros of the
+    same shape: the image-free control trained on the same budget (grid, tokens, positions and
+    text unchanged, so the model differs only in what it sees).
+    """
+    import torch
+
+    from napari_tghmoe.model.preprocess import prepare_volume
+    from napari_tghmoe.model.prompts import PromptBuilder, instruction_for, routing_label
+
+    if not samples:
+        raise ValueError("collate needs at least one sample")
+    builder = PromptBuilder(tokenizer, model_config)
+    group_names = list(getattr(model_config, "group_names", None) or DEFAULT_GROUP_NAMES)
+    eos_id = tokenizer.eos_token_id
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos_id
+    rows: list[tuple[list[int], list[int], list[bool]]] = []
+    pixels, grids, seconds, task_labels = [], [], [], []
+    for sample in samples:
+        inputs = prepare_volume(load_sample_volume(sample), None, model_config)
+        instruction = instruction_for(sample.prompt) if rewrite_like_engine else sample.prompt.strip()
+        prompt = builder.build_inputs(instruction, inputs.num_video_tokens)
+        prompt_ids = prompt.input_ids[0].tolist()
+        guidance = prompt.text_guidance_mask[0].tolist()
+        target_ids = tokenizer(sample.target.strip(), add_special_tokens=False)["input_ids"] + [eos_id]
+        if max_length is not None:
+            room = max_length - len(prompt_ids)
+            if room < 1:
+                raise ValueError(
+                    f"sample {sample.meta.get('id', '?')}: the prompt alone has {len(prompt_ids)} tokens, "
+                    f"more than max_length={max_length}"
+                )
+            target_ids = target_ids[:room]
+        ids = prompt_ids + target_ids
+        labels = [IGNORE_INDEX] * len(prompt_ids) + target_ids
+        rows.append((ids, labels, guidance + [False] * len(target_ids)))
+        pixels.append(inputs.pixel_values_videos)
+        grids.append(inputs.video_grid_thw[0])
+        seconds.append(inputs.second_per_grid_ts[0])
+        task_labels.append(routing_label(sample.task, instruction, group_names))
+    width = max(len(ids) for ids, _, _ in rows)
+    batch = len(rows)
+    input_ids = torch.full((batch, width), pad_id, dtype=torch.long)
+    attention_mask = torch.zeros((batch, width), dtype=torch.long)
+    labels = torch.full((batch, width), IGNORE_INDEX, dtype=torch.long)
+    guidance_mask = torch.zeros((batch, width), dtype=torch.bool)
+    for row, (ids, row_labels, guidance) in enumerate(rows):
+        n = len(ids)
+        input_ids[row, :n] = torch.tensor(ids)
+        attention_mask[row, :n] = 1
+        labels[row, :n] = torch.tensor(row_labels)
+        guidance_mask[row, :n] = torch.tensor(guidance)
+    video_token_id = int(model_config.video_token_id)
+    return {
+        "input_ids": input_ids,
+        "attention_mask": attention_mask,
+        "labels": labels,
+        "mm_token_type_ids": (input_ids == video_token_id).to(torch.int32) * 2,
+        "text_guidance_mask": guidance_mask,
+        "pixel_values_videos": torch.zeros_like(torch.cat(pixels, dim=0)) if zero_image else torch.cat(pixels, dim=0),
+        "video_grid_thw": torch.stack(grids).to(torch.long),
+        "second_per_grid_ts": torch.stack(seconds).to(torch.float32),
+        "task_labels": torch.tensor(task_labels, dtype=torch.long),
+    }
+
+
+def make_collate_fn(tokenizer: Any, model_config: Any, **options: Any):
+    """``collate`` bound to a tokenizer and config, for ``torch.utils.data.DataLoader(collate_fn=...)``."""
+    import functools
+
+    return functools.partial(collate, tokenizer=tokenizer, model_config=model_config, **options)
