@@ -365,6 +365,156 @@ def test_enhanced_multiframe_ct_uses_per_frame_positions():
     assert loaded.window is not None
 
 
+def _shipped_files(package: str) -> list[Path]:
+    """Every file pydicom ships for its tests (``test_files``, ``charset_files``) or pydicom-data
+    holds (``data_store/data``): DICOM of every kind, damaged ones, and files that are no DICOM."""
+    if package == "pydicom":
+        folders = [Path(pydicom.__file__).parent / "data" / name for name in ("test_files", "charset_files")]
+    else:
+        data_store = pytest.importorskip("data_store", reason="pydicom-data is not installed")
+        folders = [Path(data_store.__file__).parent / "data"]
+    return sorted(p for folder in folders for p in folder.rglob("*") if p.is_file() and p.suffix not in (".py", ".pyc"))
+
+
+def _reference_text(value) -> list[str] | None:
+    """pydicom's value as the components the header code reads from the raw text."""
+    if value is None or value == "":
+        return None
+    items = list(value) if isinstance(value, (list, tuple, pydicom.multival.MultiValue)) else str(value).split("\\")
+    return [str(item).strip() for item in items]
+
+
+def _reference_numbers(value) -> list[float] | None:
+    if value is None or value == "":
+        return None
+    items = list(value) if isinstance(value, (list, tuple, pydicom.multival.MultiValue)) else [value]
+    return [float(item) for item in items] or None
+
+
+def _same_numbers(a: list[float] | None, b: list[float] | None) -> bool:
+    if a is None or b is None:
+        return a is b
+    return len(a) == len(b) and all(x == y or (np.isnan(x) and np.isnan(y)) for x, y in zip(a, b))
+
+
+@pytest.mark.parametrize("package", ["pydicom", "pydicom-data"])
+def test_the_fast_header_path_agrees_with_pydicom_on_every_file_it_ships(package, monkeypatch):
+    """The header pass decodes the raw bytes of pydicom's unconverted elements itself (pydicom
+    internals). On every file shipped with pydicom and pydicom-data, each value it reads must be the
+    one ``pydicom.dcmread`` gives; where pydicom cannot convert a value, the fast path declines it
+    (None, or the caller's default), never a made-up number; a file is either read into frames or
+    skipped with a reason, never a crash; and a pixel-data offset it records points at exactly the
+    bytes pydicom reads as PixelData (or the file really is truncated)."""
+    import warnings
+
+    from napari_tghmoe.io._dicom import header
+
+    calls: list[tuple[str, int, object]] = []
+
+    class Recording(header._Fast):
+        __slots__ = ()
+
+        def text(self, tag):
+            result = super().text(tag)
+            calls.append(("text", tag, result))
+            return result
+
+        def numbers(self, tag):
+            result = super().numbers(tag)
+            calls.append(("numbers", tag, result))
+            return result
+
+        def binary(self, tag, default):
+            result = super().binary(tag, default)
+            calls.append(("binary", tag, (result, default)))
+            return result
+
+    monkeypatch.setattr(header, "_Fast", Recording)
+    files = _shipped_files(package)
+    assert len(files) > (150 if package == "pydicom" else 50)
+    problems: list[str] = []
+    counts = {"frames": 0, "skipped": 0, "values": 0, "offsets": 0}
+    for path in files:
+        calls.clear()
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            try:
+                result = header.read_frames(str(path))
+            except Exception as exc:  # noqa: BLE001 - the point: nothing may escape
+                problems.append(f"{path.name}: read_frames raised {type(exc).__name__}: {exc}")
+                continue
+            try:
+                reference = pydicom.dcmread(path, force=True)
+            except Exception:  # noqa: BLE001 - pydicom cannot read it: it must not become frames
+                reference = None
+        if isinstance(result, header._Skipped):
+            counts["skipped"] += 1
+            if not result.reason or result.kind not in {
+                "empty", "not-dicom", "dicomdir", "non-image", "colour", "broken", "special", "unreadable"
+            }:
+                problems.append(f"{path.name}: skipped without a clear reason ({result.kind!r}, {result.reason!r})")
+        else:
+            counts["frames"] += 1
+            if reference is None:
+                problems.append(f"{path.name}: frames from a file pydicom cannot read")
+                continue
+        for method, tag, got in calls:
+            counts["values"] += 1
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                try:
+                    value = reference[tag].value if tag in reference else None
+                    failed = None
+                except Exception as exc:  # noqa: BLE001 - pydicom cannot convert this value
+                    value, failed = None, exc
+            where = f"{path.name} ({package}) tag {tag:08X}"
+            if method == "text":
+                read = [v.strip() for v in got.split("\\")] if got else None
+                if failed is None and read != _reference_text(value):
+                    problems.append(f"{where}: fast text {got!r}, pydicom {value!r}")
+            elif method == "numbers":
+                try:
+                    expected = None if failed else _reference_numbers(value)
+                except (TypeError, ValueError):
+                    expected, failed = None, True
+                if failed and got is not None:
+                    problems.append(f"{where}: fast path read {got} where pydicom cannot convert {value!r}")
+                elif not failed and not _same_numbers(got, expected):
+                    problems.append(f"{where}: fast numbers {got}, pydicom {value!r}")
+            else:
+                result_value, default = got
+                if failed is None:
+                    expected = default if value is None else int(value[0] if isinstance(value, (list, tuple)) else value)
+                    if result_value != expected:
+                        problems.append(f"{where}: fast binary {result_value}, pydicom {value!r}")
+        if reference is not None and not isinstance(result, header._Skipped):
+            for frame in result:
+                if frame.pixel_offset is None:
+                    continue
+                counts["offsets"] += 1
+                with open(path, "rb") as handle:
+                    handle.seek(frame.pixel_offset)
+                    stored = handle.read(frame.pixel_length)
+                if frame.truncated:
+                    if len(reference.PixelData) >= frame.pixel_length:
+                        problems.append(f"{path.name}: called truncated but pydicom reads all {frame.pixel_length} bytes")
+                elif stored != reference.PixelData:
+                    problems.append(f"{path.name}: bytes at the recorded pixel offset are not pydicom's PixelData")
+    assert problems == []
+    # The sweep really exercised both outcomes and the raw-bytes reading.
+    assert counts["frames"] > 10 and counts["skipped"] > 5 and counts["values"] > 1000 and counts["offsets"] > 10
+
+
+def test_a_deflated_file_decodes_through_pydicom_not_from_file_offsets():
+    """Deflated Explicit VR: offsets point into the inflated stream, so the file is decoded by
+    pydicom (it was once refused as "truncated")."""
+    path = pydicom.data.get_testdata_file("image_dfl.dcm")
+    reference = pydicom.dcmread(path)
+    assert reference.file_meta.TransferSyntaxUID.is_deflated
+    loaded = load_volume(path, allow_2d=True)
+    np.testing.assert_array_equal(loaded.hu[0], reference.pixel_array)
+
+
 # --------------------------------------------------------------------------- irregular geometry
 
 
