@@ -26,9 +26,12 @@ def demo_model_path() -> Path:
 
 
 def default_cache_dir() -> Path:
-    """Where derived files go (phantom cache, WordNet folder): ``$TGHMOE_CACHE_DIR`` or ~/.cache."""
+    """Where derived files go (phantom cache, WordNet folder, placeholder model):
+    ``$TGHMOE_CACHE_DIR``, else the platform's user cache folder (``$XDG_CACHE_HOME`` or ~/.cache
+    on Linux) / napari-tghmoe."""
     root = os.environ.get("TGHMOE_CACHE_DIR")
     if root:
         return Path(root)
-    base = os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache")
-    return Path(base) / "napari-tghmoe"
+    from platformdirs import user_cache_dir
+
+    return Path(user_cache_dir("napari-tghmoe", appauthor=False))

@@ -11,7 +11,7 @@ def tiny_tghmoe_folder(tmp_path_factory):
     Built once per session from ``model/tiny.py`` + ``adapt_2d_mllm`` + ``build_tokenizer``
     (the same builder as the demo's placeholder), volume grid 8x64x64 for speed.
     """
-    from napari_tghmoe._placeholder_model import build_placeholder_model
+    from napari_tghmoe.model.placeholder import build_placeholder_model
 
     return build_placeholder_model(tmp_path_factory.mktemp("models") / "tiny-tghmoe", volume_grid=(8, 64, 64))
 
