@@ -20,6 +20,7 @@ _COMMAND_MODULES = [
     "napari_tghmoe.cli_infer",  # ask, report
     "napari_tghmoe.model.convert",  # convert
     "napari_tghmoe.train.cli",  # train
+    "napari_tghmoe.train.detection",  # probe-detection
     "napari_tghmoe.eval.cli",  # eval, eval-baseline
     "napari_tghmoe.cli_bench",  # bench
     "napari_tghmoe.med3d.cli",  # pretrain, finetune-seg, segment, eval-seg

@@ -98,7 +98,7 @@ def test_an_effusion_marks_every_patch_of_its_fluid_and_nothing_else():
 def test_on_phantoms_a_patch_is_positive_exactly_when_it_holds_a_voxel_of_the_finding(tmp_path, monkeypatch, field, vocabulary):
     """What training reads (the phantom cache's volume with its mask, through ``sample_patch_targets``):
     every positive patch holds a lesion voxel of that kind, and every patch holding one is positive.
-    The bounding-box targets before issue 19 failed both (scripts/probe_target_coverage.py)."""
+    The bounding-box targets once used failed both (``scripts/probe_target_coverage.py``, commit 1b24178)."""
     from napari_tghmoe.train.data import load_dataset_spec, load_sample_volume
     from napari_tghmoe.train.vision_probe import sample_patch_targets
 
@@ -268,3 +268,69 @@ def test_hard_negative_loss_punishes_lighting_up_the_whole_organ_that_balanced_l
     # a unit without positives is scored on its hardest negatives alone
     empty = torch.zeros(1, 1000)
     torch.testing.assert_close(hard_negative_bce(organ, empty, hardest=8), torch.nn.functional.softplus(torch.tensor(8.0)))
+
+
+# ------------------------------------------------------------------ tghmoe probe-detection
+
+
+def test_auc_is_the_chance_that_a_positive_outscores_a_negative():
+    from napari_tghmoe.train.detection import auc
+
+    labels = np.array([False, False, True, True, False])
+    # pairs (positive, negative): 0.35 beats 0.1 and 0.2 but not 0.4; 0.8 beats all three; 5 of 6
+    assert auc(np.array([0.1, 0.4, 0.35, 0.8, 0.2]), labels) == pytest.approx(5 / 6)
+    assert auc(np.array([0.5, 0.5, 0.5, 0.5, 0.5]), labels) == pytest.approx(0.5)  # ties count half
+
+
+def test_volume_auc_of_a_kind_counts_only_the_volumes_of_its_regions():
+    """A chest volume can hold no renal cyst: its scores must not count for or against the cyst
+    (a head that lights up on lungs would otherwise look like a cyst detector), while lymph nodes
+    occur in both regions; a kind without both positive and negative volumes has no AUC."""
+    from napari_tghmoe.train.detection import volume_detection_auc
+
+    cyst, node, nodule = KINDS.index("renal cyst"), KINDS.index("enlarged lymph node"), KINDS.index("lung nodule")
+    regions = ["abdomen", "abdomen", "abdomen", "chest", "chest"]
+    scores = np.zeros((5, len(KINDS)))
+    present = np.zeros((5, len(KINDS)), dtype=bool)
+    scores[:, cyst] = [0.9, 0.1, 0.2, 5.0, 5.0]  # the chest volumes outscore every abdomen
+    present[:, cyst] = [True, False, False, False, False]
+    scores[:, node] = [0.1, 0.2, 0.3, 0.9, 0.0]
+    present[:, node] = [False, False, False, True, False]
+    present[:, nodule] = [False, False, False, True, True]  # every chest volume has one: no AUC
+    result = volume_detection_auc(scores, present, regions)
+    assert result["renal cyst"] == pytest.approx(1.0)  # 0.9 vs 0.1, 0.2 within the abdomen
+    assert result["enlarged lymph node"] == pytest.approx(1.0)  # over all five volumes
+    assert "lung nodule" not in result
+    assert set(result) == {"renal cyst", "enlarged lymph node"}
+
+
+def test_tghmoe_probe_detection_trains_the_tower_alone_and_saves_what_it_measured(tiny_tghmoe_folder, tmp_path, monkeypatch, capsys):
+    """The command behind docs/results.md's detection tables, end to end on the tiny model: AUCs at
+    step 0, vision-only steps, AUCs again; the saved tower and heads, read back with ``--probe``,
+    give at step 0 exactly the AUCs the training run printed last, and the LLM is untouched."""
+    torch = pytest.importorskip("torch")
+    from safetensors.torch import load_file
+
+    from napari_tghmoe.cli import main
+
+    monkeypatch.setenv("TGHMOE_CACHE_DIR", str(tmp_path / "cache"))
+    held_out = "phantom:seeds=100000-100011,region=both,shape=16x64x64"
+    out = tmp_path / "tower"
+    argv = ["probe-detection", str(tiny_tghmoe_folder), "--data", held_out, "--train-data",
+            "phantom:seeds=0-3,region=both,shape=16x64x64", "--vision-only-steps", "2", "--every", "1",
+            "--batch-size", "2", "--lr", "1e-2", "--threads", "1", "--save", str(out)]
+    assert main(argv) == 0
+    lines = [line for line in capsys.readouterr().out.splitlines() if line.startswith("step ")]
+    assert [line.split(":")[0].split(" loss")[0] for line in lines] == ["step 0", "step 1", "step 2"]
+    last = lines[-1].split(": ", 1)[1]
+    assert "enlarged lymph node" in last  # kinds with positive and negative held-out volumes are measured
+    assert (out / "vision_probe.safetensors").is_file() and (out / "model.safetensors").is_file()
+
+    assert main(["probe-detection", str(out), "--data", held_out, "--probe", str(out / "vision_probe.safetensors"),
+                 "--threads", "1"]) == 0
+    again = [line for line in capsys.readouterr().out.splitlines() if line.startswith("step ")]
+    assert again == [f"step 0: {last}"]
+
+    before, after = load_file(str(Path(tiny_tghmoe_folder) / "model.safetensors")), load_file(str(out / "model.safetensors"))
+    changed = {name for name in before if not torch.equal(before[name], after[name])}
+    assert changed and all(name.split(".")[0] == "visual" for name in changed)

@@ -22,7 +22,7 @@ Both heads read the tokens RMS-normalised, as the LLM's first layer does.
 Per-patch labels alone can be met by anatomy: a head that lights up wherever a liver lesion
 *could* be keeps the per-patch loss low while it cannot tell a volume with a lesion from one
 without (the demo's phase-6 probe: volume-level AUC at chance for most focal kinds,
-``scripts/probe_detection.py``, docs/results.md). So a ``presence`` weight adds the volume-level
+``tghmoe probe-detection``, :mod:`napari_tghmoe.train.detection`, docs/results.md). So a ``presence`` weight adds the volume-level
 question as multiple-instance learning: the highest patch logit of each kind (and location) must
 say whether the volume has one.
 
@@ -30,8 +30,8 @@ The heads are thrown away after training: the saved model is a plain TGH-MoE che
 loss is only computed for samples that carry phantom ground truth (``meta["phantom_findings"]``
 and the lesion mask the phantom cache puts in ``CTVolume.metadata["phantom_lesions"]``).
 
-Until issue 19 the per-patch targets were each finding's bounding box around its centre
-(:func:`box_patch_targets`, kept to measure what it got wrong, ``scripts/probe_target_coverage.py``):
+The per-patch targets were once each finding's bounding box around its centre (``box_patch_targets``
+and the script that measured it, ``scripts/probe_target_coverage.py``, are in commit 1b24178):
 only 42-66 % of the patches it marked held a lesion voxel, and 86 % of an effusion's fluid
 patches were left negative, because an effusion's ``size_mm`` is the depth of a crescent that
 runs along the whole chest wall.
@@ -76,7 +76,7 @@ def lesion_patch_targets(
     a grid voxel belongs to the word when any of the word's voxels contributes to it (resampled
     fraction > 0; on a grid equal to the volume's that is the mask itself). A patch is positive iff
     it holds such a voxel. Tokens come in the merger's order (slab, block row, block column),
-    patches within a token row-major, as :func:`box_patch_targets`.
+    patches within a token row-major.
     """
     from napari_tghmoe.model.preprocess import resample_to_grid
 
@@ -126,48 +126,6 @@ def sample_patch_targets(
             )
         lesions = np.zeros(np.asarray(volume.hu).shape, dtype=np.uint8)
     return lesion_patch_targets(lesions, findings, grid, temporal_patch, patch, merge, field=field, vocabulary=vocabulary)
-
-
-def box_patch_targets(
-    findings: Sequence[dict[str, Any]],
-    volume_shape: Sequence[int],
-    spacing: Sequence[float],
-    grid: Sequence[int],
-    temporal_patch: int,
-    patch: int,
-    merge: int,
-    field: str = "kind",
-    vocabulary: Sequence[str] = KINDS,
-) -> np.ndarray:
-    """The targets before issue 19: does the bounding box of a finding whose ``field`` is word k
-    (a cube of ``size_mm`` around ``center_voxel``) overlap patch j of token i. Kept only to
-    measure what it got wrong (``scripts/probe_target_coverage.py``); train with
-    :func:`lesion_patch_targets`.
-
-    ``findings``: dicts with ``kind``, ``location``, ``center_voxel`` (z, y, x in the volume), ``size_mm``.
-    The volume (``volume_shape``, ``spacing``) is mapped onto the model ``grid`` as
-    :func:`napari_tghmoe.model.prepare_volume` resamples it (extent to extent). Tokens come in
-    the merger's order (slab, block row, block column), patches within a token row-major.
-    """
-    depth, height, width = (int(g) for g in grid)
-    t, h, w = depth // temporal_patch, height // patch, width // patch
-    per_patch = np.zeros((t, h, w, len(vocabulary)), dtype=np.float32)
-    scale = np.asarray(grid, dtype=np.float64) / np.asarray(volume_shape, dtype=np.float64)
-    grid_spacing = np.asarray(spacing, dtype=np.float64) / scale
-    extent = np.asarray([temporal_patch, patch, patch], dtype=np.float64)
-    for finding in findings:
-        if finding.get(field) not in vocabulary:
-            continue
-        centre = (np.asarray(finding["center_voxel"], dtype=np.float64) + 0.5) * scale
-        radius = np.maximum(float(finding["size_mm"]) / 2.0 / grid_spacing, 0.5)
-        low = np.floor((centre - radius) / extent).astype(int)
-        high = np.floor((centre + radius - 1e-6) / extent).astype(int)
-        low = np.clip(low, 0, [t - 1, h - 1, w - 1])
-        high = np.clip(high, 0, [t - 1, h - 1, w - 1])
-        word = list(vocabulary).index(finding[field])
-        per_patch[low[0] : high[0] + 1, low[1] : high[1] + 1, low[2] : high[2] + 1, word] = 1.0
-    blocks = per_patch.reshape(t, h // merge, merge, w // merge, merge, len(vocabulary))
-    return blocks.transpose(0, 1, 3, 2, 4, 5).reshape(t * (h // merge) * (w // merge), merge * merge, len(vocabulary))
 
 
 def rms_normalised(tokens: Any) -> Any:
@@ -283,8 +241,8 @@ class VisionProbeLoss:
         import torch
         import torch.nn.functional as F
 
-        from napari_tghmoe.io import CTVolume
         from napari_tghmoe.datasets import load_sample_volume
+        from napari_tghmoe.io import CTVolume
 
         captured, self.tokens = self.tokens, []
         if not captured:
