@@ -304,16 +304,16 @@ def test_other_load_errors_are_not_swallowed_by_the_fallback():
 
 def test_convert_writes_a_tghmoe_checkpoint_that_loads_directly(tiny_qwen_folder, tmp_path, capsys):
     from napari_tghmoe.cli import main
-    from napari_tghmoe.model.modeling import TGHMoEForConditionalGeneration
+    from napari_tghmoe.model.modeling import ADAPTER_KEY, TGHMoEForConditionalGeneration
 
     out = tmp_path / "converted"
     argv = ["convert", "--base", str(tiny_qwen_folder), "--out", str(out), "--moe-blocks", "2,3",
             "--experts", "2", "--top-k", "1", "--volume-grid", "8,64,64"]
     assert main(argv) == 0
     assert str(out) in capsys.readouterr().out
-    assert {"model.safetensors", "config.json", "tokenizer.json", "tokenizer_config.json"} <= {
-        p.name for p in out.iterdir()
-    }
+    names = {p.name for p in out.iterdir()}
+    assert {"tghmoe_adapter.safetensors", "tghmoe_base.json", "config.json", "tokenizer.json"} <= names
+    assert "model.safetensors" not in names  # the base is referred to, not copied
     assert json.loads((out / "config.json").read_text())["model_type"] == "tghmoe_qwen2_5_vl"
 
     import warnings
@@ -322,15 +322,35 @@ def test_convert_writes_a_tghmoe_checkpoint_that_loads_directly(tiny_qwen_folder
         warnings.simplefilter("error", ModelLoadWarning)  # a TGH-MoE folder loads without adaptation
         model, _, info = load_model(out, device="cpu")
     assert isinstance(model, TGHMoEForConditionalGeneration) and not info.adapted_from_base
+    assert info.base_path == str(tiny_qwen_folder.resolve())
     assert model.config.moe_blocks == [2, 3] and model.config.router_top_k == 1
     assert set(model.config.experts_per_group.values()) == {2}
     assert model.config.volume_grid == [8, 64, 64]
 
+    adapter = load_file(out / "tghmoe_adapter.safetensors")
+    assert adapter and all(ADAPTER_KEY.search(k) for k in adapter)  # experts, routers, LoRA only
+    loaded = state_as_saved(model)
+    for key, value in load_file(tiny_qwen_folder / "model.safetensors").items():
+        assert torch.equal(loaded[key], value), key  # every base tensor bit-identical
+    state = model.state_dict()
+    for key, value in adapter.items():
+        assert torch.equal(state[key], value), key  # and every added tensor as saved
+
+
+def test_convert_standalone_copies_the_base_into_one_folder(tiny_qwen_folder, tmp_path, capsys):
+    from napari_tghmoe.cli import main
+
+    out = tmp_path / "standalone"
+    assert main(["convert", "--base", str(tiny_qwen_folder), "--out", str(out), "--standalone"]) == 0
+    names = {p.name for p in out.iterdir()}
+    assert "model.safetensors" in names and "tghmoe_base.json" not in names
     base_tensors = load_file(tiny_qwen_folder / "model.safetensors")
     converted = load_file(out / "model.safetensors")
     assert len(converted) > len(base_tensors)  # experts, routers, LoRA added
     for key, value in base_tensors.items():
-        assert torch.equal(converted[key], value), key  # every base tensor bit-identical
+        assert torch.equal(converted[key], value), key
+    model, _, info = load_model(out, device="cpu", hash_weights=False)
+    assert info.base_path is None and info.is_tghmoe and not info.adapted_from_base
 
 
 def test_convert_refuses_to_overwrite_and_bad_bases_in_one_line(tiny_qwen_folder, m2_tghmoe_folder, tmp_path, capsys):
@@ -351,4 +371,4 @@ def test_convert_refuses_to_overwrite_and_bad_bases_in_one_line(tiny_qwen_folder
     assert not (tmp_path / "x").exists() and not (tmp_path / "y").exists()
 
     assert main(["convert", "--base", str(tiny_qwen_folder), "--out", str(out), "--overwrite"]) == 0
-    assert (out / "model.safetensors").is_file() and not (out / "notes.txt").exists()
+    assert (out / "tghmoe_adapter.safetensors").is_file() and not (out / "notes.txt").exists()

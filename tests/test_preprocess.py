@@ -293,3 +293,90 @@ def test_a_config_without_the_field_was_trained_on_hu(tmp_path):
     (tmp_path / "config.json").write_text(json.dumps(values))
     assert TGHMoEConfig.from_pretrained(tmp_path, local_files_only=True).input_intensity == "hu"
     assert InputSettings.from_config(tiny_base_config()).input_intensity == "hu"  # a plain Qwen2.5-VL config
+
+
+# ------------------------------------------------------------------ a model folder's own processor files (issue 16)
+
+
+def write_json(path, data) -> None:
+    import json
+
+    path.write_text(json.dumps(data))
+
+
+def test_processor_settings_come_from_the_video_processor_first_then_the_image_processor(tmp_path):
+    from napari_tghmoe.model.preprocess import read_processor_settings
+
+    assert read_processor_settings(tmp_path) is None
+    write_json(tmp_path / "preprocessor_config.json", {
+        "patch_size": 14, "temporal_patch_size": 2, "merge_size": 2, "min_pixels": 3136, "max_pixels": 12845056,
+        "image_mean": [0.1, 0.2, 0.3], "image_std": [0.4, 0.5, 0.6],
+    })
+    image_only = read_processor_settings(tmp_path)
+    assert image_only.sources == ("preprocessor_config.json",)
+    assert (image_only.image_mean, image_only.min_pixels) == ((0.1, 0.2, 0.3), 3136)
+
+    write_json(tmp_path / "video_preprocessor_config.json", {
+        "patch_size": 14, "image_mean": [0.5, 0.5, 0.5], "image_std": [0.25, 0.25, 0.25],
+        "size": {"shortest_edge": 1024, "longest_edge": 65536},
+    })
+    both = read_processor_settings(tmp_path)
+    assert both.sources == ("video_preprocessor_config.json", "preprocessor_config.json")
+    assert both.image_mean == (0.5, 0.5, 0.5) and both.image_std == (0.25, 0.25, 0.25)  # the video's
+    assert (both.min_pixels, both.max_pixels) == (1024, 65536)  # Qwen's size dict counts pixels
+    assert (both.temporal_patch_size, both.merge_size) == (2, 2)  # missing in the video file: the image's
+
+    write_json(tmp_path / "video_preprocessor_config.json", {"do_normalize": False, "image_mean": [9, 9, 9]})
+    assert read_processor_settings(tmp_path).image_std == (1.0, 1.0, 1.0)  # no normalisation at all
+
+
+@pytest.mark.parametrize(
+    ("content", "reason"),
+    [("{broken", "not valid JSON"), ("[1, 2]", "not a JSON object"), ('{"image_mean": [0.5, 0.5]}', "3 values"),
+     ('{"patch_size": "big"}', "invalid value"), ('{"image_std": [0, 1, 1]}', "positive")],
+)
+def test_a_bad_processor_file_is_named(tmp_path, content, reason):
+    from napari_tghmoe.model.preprocess import ProcessorConfigError, read_processor_settings
+
+    (tmp_path / "preprocessor_config.json").write_text(content)
+    with pytest.raises(ProcessorConfigError, match=reason) as caught:
+        read_processor_settings(tmp_path)
+    assert str(caught.value).startswith("preprocessor_config.json: ")
+
+
+def test_processor_values_go_onto_the_config_and_patch_sizes_must_match_the_tower():
+    from napari_tghmoe.model.preprocess import (
+        ProcessorConfigError,
+        ProcessorSettings,
+        apply_processor_settings,
+    )
+
+    config = tiny_base_config(patch_size=8)
+    settings = ProcessorSettings(("video_preprocessor_config.json",), patch_size=8, temporal_patch_size=2,
+                                 merge_size=2, image_mean=(0.5, 0.5, 0.5), image_std=(0.2, 0.2, 0.2),
+                                 min_pixels=256, max_pixels=4096)
+    assert apply_processor_settings(config, settings) == []  # a plain config had no mean to replace
+    resolved = InputSettings.from_config(config, volume_grid=(8, 128, 128))
+    assert resolved.image_mean == (0.5, 0.5, 0.5) and resolved.image_std == (0.2, 0.2, 0.2)
+    assert resolved.volume_grid == (8, 64, 64)  # 128 x 128 is over max_pixels 4096: resized like Qwen's
+
+    tgh = tgh_config()
+    notes = apply_processor_settings(tgh, ProcessorSettings(("preprocessor_config.json",), image_mean=(0.5, 0.5, 0.5)))
+    assert len(notes) == 1 and "image_mean" in notes[0] and tgh.image_mean == [0.5, 0.5, 0.5]
+
+    with pytest.raises(ProcessorConfigError, match="patch_size 14 does not match the vision tower's patch_size 8"):
+        apply_processor_settings(config, ProcessorSettings(("preprocessor_config.json",), patch_size=14))
+    with pytest.raises(ProcessorConfigError, match="merge_size 4"):
+        apply_processor_settings(config, ProcessorSettings(("preprocessor_config.json",), merge_size=4))
+
+
+def test_frames_are_resized_into_the_pixel_limits_as_qwen_does():
+    from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import smart_resize
+
+    from napari_tghmoe.model.preprocess import fit_frame_pixels
+
+    assert fit_frame_pixels(252, 252, 28, 3136, 12845056) == (252, 252)  # inside: unchanged
+    assert fit_frame_pixels(252, 504, 28, None, 200 * 28 * 28) == smart_resize(252, 504, 28, 56 * 56, 200 * 28 * 28)
+    height, width = fit_frame_pixels(252, 504, 28, None, 200 * 28 * 28)
+    assert height * width <= 200 * 28 * 28 and height % 28 == 0 and width % 28 == 0
+    assert fit_frame_pixels(28, 28, 28, 56 * 56 * 4, None) == (112, 112)  # below min_pixels: enlarged

@@ -60,6 +60,8 @@ class TGHMoEConfig(Qwen2_5_VLConfig):
         input_intensity: the intensities the model was trained on: "hu" (CT in Hounsfield units) or
             "unit" ([0, 1] display intensities, M3D); written by the trainer from its data. Volumes of
             the other kind are converted (``napari_tghmoe.model.preprocess``) with a warning.
+        min_pixels, max_pixels: the base processor's limits on pixels per frame (Qwen's
+            ``preprocessor_config.json``; ``tghmoe convert`` copies them); None = no limit.
     """
 
     model_type = "tghmoe_qwen2_5_vl"
@@ -91,6 +93,8 @@ class TGHMoEConfig(Qwen2_5_VLConfig):
     image_std: list[float] | tuple[float, ...] = CLIP_IMAGE_STD
     depth_mm_per_position: float | int | None = None
     input_intensity: str = "hu"
+    min_pixels: int | None = None
+    max_pixels: int | None = None
 
     def __post_init__(self, **kwargs: Any) -> None:
         super().__post_init__(**kwargs)

@@ -1,9 +1,17 @@
 """``tghmoe convert``: a plain Qwen2.5-VL folder -> a TGH-MoE checkpoint folder.
 
-The base weights are loaded in their stored dtype, adapted in place by ``adapt_2d_mllm``
-(experts, routers and LLM LoRA added beside them, no base tensor changed) and saved as
-safetensors with the TGH-MoE config; tokenizer, chat template and processor files are
-copied so the new folder loads on its own with ``load_model``.
+By default the new folder refers to the base instead of copying it (:mod:`napari_tghmoe.model.base_ref`):
+the base is built on the meta device (no base weight is read, so converting the 3B model takes
+seconds and no memory), ``adapt_2d_mllm`` adds the experts, routers and LoRA beside it, and only
+those new tensors are saved (``tghmoe_adapter.safetensors``), with the TGH-MoE ``config.json``, a
+``tghmoe_base.json`` naming the base folder, and copies of the small tokenizer / processor /
+chat-template / generation files so the folder describes itself. The base folder is only read
+(its headers, and its weight files once for a digest), never written. ``standalone=True``
+(``--standalone``) writes the old self-contained folder instead: every base tensor saved beside
+the experts, for a folder that must travel without its base.
+
+The processor's mean / std and pixel limits (``preprocessor_config.json``) are written into the
+TGH-MoE config, so the CT reaches the vision tower normalised the way the base was trained.
 """
 
 from __future__ import annotations
@@ -29,22 +37,29 @@ COPIED_FILES = (
     "preprocessor_config.json",
     "video_preprocessor_config.json",
     "processor_config.json",
+    "generation_config.json",
 )
 
 
 def convert_checkpoint(
-    base: str | Path, out: str | Path, moe_config: dict[str, Any] | None = None, overwrite: bool = False
+    base: str | Path,
+    out: str | Path,
+    moe_config: dict[str, Any] | None = None,
+    overwrite: bool = False,
+    *,
+    standalone: bool = False,
+    hash_base: bool = True,
 ) -> Path:
     """Write a TGH-MoE checkpoint for the Qwen2.5-VL folder ``base`` into ``out``; return ``out``.
 
-    Raises ``ModelLoadError`` for a bad base folder and ``FileExistsError`` when ``out`` holds
-    files and ``overwrite`` is False. The folder appears complete or not at all (staged, then
-    renamed).
+    ``standalone``: save every base tensor too (a self-contained folder) instead of referring to
+    ``base``. ``hash_base``: record a digest of the base weights, checked when the folder is
+    loaded with hashing on. Raises ``ModelLoadError`` for a bad base folder and ``FileExistsError``
+    when ``out`` holds files and ``overwrite`` is False. The folder appears complete or not at all
+    (staged, then renamed).
     """
-    from transformers import Qwen2_5_VLForConditionalGeneration
-
-    from napari_tghmoe.model.loading import OFFLINE_LOAD_KWARGS, ModelLoadError, check_model_folder
-    from napari_tghmoe.model.modeling import adapt_2d_mllm
+    from napari_tghmoe.model.loading import ModelLoadError, check_model_folder, sha256_of_files
+    from napari_tghmoe.model.preprocess import ProcessorConfigError, read_processor_settings
 
     check = check_model_folder(base)
     if check.is_tghmoe:
@@ -54,19 +69,24 @@ def convert_checkpoint(
         raise FileExistsError(f"{out}: output folder exists and is not empty (use --overwrite)")
     if out.resolve() == check.path.resolve():
         raise FileExistsError(f"{out}: the output folder must differ from the base folder")
-
     try:
-        model = Qwen2_5_VLForConditionalGeneration.from_pretrained(
-            str(check.path), **OFFLINE_LOAD_KWARGS, use_safetensors=True, dtype="auto", device_map={"": "cpu"}
-        )
-    except (OSError, ValueError, RuntimeError, KeyError) as err:
-        raise ModelLoadError(check.path, f"weights cannot be loaded ({type(err).__name__}: {err})") from None
-    model = adapt_2d_mllm(model, moe_config)
+        processor = read_processor_settings(check.path)
+    except ProcessorConfigError as err:
+        raise ModelLoadError(check.path, str(err)) from None
+    settings = _processor_defaults(processor)
+    settings.update(moe_config or {})
 
     out.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
     try:
-        model.save_pretrained(staging)
+        if standalone:
+            _save_standalone(check.path, staging, settings)
+        else:
+            _save_adapter_only(check.path, staging, settings)
+            digest = sha256_of_files(check.weight_files) if hash_base else None
+            from napari_tghmoe.model.base_ref import write_base_reference
+
+            write_base_reference(staging, check.path, check.weight_files, digest, final_folder=out)
         for name in COPIED_FILES:
             source = check.path / name
             if source.is_file() and not (staging / name).exists():
@@ -78,6 +98,58 @@ def convert_checkpoint(
         if staging.exists():
             shutil.rmtree(staging, ignore_errors=True)
     return out
+
+
+def _processor_defaults(processor: Any) -> dict[str, Any]:
+    """TGH-MoE settings taken from the base's processor files (the user's flags override them)."""
+    if processor is None:
+        return {}
+    values = {
+        "image_mean": list(processor.image_mean) if processor.image_mean else None,
+        "image_std": list(processor.image_std) if processor.image_std else None,
+        "min_pixels": processor.min_pixels,
+        "max_pixels": processor.max_pixels,
+    }
+    return {key: value for key, value in values.items() if value is not None}
+
+
+def _save_adapter_only(base: Path, staging: Path, settings: dict[str, Any]) -> None:
+    """Build the base without weights, add the experts, save their tensors and the config."""
+    from accelerate import init_empty_weights
+    from transformers import AutoConfig, Qwen2_5_VLForConditionalGeneration
+
+    from napari_tghmoe.model.loading import ModelLoadError
+    from napari_tghmoe.model.modeling import adapt_2d_mllm, save_adapter_weights
+
+    from napari_tghmoe.model.base_ref import ADAPTER_WEIGHTS_FILE
+
+    try:
+        base_config = AutoConfig.from_pretrained(str(base), local_files_only=True)
+    except (OSError, ValueError, KeyError, TypeError) as err:
+        raise ModelLoadError(base, f"config.json cannot be read ({type(err).__name__}: {err})") from None
+    with init_empty_weights():  # parameters on the meta device: nothing is allocated or read
+        skeleton = Qwen2_5_VLForConditionalGeneration(base_config)
+    model = adapt_2d_mllm(skeleton, settings, match_base_placement=False)  # new modules: CPU, fp32
+    save_adapter_weights(model, staging / ADAPTER_WEIGHTS_FILE)
+    model.config.architectures = [type(model).__name__]
+    model.config.save_pretrained(staging)
+
+
+def _save_standalone(base: Path, staging: Path, settings: dict[str, Any]) -> None:
+    """The old layout: base loaded in its stored dtype, adapted, everything saved."""
+    from transformers import Qwen2_5_VLForConditionalGeneration
+
+    from napari_tghmoe.model.loading import OFFLINE_LOAD_KWARGS, ModelLoadError
+    from napari_tghmoe.model.modeling import adapt_2d_mllm
+
+    try:
+        model = Qwen2_5_VLForConditionalGeneration.from_pretrained(
+            str(base), **OFFLINE_LOAD_KWARGS, use_safetensors=True, dtype="auto", device_map={"": "cpu"}
+        )
+    except (OSError, ValueError, RuntimeError, KeyError) as err:
+        raise ModelLoadError(base, f"weights cannot be loaded ({type(err).__name__}: {err})") from None
+    model = adapt_2d_mllm(model, settings)
+    model.save_pretrained(staging)
 
 
 def _int_list(text: str) -> list[int]:
@@ -93,7 +165,8 @@ def register(subparsers: Any) -> None:
         help="turn a Qwen2.5-VL model folder into a TGH-MoE checkpoint",
         description=(
             "Adapt a local Qwen2.5-VL (safetensors) folder to 3D CT with text-guided hierarchical "
-            "experts; base weights are kept bit-identical, experts start untrained."
+            "experts; base weights are kept bit-identical, experts start untrained. The output holds "
+            "only the new tensors and refers to the base folder (keep it), unless --standalone."
         ),
     )
     parser.add_argument("--base", required=True, metavar="QWEN2_5_VL_FOLDER", help="plain Qwen2.5-VL folder")
@@ -109,6 +182,10 @@ def register(subparsers: Any) -> None:
         "--depth-mm-per-position", type=float, metavar="MM", help="temporal rope position per MM of depth"
     )
     parser.add_argument("--overwrite", action="store_true", help="replace a non-empty output folder")
+    parser.add_argument(
+        "--standalone", action="store_true",
+        help="copy the base weights into the output too (default: the output refers to the base folder)",
+    )
     parser.set_defaults(func=run_convert)
 
 
@@ -139,8 +216,14 @@ def run_convert(args: argparse.Namespace) -> int:
     from napari_tghmoe.model.loading import ModelLoadError
 
     try:
-        out = convert_checkpoint(args.base, args.out, moe_settings_from_args(args), overwrite=args.overwrite)
+        out = convert_checkpoint(
+            args.base, args.out, moe_settings_from_args(args), overwrite=args.overwrite,
+            standalone=getattr(args, "standalone", False),
+        )
     except (ModelLoadError, FileExistsError, ValueError, TypeError) as err:
         raise CLIError(str(err)) from None
-    print(f"TGH-MoE checkpoint written to {out}")
+    if getattr(args, "standalone", False):
+        print(f"TGH-MoE checkpoint written to {out}")
+    else:
+        print(f"TGH-MoE checkpoint written to {out} (experts only; base weights read from {Path(args.base)})")
     return 0

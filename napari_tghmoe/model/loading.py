@@ -7,7 +7,16 @@ bitsandbytes 4-bit nf4 by default while the vision tower, experts, routers, merg
 CPU weights stay fp32 (or bf16 when asked) because 4-bit matmuls are several times slower
 there, and bitsandbytes is used only when asked. When the GPU lacks memory the loader warns
 and falls back (4-bit, then CPU) instead of dying: the choice is the pure function
-:func:`choose_plan`, tested with a fake memory probe.
+:func:`choose_plan`, tested with a fake memory probe. A model that fits nowhere is refused
+before any weight is read (:mod:`napari_tghmoe.model.memory`): one line naming the folder, the
+memory needed and the memory free, rather than the out-of-memory killer taking the viewer down.
+
+A folder is answered with its own chat template and processor settings: the processor's
+``chat_template.json`` (else ``chat_template.jinja``, else the tokenizer's template) becomes the
+tokenizer's template, and ``video_preprocessor_config.json`` / ``preprocessor_config.json``
+(mean / std, pixel limits; patch sizes checked against the vision tower) go onto the config that
+``prepare_volume`` reads. A folder written by ``tghmoe convert`` that refers to its base folder
+(:mod:`napari_tghmoe.model.base_ref`) is checked, counted and hashed with the base's weights.
 """
 
 from __future__ import annotations
@@ -90,6 +99,10 @@ class LoadInfo:
     weights_sha256: str | None
     parameters: int
     warnings: list[str] = field(default_factory=list)
+    base_path: str | None = None  # the base folder a converted TGH-MoE folder refers to
+    chat_template_source: str | None = None  # file the chat template came from
+    processor_sources: tuple[str, ...] = ()  # processor files whose settings were applied
+    memory: Any = None  # the FitReport checked before loading (None: not checked)
 
     @property
     def precision(self) -> str:
@@ -199,7 +212,8 @@ class FolderCheck:
     config: dict
     model_type: str
     is_tghmoe: bool
-    weight_files: tuple[Path, ...]
+    weight_files: tuple[Path, ...]  # every weight file the model reads (the base's too)
+    base: Any = None  # BaseReference of a folder that refers to its base, else None
 
 
 def check_model_folder(path: str | Path) -> FolderCheck:
@@ -240,7 +254,26 @@ def check_model_folder(path: str | Path) -> FolderCheck:
     _check_shards(folder)
     if not any((folder / name).is_file() for name in TOKENIZER_FILES):
         raise ModelLoadError(folder, f"no tokenizer (none of {', '.join(TOKENIZER_FILES)})")
-    return FolderCheck(folder, config, model_type, model_type == tgh_type, weights)
+    is_tghmoe = model_type == tgh_type
+    base = _check_base_reference(folder) if is_tghmoe else None
+    if base is not None:
+        weights = weights + base.base_weight_paths
+    return FolderCheck(folder, config, model_type, is_tghmoe, weights, base)
+
+
+def _check_base_reference(folder: Path) -> Any:
+    """The base a converted folder refers to, with every base file present and unchanged in size."""
+    from napari_tghmoe.model.base_ref import BaseReferenceError, read_base_reference, verify_base_files
+
+    try:
+        reference = read_base_reference(folder)
+        if reference is None:
+            return None
+        verify_base_files(reference)
+    except BaseReferenceError as err:
+        raise ModelLoadError(folder, str(err)) from None
+    _check_shards(reference.base_path)
+    return reference
 
 
 def _check_shards(folder: Path) -> None:
@@ -286,6 +319,30 @@ def _is_llm_body_key(key: str) -> bool:
         "language_model.layers."
     )
     return in_layers and "lora" not in key
+
+
+def weights_digest(check: FolderCheck) -> str:
+    """Provenance digest of the weights a folder loads.
+
+    A folder holding its weights: :func:`sha256_of_files` of them. A folder that refers to its
+    base: the base files are hashed and compared with the digest recorded at conversion (a base
+    replaced by another model with the same file sizes is refused), then the digest covers the
+    base's digest and the folder's own weight files.
+    """
+    if check.base is None:
+        return sha256_of_files(check.weight_files)
+    base_files = check.base.base_weight_paths
+    base_digest = sha256_of_files(base_files)
+    if check.base.weights_sha256 and base_digest != check.base.weights_sha256:
+        raise ModelLoadError(
+            check.path,
+            f"the base weights in {check.base.base_path} changed since conversion (sha256 differs): "
+            "the experts were added to another model; run tghmoe convert again",
+        )
+    own = tuple(f for f in check.weight_files if f not in base_files)
+    digest = hashlib.sha256(f"base:{base_digest}\n".encode())
+    digest.update(sha256_of_files(own).encode())
+    return digest.hexdigest()
 
 
 def sha256_of_files(files: tuple[Path, ...], chunk_bytes: int = 8 * 1024 * 1024) -> str:
@@ -428,17 +485,22 @@ def load_model(
     moe_config: Any = None,
     hash_weights: bool = True,
     memory_probe: Callable[[str], int | None] | None = None,
+    check_memory: bool = True,
 ) -> LoadedModel:
     """Load a TGH-MoE folder (or a plain Qwen2.5-VL folder, given fresh experts) for inference.
 
     ``device``: "auto" (CUDA when present), "cpu", "cuda", "cuda:N". ``quantization``:
     "auto" (4bit on CUDA, none on CPU), "4bit", "8bit", "none". ``dtype`` of the unquantized
     parts (default bf16 on CUDA, fp32 on CPU). ``adapt=False`` keeps a plain Qwen2.5-VL
-    folder unadapted (benchmarks). ``memory_probe(device) -> free bytes`` replaces the CUDA
-    query (tests). Raises :class:`ModelLoadError` with one line naming the folder and reason.
+    folder unadapted (benchmarks). ``memory_probe(device) -> free bytes or None`` replaces
+    :func:`napari_tghmoe.model.memory.available_bytes` (tests). ``check_memory=False`` skips the
+    refusal of a model that does not fit in RAM. Raises :class:`ModelLoadError` with one line
+    naming the folder and reason.
     """
     import torch
     from transformers import AutoTokenizer
+
+    from napari_tghmoe.model import memory
 
     check = check_model_folder(path)
     plan = resolve_plan(device, quantization, dtype, torch.cuda.is_available())
@@ -449,14 +511,24 @@ def load_model(
     except Exception as err:  # noqa: BLE001 - any tokenizer failure is a folder problem
         raise ModelLoadError(check.path, f"tokenizer cannot be loaded ({type(err).__name__}: {err})") from None
     _check_tokenizer_matches(check, tokenizer)
+    template_source = _apply_folder_chat_template(check.path, tokenizer)
+    processor = _read_processor(check.path, check.config.get("vision_config"))
 
     try:
         counts = count_parameters(check.weight_files)
     except Exception as err:  # noqa: BLE001 - safetensors raises its own error type
         raise ModelLoadError(check.path, f"weights cannot be read: not valid safetensors ({err})") from None
-    probe = memory_probe or cuda_free_bytes
-    plan, messages = choose_plan(plan, counts, probe(plan.device) if plan.on_cuda else None)
-    notes.extend(messages)
+    probe = memory_probe or memory.available_bytes
+    if plan.on_cuda:
+        cuda_runtime = memory.estimate_for(check.config, counts, plan)
+        plan, messages = choose_plan(plan, counts, probe(plan.device), headroom_bytes=cuda_runtime.runtime_bytes)
+        notes.extend(messages)
+    fit = None
+    if check_memory and not plan.on_cuda:
+        fit = memory.fit_report(check.path, check.config, counts, plan, probe(plan.device))
+        if not fit.fits:
+            raise ModelLoadError(check.path, fit.message)
+    digest = weights_digest(check) if hash_weights else None  # before loading: a replaced base fails fast
 
     try:
         (model, adapted), plan = load_with_fallback(
@@ -466,6 +538,7 @@ def load_model(
         raise
     except (RuntimeError, MemoryError, OSError, ValueError, KeyError, ImportError) as err:
         raise ModelLoadError(check.path, f"weights cannot be loaded ({type(err).__name__}: {err})") from None
+    notes.extend(_apply_processor(check.path, model.config, processor))
     if adapted:
         notes.append(
             "plain Qwen2.5-VL folder: TGH-MoE experts added with fresh (untrained) weights; "
@@ -484,11 +557,54 @@ def load_model(
         dtype=plan.dtype,
         is_tghmoe=check.is_tghmoe or adapted,
         adapted_from_base=adapted,
-        weights_sha256=sha256_of_files(check.weight_files) if hash_weights else None,
+        weights_sha256=digest,
         parameters=counts.total,
         warnings=notes,
+        base_path=str(check.base.base_path) if check.base is not None else None,
+        chat_template_source=template_source,
+        processor_sources=processor.sources if processor is not None else (),
+        memory=fit,
     )
     return LoadedModel(model=model, tokenizer=tokenizer, info=info)
+
+
+def _apply_folder_chat_template(folder: Path, tokenizer: Any) -> str | None:
+    """Give the tokenizer the folder's own chat template; return the file it came from."""
+    from napari_tghmoe.model.tokenizer import ChatTemplateError, folder_chat_template
+
+    try:
+        found = folder_chat_template(folder)
+    except ChatTemplateError as err:
+        raise ModelLoadError(folder, str(err)) from None
+    if found is not None:
+        tokenizer.chat_template, source = found
+        return source
+    return "tokenizer_config.json" if getattr(tokenizer, "chat_template", None) else None
+
+
+def _read_processor(folder: Path, vision: Any) -> Any:
+    """The folder's processor settings, checked against the vision tower before any weight is read."""
+    from napari_tghmoe.model.preprocess import (
+        ProcessorConfigError,
+        check_processor_matches_vision,
+        read_processor_settings,
+    )
+
+    try:
+        settings = read_processor_settings(folder)
+        check_processor_matches_vision(settings, vision if isinstance(vision, dict) else {})
+        return settings
+    except ProcessorConfigError as err:
+        raise ModelLoadError(folder, str(err)) from None
+
+
+def _apply_processor(folder: Path, config: Any, processor: Any) -> list[str]:
+    from napari_tghmoe.model.preprocess import ProcessorConfigError, apply_processor_settings
+
+    try:
+        return apply_processor_settings(config, processor)
+    except ProcessorConfigError as err:
+        raise ModelLoadError(folder, str(err)) from None
 
 
 def _check_tokenizer_matches(check: FolderCheck, tokenizer: Any) -> None:

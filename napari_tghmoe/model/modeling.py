@@ -17,6 +17,7 @@ import re
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -70,7 +71,24 @@ MOE_CONFIG_FIELDS = (
     "image_mean",
     "image_std",
     "depth_mm_per_position",
+    "merger_lora_rank",
+    "merger_lora_alpha",
+    "input_intensity",
+    "min_pixels",
+    "max_pixels",
 )
+
+#: State-dict names of the tensors TGH-MoE adds beside the base (experts, routers, LoRA): the rest
+#: are base tensors, which conversion and training never change.
+ADAPTER_KEY = re.compile(r"(^|\.)(moe|lora_[A-Za-z0-9_]+)\.")
+#: Structural fields a base folder must share with the TGH-MoE config that refers to it.
+_BASE_MATCH_FIELDS = {
+    "text_config": ("hidden_size", "num_hidden_layers", "num_attention_heads", "num_key_value_heads",
+                    "intermediate_size", "vocab_size"),
+    "vision_config": ("depth", "hidden_size", "intermediate_size", "num_heads", "out_hidden_size", "patch_size",
+                      "temporal_patch_size", "spatial_merge_size"),
+    "": ("video_token_id", "image_token_id", "vision_start_token_id", "vision_end_token_id"),
+}
 
 #: transformers 5.24 renamed the key/value cache from ``past_key_values`` to ``cache`` (in model
 #: outputs and in ``forward``); the model speaks whichever name the installed version uses.
@@ -189,12 +207,75 @@ class TGHMoEForConditionalGeneration(Qwen2_5_VLForConditionalGeneration):
         then takes a differently rounded path for the small router / LoRA products: a reloaded
         model would differ from the saved one in the last bits. Copying the adapter tensors (a few
         MB) restores bit-identity. No Hub kernels unless asked for (``OFFLINE_LOAD_KWARGS``).
+
+        A folder written by ``tghmoe convert`` that refers to its base (``tghmoe_base.json``, see
+        :mod:`napari_tghmoe.model.base_ref`) loads the base folder with the same options
+        (dtype, device map, quantization), then adds the experts and their saved weights.
         """
         kwargs.setdefault("use_kernels", False)
+        source = args[0] if args else kwargs.get("pretrained_model_name_or_path")
+        if isinstance(source, (str, Path)) and Path(source).is_dir():
+            from napari_tghmoe.model.base_ref import read_base_reference
+
+            reference = read_base_reference(source)
+            if reference is not None:
+                if len(args) > 1:
+                    raise TypeError("a TGH-MoE folder that refers to its base takes keyword options only")
+                kwargs.pop("pretrained_model_name_or_path", None)
+                return cls._from_base_reference(reference, **kwargs)
         loaded = super().from_pretrained(*args, **kwargs)
         model = loaded[0] if isinstance(loaded, tuple) else loaded
         model._realign_adapter_tensors()
         return loaded
+
+    @classmethod
+    def _from_base_reference(cls, reference: Any, **kwargs: Any):
+        """Base weights from the base folder, experts / routers / LoRA from the adapter file."""
+        from safetensors import safe_open
+        from transformers import GenerationConfig
+
+        from napari_tghmoe.model.base_ref import BaseReferenceError, verify_base_files
+
+        verify_base_files(reference)
+        folder = reference.folder
+        output_loading_info = kwargs.pop("output_loading_info", False)
+        config = kwargs.pop("config", None)
+        if config is None:
+            config = TGHMoEConfig.from_pretrained(str(folder), local_files_only=True)
+        base = Qwen2_5_VLForConditionalGeneration.from_pretrained(str(reference.base_path), **kwargs)
+        _check_same_base(config, base.config, reference.base_path)
+        for name in ("_attn_implementation_internal", "quantization_config", "dtype"):
+            if hasattr(base.config, name):
+                setattr(config, name, getattr(base.config, name))
+        config._name_or_path = str(folder)
+        model = _become_tghmoe(base, config, match_base_placement=True)
+
+        expected = set(adapter_state_dict(model))
+        targets = {**dict(model.named_parameters()), **dict(model.named_buffers())}
+        with safe_open(str(reference.adapter_path), framework="pt") as handle:
+            stored = set(handle.keys())
+            missing, unexpected = sorted(expected - stored), sorted(stored - expected)
+            if missing or unexpected:
+                raise BaseReferenceError(
+                    f"{reference.adapter_file} does not fit config.json: {len(missing)} expert tensor(s) missing "
+                    f"({', '.join(missing[:2])}), {len(unexpected)} unexpected ({', '.join(unexpected[:2])})"
+                )
+            with torch.no_grad():
+                for key in sorted(stored):
+                    tensor = handle.get_tensor(key)
+                    target = targets[key]
+                    if tuple(tensor.shape) != tuple(target.shape):
+                        raise BaseReferenceError(
+                            f"{reference.adapter_file}: {key} has shape {tuple(tensor.shape)}, "
+                            f"the model expects {tuple(target.shape)}"
+                        )
+                    target.copy_(tensor)
+        if (folder / "generation_config.json").is_file():
+            model.generation_config = GenerationConfig.from_pretrained(str(folder), local_files_only=True)
+        model.eval()
+        if output_loading_info:
+            return model, {"missing_keys": [], "unexpected_keys": [], "mismatched_keys": [], "error_msgs": []}
+        return model
 
     @torch.no_grad()
     def _realign_adapter_tensors(self) -> None:
@@ -597,6 +678,8 @@ def _moe_kwargs(moe_config: TGHMoEConfig | dict[str, Any] | None) -> dict[str, A
 def adapt_2d_mllm(
     base_model: Qwen2_5_VLForConditionalGeneration,
     moe_config: TGHMoEConfig | dict[str, Any] | None = None,
+    *,
+    match_base_placement: bool = True,
 ) -> TGHMoEForConditionalGeneration:
     """Turn a loaded Qwen2.5-VL model into a TGH-MoE model, in place.
 
@@ -606,6 +689,8 @@ def adapt_2d_mllm(
     their device and dtype. Experts start with B = 0, so the adapted model computes what the base
     did. ``moe_config``: None (defaults), a dict of MoE settings, or a ``TGHMoEConfig`` (its MoE
     fields). Keep a separate copy if the plain 2D model is still needed.
+    ``match_base_placement=False`` leaves the new modules on the CPU in float32: ``tghmoe convert``
+    adapts a base built on the meta device (no base weight read) and saves only the new tensors.
     """
     if isinstance(base_model, TGHMoEForConditionalGeneration):
         raise ValueError("the model is already a TGH-MoE model")
@@ -613,16 +698,55 @@ def adapt_2d_mllm(
         raise TypeError(
             f"expected a Qwen2_5_VLForConditionalGeneration, got {type(base_model).__name__}"
         )
-    base_config = base_model.config
-    config = TGHMoEConfig.from_base_config(base_config, **_moe_kwargs(moe_config))
+    config = TGHMoEConfig.from_base_config(base_model.config, **_moe_kwargs(moe_config))
+    return _become_tghmoe(base_model, config, match_base_placement)
+
+
+def _become_tghmoe(
+    base_model: Qwen2_5_VLForConditionalGeneration, config: TGHMoEConfig, match_base_placement: bool
+) -> TGHMoEForConditionalGeneration:
+    """Give ``base_model`` the TGH-MoE class and ``config``, and install the new modules."""
     # Modules keep references to the sub-configs: share them so there is one source of truth.
-    config.text_config = base_config.text_config
-    config.vision_config = base_config.vision_config
+    config.text_config = base_model.config.text_config
+    config.vision_config = base_model.config.vision_config
     base_model.__class__ = TGHMoEForConditionalGeneration
     base_model.config = config
     base_model.model.config = config
-    base_model._install_tghmoe(match_base_placement=True)
+    base_model._install_tghmoe(match_base_placement=match_base_placement)
     return base_model
+
+
+def adapter_state_dict(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """The tensors TGH-MoE added (experts, routers, LoRA, their buffers), by module name."""
+    return {name: value for name, value in model.state_dict().items() if ADAPTER_KEY.search(name)}
+
+
+def save_adapter_weights(model: torch.nn.Module, file: str | Path) -> list[str]:
+    """Write only the added tensors as safetensors (module-name keys); return the keys."""
+    from safetensors.torch import save_file
+
+    tensors = {name: value.detach().to("cpu").contiguous() for name, value in adapter_state_dict(model).items()}
+    if not tensors:
+        raise ValueError("the model has no TGH-MoE tensors to save")
+    save_file(tensors, str(file), metadata={"format": "pt", "content": "tghmoe-adapter"})
+    return sorted(tensors)
+
+
+def _check_same_base(config: TGHMoEConfig, base_config: Any, base_path: Any) -> None:
+    """The base folder must be the model the experts were added to (same shapes and token ids)."""
+    from napari_tghmoe.model.base_ref import BaseReferenceError
+
+    for part, fields in _BASE_MATCH_FIELDS.items():
+        ours = getattr(config, part) if part else config
+        theirs = getattr(base_config, part) if part else base_config
+        for name in fields:
+            mine, base_value = getattr(ours, name, None), getattr(theirs, name, None)
+            if mine != base_value:
+                where = f"{part}.{name}" if part else name
+                raise BaseReferenceError(
+                    f"the base folder {base_path} is not the model the experts were added to: "
+                    f"{where} is {base_value} there, {mine} in config.json"
+                )
 
 
 _STAGE_PARTS = {

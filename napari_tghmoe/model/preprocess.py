@@ -148,13 +148,19 @@ class InputSettings:
     tokens_per_second: float
     depth_mm_per_position: float | None
     input_intensity: str = INTENSITY_HU  # the kind the model was trained on (config.input_intensity)
+    #: The processor's limits on pixels per frame (Qwen's min_pixels / max_pixels); None = no limit.
+    min_pixels: int | None = None
+    max_pixels: int | None = None
 
     @classmethod
     def from_config(cls, config: Any = None, volume_grid: tuple[int, int, int] | None = None) -> InputSettings:
         """Read the fields from ``config`` (TGHMoEConfig or Qwen2_5_VLConfig), with defaults.
 
         A plain Qwen2.5-VL config lacks the CT fields, so every one falls back to the module
-        defaults; ``volume_grid`` overrides the config's grid (rounded to legal multiples).
+        defaults; ``volume_grid`` overrides the config's grid (rounded to legal multiples). The
+        loader puts a model folder's own processor values (``preprocessor_config.json``: mean/std,
+        min/max pixels) on the config (:func:`apply_processor_settings`), so they win here; a frame
+        outside [min_pixels, max_pixels] is resized the way Qwen's processor does (``smart_resize``).
         """
         vision = getattr(config, "vision_config", None)
         patch = int(getattr(vision, "patch_size", 14))
@@ -172,8 +178,13 @@ class InputSettings:
             raise ValueError(f"ct_windows must be three (centre, width>0) pairs, got {windows}")
         if len(mean) != 3 or len(std) != 3:
             raise ValueError("image_mean and image_std need one value per channel (3)")
+        min_pixels = _optional_int(getattr(config, "min_pixels", None))
+        max_pixels = _optional_int(getattr(config, "max_pixels", None))
+        grid = round_grid(grid, temporal, patch * merge)
+        if min_pixels is not None or max_pixels is not None:
+            grid = (grid[0], *fit_frame_pixels(grid[1], grid[2], patch * merge, min_pixels, max_pixels))
         return cls(
-            volume_grid=round_grid(grid, temporal, patch * merge),
+            volume_grid=grid,
             ct_windows=windows,
             image_mean=tuple(float(m) for m in mean),
             image_std=tuple(float(s) for s in std),
@@ -183,7 +194,169 @@ class InputSettings:
             tokens_per_second=tokens_per_second,
             depth_mm_per_position=None if depth_mm in (None, 0) else float(depth_mm),
             input_intensity=input_intensity,
+            min_pixels=min_pixels,
+            max_pixels=max_pixels,
         )
+
+
+def _optional_int(value: Any) -> int | None:
+    return None if value is None else int(value)
+
+
+def fit_frame_pixels(
+    height: int, width: int, multiple: int, min_pixels: int | None, max_pixels: int | None
+) -> tuple[int, int]:
+    """(height, width) of a frame resized into [min_pixels, max_pixels] as Qwen's processor does.
+
+    transformers' ``smart_resize`` (Qwen2-VL image processor): the aspect ratio kept, both sides
+    multiples of ``multiple`` (patch x merge). A frame already inside the limits is unchanged.
+    """
+    from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import smart_resize
+
+    low = multiple * multiple if min_pixels is None else int(min_pixels)
+    high = max(height * width, low) if max_pixels is None else int(max_pixels)
+    if low <= height * width <= high:
+        return height, width
+    return tuple(int(v) for v in smart_resize(height, width, factor=multiple, min_pixels=low, max_pixels=high))  # type: ignore[return-value]
+
+
+# --------------------------------------------------------------------------- processor files
+
+#: Files of a model folder that describe its processor, the video processor first: a CT goes in
+#: as a video, and transformers' Qwen2.5-VL processor reads videos with the video processor.
+PROCESSOR_FILES = ("video_preprocessor_config.json", "preprocessor_config.json")
+
+
+@dataclass(frozen=True)
+class ProcessorSettings:
+    """What a model folder's own processor files say about the pixels the model expects.
+
+    Every field is None when no file gives it. ``sources``: the files read, in precedence order.
+    """
+
+    sources: tuple[str, ...]
+    patch_size: int | None = None
+    temporal_patch_size: int | None = None
+    merge_size: int | None = None
+    image_mean: tuple[float, ...] | None = None
+    image_std: tuple[float, ...] | None = None
+    min_pixels: int | None = None
+    max_pixels: int | None = None
+
+
+class ProcessorConfigError(ValueError):
+    """A processor file cannot be read; ``file`` names it (the loader adds the folder)."""
+
+    def __init__(self, file: str, reason: str):
+        self.file = file
+        self.reason = reason
+        super().__init__(f"{file}: {reason}")
+
+
+def _processor_values(name: str, data: dict[str, Any]) -> dict[str, Any]:
+    """The fields of one processor JSON that matter here, validated."""
+    values: dict[str, Any] = {}
+    try:
+        for key in ("patch_size", "temporal_patch_size", "merge_size"):
+            if data.get(key) is not None:
+                values[key] = int(data[key])
+                if values[key] < 1:
+                    raise ValueError(f"{key} must be >= 1")
+        size = data.get("size") if isinstance(data.get("size"), dict) else {}
+        low = data.get("min_pixels", size.get("shortest_edge") if "longest_edge" in size else None)
+        high = data.get("max_pixels", size.get("longest_edge"))
+        if low is not None:
+            values["min_pixels"] = int(low)
+        if high is not None:
+            values["max_pixels"] = int(high)
+        if data.get("do_normalize") is False:  # the processor skips normalisation
+            values["image_mean"], values["image_std"] = (0.0, 0.0, 0.0), (1.0, 1.0, 1.0)
+        else:
+            for key in ("image_mean", "image_std"):
+                if data.get(key) is not None:
+                    vector = tuple(float(v) for v in data[key])
+                    if len(vector) != 3:
+                        raise ValueError(f"{key} needs 3 values, got {len(vector)}")
+                    values[key] = vector
+            if any(v <= 0 for v in values.get("image_std", ())):
+                raise ValueError("image_std must be positive")
+    except (TypeError, ValueError) as err:
+        raise ProcessorConfigError(name, f"invalid value ({err})") from None
+    return values
+
+
+def read_processor_settings(folder: str | Any) -> ProcessorSettings | None:
+    """The folder's processor settings (video processor first, then the image processor), or None.
+
+    Raises :class:`ProcessorConfigError` for a file that is not a JSON object or holds bad values.
+    """
+    import json
+    from pathlib import Path
+
+    folder = Path(folder)
+    merged: dict[str, Any] = {}
+    sources: list[str] = []
+    for name in PROCESSOR_FILES:
+        file = folder / name
+        if not file.is_file():
+            continue
+        try:
+            data = json.loads(file.read_text(encoding="utf-8"))
+        except (OSError, ValueError) as err:
+            raise ProcessorConfigError(name, f"not valid JSON ({err})") from None
+        if not isinstance(data, dict):
+            raise ProcessorConfigError(name, "not a JSON object")
+        sources.append(name)
+        for key, value in _processor_values(name, data).items():
+            merged.setdefault(key, value)
+    if not sources:
+        return None
+    return ProcessorSettings(sources=tuple(sources), **merged)
+
+
+def check_processor_matches_vision(settings: ProcessorSettings | None, vision: Any) -> None:
+    """Raise :class:`ProcessorConfigError` when the processor's patch sizes are not the vision
+    tower's (``vision``: a vision config or its ``config.json`` dict)."""
+    if settings is None or vision is None:
+        return
+    for field_name, vision_name, default in (
+        ("patch_size", "patch_size", 14),
+        ("temporal_patch_size", "temporal_patch_size", 2),
+        ("merge_size", "spatial_merge_size", 2),
+    ):
+        wanted = getattr(settings, field_name)
+        raw = vision.get(vision_name, default) if isinstance(vision, dict) else getattr(vision, vision_name, default)
+        actual = int(raw)
+        if wanted is not None and wanted != actual:
+            raise ProcessorConfigError(
+                settings.sources[0],
+                f"{field_name} {wanted} does not match the vision tower's {vision_name} {actual} in config.json",
+            )
+
+
+def apply_processor_settings(config: Any, settings: ProcessorSettings | None) -> list[str]:
+    """Put a folder's processor values on the model ``config`` (read by :class:`InputSettings`).
+
+    The patch sizes must equal the vision tower's (they fix the shape of its weights): a mismatch
+    raises :class:`ProcessorConfigError`. Mean / std and the pixel limits replace the config's;
+    returns a note for each value that differed from what ``config.json`` held.
+    """
+    if settings is None:
+        return []
+    check_processor_matches_vision(settings, config.vision_config)
+    source = settings.sources[0]
+    notes: list[str] = []
+    for key in ("image_mean", "image_std", "min_pixels", "max_pixels"):
+        value = getattr(settings, key)
+        if value is None:
+            continue
+        before = getattr(config, key, None)
+        if key in ("image_mean", "image_std"):
+            value = [float(v) for v in value]
+            if before is not None and [round(float(v), 8) for v in before] != [round(v, 8) for v in value]:
+                notes.append(f"{source}: {key} {value} replaces config.json's {list(before)}")
+        setattr(config, key, value)
+    return notes
 
 
 def round_grid(grid: tuple[int, ...], depth_multiple: int, plane_multiple: int) -> tuple[int, int, int]:

@@ -34,6 +34,44 @@ MINIMAL_CHAT_TEMPLATE = (
 )
 
 
+#: Where a model folder keeps its chat template, in transformers' processor order: the legacy
+#: processor file first (Qwen2.5-VL ships its multimodal template there), then the raw Jinja file.
+CHAT_TEMPLATE_FILES = ("chat_template.json", "chat_template.jinja")
+
+
+class ChatTemplateError(ValueError):
+    """A chat-template file of the folder cannot be read (the message names the file)."""
+
+
+def folder_chat_template(folder: Any) -> tuple[str, str] | None:
+    """(template, file name) of the folder's own chat template, or None when it has no file.
+
+    ``AutoTokenizer`` reads only the tokenizer's template; a Qwen2.5-VL folder keeps its
+    multimodal template in ``chat_template.json`` for the processor, and a model must be asked
+    the way it was trained, so the processor's file wins, as in transformers' ``ProcessorMixin``.
+    """
+    import json
+    from pathlib import Path
+
+    folder = Path(folder)
+    for name in CHAT_TEMPLATE_FILES:
+        file = folder / name
+        if not file.is_file():
+            continue
+        try:
+            text = file.read_text(encoding="utf-8")
+            template = json.loads(text)["chat_template"] if name.endswith(".json") else text
+        except (OSError, ValueError, KeyError, TypeError) as err:
+            raise ChatTemplateError(f"{name} cannot be read ({type(err).__name__}: {err})") from None
+        if isinstance(template, list):  # [{"name": "default", "template": ...}, ...]
+            named = {str(t.get("name")): t.get("template") for t in template if isinstance(t, dict)}
+            template = named.get("default")
+        if not isinstance(template, str) or not template.strip():
+            raise ChatTemplateError(f"{name} holds no chat template")
+        return template, name
+    return None
+
+
 def special_tokens_in_id_order() -> list[str]:
     """Special token strings sorted by their id in ``TINY_SPECIAL_TOKENS`` (ids 0, 1, 2...)."""
     ordered = sorted(TINY_SPECIAL_TOKENS.items(), key=lambda item: item[1])
