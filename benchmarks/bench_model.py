@@ -214,7 +214,7 @@ def write_docs(path: Path, table: str, args: argparse.Namespace, peak_mib: float
     section = f"""## Model
 
 Machine: {platform.machine()} CPU, {args.threads} torch thread(s), shared with other
-jobs; **no GPU in this task**, so the GPU rows of issue 3 (a Qwen2.5-VL-3B-shaped model in
+jobs; **no GPU in this task**, so the GPU rows (a Qwen2.5-VL-3B-shaped model in
 4-bit vs bf16, peak GPU memory) are not measured. torch {torch.__version__}, transformers
 {transformers.__version__}.
 

@@ -3,7 +3,7 @@
 import pytest
 
 
-# --- issue 5 (chat, routing, report, CLI): a tiny random TGH-MoE model folder --------------
+# --- a tiny random TGH-MoE model folder (chat, routing, report, CLI) -----------------------
 @pytest.fixture(scope="session")
 def tiny_tghmoe_folder(tmp_path_factory):
     """An untrained tiny TGH-MoE folder (safetensors + tokenizer) saved with save_pretrained.
@@ -16,8 +16,8 @@ def tiny_tghmoe_folder(tmp_path_factory):
     return build_placeholder_model(tmp_path_factory.mktemp("models") / "tiny-tghmoe", volume_grid=(8, 64, 64))
 
 
-# --- issue 3 (model loading / engine, helper M2): tiny model folders ----------------------
-M2_VOLUME_GRID = (8, 64, 64)  # -> video grid (4, 8, 8), 64 LLM video tokens
+# --- tiny model folders (model loading, engine) -------------------------------------------
+TINY_VOLUME_GRID = (8, 64, 64)  # -> video grid (4, 8, 8), 64 LLM video tokens
 
 
 @pytest.fixture(scope="session")
@@ -47,7 +47,7 @@ def m2_tghmoe_folder(tmp_path_factory, m2_tokenizer):
     from napari_tghmoe.model.modeling import adapt_2d_mllm
     from napari_tghmoe.model.tiny import build_tiny_base_model
 
-    model = adapt_2d_mllm(build_tiny_base_model(seed=1), {"volume_grid": list(M2_VOLUME_GRID)})
+    model = adapt_2d_mllm(build_tiny_base_model(seed=1), {"volume_grid": list(TINY_VOLUME_GRID)})
     generator = torch.Generator().manual_seed(2)
     with torch.no_grad():
         for name, parameter in model.named_parameters():

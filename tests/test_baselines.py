@@ -1,4 +1,4 @@
-"""Image-free baselines (issue 19): what the question and its choices give away without the image."""
+"""Image-free baselines: what the question and its choices give away without the image."""
 
 from __future__ import annotations
 
@@ -65,7 +65,7 @@ def test_the_prior_finds_a_planted_leak_and_breaks_ties_by_text():
     assert prior.predict(unseen) == "C"
 
 
-def test_the_hand_rule_is_the_one_from_the_issue():
+def test_the_hand_rule_answers_axial_no_finding_the_first_organ_and_portal_venous():
     def item(qtype, choices):
         return ClosedItem(qtype, "?", choices, "A", "c")
 

@@ -435,7 +435,7 @@ def test_a_model_trained_on_m3d_volumes_records_unit_intensities_and_its_card_sa
     assert "**hu**" in input_intensity_line({})  # a folder written before the field: trained on HU
 
 
-# --------------------------------------------------------------------------- issue 19: the image-free control and the stored plane
+# --------------------------------------------------------------------------- the image-free control and the stored plane
 
 
 def test_zero_image_zeroes_the_pixels_and_nothing_else(tokenizer_and_config):

@@ -228,7 +228,7 @@ def test_phantom_ground_truth_reports_score_perfectly_and_agree_with_the_phantom
     assert seen_findings > 0  # the seeds above include abnormal cases
 
 
-# --------------------------------------------------------------------------- issue 19: bootstrap intervals
+# --------------------------------------------------------------------------- bootstrap intervals
 
 
 def test_bootstrap_interval_holds_the_estimate_and_shrinks_with_more_cases():

@@ -1,4 +1,4 @@
-"""Issue 17: what archives and users feed the reader and the CLI, and what the user is told.
+"""What archives and users feed the reader and the CLI, and what the user is told.
 
 Every scan is built here, synthetically (pydicom files written to tmp_path, nibabel and
 SimpleITK images), and goes through the public entry points: ``load_volume``, the npe2 reader

@@ -1,6 +1,6 @@
 """Every use of napari's private API in this plugin, in one place.
 
-napari has no public orthogonal-view component (napari issue 662) and no public handle on
+napari has no public orthogonal-view component (napari/napari#662) and no public handle on
 its main Qt window, so the few private attributes we need are reached only from here;
 when napari changes them, this is the one file to fix.
 """

@@ -11,8 +11,8 @@ away on their own. Three rules, none of which sees a pixel:
 * **image-free prior given the question**: the same, keyed by the exact question as well (so it
   can learn that "Where is the lung nodule located?" is never answered with a kidney zone).
   It shows what a text-only model could learn from question and choices together.
-* **hand rule** (:func:`hand_rule_letter`): the rule that scored 0.528 on the old choice lists
-  (issue 19): always "axial", always the "no X is seen" / "no abnormality" option, the first
+* **hand rule** (:func:`hand_rule_letter`): the rule that scored 0.528 on the phantoms' earlier,
+  unbalanced choice lists: always "axial", always the "no X is seen" / "no abnormality" option, the first
   listed organ that can hold a finding, always "portal venous". Kept so the table shows it fell.
 
 Scores carry 95 % bootstrap intervals resampled by case (see
@@ -124,7 +124,7 @@ def _organs_that_hold_findings() -> set[str]:
 
 
 def hand_rule_letter(item: ClosedItem) -> str:
-    """Issue 19's hand rule: "axial", the "no ..." option, the first organ that can hold a
+    """The hand rule: "axial", the "no ..." option, the first organ that can hold a
     finding, "portal venous"; option A when the wanted text is not listed."""
     texts = [_norm(c) for c in item.choices]
     wanted: int | None = None
