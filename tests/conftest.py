@@ -21,7 +21,7 @@ TINY_VOLUME_GRID = (8, 64, 64)  # -> video grid (4, 8, 8), 64 LLM video tokens
 
 
 @pytest.fixture(scope="session")
-def m2_tokenizer():
+def tiny_tokenizer():
     """A tiny byte-level BPE tokenizer with the specials at ``TINY_SPECIAL_TOKENS`` ids."""
     from napari_tghmoe.model.tokenizer import DEFAULT_CORPUS, build_tokenizer
 
@@ -29,18 +29,18 @@ def m2_tokenizer():
 
 
 @pytest.fixture(scope="session")
-def tiny_qwen_folder(tmp_path_factory, m2_tokenizer):
+def tiny_qwen_folder(tmp_path_factory, tiny_tokenizer):
     """A plain (unadapted) tiny Qwen2.5-VL folder: safetensors + config + tokenizer."""
     from napari_tghmoe.model.tiny import build_tiny_base_model
 
-    folder = tmp_path_factory.mktemp("m2") / "tiny-qwen2_5_vl"
+    folder = tmp_path_factory.mktemp("tiny-models") / "tiny-qwen2_5_vl"
     build_tiny_base_model(seed=0).save_pretrained(folder)
-    m2_tokenizer.save_pretrained(folder)
+    tiny_tokenizer.save_pretrained(folder)
     return folder
 
 
 @pytest.fixture(scope="session")
-def m2_tghmoe_folder(tmp_path_factory, m2_tokenizer):
+def tuned_tghmoe_folder(tmp_path_factory, tiny_tokenizer):
     """A tiny TGH-MoE folder whose experts and LLM LoRA are non-zero (as if trained)."""
     import torch
 
@@ -53,7 +53,7 @@ def m2_tghmoe_folder(tmp_path_factory, m2_tokenizer):
         for name, parameter in model.named_parameters():
             if "lora_B" in name:  # B = 0 at adaptation: make the experts and LoRA matter
                 parameter.copy_(torch.randn(parameter.shape, generator=generator) * 0.05)
-    folder = tmp_path_factory.mktemp("m2") / "tiny-tghmoe"
+    folder = tmp_path_factory.mktemp("tiny-models") / "tiny-tghmoe"
     model.save_pretrained(folder)
-    m2_tokenizer.save_pretrained(folder)
+    tiny_tokenizer.save_pretrained(folder)
     return folder

@@ -22,8 +22,8 @@ LONG = {"min_new_tokens": 400}  # the random model may otherwise say <|im_end|> 
 
 
 @pytest.fixture(scope="module")
-def engine(m2_tghmoe_folder):
-    return InferenceEngine.from_pretrained(m2_tghmoe_folder, device="cpu")
+def engine(tuned_tghmoe_folder):
+    return InferenceEngine.from_pretrained(tuned_tghmoe_folder, device="cpu")
 
 
 @pytest.fixture(scope="module")

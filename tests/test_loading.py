@@ -43,17 +43,17 @@ def state_as_saved(model) -> dict[str, torch.Tensor]:
 # ------------------------------------------------------------------ loading folders
 
 
-def test_tghmoe_folder_loads_directly_with_every_tensor_as_saved(m2_tghmoe_folder):
+def test_tghmoe_folder_loads_directly_with_every_tensor_as_saved(tuned_tghmoe_folder):
     from napari_tghmoe.model.modeling import TGHMoEForConditionalGeneration
 
-    model, tokenizer, info = load_model(m2_tghmoe_folder, device="cpu")
+    model, tokenizer, info = load_model(tuned_tghmoe_folder, device="cpu")
 
     assert isinstance(model, TGHMoEForConditionalGeneration)
     assert (info.is_tghmoe, info.adapted_from_base) == (True, False)
     assert (info.device, info.quantization, info.dtype) == ("cpu", "none", "float32")
     assert info.warnings == []
     assert len(info.weights_sha256) == 64
-    file_tensors = load_file(m2_tghmoe_folder / "model.safetensors")
+    file_tensors = load_file(tuned_tghmoe_folder / "model.safetensors")
     loaded = state_as_saved(model)
     assert set(file_tensors) <= set(loaded)
     for key, value in file_tensors.items():
@@ -82,8 +82,8 @@ def test_plain_qwen_folder_can_stay_unadapted(tiny_qwen_folder):
     assert not info.is_tghmoe and info.weights_sha256 is None
 
 
-def test_cpu_bfloat16_when_asked(m2_tghmoe_folder):
-    model, _, info = load_model(m2_tghmoe_folder, device="cpu", dtype="bf16", hash_weights=False)
+def test_cpu_bfloat16_when_asked(tuned_tghmoe_folder):
+    model, _, info = load_model(tuned_tghmoe_folder, device="cpu", dtype="bf16", hash_weights=False)
     assert info.dtype == "bfloat16"
     assert model.lm_head.weight.dtype == torch.bfloat16
     assert model.model.visual.patch_embed.proj.weight.dtype == torch.bfloat16
@@ -92,10 +92,10 @@ def test_cpu_bfloat16_when_asked(m2_tghmoe_folder):
 @pytest.mark.parametrize(
     ("quantization", "linear_class"), [("4bit", "Linear4bit"), ("8bit", "Linear8bitLt")]
 )
-def test_bitsandbytes_quantizes_only_the_llm_on_cpu_and_generates(m2_tghmoe_folder, quantization, linear_class):
+def test_bitsandbytes_quantizes_only_the_llm_on_cpu_and_generates(tuned_tghmoe_folder, quantization, linear_class):
     from napari_tghmoe.engine import Answer, InferenceEngine
 
-    engine = InferenceEngine.from_pretrained(m2_tghmoe_folder, device="cpu", quantization=quantization)
+    engine = InferenceEngine.from_pretrained(tuned_tghmoe_folder, device="cpu", quantization=quantization)
     model = engine.model
     layer = model.model.language_model.layers[0]
     assert type(layer.self_attn.q_proj).__name__ == linear_class
@@ -127,11 +127,11 @@ def one_line_error(path) -> str:
     return message
 
 
-def test_a_tghmoe_folder_never_loads_as_a_plain_qwen_when_the_classes_fail_to_import(m2_tghmoe_folder, monkeypatch):
+def test_a_tghmoe_folder_never_loads_as_a_plain_qwen_when_the_classes_fail_to_import(tuned_tghmoe_folder, monkeypatch):
     import sys
 
     monkeypatch.setitem(sys.modules, "napari_tghmoe.model.modeling", None)  # import raises
-    message = one_line_error(m2_tghmoe_folder)
+    message = one_line_error(tuned_tghmoe_folder)
     assert "could not be imported" in message and "modeling" in message
 
 
@@ -139,28 +139,28 @@ def test_missing_folder(tmp_path):
     assert "not found" in one_line_error(tmp_path / "nowhere")
 
 
-def test_a_file_instead_of_a_folder(m2_tghmoe_folder):
-    assert "not a folder" in one_line_error(m2_tghmoe_folder / "config.json")
+def test_a_file_instead_of_a_folder(tuned_tghmoe_folder):
+    assert "not a folder" in one_line_error(tuned_tghmoe_folder / "config.json")
 
 
-def test_missing_and_broken_config(tmp_path, m2_tghmoe_folder):
-    folder = copy_folder(m2_tghmoe_folder, tmp_path)
+def test_missing_and_broken_config(tmp_path, tuned_tghmoe_folder):
+    folder = copy_folder(tuned_tghmoe_folder, tmp_path)
     (folder / "config.json").unlink()
     assert "no config.json" in one_line_error(folder)
     (folder / "config.json").write_text("{not json")
     assert "not valid JSON" in one_line_error(folder)
 
 
-def test_wrong_architecture_names_it(tmp_path, m2_tghmoe_folder):
-    folder = copy_folder(m2_tghmoe_folder, tmp_path)
+def test_wrong_architecture_names_it(tmp_path, tuned_tghmoe_folder):
+    folder = copy_folder(tuned_tghmoe_folder, tmp_path)
     bert = {"model_type": "bert", "architectures": ["BertForMaskedLM"], "hidden_size": 32}
     (folder / "config.json").write_text(json.dumps(bert))
     message = one_line_error(folder)
     assert "wrong architecture" in message and "bert" in message and "Qwen2.5-VL" in message
 
 
-def test_pickle_checkpoint_is_refused(tmp_path, m2_tghmoe_folder):
-    folder = copy_folder(m2_tghmoe_folder, tmp_path)
+def test_pickle_checkpoint_is_refused(tmp_path, tuned_tghmoe_folder):
+    folder = copy_folder(tuned_tghmoe_folder, tmp_path)
     state = load_file(folder / "model.safetensors")
     (folder / "model.safetensors").unlink()
     torch.save(state, folder / "pytorch_model.bin")
@@ -168,28 +168,28 @@ def test_pickle_checkpoint_is_refused(tmp_path, m2_tghmoe_folder):
     assert "pytorch_model.bin" in message and "pickle" in message and "safetensors" in message
 
 
-def test_folder_without_weights(tmp_path, m2_tghmoe_folder):
-    folder = copy_folder(m2_tghmoe_folder, tmp_path)
+def test_folder_without_weights(tmp_path, tuned_tghmoe_folder):
+    folder = copy_folder(tuned_tghmoe_folder, tmp_path)
     (folder / "model.safetensors").unlink()
     assert "no .safetensors weights" in one_line_error(folder)
 
 
-def test_missing_tokenizer(tmp_path, m2_tghmoe_folder):
-    folder = copy_folder(m2_tghmoe_folder, tmp_path)
+def test_missing_tokenizer(tmp_path, tuned_tghmoe_folder):
+    folder = copy_folder(tuned_tghmoe_folder, tmp_path)
     (folder / "tokenizer.json").unlink()
     assert "no tokenizer" in one_line_error(folder)
 
 
-def test_tokenizer_of_another_model(tmp_path, m2_tghmoe_folder):
-    folder = copy_folder(m2_tghmoe_folder, tmp_path)
+def test_tokenizer_of_another_model(tmp_path, tuned_tghmoe_folder):
+    folder = copy_folder(tuned_tghmoe_folder, tmp_path)
     config = json.loads((folder / "config.json").read_text())
     config["video_token_id"] = 5  # the tokenizer's <|video_pad|> is 6
     (folder / "config.json").write_text(json.dumps(config))
     assert "tokenizer does not match" in one_line_error(folder)
 
 
-def test_corrupt_weights_are_a_load_error_not_a_crash(tmp_path, m2_tghmoe_folder):
-    folder = copy_folder(m2_tghmoe_folder, tmp_path)
+def test_corrupt_weights_are_a_load_error_not_a_crash(tmp_path, tuned_tghmoe_folder):
+    folder = copy_folder(tuned_tghmoe_folder, tmp_path)
     (folder / "model.safetensors").write_bytes(b"\x00" * 64)
     assert "cannot" in one_line_error(folder)
 
@@ -212,8 +212,8 @@ def _shard(folder) -> list[str]:
     return names
 
 
-def test_sharded_folder_with_a_missing_or_corrupt_shard(tmp_path, m2_tghmoe_folder):
-    folder = copy_folder(m2_tghmoe_folder, tmp_path)
+def test_sharded_folder_with_a_missing_or_corrupt_shard(tmp_path, tuned_tghmoe_folder):
+    folder = copy_folder(tuned_tghmoe_folder, tmp_path)
     names = _shard(folder)
     assert load_model(folder, device="cpu").model is not None  # the shards themselves are right
 
@@ -353,7 +353,7 @@ def test_convert_standalone_copies_the_base_into_one_folder(tiny_qwen_folder, tm
     assert info.base_path is None and info.is_tghmoe and not info.adapted_from_base
 
 
-def test_convert_refuses_to_overwrite_and_bad_bases_in_one_line(tiny_qwen_folder, m2_tghmoe_folder, tmp_path, capsys):
+def test_convert_refuses_to_overwrite_and_bad_bases_in_one_line(tiny_qwen_folder, tuned_tghmoe_folder, tmp_path, capsys):
     from napari_tghmoe.cli import main
 
     out = tmp_path / "out"
@@ -364,7 +364,7 @@ def test_convert_refuses_to_overwrite_and_bad_bases_in_one_line(tiny_qwen_folder
     assert "not empty" in err and len(err.splitlines()) == 1
     assert (out / "notes.txt").read_text() == "keep me"
 
-    assert main(["convert", "--base", str(m2_tghmoe_folder), "--out", str(tmp_path / "x")]) == 2
+    assert main(["convert", "--base", str(tuned_tghmoe_folder), "--out", str(tmp_path / "x")]) == 2
     assert "already a TGH-MoE" in capsys.readouterr().err
     assert main(["convert", "--base", str(tmp_path / "missing"), "--out", str(tmp_path / "y")]) == 2
     assert "not found" in capsys.readouterr().err

@@ -1,4 +1,4 @@
-"""Memory-safe loading (issue 16): estimate, free memory, and a clear refusal instead of an OOM kill."""
+"""Memory-safe loading: estimate, free memory, and a clear refusal instead of an OOM kill."""
 
 from __future__ import annotations
 
@@ -117,45 +117,45 @@ def test_cuda_free_memory_is_unknown_without_a_gpu():
 # ------------------------------------------------------------------ a real folder and the loader
 
 
-def test_check_fits_on_a_tiny_folder(m2_tghmoe_folder):
-    needed = memory.estimate_load_bytes(m2_tghmoe_folder, "fp32", "cpu")
-    assert needed == memory.check_fits(m2_tghmoe_folder, "fp32", "cpu", available=GIB).needed_bytes
-    assert memory.estimate_load_bytes(m2_tghmoe_folder, "bf16", "cpu") < needed
+def test_check_fits_on_a_tiny_folder(tuned_tghmoe_folder):
+    needed = memory.estimate_load_bytes(tuned_tghmoe_folder, "fp32", "cpu")
+    assert needed == memory.check_fits(tuned_tghmoe_folder, "fp32", "cpu", available=GIB).needed_bytes
+    assert memory.estimate_load_bytes(tuned_tghmoe_folder, "bf16", "cpu") < needed
 
-    fits = memory.check_fits(m2_tghmoe_folder, "fp32", "cpu", available=needed)
-    assert fits.fits and fits.model_dir == str(m2_tghmoe_folder)
-    short = memory.check_fits(m2_tghmoe_folder, "fp32", "cpu", available=needed - 1)
+    fits = memory.check_fits(tuned_tghmoe_folder, "fp32", "cpu", available=needed)
+    assert fits.fits and fits.model_dir == str(tuned_tghmoe_folder)
+    short = memory.check_fits(tuned_tghmoe_folder, "fp32", "cpu", available=needed - 1)
     assert not short.fits and short.available_bytes == needed - 1
 
-    options = memory.check_fits_for_options(m2_tghmoe_folder, device="cpu", quantization="none", available=needed)
+    options = memory.check_fits_for_options(tuned_tghmoe_folder, device="cpu", quantization="none", available=needed)
     assert options.fits and options.precision == "fp32"
     with pytest.raises(ModelLoadError, match="not found"):
-        memory.check_fits(m2_tghmoe_folder.parent / "missing", "fp32", "cpu")
+        memory.check_fits(tuned_tghmoe_folder.parent / "missing", "fp32", "cpu")
 
 
-def test_loading_refuses_a_model_that_does_not_fit_with_one_clear_line(m2_tghmoe_folder, monkeypatch):
+def test_loading_refuses_a_model_that_does_not_fit_with_one_clear_line(tuned_tghmoe_folder, monkeypatch):
     from napari_tghmoe.engine import InferenceEngine
 
-    needed = memory.estimate_load_bytes(m2_tghmoe_folder, "fp32", "cpu")
+    needed = memory.estimate_load_bytes(tuned_tghmoe_folder, "fp32", "cpu")
     monkeypatch.setattr(memory, "available_bytes", lambda device: needed - 1)
     with pytest.raises(ModelLoadError) as caught:
-        InferenceEngine.from_pretrained(m2_tghmoe_folder, device="cpu")
+        InferenceEngine.from_pretrained(tuned_tghmoe_folder, device="cpu")
     message = str(caught.value)
-    assert "\n" not in message and message.startswith(str(m2_tghmoe_folder))
+    assert "\n" not in message and message.startswith(str(tuned_tghmoe_folder))
     assert "not enough memory" in message and "fp32" in message
     assert f"{needed / GIB:.1f} GiB" in message and f"{(needed - 1) / GIB:.1f} GiB free" in message
     assert "bf16" in message  # what would fit instead
 
     # bf16 fits in the same memory, and loads
-    engine = InferenceEngine.from_pretrained(m2_tghmoe_folder, device="cpu", dtype="bf16", hash_weights=False)
+    engine = InferenceEngine.from_pretrained(tuned_tghmoe_folder, device="cpu", dtype="bf16", hash_weights=False)
     assert engine.info.memory.fits and engine.info.memory.precision == "bf16"
 
 
-def test_memory_probe_and_opting_out(m2_tghmoe_folder):
+def test_memory_probe_and_opting_out(tuned_tghmoe_folder):
     with pytest.raises(ModelLoadError, match="not enough memory"):
-        load_model(m2_tghmoe_folder, device="cpu", memory_probe=lambda device: 1024)
-    loaded = load_model(m2_tghmoe_folder, device="cpu", memory_probe=lambda device: 1024, check_memory=False,
+        load_model(tuned_tghmoe_folder, device="cpu", memory_probe=lambda device: 1024)
+    loaded = load_model(tuned_tghmoe_folder, device="cpu", memory_probe=lambda device: 1024, check_memory=False,
                         hash_weights=False)
     assert loaded.info.memory is None
-    unknown = load_model(m2_tghmoe_folder, device="cpu", memory_probe=lambda device: None, hash_weights=False)
+    unknown = load_model(tuned_tghmoe_folder, device="cpu", memory_probe=lambda device: None, hash_weights=False)
     assert unknown.info.memory.fits and unknown.info.memory.available_bytes is None

@@ -295,7 +295,7 @@ def test_a_config_without_the_field_was_trained_on_hu(tmp_path):
     assert InputSettings.from_config(tiny_base_config()).input_intensity == "hu"  # a plain Qwen2.5-VL config
 
 
-# ------------------------------------------------------------------ a model folder's own processor files (issue 16)
+# ------------------------------------------------------------------ a model folder's own processor files
 
 
 def write_json(path, data) -> None:

@@ -1,4 +1,4 @@
-"""The real Qwen2.5-VL folder layout (issue 16): convert without copying the base, answer with the
+"""The real Qwen2.5-VL folder layout: convert without copying the base, answer with the
 folder's own chat template and processor settings."""
 
 from __future__ import annotations

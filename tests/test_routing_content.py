@@ -47,8 +47,8 @@ def test_separation_is_the_mean_total_variation_between_group_means():
 
 
 @pytest.fixture(scope="module")
-def engine(m2_tghmoe_folder):
-    return InferenceEngine.from_pretrained(m2_tghmoe_folder, device="cpu")
+def engine(tuned_tghmoe_folder):
+    return InferenceEngine.from_pretrained(tuned_tghmoe_folder, device="cpu")
 
 
 def test_level1_probabilities_are_what_an_answer_reports(engine):

@@ -72,7 +72,7 @@ AIR_HU = -1024.0
 INTENSITY_HU = "hu"
 INTENSITY_UNIT = "unit"
 INTENSITY_KINDS = (INTENSITY_HU, INTENSITY_UNIT)
-#: Spellings accepted for the kinds ("normalized" is what the data loaders wrote before issue 19).
+#: Spellings accepted for the kinds ("normalized" is what the data loaders once wrote for "unit").
 _INTENSITY_ALIASES = {"hu": INTENSITY_HU, "unit": INTENSITY_UNIT, "normalized": INTENSITY_UNIT, "normalised": INTENSITY_UNIT}
 #: (centre, width) in HU of the display window assumed between HU and unit intensities: soft
 #: tissue, the window most CT teaching images (M3D's source) are shown in. unit 0..1 <-> -160..240 HU.
