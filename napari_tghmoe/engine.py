@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from napari_tghmoe.model.prompts import PromptBuilder, PromptInputs
+from napari_tghmoe.model.prompts import SHARED_GROUP, PromptBuilder, PromptInputs
 
 __all__ = ["Answer", "InferenceEngine", "PromptInputs"]
 
@@ -313,8 +313,9 @@ class InferenceEngine:
     def router_task_probs(self, model_kwargs: dict[str, Any]) -> dict[str, float]:
         """Text -> task-group probabilities without running the vision tower or the LLM.
 
-        Averages the level-1 routers of the MoE blocks that carry task groups, as
-        ``RoutingTrace.task_probs`` does; {} for a model without experts.
+        The level-1 routers of the MoE blocks that carry task groups, averaged by the rule of
+        :func:`napari_tghmoe.model.moe.mean_task_group_probs` (as ``RoutingTrace.task_probs``);
+        {} for a model without experts.
         """
         text_features = getattr(self.model, "text_features", None)
         moe_layers = getattr(self.model, "moe_layers", None)
@@ -322,26 +323,26 @@ class InferenceEngine:
             return {}
         import torch
 
-        task_groups = [g for g in self.model.config.group_names if g != "shared"]
-        totals = dict.fromkeys(task_groups, 0.0)
-        n_blocks = 0
+        from napari_tghmoe.model.moe import mean_task_group_probs
+
+        group_names = list(self.model.config.group_names)
         with torch.inference_mode():
             text = text_features(
                 input_ids=model_kwargs["input_ids"],
                 attention_mask=model_kwargs.get("attention_mask"),
                 text_guidance_mask=model_kwargs.get("text_guidance_mask"),
             )
+            blocks = []
             for layer in moe_layers().values():
                 if layer.task_router is None:
                     continue
                 weight = layer.task_router.weight
-                probs = layer.task_router(text.to(device=weight.device, dtype=weight.dtype)).float().softmax(-1)[0]
-                for name, value in zip(layer.task_group_names, probs.tolist()):
-                    totals[name] += value
-                n_blocks += 1
-        if n_blocks == 0:
+                probs = layer.task_router(text.to(device=weight.device, dtype=weight.dtype)).float().softmax(-1)
+                blocks.append((probs.cpu(), layer.task_group_names))
+            mean = mean_task_group_probs(blocks, group_names)
+        if mean is None:
             return {}
-        return {name: value / n_blocks for name, value in totals.items()}
+        return {name: float(mean[0, group_names.index(name)]) for name in group_names if name != SHARED_GROUP}
 
 
 def _peak_memory(device: Any) -> int:

@@ -12,6 +12,7 @@ from typing import Any
 
 import numpy as np
 
+from napari_tghmoe.ct_windows import NAMED_WINDOWS
 from napari_tghmoe.io._types import CTVolume
 
 #: Key under which every CT layer keeps its source volume (geometry, provenance, window).
@@ -31,17 +32,9 @@ class WindowPreset:
         return window_to_contrast_limits(self.level, self.width)
 
 
-#: The standard CT windows (width/level in HU), in the order the dock shows them.
+#: The standard CT windows (:mod:`napari_tghmoe.ct_windows`), in the order the dock shows them.
 WINDOW_PRESETS: dict[str, WindowPreset] = {
-    preset.name: preset
-    for preset in (
-        WindowPreset("lung", 1500.0, -600.0),
-        WindowPreset("mediastinum", 350.0, 50.0),
-        WindowPreset("soft tissue", 400.0, 40.0),
-        WindowPreset("liver", 150.0, 90.0),
-        WindowPreset("bone", 1800.0, 400.0),
-        WindowPreset("brain", 80.0, 40.0),
-    )
+    name: WindowPreset(name, width=width, level=centre) for name, (centre, width) in NAMED_WINDOWS.items()
 }
 
 #: Window used when the file carries none.

@@ -19,9 +19,9 @@ from pathlib import Path
 
 import torch
 
-from napari_tghmoe.model.configuration import SHARED_GROUP
 from napari_tghmoe.model.loading import OFFLINE_LOAD_KWARGS
 from napari_tghmoe.model.modeling import TGHMoEForConditionalGeneration
+from napari_tghmoe.model.prompts import SHARED_GROUP
 
 DEMO = Path(__file__).resolve().parent.parent / "resources" / "demo-model"
 

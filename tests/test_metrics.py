@@ -228,6 +228,24 @@ def test_phantom_ground_truth_reports_score_perfectly_and_agree_with_the_phantom
     assert seen_findings > 0  # the seeds above include abnormal cases
 
 
+
+def test_the_evaluation_scorer_and_the_phantom_scorer_follow_one_rule_for_nothing_to_count():
+    """0/0 is undefined (None), not 1.0, in both scorers: recall of a normal scan, precision of a
+    report that states nothing; both give the same numbers on the same report."""
+    from napari_tghmoe.phantom import finding_recall_precision, make_phantom
+
+    cases = [make_phantom(seed, region=region, shape=(8, 48, 48)) for seed in range(6) for region in ("chest", "abdomen")]
+    normal = next(p for p in cases if not p.findings)
+    abnormal = next(p for p in cases if p.findings)
+    reports = [(p.report, p) for p in cases] + [("FINDINGS: Unremarkable.", abnormal), ("FINDINGS: Unremarkable.", normal)]
+    for text, phantom in reports:
+        score = M.finding_scores(text, phantom.findings)
+        assert (score.recall, score.precision) == finding_recall_precision(text, phantom.findings)
+    assert finding_recall_precision(normal.report, normal.findings) == (None, None)
+    assert M.finding_scores("FINDINGS: Unremarkable.", abnormal.findings).precision is None
+    assert M.finding_scores("FINDINGS: Unremarkable.", abnormal.findings).recall == 0.0
+
+
 # --------------------------------------------------------------------------- bootstrap intervals
 
 

@@ -631,3 +631,23 @@ def test_generate_uses_text_guidance_and_records_a_trace():
         model.generate(input_ids=other, pixel_values_videos=pixels, video_grid_thw=grid, **settings)
     first, second = recorder.trace.task_probs(), other_recorder.trace.task_probs()
     assert max(abs(first[g] - second[g]) for g in first) > 1e-3
+
+
+def test_task_probabilities_average_the_blocks_with_task_groups_a_missing_group_counting_zero():
+    """The one rule behind the forward's group_probs and the engine's untraced task probabilities:
+    shared is always 1; a block without task groups does not count; a task group a block does
+    not carry counts 0 in that block's share of the mean."""
+    import torch
+
+    from napari_tghmoe.model.moe import mean_task_group_probs
+
+    names = ["shared", "report", "vqa_closed", "vqa_open"]
+    blocks = [
+        (None, []),  # shallow block: shared group only
+        (torch.tensor([[0.5, 0.25, 0.25]]), ["report", "vqa_closed", "vqa_open"]),
+        (torch.tensor([[0.9, 0.1]]), ["report", "vqa_closed"]),
+    ]
+    mean = mean_task_group_probs(blocks, names)
+    assert mean.tolist() == [[1.0, pytest.approx(0.7), pytest.approx(0.175), pytest.approx(0.125)]]
+    assert mean_task_group_probs([(None, [])], names) is None
+

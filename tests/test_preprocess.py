@@ -380,3 +380,18 @@ def test_frames_are_resized_into_the_pixel_limits_as_qwen_does():
     height, width = fit_frame_pixels(252, 504, 28, None, 200 * 28 * 28)
     assert height * width <= 200 * 28 * 28 and height % 28 == 0 and width % 28 == 0
     assert fit_frame_pixels(28, 28, 28, 56 * 56 * 4, None) == (112, 112)  # below min_pixels: enlarged
+
+
+def test_one_table_of_ct_windows_for_the_viewer_the_model_and_m3d_intensities():
+    """"Soft tissue" is the same window in the viewer's presets, the model's green channel and the
+    HU <-> [0, 1] mapping of M3D volumes; lung and bone likewise."""
+    from napari_tghmoe.ct_windows import BONE, LUNG, SOFT_TISSUE
+    from napari_tghmoe.layers import WINDOW_PRESETS
+    from napari_tghmoe.model.configuration import TGHMoEConfig
+    from napari_tghmoe.model.preprocess import DEFAULT_CT_WINDOWS, UNIT_DISPLAY_WINDOW
+
+    assert DEFAULT_CT_WINDOWS == (LUNG, SOFT_TISSUE, BONE) and UNIT_DISPLAY_WINDOW == SOFT_TISSUE
+    for name, window in (("lung", LUNG), ("soft tissue", SOFT_TISSUE), ("bone", BONE)):
+        assert (WINDOW_PRESETS[name].level, WINDOW_PRESETS[name].width) == window
+    assert [tuple(w) for w in TGHMoEConfig().ct_windows] == list(DEFAULT_CT_WINDOWS)
+

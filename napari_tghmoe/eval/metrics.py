@@ -458,7 +458,8 @@ def extract_stated_findings(report: str) -> list[StatedFinding]:
 
 @dataclass
 class FindingScore:
-    """Finding recall/precision of one report (None where the fraction is 0/0)."""
+    """Finding recall/precision of one report (None where the fraction is 0/0:
+    :func:`napari_tghmoe.phantom._text.fraction`)."""
 
     n_true: int
     n_stated: int
@@ -478,22 +479,21 @@ def finding_scores(report: str, true_findings: Iterable[Any]) -> FindingScore:
     distinct stated (kind, location) pairs that are true / distinct stated pairs (a kind
     stated without a location is never true).
     """
+    from napari_tghmoe.phantom._text import match_findings
+
     truth = [
         (f["kind"], f["location"]) if isinstance(f, dict) else (f.kind, f.location) for f in true_findings
     ]
     stated = extract_stated_findings(report)
-    stated_pairs = {(s.kind, s.location) for s in stated}
-    true_pairs = set(truth)
-    n_true_found = sum(pair in stated_pairs for pair in truth)
-    n_stated_true = sum(pair in true_pairs for pair in stated_pairs)
+    match = match_findings(((s.kind, s.location) for s in stated), truth)
     return FindingScore(
-        n_true=len(truth),
-        n_stated=len(stated_pairs),
-        n_true_found=n_true_found,
-        n_stated_true=n_stated_true,
-        recall=n_true_found / len(truth) if truth else None,
-        precision=n_stated_true / len(stated_pairs) if stated_pairs else None,
-        normal_correct=(not stated_pairs) if not truth else None,
+        n_true=match.n_true,
+        n_stated=match.n_stated,
+        n_true_found=match.n_true_found,
+        n_stated_true=match.n_stated_true,
+        recall=match.recall,
+        precision=match.precision,
+        normal_correct=(match.n_stated == 0) if match.n_true == 0 else None,
         stated=[asdict(s) for s in stated],
     )
 
@@ -504,6 +504,8 @@ def aggregate_finding_scores(scores: Sequence[FindingScore]) -> dict[str, Any]:
     Micro averaging keeps normal phantoms meaningful: a report that invents a finding on
     a normal scan lowers precision; one that correctly says nothing changes neither.
     """
+    from napari_tghmoe.phantom._text import fraction
+
     total_true = sum(s.n_true for s in scores)
     total_stated = sum(s.n_stated for s in scores)
     normals = [s.normal_correct for s in scores if s.normal_correct is not None]
@@ -511,12 +513,12 @@ def aggregate_finding_scores(scores: Sequence[FindingScore]) -> dict[str, Any]:
         "n_reports": len(scores),
         "n_true": total_true,
         "n_stated": total_stated,
-        "recall": sum(s.n_true_found for s in scores) / total_true if total_true else None,
-        "precision": sum(s.n_stated_true for s in scores) / total_stated if total_stated else None,
+        "recall": fraction(sum(s.n_true_found for s in scores), total_true),
+        "precision": fraction(sum(s.n_stated_true for s in scores), total_stated),
         "recall_macro": _mean(s.recall for s in scores),
         "precision_macro": _mean(s.precision for s in scores),
         "normal_reports": len(normals),
-        "normal_correct": sum(normals) / len(normals) if normals else None,
+        "normal_correct": fraction(sum(normals), len(normals)),
     }
 
 

@@ -13,19 +13,16 @@ from typing import Any
 from huggingface_hub.dataclasses import strict
 from transformers import AutoConfig, Qwen2_5_VLConfig
 
-DEFAULT_GROUP_NAMES = ("shared", "report", "vqa_closed", "vqa_open")
-SHARED_GROUP = "shared"
-# (centre, width) in HU: lung, soft tissue, bone -> the three input channels.
-DEFAULT_CT_WINDOWS = ((-600.0, 1500.0), (40.0, 400.0), (400.0, 1800.0))
-# Qwen2.5-VL's processor normalises with the OpenAI CLIP statistics.
-CLIP_IMAGE_MEAN = (0.48145466, 0.4578275, 0.40821073)
-CLIP_IMAGE_STD = (0.26862954, 0.26130258, 0.27577711)
+from napari_tghmoe.model.preprocess import (
+    DEFAULT_CT_WINDOWS,
+    DEFAULT_IMAGE_MEAN,
+    DEFAULT_IMAGE_STD,
+    intensity_kind,
+    round_grid,
+)
+from napari_tghmoe.model.prompts import DEFAULT_GROUP_NAMES, SHARED_GROUP
+
 LLM_LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
-
-
-def _round_to_multiple(value: int, multiple: int) -> int:
-    """Nearest positive multiple (256 with multiple 28 -> 252)."""
-    return max(multiple, int(round(value / multiple)) * multiple)
 
 
 @strict
@@ -89,8 +86,8 @@ class TGHMoEConfig(Qwen2_5_VLConfig):
     ct_windows: list[list[float]] | list[tuple[float, float]] | tuple[tuple[float, float], ...] = (
         DEFAULT_CT_WINDOWS
     )
-    image_mean: list[float] | tuple[float, ...] = CLIP_IMAGE_MEAN
-    image_std: list[float] | tuple[float, ...] = CLIP_IMAGE_STD
+    image_mean: list[float] | tuple[float, ...] = DEFAULT_IMAGE_MEAN
+    image_std: list[float] | tuple[float, ...] = DEFAULT_IMAGE_STD
     depth_mm_per_position: float | int | None = None
     input_intensity: str = "hu"
     min_pixels: int | None = None
@@ -169,12 +166,7 @@ class TGHMoEConfig(Qwen2_5_VLConfig):
             raise ValueError(f"volume_grid must be (depth, height, width), got {self.volume_grid}")
         temporal = int(vision.temporal_patch_size)
         spatial = int(vision.patch_size) * int(vision.spatial_merge_size)
-        depth, height, width = (int(v) for v in self.volume_grid)
-        self.volume_grid = [
-            _round_to_multiple(depth, temporal),
-            _round_to_multiple(height, spatial),
-            _round_to_multiple(width, spatial),
-        ]
+        self.volume_grid = list(round_grid(tuple(int(v) for v in self.volume_grid), temporal, spatial))
         self.ct_windows = [[float(c), float(w)] for c, w in self.ct_windows]
         channels = int(vision.in_channels)
         for name in ("ct_windows", "image_mean", "image_std"):
@@ -182,8 +174,6 @@ class TGHMoEConfig(Qwen2_5_VLConfig):
                 raise ValueError(f"{name} needs one entry per input channel ({channels})")
         self.image_mean = [float(v) for v in self.image_mean]
         self.image_std = [float(v) for v in self.image_std]
-        from napari_tghmoe.model.preprocess import intensity_kind
-
         self.input_intensity = intensity_kind(self.input_intensity)
 
     # ------------------------------------------------------------------ helpers

@@ -22,6 +22,8 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
+from napari_tghmoe.model.preprocess import DEFAULT_IMAGE_MEAN, DEFAULT_IMAGE_STD
+
 #: Qwen2.5-VL's added tokens in id order (151643.. in the real tokenizer).
 QWEN_SPECIAL_TOKENS = (
     "<|endoftext|>",
@@ -40,8 +42,8 @@ QWEN_SPECIAL_TOKENS = (
     "<|video_pad|>",
 )
 QWEN_DEFAULT_SYSTEM_PROMPT = "You are a helpful assistant."
-CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
-CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
+CLIP_MEAN = DEFAULT_IMAGE_MEAN
+CLIP_STD = DEFAULT_IMAGE_STD
 
 #: Qwen2.5-VL's chat template (``chat_template.json``), the default system prompt as a slot.
 _QWEN_CHAT_TEMPLATE = (

@@ -31,15 +31,18 @@ from transformers.conversion_mapping import (
 from transformers.modeling_outputs import CausalLMOutputWithPast, ModelOutput
 from transformers.vision_utils import get_vision_window_index
 
-from napari_tghmoe.model.configuration import SHARED_GROUP, TGHMoEConfig
+from napari_tghmoe.model.configuration import TGHMoEConfig
 from napari_tghmoe.model.lora import LLMLoRASite, LoRAAdapter, install_llm_lora, install_merger_lora
 from napari_tghmoe.model.moe import (
     ROUTING_KWARG,
     TGHMoELayer,
     TGHMoEVisionBlock,
     VisionRouting,
+    block_group_probs,
+    mean_task_group_probs,
     rms_normalise,
 )
+from napari_tghmoe.model.prompts import SHARED_GROUP
 from napari_tghmoe.model.routing import (
     RoutingRecorder,
     RoutingTrace,
@@ -93,6 +96,11 @@ _BASE_MATCH_FIELDS = {
 #: transformers 5.24 renamed the key/value cache from ``past_key_values`` to ``cache`` (in model
 #: outputs and in ``forward``); the model speaks whichever name the installed version uses.
 CACHE_FIELD = "cache" if "cache" in CausalLMOutputWithPast.__dataclass_fields__ else "past_key_values"
+
+
+def _task_groups(groups: list[str]) -> list[str]:
+    """A block's groups that level 1 chooses between (all but the always-on shared group)."""
+    return [g for g in groups if g != SHARED_GROUP]
 
 
 @dataclass
@@ -437,7 +445,7 @@ class TGHMoEForConditionalGeneration(Qwen2_5_VLForConditionalGeneration):
         and the routing it used.
 
         ``forward`` calls this for every image / video input; vision-only training and probes
-        (``scripts/probe_detection.py``) call it without running the LLM.
+        (``tghmoe probe-detection``, :mod:`napari_tghmoe.train.detection`) call it without running the LLM.
         """
         token_id = getattr(self.config, f"{modality}_token_id")
         routing = self._vision_routing(
@@ -562,20 +570,14 @@ class TGHMoEForConditionalGeneration(Qwen2_5_VLForConditionalGeneration):
         result.z_loss = torch.stack(z_terms).mean() if z_terms else None
 
         group_names = self.config.group_names
-        task_blocks = [b for b in routings[-1].blocks if b.task_probs is not None]
-        if task_blocks:
-            batch = task_blocks[0].task_probs.shape[0]
-            probs = task_blocks[0].task_probs.new_zeros(len(task_blocks), batch, len(group_names))
-            for i, block in enumerate(task_blocks):
-                columns = [group_names.index(g) for g in block.groups if g != SHARED_GROUP]
-                probs[i, :, columns] = block.task_probs
-            result.group_probs = probs.mean(0)
-            result.group_probs[:, group_names.index(SHARED_GROUP)] = 1.0
+        result.group_probs = mean_task_group_probs(
+            ((b.task_probs, _task_groups(b.groups)) for b in routings[-1].blocks), group_names
+        )
 
         if task_labels is not None:
             losses = []
             for block in (b for b in blocks if b.task_logits is not None):
-                task_groups = [g for g in block.groups if g != SHARED_GROUP]
+                task_groups = _task_groups(block.groups)
                 # group_names index -> index among this block's task groups (-100: none)
                 lookup = torch.full(
                     (len(group_names),), -100, dtype=torch.long, device=block.task_logits.device
@@ -623,12 +625,8 @@ class TGHMoEForConditionalGeneration(Qwen2_5_VLForConditionalGeneration):
             arrays = [g.cpu().numpy() for g in grids]
             same_shape = all(a.shape == arrays[0].shape for a in arrays)
             expert_weights[block.block] = np.stack(arrays) if same_shape else arrays
-            batch = routing.text_features.shape[0]
-            probs = torch.zeros(batch, len(group_names))
-            probs[:, group_names.index(SHARED_GROUP)] = 1.0
-            if block.task_probs is not None:
-                columns = [group_names.index(g) for g in block.groups if g != SHARED_GROUP]
-                probs[:, columns] = block.task_probs.detach().float().cpu()
+            task_probs = block.task_probs.detach().float().cpu() if block.task_probs is not None else None
+            probs = block_group_probs(task_probs, _task_groups(block.groups), group_names, routing.text_features.shape[0])
             group_probs[block.block] = probs.numpy()
             block_groups[block.block] = list(block.groups)
         return RoutingTrace(

@@ -22,6 +22,7 @@ checkpointing replays a block in backward).
 from __future__ import annotations
 
 import math
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 
 import torch
@@ -30,7 +31,7 @@ from torch import nn
 from transformers import initialization as init
 from transformers.models.qwen2_5_vl.modeling_qwen2_5_vl import Qwen2_5_VLVisionBlock
 
-from napari_tghmoe.model.configuration import SHARED_GROUP
+from napari_tghmoe.model.prompts import SHARED_GROUP
 
 ROUTING_KWARG = "tghmoe_routing"
 
@@ -39,6 +40,34 @@ def rms_normalise(vectors: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
     """Scale-free text vector: routers then see unit-RMS input whatever the embedding scale."""
     vectors = vectors.float()
     return vectors * torch.rsqrt(vectors.pow(2).mean(-1, keepdim=True) + eps)
+
+
+def block_group_probs(
+    task_probs: torch.Tensor | None, task_groups: Sequence[str], group_names: Sequence[str], batch: int | None = None
+) -> torch.Tensor:
+    """(B, G) gate mass of each group in one block: shared 1.0 (always on), the block's task groups
+    their level-1 probability, groups the block does not carry 0. ``batch`` sizes a block
+    without task groups (``task_probs`` None)."""
+    if task_probs is None:
+        probs = torch.zeros(int(batch or 1), len(group_names))
+    else:
+        probs = task_probs.new_zeros(task_probs.shape[0], len(group_names))
+        probs[:, [list(group_names).index(g) for g in task_groups]] = task_probs
+    probs[:, list(group_names).index(SHARED_GROUP)] = 1.0
+    return probs
+
+
+def mean_task_group_probs(
+    blocks: Iterable[tuple[torch.Tensor | None, Sequence[str]]], group_names: Sequence[str]
+) -> torch.Tensor | None:
+    """(B, G) task-group probabilities of a prompt: :func:`block_group_probs` averaged over the
+    blocks that carry task groups (a group a block lacks counts 0 there), or None when none does.
+
+    The one rule behind ``TGHMoEOutput.group_probs`` and the engine's untraced task probabilities;
+    ``RoutingTrace.task_probs`` applies it to the recorded per-block rows.
+    """
+    rows = [block_group_probs(probs, groups, group_names) for probs, groups in blocks if probs is not None]
+    return torch.stack(rows).mean(0) if rows else None
 
 
 @dataclass

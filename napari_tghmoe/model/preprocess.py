@@ -49,6 +49,8 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from napari_tghmoe.ct_windows import MODEL_INPUT_WINDOWS, SOFT_TISSUE
+
 if TYPE_CHECKING:  # pragma: no cover
     import torch
 
@@ -56,8 +58,8 @@ if TYPE_CHECKING:  # pragma: no cover
 
 DEFAULT_VOLUME_GRID = (32, 256, 256)
 #: (centre, width) in HU: lung, soft tissue (mediastinum/abdomen), bone -> R, G, B.
-DEFAULT_CT_WINDOWS = ((-600.0, 1500.0), (40.0, 400.0), (400.0, 1800.0))
-#: OpenAI CLIP mean/std, the Qwen2-VL image/video processor defaults.
+DEFAULT_CT_WINDOWS = MODEL_INPUT_WINDOWS
+#: OpenAI CLIP mean/std, the Qwen2-VL image/video processor defaults (Qwen normalises with them).
 DEFAULT_IMAGE_MEAN = (0.48145466, 0.4578275, 0.40821073)
 DEFAULT_IMAGE_STD = (0.26862954, 0.26130258, 0.27577711)
 #: None: one temporal rope position per temporal patch (TGHMoEConfig's default). A float such
@@ -76,7 +78,7 @@ INTENSITY_KINDS = (INTENSITY_HU, INTENSITY_UNIT)
 _INTENSITY_ALIASES = {"hu": INTENSITY_HU, "unit": INTENSITY_UNIT, "normalized": INTENSITY_UNIT, "normalised": INTENSITY_UNIT}
 #: (centre, width) in HU of the display window assumed between HU and unit intensities: soft
 #: tissue, the window most CT teaching images (M3D's source) are shown in. unit 0..1 <-> -160..240 HU.
-UNIT_DISPLAY_WINDOW = (40.0, 400.0)
+UNIT_DISPLAY_WINDOW = SOFT_TISSUE
 
 
 class IntensityMismatchWarning(UserWarning):

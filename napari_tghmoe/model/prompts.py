@@ -15,6 +15,11 @@ from typing import Any, Literal
 
 PromptKind = Literal["report", "question"]
 
+#: The expert group that is always on (level 1 routes between the others).
+SHARED_GROUP = "shared"
+#: A model's groups when nothing else is configured: the shared one, then one per task (answer format).
+DEFAULT_GROUP_NAMES = (SHARED_GROUP, "report", "vqa_closed", "vqa_open")
+
 #: Report instructions (our wording, in the spirit of M3D-Cap's caption prompts). The first
 #: is what the engine sends; training code may sample the others to avoid overfitting one.
 REPORT_PROMPTS: tuple[str, ...] = (

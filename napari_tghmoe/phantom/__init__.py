@@ -26,6 +26,7 @@ from typing import Iterable, Sequence
 
 import numpy as np
 
+from napari_tghmoe.ct_windows import SOFT_TISSUE
 from napari_tghmoe.io import CTVolume
 from napari_tghmoe.phantom._anatomy import (
     REGION_FOV_MM,
@@ -250,7 +251,7 @@ def make_phantom(
         study_uid=_uid(seed, region, "study"),
         frame_of_reference_uid=_uid(seed, region, "frame"),
         description=description,
-        window=(40.0, 400.0),
+        window=SOFT_TISSUE,
         source=f"napari_tghmoe.phantom(seed={seed}, region={region!r})",
         metadata={
             "source_format": "phantom",

@@ -11,6 +11,8 @@ from __future__ import annotations
 import functools
 import itertools
 import re
+from collections.abc import Iterable
+from dataclasses import dataclass
 
 import numpy as np
 
@@ -113,16 +115,55 @@ def extract_findings(text: str) -> list[tuple[str, str]]:
     return pairs
 
 
-def finding_recall_precision(text: str, findings: list[Finding]) -> tuple[float, float]:
-    """Fraction of true findings stated (kind and location), and of stated ones that are true.
+def fraction(part: int, whole: int) -> float | None:
+    """``part / whole``, or None when ``whole`` is 0: the one 0/0 rule of finding scores.
 
-    With no true findings recall is 1.0; with nothing stated precision is 1.0.
+    A fraction of nothing is undefined, not perfect (1.0) nor failed (0.0): a normal scan has no
+    recall, a report that states nothing has no precision. Averages skip such reports, and sums
+    of counts (micro averages) are unchanged by them, so a correct "no finding" neither helps nor
+    hurts, and the normal scans are scored on their own (``normal_correct``).
     """
-    stated = set(extract_findings(text))
-    truth = {(f.kind, f.location) for f in findings}
-    recall = len(stated & truth) / len(truth) if truth else 1.0
-    precision = len(stated & truth) / len(stated) if stated else 1.0
-    return recall, precision
+    return part / whole if whole else None
+
+
+@dataclass(frozen=True)
+class FindingMatch:
+    """Stated (kind, location) pairs matched against the true findings of one report."""
+
+    n_true: int  # true findings (each counted, also two of the same kind and location)
+    n_stated: int  # distinct stated (kind, location) pairs
+    n_true_found: int  # true findings whose kind and location the report states
+    n_stated_true: int  # stated pairs that are a true finding
+
+    @property
+    def recall(self) -> float | None:
+        return fraction(self.n_true_found, self.n_true)
+
+    @property
+    def precision(self) -> float | None:
+        return fraction(self.n_stated_true, self.n_stated)
+
+
+def match_findings(stated: Iterable[tuple[str, str | None]], truth: Iterable[tuple[str, str]]) -> FindingMatch:
+    """Kind AND location must match; a kind stated without a location (None) is never true.
+    Shared by :func:`finding_recall_precision` and ``napari_tghmoe.eval.metrics.finding_scores``."""
+    stated_pairs = set(stated)
+    truth = list(truth)
+    true_pairs = set(truth)
+    return FindingMatch(
+        n_true=len(truth),
+        n_stated=len(stated_pairs),
+        n_true_found=sum(pair in stated_pairs for pair in truth),
+        n_stated_true=sum(pair in true_pairs for pair in stated_pairs),
+    )
+
+
+def finding_recall_precision(text: str, findings: list[Finding]) -> tuple[float | None, float | None]:
+    """Fraction of true findings stated (kind and location), and of stated ones that are true,
+    read with :func:`extract_findings`; None where the fraction is 0/0 (:func:`fraction`): no
+    true findings (recall) or nothing stated (precision)."""
+    match = match_findings(extract_findings(text), [(f.kind, f.location) for f in findings])
+    return match.recall, match.precision
 
 
 # ----------------------------------------------------------------------------- VQA

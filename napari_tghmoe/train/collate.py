@@ -12,9 +12,10 @@ from typing import Any
 
 from napari_tghmoe.datasets.samples import Sample
 from napari_tghmoe.datasets.volumes import load_sample_volume
+from napari_tghmoe.model.prompts import DEFAULT_GROUP_NAMES  # the groups when the config names none
 
-#: Tasks the model's groups are named after when the config has no ``group_names``.
-DEFAULT_GROUP_NAMES = ("shared", "report", "vqa_closed", "vqa_open")
+__all__ = ["DEFAULT_GROUP_NAMES", "IGNORE_INDEX", "collate", "make_collate_fn"]
+
 IGNORE_INDEX = -100
 
 

@@ -234,7 +234,7 @@ class _CollateConfig:
         self._config = config
         names = list(getattr(config, "group_names", None) or [])
         self.has_task_groups = len(names) > 1
-        from napari_tghmoe.train.collate import DEFAULT_GROUP_NAMES
+        from napari_tghmoe.model.prompts import DEFAULT_GROUP_NAMES
 
         self.group_names = names if self.has_task_groups else list(DEFAULT_GROUP_NAMES)
 
