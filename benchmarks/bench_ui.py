@@ -120,8 +120,8 @@ def _run(args) -> int:
     import napari
 
     from napari_tghmoe._placeholder_model import ensure_placeholder_model
-    from napari_tghmoe._widgets.chat import REPORT_REQUEST, default_model_path, dock_assistant
-    from napari_tghmoe._widgets.main_window import load_demo_volume, setup_viewer
+    from napari_tghmoe._widgets.chat import REPORT_REQUEST, default_model_path
+    from napari_tghmoe._widgets.main_window import dock_assistant, load_demo_volume, setup_viewer
 
     demo = default_model_path()
     model = demo or ensure_placeholder_model()

@@ -55,6 +55,28 @@ def _ask(qtbot, chat, question, timeout=60_000):
     return chat.latest_record()
 
 
+def _world_box(layer) -> np.ndarray:
+    """World coordinates of the layer's outer voxel faces: (first corner, last corner)."""
+    shape = np.asarray(layer.data.shape, dtype=float)
+    return np.stack([layer.data_to_world(np.full(3, -0.5)), layer.data_to_world(shape - 0.5)])
+
+
+def _cell_of_voxel(n_cells: int, n_voxels: int) -> np.ndarray:
+    """The token cell holding each CT voxel's centre along one axis."""
+    return np.floor((np.arange(n_voxels) + 0.5) * n_cells / n_voxels).astype(int)
+
+
+def _assert_token_grid_over_the_ct(overlay, ct, grid):
+    """The overlay holds the routing token grid (not a CT-sized copy) and covers the CT's box."""
+    assert overlay.data.shape == tuple(grid)
+    assert overlay.data.size * 10 <= ct.data.size
+    coarse_voxel = np.asarray(overlay.scale)
+    np.testing.assert_allclose(coarse_voxel, np.asarray(ct.scale) * np.asarray(ct.data.shape) / np.asarray(grid))
+    assert (np.abs(overlay.extent.world - ct.extent.world) < coarse_voxel).all()  # within one coarse voxel
+    np.testing.assert_allclose(_world_box(overlay), _world_box(ct), atol=1e-6)
+    assert overlay.units == ct.units
+
+
 def test_send_streams_into_the_transcript_and_records_the_answer(make_napari_viewer, chat_factory, qtbot, tmp_path):
     viewer = make_napari_viewer()
     layer = viewer.add_image(_ct_volume().hu, **ct_layer_kwargs(_ct_volume()))
@@ -136,7 +158,7 @@ def test_routing_view_overlay_matches_the_ct_and_follows_the_selected_answer(
     volume = _ct_volume()
     ct = viewer.add_image(volume.hu, **ct_layer_kwargs(volume))
     chat = chat_factory(viewer)
-    routing = RoutingView(viewer)  # finds the chat of this viewer on its own
+    routing = RoutingView(viewer)  # finds the chat's conversation of this viewer on its own
     viewer.window.add_dock_widget(routing, name="Routing", area="right")
 
     first = _ask(qtbot, chat, "Generate a radiology report.")
@@ -147,20 +169,32 @@ def test_routing_view_overlay_matches_the_ct_and_follows_the_selected_answer(
 
     labels = routing.update_overlay(create=True)
     assert labels.name.startswith("routing: block")
-    assert labels.data.shape == ct.data.shape
-    np.testing.assert_allclose(labels.scale, ct.scale)
-    np.testing.assert_allclose(labels.translate, ct.translate)
-    assert labels.units == ct.units
-    n_experts = len(second.answer.routing.expert_names)
+    trace, block = second.answer.routing, routing.current_block()
+    grid = trace.weights_for(block).shape[:3]
+    _assert_token_grid_over_the_ct(labels, ct, grid)
+    n_experts = len(trace.expert_names)
+    dominant = trace.expert_map(block)  # on the token grid
+    owners = [_cell_of_voxel(g, n) for g, n in zip(grid, ct.data.shape)]
     body = ct.data >= -500
-    assert labels.data[body].min() >= 1 and labels.data.max() <= n_experts
-    assert (labels.data[~body] == 0).all()  # air stays see-through
+    for cell in np.ndindex(*grid):
+        inside = body[np.ix_(*[np.flatnonzero(o == c) for o, c in zip(owners, cell)])]
+        if inside.all():
+            assert labels.data[cell] == dominant[cell] + 1, cell
+        elif not inside.any():
+            assert labels.data[cell] == 0, cell  # air stays see-through
+    assert labels.data.max() <= n_experts and (labels.data >= 1).any()
+    # what the viewer draws at a CT voxel is that voxel's dominant expert at full resolution
+    full = trace.expert_map(block, ct.data.shape)
+    for voxel in [(0, 24, 20), (5, 20, 16), (11, 28, 24), (7, 24, 12)]:  # inside the body
+        cell = np.floor(labels.world_to_data(ct.data_to_world(voxel)) + 0.5).astype(int)
+        assert labels.data[tuple(cell)] == full[voxel] + 1, voxel
 
     routing.expert_combo.setCurrentIndex(1)  # first expert's weight as a heatmap
     heat = routing.update_overlay()
-    assert heat.name.endswith(f"{second.answer.routing.expert_names[0]} weight")
-    assert heat.data.shape == ct.data.shape and heat.data.dtype == np.float32
-    np.testing.assert_allclose(heat.translate, ct.translate)
+    assert heat.name.endswith(f"{trace.expert_names[0]} weight")
+    assert heat.data.dtype == np.float32
+    _assert_token_grid_over_the_ct(heat, ct, grid)
+    np.testing.assert_allclose(heat.data, trace.weights_for(block)[..., 0])
     assert sum(layer.name.startswith("routing:") for layer in viewer.layers) == 1
     assert chat.current_layer() is ct  # the overlay never becomes the chat's CT
 
@@ -199,7 +233,7 @@ def test_export_from_the_dock_writes_every_format_without_the_patient_name(
     report = json.loads(written[2].read_text())
     assert report["answer"] == chat.latest_record().answer.text and report["routing_summary"]["blocks"]
     sr = pydicom.dcmread(written[3])
-    # de-identified SR (issue 19): a pseudonymous patient in a pseudonymous study, source UIDs remapped
+    # de-identified SR: a pseudonymous patient in a pseudonymous study, source UIDs remapped
     assert sr.PatientID.startswith("ANON-") and sr.PatientIdentityRemoved == "YES"
     assert sr.StudyInstanceUID != volume.study_uid
     assert sr.CurrentRequestedProcedureEvidenceSequence[0].ReferencedSeriesSequence[0].SeriesInstanceUID != volume.series_uid
@@ -226,7 +260,7 @@ def test_closing_the_viewer_mid_answer_is_clean(make_napari_viewer, chat_factory
 
     viewer.close()
 
-    assert chat._generation_done.is_set()  # the generation thread ended with the window
+    assert chat.conversation.generation_done.is_set()  # the generation thread ended with the window
     saved = chat.transcript.turns[-1]
     assert saved.role == "assistant" and saved.text.endswith("[viewer closed]")
 
@@ -258,3 +292,64 @@ def test_whole_window_screenshot(make_napari_viewer, chat_factory, qtbot, tmp_pa
     right = image[:, int(image.shape[1] * 0.7):]  # the docks with the chat and the plot
     assert right.std() > 10
     assert record.answer.text in chat.transcript_texts()[-1]
+
+
+def test_the_token_grid_overlay_lines_up_with_a_rotated_sheared_full_size_ct():
+    """A 300x512x512 CT: the overlay stays the token grid and its voxel faces meet the CT's."""
+    from itertools import product
+
+    from napari.layers import Image, Labels
+
+    from napari_tghmoe._widgets.routing_view import token_grid_geometry
+
+    shape, grid = (300, 512, 512), (150, 37, 37)  # 512 / 37: cells of a non-integer voxel count
+    angle = np.deg2rad(12.0)
+    rotate = np.array([[1, 0, 0], [0, np.cos(angle), -np.sin(angle)], [0, np.sin(angle), np.cos(angle)]])
+    ct = Image(np.broadcast_to(np.int16(-1000), shape), scale=(1.25, 0.7, 0.68), translate=(-200.0, 30.0, -180.0),
+               rotate=rotate, shear=(0.0, 0.05, 0.0), contrast_limits=(-1000, 400))
+
+    overlay = Labels(np.zeros(grid, np.int32), **token_grid_geometry(ct, grid))
+
+    assert overlay.data.nbytes < 1_000_000  # a CT-sized int32 copy would be 300 MB
+    for corner in product(*[(-0.5, n - 0.5) for n in shape]):
+        cell_corner = [-0.5 if c < 0 else g - 0.5 for c, g in zip(corner, grid)]
+        np.testing.assert_allclose(overlay.data_to_world(cell_corner), ct.data_to_world(corner), atol=1e-6)
+    factor = np.asarray(shape) / np.asarray(grid)
+    voxel = np.array([17.0, 300.0, 41.0])  # a CT voxel centre lands where expert_map puts it
+    np.testing.assert_allclose(overlay.world_to_data(ct.data_to_world(voxel)), (voxel + 0.5) / factor - 0.5, atol=1e-6)
+
+
+def test_docks_opened_from_the_plugins_menu_find_each_other_in_either_order(
+    make_napari_viewer, qtbot, tmp_path, monkeypatch, tiny_tghmoe_folder
+):
+    monkeypatch.setenv("TGHMOE_USER_DIR", str(tmp_path / "user"))  # the chat's own transcript and settings
+    viewer = make_napari_viewer()
+    viewer.add_image(_ct_volume().hu, **ct_layer_kwargs(_ct_volume()))
+    _, routing = viewer.window.add_plugin_dock_widget("napari-tghmoe", "Expert routing")  # routing first
+    assert routing.conversation is None and routing.record is None
+    _, chat = viewer.window.add_plugin_dock_widget("napari-tghmoe", "Ask the CT model")
+    try:
+        assert routing.conversation is chat.conversation
+        chat.device_combo.setCurrentText("CPU")
+        chat.max_new_tokens = 6
+        chat.set_model_folder(tiny_tghmoe_folder)
+        record = _ask(qtbot, chat, "Is there a liver lesion?")
+
+        assert record is not None and routing.record is record
+        qtbot.waitUntil(lambda: routing.rendered_turn == record.turn_id, timeout=30_000)
+        late = RoutingView(viewer)  # a routing dock opened after the answer shows it at once
+        viewer.window.add_dock_widget(late, name="Routing 2", area="right")
+        assert late.record is record and late.answer_combo.currentData() == record.turn_id
+        assert late.wait_until_rendered()
+        assert (tmp_path / "user" / "transcript.jsonl").is_file()
+
+        chat.max_new_tokens = 5000
+        streamed = []
+        chat.text_streamed.connect(lambda *_: streamed.append(1))
+        assert chat.send("Describe everything in detail.")
+        qtbot.waitUntil(lambda: len(streamed) > 2, timeout=60_000)
+        viewer.close()  # a dock from the Plugins menu shuts down with the window too
+        assert chat.conversation.generation_done.is_set()
+        assert chat.transcript.turns[-1].text.endswith("[viewer closed]")
+    finally:
+        chat.shutdown()

@@ -1,4 +1,4 @@
-"""Issue 17, the running chat: what a user does while the model works must not break the viewer.
+"""The running chat: what a user does while the model works must not break the viewer.
 
 Stop during generation and closing the viewer mid-answer are held by tests/test_chat.py; here:
 closing during the model load, switching or removing the CT layer mid-answer, a full disk
@@ -94,7 +94,7 @@ def test_switching_or_removing_the_ct_layer_mid_answer(make_napari_viewer, make_
         viewer.layers.remove(layer)
     qtbot.waitUntil(lambda: not chat.is_busy, timeout=60_000)
 
-    assert chat._generation_done.is_set() and _no_worker_left()
+    assert chat.conversation.generation_done.is_set() and _no_worker_left()
     record = chat.latest_record()
     assert record is not None and record.layer_name == volume.description  # answered about the CT it was asked
     assert record.volume.shape == volume.shape

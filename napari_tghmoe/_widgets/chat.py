@@ -1,27 +1,23 @@
-"""The chat dock: ask the local model about the CT layer, watch the answer stream in, export it.
+"""The chat dock: a thin Qt view over :class:`napari_tghmoe.conversation.Conversation`.
 
-The widget holds no model logic: it picks a layer, turns it into a ``CTVolume``, hands it
-to ``napari_tghmoe.engine.InferenceEngine`` in a napari ``thread_worker`` and shows what
-comes back. Loading and generation both run off the GUI thread, so the viewer keeps
-drawing; Stop sets a ``threading.Event`` the engine checks after every token.
+The dock picks the CT layer and the model, turns what the user asks into a ``Question`` and
+shows what the conversation records; the turns, answers, stop and exports live in the
+conversation, which the CLI and the tests use without Qt. Loading and generation run in
+napari workers (``napari.qt.threading``), so the viewer keeps drawing; Stop sets the event
+the engine checks after every token. The routing dock finds the conversation through the
+viewer window's ``ConversationLink``; the two docks never import each other.
 """
 
 from __future__ import annotations
 
-import json
-import sys
-import threading
 import time
 import weakref
-from collections.abc import Callable
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 from napari.layers import Image
 from napari.utils.notifications import show_error, show_info
-from qtpy.QtCore import QObject, Qt, QTimer, Signal
+from qtpy.QtCore import Qt, QTimer, Signal
 from qtpy.QtGui import QColor, QKeyEvent
 from qtpy.QtWidgets import (
     QCheckBox,
@@ -39,14 +35,49 @@ from qtpy.QtWidgets import (
     QWidget,
 )
 
-from napari_tghmoe._widgets._viewer_dock import ViewerDockMixin, select_model_folder
-from napari_tghmoe.io._checks import modality_problem
-from napari_tghmoe.io._types import AXIAL_DIRECTION, CTVolume
+from napari_tghmoe._report_writer import REPORT_METADATA_KEY
+from napari_tghmoe._widgets._settings import load_settings, save_settings, settings_path
+from napari_tghmoe._widgets._viewer_dock import (
+    ViewerDockMixin,
+    connect_while_alive,
+    conversation_link,
+    select_model_folder,
+    unproxied,
+    volume_from_layer,
+)
+from napari_tghmoe.conversation import (
+    DEVICE_CHOICES,
+    REPORT_REQUEST,
+    AnswerRecord,
+    Conversation,
+    ModelChoice,
+    ModelLoadFailed,
+    Question,
+    default_model_path,
+    friendly_error,
+    gpu_memory_text,
+    is_placeholder_model,
+    load_engine,
+    short_error,
+)
 from napari_tghmoe.layers import ct_volume_of
 from napari_tghmoe.slice_context import THIS_SLICE_QUESTION, PlaneTracker, context_for_layer, is_slice_question
-from napari_tghmoe.transcript import Transcript, Turn, default_transcript_path, user_data_dir
+from napari_tghmoe.transcript import Turn, default_transcript_path
 
-REPORT_REQUEST = "Generate a radiology report."
+# Names other modules import from here (the settings file is shared with the layout).
+__all__ = [
+    "DEVICE_CHOICES",
+    "QUICK_ACTIONS",
+    "REPORT_REQUEST",
+    "AnswerRecord",
+    "ChatWidget",
+    "QuestionBox",
+    "default_model_path",
+    "load_settings",
+    "save_settings",
+    "settings_path",
+    "volume_from_layer",
+]
 
 #: Quick actions: "Generate report" and one example per M3D-VQA question type.
 QUICK_ACTIONS: dict[str, str] = {
@@ -56,135 +87,15 @@ QUICK_ACTIONS: dict[str, str] = {
     "Organ": "Which organ shows an abnormality in this scan?",
     "Abnormality": "What abnormality is seen in this CT scan?",
     "Location": "Where is the abnormality located?",
-    "This slice": THIS_SLICE_QUESTION,  # sends the plane and slice on screen (issue 14)
-}
-
-#: Device / precision choices -> ``InferenceEngine.from_pretrained`` load options.
-DEVICE_CHOICES: dict[str, dict[str, Any]] = {
-    "auto": {"device": "auto", "quantization": "auto"},
-    "CUDA 4-bit": {"device": "cuda", "quantization": "4bit"},
-    "CUDA 8-bit": {"device": "cuda", "quantization": "8bit"},
-    "CUDA bf16": {"device": "cuda", "quantization": "none", "dtype": "bfloat16"},
-    "CPU": {"device": "cpu", "quantization": "none"},
+    "This slice": THIS_SLICE_QUESTION,  # sends the plane and slice on screen
 }
 
 OPEN_FOLDER_ITEM = "Open model folder..."
 PLACEHOLDER_ITEM = "Untrained placeholder (built on first use)"
 _PLACEHOLDER_KEY = "<placeholder>"
-_STREAM_AUTOSAVE_S = 2.0
 _RENDER_INTERVAL_MS = 60  # streamed text repaints at most ~16 times a second
 _MAX_RECENT_MODELS = 8
-
-
-# --------------------------------------------------------------------------- settings
-
-
-def settings_path() -> Path:
-    return user_data_dir() / "chat_settings.json"
-
-
-def load_settings(path: Path | None = None) -> dict[str, Any]:
-    path = path or settings_path()
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-        return data if isinstance(data, dict) else {}
-    except (OSError, ValueError):
-        return {}
-
-
-def save_settings(data: dict[str, Any], path: Path | None = None) -> None:
-    path = path or settings_path()
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_suffix(".tmp")
-        tmp.write_text(json.dumps(data, indent=2), encoding="utf-8")
-        tmp.replace(path)
-    except OSError:
-        pass  # settings are a convenience; never fail the UI over them
-
-
-def default_model_path() -> Path | None:
-    """The bundled demo model when it is installed."""
-    from napari_tghmoe._resources import demo_model_path
-
-    try:
-        path = demo_model_path()
-    except FileNotFoundError:
-        return None
-    return path if (path / "config.json").is_file() else None
-
-
-def is_placeholder_model(path: str | Path | None) -> bool:
-    from napari_tghmoe._placeholder_model import is_placeholder
-
-    return bool(path) and is_placeholder(Path(path))
-
-
-# --------------------------------------------------------------------------- helpers
-
-
-def volume_from_layer(layer: Any) -> CTVolume:
-    """The layer's ``CTVolume``, or one built from a plain 3D image layer (spacing = scale)."""
-    volume = ct_volume_of(layer)
-    if volume is not None:
-        return volume
-    data = np.asarray(layer.data)
-    if data.ndim != 3 or getattr(layer, "rgb", False):
-        raise ValueError(f"layer {layer.name!r} is not a 3D grey-value volume (shape {data.shape})")
-    translate = np.asarray(layer.translate, dtype=float)[-3:]
-    return CTVolume(
-        hu=data,
-        spacing=tuple(float(s) for s in np.asarray(layer.scale)[-3:]),
-        origin=tuple(AXIAL_DIRECTION @ translate),
-        description=layer.name,
-        source=None,
-    )
-
-
-def _short(err: BaseException) -> str:
-    lines = [ln for ln in str(err).strip().splitlines() if ln.strip()]
-    return lines[0] if lines else type(err).__name__
-
-
-def _friendly_error(err: BaseException) -> str:
-    text = _short(err)
-    if "out of memory" in text.lower() or type(err).__name__ == "OutOfMemoryError":
-        return f"Out of memory: {text}. Try 'CUDA 4-bit' or 'CPU' in the device menu."
-    return text
-
-
-def gpu_memory_text() -> str:
-    torch = sys.modules.get("torch")  # never import torch just to draw a label
-    try:
-        if torch is not None and torch.cuda.is_available():
-            used = torch.cuda.memory_allocated() / 2**30
-            total = torch.cuda.get_device_properties(0).total_memory / 2**30
-            return f"GPU {used:.1f}/{total:.0f} GiB"
-    except Exception:
-        pass
-    return "no GPU"
-
-
-@dataclass
-class AnswerRecord:
-    """What the routing view needs about one finished answer."""
-
-    turn_id: int
-    question: str
-    answer: Any  # napari_tghmoe.engine.Answer
-    volume: CTVolume
-    layer_name: str
-    layer_ref: Callable[[], Any] = field(default=lambda: None, repr=False)
-    stopped: bool = False
-
-    @property
-    def layer(self) -> Any:
-        return self.layer_ref()
-
-    @property
-    def label(self) -> str:
-        question = self.question if len(self.question) < 40 else self.question[:37] + "..."
-        return f"#{self.turn_id} {question}"
+_ROLE_LABELS = {"user": "You", "assistant": "Model", "error": "Error", "info": "Note"}
 
 
 class QuestionBox(QPlainTextEdit):
@@ -201,35 +112,6 @@ class QuestionBox(QPlainTextEdit):
         super().keyPressEvent(event)
 
 
-class _ChatHub(QObject):
-    """Lets a routing view find the chat dock of its viewer, whichever is created first."""
-
-    chat_created = Signal(object)
-
-    def __init__(self) -> None:
-        super().__init__()
-        self._chats: dict[int, weakref.ref] = {}
-
-    def register(self, chat: ChatWidget) -> None:
-        self._chats[id(chat.viewer)] = weakref.ref(chat)
-        self.chat_created.emit(chat)
-
-    def chat_for(self, viewer: Any) -> ChatWidget | None:
-        ref = self._chats.get(id(viewer))
-        chat = ref() if ref else None
-        return chat if chat is not None and chat.viewer is viewer else None
-
-
-_hub: _ChatHub | None = None
-
-
-def chat_hub() -> _ChatHub:
-    global _hub
-    if _hub is None:
-        _hub = _ChatHub()
-    return _hub
-
-
 # --------------------------------------------------------------------------- the dock
 
 
@@ -237,7 +119,7 @@ class ChatWidget(ViewerDockMixin, QWidget):
     """Chat dock: layer picker, model picker, quick actions, question box, transcript."""
 
     answer_recorded = Signal(int)  # turn id of a finished answer
-    answer_selected = Signal(int)  # turn id picked in the transcript
+    answer_selected = Signal(int)  # turn id picked in the transcript (-1: cleared)
     text_streamed = Signal(int, str)  # turn id, the answer's text so far
     busy_changed = Signal(bool)
     model_loaded = Signal(object)  # the engine
@@ -253,31 +135,20 @@ class ChatWidget(ViewerDockMixin, QWidget):
         max_new_tokens: int = 256,
         autosave: bool = True,
     ) -> None:
+        """``autosave=False`` keeps the transcript in memory only (scripted demos)."""
         super().__init__()
         self.viewer = napari_viewer
-        self.max_new_tokens = max_new_tokens
         self._settings_file = Path(settings_file) if settings_file else settings_path()
         self._settings = load_settings(self._settings_file)
+        saved_to = None  # memory only
         if autosave:
-            self.transcript = Transcript(transcript_path if transcript_path is not None else default_transcript_path())
-        else:
-            self.transcript = Transcript(None)  # memory only (scripted demos)
-        self.records: dict[int, AnswerRecord] = {}
-        self.engine: Any = None
-        self._engine_key: tuple[str, str] | None = None
+            saved_to = transcript_path if transcript_path is not None else default_transcript_path()
+        self.conversation = Conversation(saved_to, max_new_tokens=max_new_tokens)
         self._load_worker: Any = None
         self._gen_worker: Any = None
-        self._stop_event = threading.Event()
-        self._generation_done = threading.Event()
-        self._generation_done.set()
-        self._pending_question: tuple[str, Any] | None = None
-        self._stream_turn: Turn | None = None
-        self._stream_text = ""
-        self._stream_saved_at = 0.0
-        self._last_rate: float | None = None
+        self._answer_after_load = False  # a question waits for the model being loaded
         self._closing = False
         self.plane_tracker = PlaneTracker(napari_viewer.dims)  # plane of the last scroll/click
-        self._next_slice: Any = None  # SliceContext of a "this slice" question being sent
 
         self._render_timer = QTimer(self)
         self._render_timer.setSingleShot(True)
@@ -288,13 +159,48 @@ class ChatWidget(ViewerDockMixin, QWidget):
         self.device_combo.blockSignals(True)  # a choice passed in is not a user's change to remember
         self.device_combo.setCurrentText(device_choice or self._settings.get("device", "auto"))
         self.device_combo.blockSignals(False)
+        self.conversation.choose_model(self._model_choice())
         self._refresh_layers()
         self._show_transcript()
         self._connect_viewer()
+        self._disconnect_conversation = connect_while_alive(
+            self,
+            [
+                (self.conversation.turn_added, self._on_turn_added),
+                (self.conversation.turn_changed, self._on_turn_changed),
+                (self.conversation.answer_recorded, self._on_answer_recorded),
+                (self.conversation.answer_selected, self._on_answer_selected),
+                (self.conversation.cleared, self._on_cleared),
+            ],
+        )
         self._watch_main_window()
         self._set_busy(False)
         self._update_status()
-        chat_hub().register(self)
+        link = conversation_link(napari_viewer)
+        if link is not None:  # the routing dock of this window follows this conversation
+            link.publish(self.conversation)
+
+    # ------------------------------------------------------------------ the conversation's state
+    @property
+    def engine(self) -> Any:
+        """The loaded ``InferenceEngine`` (None until the first question loads it)."""
+        return self.conversation.engine
+
+    @property
+    def records(self) -> dict[int, AnswerRecord]:
+        return self.conversation.records
+
+    @property
+    def transcript(self) -> Any:
+        return self.conversation.transcript
+
+    @property
+    def max_new_tokens(self) -> int:
+        return self.conversation.max_new_tokens
+
+    @max_new_tokens.setter
+    def max_new_tokens(self, value: int) -> None:
+        self.conversation.max_new_tokens = int(value)
 
     # ------------------------------------------------------------------ UI
     def _build_ui(self) -> None:
@@ -441,7 +347,12 @@ class ChatWidget(ViewerDockMixin, QWidget):
         return data
 
     def load_options(self) -> dict[str, Any]:
-        return dict(DEVICE_CHOICES.get(self.device_combo.currentText(), DEVICE_CHOICES["auto"]))
+        return self._model_choice().load_options()
+
+    def _model_choice(self) -> ModelChoice:
+        """The model and device the pickers show."""
+        placeholder = self.model_combo.itemData(self.model_combo.currentIndex()) == _PLACEHOLDER_KEY
+        return ModelChoice(str(self.model_path()), self.device_combo.currentText(), placeholder=placeholder)
 
     def set_model_folder(self, folder: str | Path) -> None:
         """Choose a model folder (as "Open model folder..." does) and remember it."""
@@ -473,71 +384,51 @@ class ChatWidget(ViewerDockMixin, QWidget):
 
     def _on_device_changed(self, text: str) -> None:
         self._remember_model()
-        if self.engine is not None:
+        if self.conversation.engine is not None:
             self._discard_engine()
             self.load_model()
 
     def _discard_engine(self) -> None:
-        self.engine = None
-        self._engine_key = None
+        self.conversation.choose_model(self._model_choice())
+        self.conversation.unload_model()
         self._update_status()
-
-    def _requested_key(self) -> tuple[str, str]:
-        return (str(self.model_path()), self.device_combo.currentText())
 
     def load_model(self) -> Any:
         """Load the chosen model in a background worker (no-op if already loading it)."""
         from napari.qt.threading import create_worker
 
-        key = self._requested_key()
-        if self._load_worker is not None:
-            if getattr(self._load_worker, "_tghmoe_key", None) == key:
-                return self._load_worker
-        path, _ = key
-        options = self.load_options()
-        placeholder = self.model_combo.itemData(self.model_combo.currentIndex()) == _PLACEHOLDER_KEY
-
-        def load() -> Any:
-            from napari_tghmoe.engine import InferenceEngine
-
-            if placeholder:
-                from napari_tghmoe._placeholder_model import ensure_placeholder_model
-
-                ensure_placeholder_model(Path(path))
-            return InferenceEngine.from_pretrained(path, **options)
-
-        worker = create_worker(load, _start_thread=False, _ignore_errors=True)  # errors: _on_model_error
-        worker._tghmoe_key = key
-        worker.returned.connect(lambda engine, k=key, w=worker: self._on_model_loaded(engine, k, w))
-        worker.errored.connect(lambda err, w=worker: self._on_model_error(err, w))
+        choice = self._model_choice()
+        if self._load_worker is not None and getattr(self._load_worker, "_tghmoe_key", None) == choice.key:
+            return self._load_worker
+        worker = create_worker(load_engine, choice, _start_thread=False, _ignore_errors=True)  # _on_model_error
+        worker._tghmoe_key = choice.key
+        worker.returned.connect(lambda engine, c=choice, w=worker: self._on_model_loaded(engine, c, w))
+        worker.errored.connect(lambda err, c=choice, w=worker: self._on_model_error(err, c, w))
         worker.finished.connect(lambda w=worker: self._on_load_finished(w))
         self._load_worker = worker
-        self._show_activity(f"Loading model {Path(path).name} ({self.device_combo.currentText()})")
+        self._show_activity(f"Loading model {choice.name} ({choice.device})")
         self._set_busy(self._gen_worker is not None)
         worker.start()
         return worker
 
-    def _on_model_loaded(self, engine: Any, key: tuple[str, str], worker: Any) -> None:
-        if self._closing or worker is not self._load_worker or key != self._requested_key():
+    def _on_model_loaded(self, engine: Any, choice: ModelChoice, worker: Any) -> None:
+        if self._closing or worker is not self._load_worker or choice.key != self._model_choice().key:
             return  # a newer choice superseded this load
-        self.engine = engine
-        self._engine_key = key
+        if not self.conversation.adopt_engine(engine, choice):
+            return
         self.model_loaded.emit(engine)
         self._update_status()
-        if self._pending_question is not None:
-            question, layer = self._pending_question
-            self._pending_question = None
-            self._start_generation(question, layer)
+        if self._answer_after_load:
+            self._answer_after_load = False
+            self._start_generation()
 
-    def _on_model_error(self, err: BaseException, worker: Any) -> None:
+    def _on_model_error(self, err: BaseException, choice: ModelChoice, worker: Any) -> None:
         if self._closing or worker is not self._load_worker:
             return
-        self._pending_question = None
-        if self._stream_turn is not None:
-            self._abandon_stream_turn()
-        message = _friendly_error(err)
-        path = str(self.model_path())
-        self._report_error(f"Cannot load model: {message}" if path in message else f"Cannot load model {path}: {message}")
+        self._answer_after_load = False
+        self.conversation.abandon()
+        failure = err if isinstance(err, ModelLoadFailed) else ModelLoadFailed(choice.path, err)
+        self._report_error(str(failure))
 
     def _on_load_finished(self, worker: Any) -> None:
         if worker is self._load_worker:
@@ -555,173 +446,132 @@ class ChatWidget(ViewerDockMixin, QWidget):
 
         Returns False (with a notification and a transcript line) when it cannot start.
         """
-        if self._gen_worker is not None or self._stream_turn is not None:
+        if self.is_busy:
             show_info("The model is still answering: press Stop first.")
             return False
         typed = question is None
-        question = (self.question_box.toPlainText() if typed else question).strip()
-        if not question:
+        text = (self.question_box.toPlainText() if typed else question).strip()
+        if not text:
             return False
         volume = self._selected_volume()
         if volume is None:
             return False
         layer = self.current_layer()
-        not_ct = modality_problem(volume)
-        if not_ct:  # an MR/PET series would be read as HU: refuse rather than answer nonsense
-            self._report_error(f"{layer.name}: {not_ct}.")
+        asked = Question(text, volume, layer_name=layer.name, layer_ref=weakref.ref(unproxied(layer)))
+        refusal = self.conversation.refusal(asked)
+        if refusal:  # e.g. an MR/PET series, which would be read as HU
+            self._report_error(refusal)
             return False
+        if is_slice_question(text):  # the slab around the slice on screen, and where it is
+            on_screen = context_for_layer(layer, volume, self.plane_tracker.plane, self.viewer.dims.point)
+            asked.volume = on_screen.slab
+            asked.model_text = on_screen.question_for_model(text)
+            asked.shown_text = f"{text} [{on_screen.text}]"
         if typed:
             self.question_box.clear()
-        self._next_slice = self.slice_context(layer) if is_slice_question(question) else None
-        shown = question if self._next_slice is None else f"{question} [{self._next_slice.text}]"
-        self._add_turn("user", shown, layer=layer.name)
-        self._stream_turn = self._add_turn("assistant", "", layer=layer.name, question=question)
-        self._stream_text = ""
-        if self.engine is not None and self._engine_key == self._requested_key():
-            self._start_generation(question, layer)
+        self.conversation.begin(asked)
+        self.conversation.choose_model(self._model_choice())
+        if self.conversation.engine_ready:
+            self._start_generation()
         else:
-            self._pending_question = (question, layer)
+            self._answer_after_load = True
             self.load_model()
         self._set_busy(True)
         return True
 
-    def _start_generation(self, question: str, layer: Image) -> None:
+    def _start_generation(self) -> None:
         from napari.qt.threading import create_worker
 
-        try:
-            volume = volume_from_layer(layer)
-        except ValueError as err:
-            self._abandon_stream_turn()
-            self._report_error(str(err))
-            return
-        on_screen, self._next_slice = self._next_slice, None
-        model_question = question
-        if on_screen is not None:  # the slab around the slice on screen, and where it is
-            volume, model_question = on_screen.slab, on_screen.question_for_model(question)
-        engine = self.engine
-        stop_event = threading.Event()
-        done = threading.Event()
-        self._stop_event, self._generation_done = stop_event, done
-        max_new_tokens = self.max_new_tokens
+        chunks = self.conversation.answer_stream()
 
-        def generate():
-            try:
-                yield from engine.answer(volume, model_question, max_new_tokens=max_new_tokens, stop_event=stop_event)
-            finally:
-                done.set()
+        def generate() -> Any:
+            yield from chunks
 
         worker = create_worker(generate, _start_thread=False, _ignore_errors=True)  # _on_generation_error
         worker.yielded.connect(self._on_yielded)
         worker.errored.connect(self._on_generation_error)
         worker.finished.connect(lambda w=worker: self._on_generation_finished(w))
         self._gen_worker = worker
-        self._gen_context = (question, volume, layer)
-        self._stream_started = time.perf_counter()
         self._show_activity("Answering")
         self._set_busy(True)
         worker.start()
 
     def _on_yielded(self, item: Any) -> None:
-        if self._closing or self._stream_turn is None:
+        pending = self.conversation.pending
+        if self._closing or pending is None:
             return
         if isinstance(item, str):
-            self._stream_text += item
-            self.text_streamed.emit(self._stream_turn.id, self._stream_text)
+            text = self.conversation.add_text(item)
+            self.text_streamed.emit(pending.turn.id, text)
             if not self._render_timer.isActive():  # coalesce: one repaint per frame, not per token
                 self._render_timer.start()
-            now = time.perf_counter()
-            if now - self._stream_saved_at > _STREAM_AUTOSAVE_S:  # a crash keeps the partial answer
-                self.transcript.update(self._stream_turn, self._stream_text)
-                self._stream_saved_at = now
             return
-        self._record_answer(item)
+        self.conversation.finish(item)  # -> _on_answer_recorded, _on_answer_selected
 
     def _render_stream(self) -> None:
-        if self._stream_turn is not None and not self._closing:
-            self._render_turn(self._stream_turn, self._stream_text + " \u258d")
-
-    def _record_answer(self, answer: Any) -> None:
-        from napari_tghmoe.report import ReportDocument
-
-        question, volume, layer = self._gen_context
-        turn = self._stream_turn
-        stopped = bool(getattr(answer, "stopped", self._stop_event.is_set()))
-        text = str(getattr(answer, "text", self._stream_text))
-        notes = ["stopped by the user before the end"] if stopped else []
-        if is_placeholder_model(self.model_path()):
-            notes.append("untrained placeholder model: the text is not a medical finding")
-        document = ReportDocument.from_answer(answer, volume, question=question, notes=notes)
-        self.transcript.update(turn, text, report=document.to_dict(), stopped=stopped)
-        record = AnswerRecord(
-            turn_id=turn.id,
-            question=question,
-            answer=answer,
-            volume=volume,
-            layer_name=layer.name,
-            layer_ref=weakref.ref(layer),
-            stopped=stopped,
-        )
-        record.document = document  # type: ignore[attr-defined]
-        from napari_tghmoe._report_writer import REPORT_METADATA_KEY
-
-        layer.metadata[REPORT_METADATA_KEY] = document  # for File > Save (npe2 report writer)
-        self.records[turn.id] = record
-        rate = (getattr(answer, "timings", None) or {}).get("tokens_per_s")
-        self._last_rate = float(rate) if rate else None
-        self._render_turn(turn, text + (" [stopped]" if stopped else ""))
-        self._stream_turn = None
-        self.answer_recorded.emit(turn.id)
-        self.select_answer(turn.id)
+        pending = self.conversation.pending
+        if pending is not None and not self._closing:
+            self._render_turn(pending.turn, pending.text + " \u258d")
 
     def _on_generation_error(self, err: BaseException) -> None:
         if self._closing:
             return
-        if self._stream_turn is not None:
-            self._abandon_stream_turn()
-        self._report_error(f"The model failed: {_friendly_error(err)}")
+        self.conversation.abandon()
+        self._report_error(f"The model failed: {friendly_error(err)}")
 
     def _on_generation_finished(self, worker: Any) -> None:
         if worker is self._gen_worker:
             self._gen_worker = None
         if self._closing:
             return
-        if self._stream_turn is not None:  # ended without an Answer (aborted)
-            self._abandon_stream_turn(note="stopped")
+        self.conversation.abandon(note="stopped")  # a no-op unless it ended without an Answer
         if self._load_worker is None:
             self._hide_activity()
         self._set_busy(self._load_worker is not None)
         self._update_status()
 
-    def _abandon_stream_turn(self, note: str = "no answer") -> None:
-        turn = self._stream_turn
-        self._stream_turn = None
-        if turn is None:
-            return
-        text = self._stream_text + (f" [{note}]" if self._stream_text else f"[{note}]")
-        self.transcript.update(turn, text)
-        self._render_turn(turn, text)
-
     def stop(self) -> None:
         """Ask the running answer to end (the engine checks after every token)."""
-        self._pending_question = None
-        self._stop_event.set()
-        if self._gen_worker is None and self._stream_turn is not None and self._load_worker is not None:
-            self._abandon_stream_turn(note="stopped")
+        self._answer_after_load = False
+        self.conversation.stop()
+        if self._gen_worker is None and self.conversation.is_answering and self._load_worker is not None:
+            self.conversation.abandon(note="stopped")  # stopped while the model was loading
             self._set_busy(True)
 
     @property
     def is_busy(self) -> bool:
-        return self._gen_worker is not None or self._stream_turn is not None
+        return self._gen_worker is not None or self.conversation.is_answering
 
     def slice_context(self, layer: Any) -> Any:
         """The plane and slice the user is looking at on ``layer`` (prompt words + slab volume)."""
         return context_for_layer(layer, volume_from_layer(layer), self.plane_tracker.plane, self.viewer.dims.point)
 
     # ------------------------------------------------------------------ transcript
-    def _add_turn(self, role: str, text: str, **meta: Any) -> Turn:
-        turn = self.transcript.add(role, text, **meta)
-        self._render_turn(turn, text)
-        return turn
+    def _on_turn_added(self, turn: Turn) -> None:
+        if self._closing:
+            return
+        self._render_turn(turn, turn.text)
+        if turn.role == "error":
+            self.status_label.setText(turn.text)
+
+    def _on_turn_changed(self, turn: Turn) -> None:
+        if not self._closing:
+            self._render_turn(turn, turn.text)
+
+    def _on_answer_recorded(self, record: AnswerRecord) -> None:
+        layer = record.layer
+        if layer is not None:
+            layer.metadata[REPORT_METADATA_KEY] = record.document  # for File > Save (npe2 report writer)
+        if self._closing:
+            return
+        turn = self.conversation.transcript.get(record.turn_id)
+        if turn is not None:
+            self._render_turn(turn, turn.text + (" [stopped]" if record.stopped else ""))
+        self.answer_recorded.emit(record.turn_id)
+
+    def _on_cleared(self) -> None:
+        if not self._closing:
+            self.transcript_view.clear()
 
     def _item_for(self, turn_id: int) -> QListWidgetItem | None:
         for row in range(self.transcript_view.count()):
@@ -731,7 +581,7 @@ class ChatWidget(ViewerDockMixin, QWidget):
         return None
 
     def _render_turn(self, turn: Turn, text: str) -> None:
-        who = {"user": "You", "assistant": "Model", "error": "Error", "info": "Note"}.get(turn.role, turn.role)
+        who = _ROLE_LABELS.get(turn.role, turn.role)
         label = f"[{turn.time_label}] {who}: {text if text else '...'}"
         item = self._item_for(turn.id)
         if item is None:
@@ -748,37 +598,40 @@ class ChatWidget(ViewerDockMixin, QWidget):
 
     def _show_transcript(self) -> None:
         self.transcript_view.clear()
-        for turn in self.transcript:
+        for turn in self.conversation.turns:
             self._render_turn(turn, turn.text)
 
     def transcript_texts(self) -> list[str]:
         return [self.transcript_view.item(row).text() for row in range(self.transcript_view.count())]
 
     def clear_transcript(self) -> None:
+        """The Clear button: a new conversation (refused while an answer runs)."""
         if self.is_busy:
             show_info("Stop the running answer before clearing the transcript.")
             return
-        self.transcript.clear()
-        self.records.clear()
-        self.transcript_view.clear()
-        self.answer_selected.emit(-1)
+        self.conversation.new_conversation()  # -> _on_cleared, answer_selected(-1)
 
     def _report_error(self, message: str) -> None:
         show_error(message)
         if not self._closing:
-            self._add_turn("error", message)
-            self.status_label.setText(message)
+            self.conversation.report_error(message)  # -> _on_turn_added: a line and the status
 
     # ------------------------------------------------------------------ answers
     def latest_record(self) -> AnswerRecord | None:
-        return self.records[max(self.records)] if self.records else None
+        return self.conversation.latest_record()
 
     def select_answer(self, turn_id: int) -> None:
-        item = self._item_for(turn_id)
+        self.conversation.select_answer(turn_id)
+
+    def _on_answer_selected(self, turn_id: int) -> None:
+        if self._closing:
+            return
+        item = self._item_for(turn_id) if turn_id >= 0 else None
         if item is not None and self.transcript_view.currentItem() is not item:
-            self.transcript_view.setCurrentItem(item)  # emits via _on_transcript_selection
-        else:
-            self.answer_selected.emit(turn_id)
+            self.transcript_view.blockSignals(True)  # the conversation already knows
+            self.transcript_view.setCurrentItem(item)
+            self.transcript_view.blockSignals(False)
+        self.answer_selected.emit(turn_id)
 
     def selected_record(self) -> AnswerRecord | None:
         item = self.transcript_view.currentItem()
@@ -789,11 +642,8 @@ class ChatWidget(ViewerDockMixin, QWidget):
         return self.latest_record()
 
     def _on_transcript_selection(self, current: QListWidgetItem | None, previous: Any = None) -> None:
-        if current is None:
-            return
-        turn_id = current.data(Qt.ItemDataRole.UserRole)
-        if turn_id in self.records:
-            self.answer_selected.emit(turn_id)
+        if current is not None:
+            self.conversation.select_answer(current.data(Qt.ItemDataRole.UserRole))  # answers only
 
     # ------------------------------------------------------------------ export
     def export_answer(
@@ -805,17 +655,12 @@ class ChatWidget(ViewerDockMixin, QWidget):
         overwrite: bool = False,
     ) -> Path:
         """Export the selected (or given) answer; the format follows the suffix."""
-        from napari_tghmoe.report import ReportDocument, export_report
-
-        record = record or self.selected_record()
-        if record is None:
-            raise ValueError("no answer to export yet")
         if include_identifiers is None:
             include_identifiers = self.identifiers_check.isChecked()
-        base = record.document  # type: ignore[attr-defined]
-        document = ReportDocument.from_dict(base.to_dict())
-        document.attach_volume(record.volume, include_identifiers=include_identifiers)
-        return export_report(document, path, overwrite=overwrite)
+        record = record or self.selected_record()
+        return self.conversation.export_answer(
+            path, record=record, include_identifiers=include_identifiers, overwrite=overwrite
+        )
 
     def _export_dialog(self) -> None:
         if self.selected_record() is None:
@@ -833,7 +678,7 @@ class ChatWidget(ViewerDockMixin, QWidget):
             # the dialog already asked before replacing a file
             written = self.export_answer(path, overwrite=True)
         except Exception as err:
-            self._report_error(f"Export failed: {_short(err)}")
+            self._report_error(f"Export failed: {short_error(err)}")
             return
         show_info(f"Report saved to {written}")
 
@@ -863,20 +708,22 @@ class ChatWidget(ViewerDockMixin, QWidget):
 
     def status_text(self) -> str:
         path = self.model_path()
-        if self.engine is None:
+        engine = self.conversation.engine
+        if engine is None:
             state = "model not loaded (loads on first question)"
             device = self.device_combo.currentText()
         else:
-            device = str(getattr(self.engine, "device", "")) or self.device_combo.currentText()
-            precision = str(getattr(self.engine, "precision", "") or "")
+            device = str(getattr(engine, "device", "")) or self.device_combo.currentText()
+            precision = str(getattr(engine, "precision", "") or "")
             device = f"{device} {precision}".strip()
             state = Path(path).name if path else "model"
         parts = [device, state]
         if is_placeholder_model(path) or self.model_combo.itemData(self.model_combo.currentIndex()) == _PLACEHOLDER_KEY:
             parts.append("untrained placeholder model")
         parts.append(gpu_memory_text())
-        if self._last_rate:
-            parts.append(f"{self._last_rate:.1f} tokens/s")
+        rate = self.conversation.last_tokens_per_s
+        if rate:
+            parts.append(f"{rate:.1f} tokens/s")
         return " \u00b7 ".join(p for p in parts if p)
 
     def _update_status(self) -> None:
@@ -889,51 +736,17 @@ class ChatWidget(ViewerDockMixin, QWidget):
         if self._closing:
             return
         self._closing = True
-        self._pending_question = None
+        self._answer_after_load = False
         self.plane_tracker.disconnect()
         # Let the generator run to its end rather than quitting the worker: the engine stops
         # within a token, yields its Answer and joins its thread, so nothing is left running.
-        self._stop_event.set()
-        self._generation_done.wait(timeout_s)
+        self.conversation.stop()
+        self.conversation.generation_done.wait(timeout_s)
         for timer in (self._render_timer, self._activity_timer):
             try:
                 timer.stop()
             except RuntimeError:  # already deleted with the window
                 pass
         self._unbind_viewer()
-        if self._stream_turn is not None:
-            text = self._stream_text + " [viewer closed]"
-            self.transcript.update(self._stream_turn, text)
-            self._stream_turn = None
-
-
-# --------------------------------------------------------------------------- launcher glue
-
-CHAT_DOCK_NAME = "Ask the CT model"
-ROUTING_DOCK_NAME = "Expert routing"
-
-
-def dock_assistant(viewer: Any, *, area: str = "right", **chat_options: Any) -> tuple[ChatWidget, Any]:
-    """Dock the chat and the routing view (the demo launcher's layout); return both widgets."""
-    from napari_tghmoe._widgets.routing_view import RoutingView
-
-    chat = ChatWidget(viewer, **chat_options)
-    routing = RoutingView(viewer, chat=chat)
-    viewer.window.add_dock_widget(chat, name=CHAT_DOCK_NAME, area=area)
-    viewer.window.add_dock_widget(routing, name=ROUTING_DOCK_NAME, area=area)
-    return chat, routing
-
-
-def answer_and_wait(chat: ChatWidget, question: str = REPORT_REQUEST, timeout_s: float = 300.0) -> AnswerRecord | None:
-    """Send ``question`` and run the Qt event loop until the answer is in (for scripted demos)."""
-    from qtpy.QtWidgets import QApplication
-
-    if not chat.send(question):
-        return None
-    deadline = time.perf_counter() + timeout_s
-    while (chat.is_busy or chat._load_worker is not None) and time.perf_counter() < deadline:
-        QApplication.processEvents()
-        time.sleep(0.01)
-    if chat.is_busy:
-        chat.stop()
-    return chat.latest_record()
+        self._disconnect_conversation()
+        self.conversation.abandon(note="viewer closed")

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 from napari.layers import Image
@@ -28,9 +28,16 @@ from napari_tghmoe._widgets.layout import ReadingLayout
 from napari_tghmoe._widgets.ortho_views import VIEW_3D_ONLY_KEY, OrthoViewsWidget
 from napari_tghmoe._widgets.window_level import WindowLevelWidget
 
+if TYPE_CHECKING:
+    from napari_tghmoe._widgets.chat import ChatWidget
+    from napari_tghmoe._widgets.routing_view import RoutingView
+    from napari_tghmoe.conversation import AnswerRecord
+
 WINDOW_LEVEL_DOCK_NAME = "Window / level"
-#: Where later docks go: the chat and routing views sit on the right (issue 5).
+#: Where later docks go: the chat and routing views sit on the right.
 CHAT_DOCK_AREA = "right"
+CHAT_DOCK_NAME = "Ask the CT model"
+ROUTING_DOCK_NAME = "Expert routing"
 DEFAULT_WINDOW_SIZE = (1600, 1000)
 
 
@@ -190,6 +197,44 @@ def setup_viewer(
     return workspace
 
 
+def dock_assistant(
+    viewer: Any, *, area: str = CHAT_DOCK_AREA, **chat_options: Any
+) -> tuple[ChatWidget, RoutingView]:
+    """Dock the chat and the routing view (the demo launcher's layout); return both widgets.
+
+    The routing view is handed the chat's conversation; docks opened from the Plugins menu
+    find it through the window's ``ConversationLink`` instead.
+    """
+    from napari_tghmoe._widgets.chat import ChatWidget
+    from napari_tghmoe._widgets.routing_view import RoutingView
+
+    chat = ChatWidget(viewer, **chat_options)
+    routing = RoutingView(viewer, conversation=chat.conversation)
+    viewer.window.add_dock_widget(chat, name=CHAT_DOCK_NAME, area=area)
+    viewer.window.add_dock_widget(routing, name=ROUTING_DOCK_NAME, area=area)
+    return chat, routing
+
+
+def answer_and_wait(
+    chat: ChatWidget, question: str | None = None, timeout_s: float = 300.0
+) -> AnswerRecord | None:
+    """Send ``question`` (default: the report request) and run the Qt event loop until the
+    answer is in; returns its ``AnswerRecord`` or None (for scripted demos)."""
+    import time
+
+    from napari_tghmoe.conversation import REPORT_REQUEST
+
+    if not chat.send(question or REPORT_REQUEST):
+        return None
+    deadline = time.perf_counter() + timeout_s
+    while (chat.is_busy or chat._load_worker is not None) and time.perf_counter() < deadline:
+        QApplication.processEvents()
+        time.sleep(0.01)
+    if chat.is_busy:
+        chat.stop()
+    return chat.latest_record()
+
+
 def load_demo_volume(region: str = "chest", seed: int = 0) -> CTVolume:
     """The phantom the demo opens (small enough to start in a couple of seconds)."""
     from napari_tghmoe._sample_data import phantom_volume
@@ -239,14 +284,12 @@ def launch(
     viewer = napari.Viewer(title="napari-tghmoe", show=True)
     _napari_private.main_qt_window(viewer).resize(*window_size)
     workspace = setup_viewer(viewer, volume)
-    # Chat + routing docks (issue 5); a screenshot run uses a throw-away transcript.
-    from napari_tghmoe._widgets.chat import answer_and_wait, dock_assistant
-
+    # Chat + routing docks; a screenshot run uses a throw-away transcript.
     chat_options = {} if screenshot is None else {"autosave": False, "max_new_tokens": 48}
     chat, routing = dock_assistant(viewer, **chat_options)
     from napari_tghmoe._widgets.segment_dock import dock_segment
 
-    dock_segment(viewer, area=CHAT_DOCK_AREA)  # a tab beside the chat and routing docks (issue 14)
+    dock_segment(viewer, area=CHAT_DOCK_AREA)  # a tab beside the chat and routing docks
     if screenshot is None:
         napari.run()
         return 0

@@ -8,25 +8,34 @@ never waits for a redraw):
 * a heatmap of mean expert weight per MoE block (level 2: token -> expert utilisation);
 * a per-slice curve of the dominant expert in the chosen block;
 
-and puts a "routing: ..." layer over the CT, with the CT layer's own scale and translate so
-it lines up in world coordinates: the dominant expert per voxel as Labels, or one chosen
-expert's weight as an Image heatmap. The numbers all come from the answer's
+and puts a "routing: ..." layer over the CT: the dominant expert per token as Labels, or one
+chosen expert's weight as an Image heatmap. The layer holds the routing's own token grid
+(a few thousand cells, not a CT-sized copy: a 300x512x512 scan resampled as int32 would be
+300 MB); its scale and translate are the CT layer's, stretched to the cell size, so it lines
+up with the CT in world coordinates. The numbers all come from the answer's
 ``RoutingTrace``; this module only draws them.
+
+The answers come from the chat's ``Conversation``, found through the viewer window's
+``ConversationLink`` (or passed in): this dock never imports the chat dock.
 """
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
 from napari.layers import Image, Labels
+from napari.utils.notifications import show_error
 from qtpy.QtCore import Qt, QTimer, Signal
 from qtpy.QtWidgets import QComboBox, QGridLayout, QLabel, QPushButton, QSizePolicy, QVBoxLayout, QWidget
 
-from napari_tghmoe._widgets.chat import AnswerRecord, ChatWidget, chat_hub
+from napari_tghmoe._widgets._viewer_dock import connect_while_alive, conversation_link
+from napari_tghmoe.conversation import AnswerRecord, Conversation
 
 DOMINANT = "dominant expert (labels)"
-BODY_THRESHOLD_HU = -500.0  # the dominant-expert labels cover voxels above this (the body)
+BODY_THRESHOLD_HU = -500.0  # the dominant-expert labels cover cells mostly above this (the body)
+BODY_FRACTION = 0.5  # ... that is, cells with at least this share of body voxels
 OVERLAY_PREFIX = "routing: "
 
 _BACKGROUND = "#262930"  # napari's dark theme, so the plots do not glare beside the canvas
@@ -39,25 +48,85 @@ def overlay_name(block: int, expert_name: str | None) -> str:
     return f"{OVERLAY_PREFIX}block {block} {what}"
 
 
+def token_grid_geometry(ct_layer: Any, grid_shape: Sequence[int]) -> dict[str, Any]:
+    """Layer geometry that puts a map on the routing token grid over ``ct_layer`` in world space.
+
+    ``RoutingTrace.expert_map`` gives cell ``j`` of ``n`` the CT voxels whose centres lie in
+    ``[j, j + 1) * f`` along an axis, ``f = n_ct / n``: the cell's centre is at CT data
+    coordinate ``(j + 0.5) * f - 0.5``. So the overlay's voxel is ``f`` CT voxels wide and its
+    first centre sits ``(f - 1) / 2`` CT voxels in, taken through the CT's own scale, rotation
+    and shear; units and the extra affine are the CT's. Its outer faces are the CT's.
+    """
+    from napari.utils.transforms import Affine
+
+    ct_shape = np.asarray(ct_layer.data.shape[-3:], dtype=float)
+    factor = ct_shape / np.asarray(grid_shape, dtype=float)
+    scale = np.asarray(ct_layer.scale, dtype=float)
+    linear = Affine(scale=scale, rotate=ct_layer.rotate, shear=ct_layer.shear)
+    translate = np.asarray(ct_layer.translate, dtype=float) + linear((factor - 1.0) / 2.0)
+    return {
+        "scale": tuple(float(v) for v in scale * factor),
+        "translate": tuple(float(v) for v in translate),
+        "units": tuple(ct_layer.units),
+        "rotate": ct_layer.rotate,
+        "shear": ct_layer.shear,
+        "affine": ct_layer.affine.affine_matrix,
+    }
+
+
+#: Voxels sampled per token cell along each axis to judge whether it is body (<= 4**3 a cell).
+BODY_SAMPLES_PER_AXIS = 4
+
+
+def _sample_indices(n_voxels: int, n_cells: int, per_cell: int) -> np.ndarray:
+    """``per_cell`` voxel indices spread evenly inside each of ``n_cells`` cells along an axis,
+    cell by cell (cell ``j`` spans ``[j, j + 1) * n_voxels / n_cells`` as in ``expert_map``)."""
+    offsets = (np.arange(per_cell) + 0.5) / per_cell
+    positions = (np.arange(n_cells)[:, None] + offsets[None, :]) * n_voxels / n_cells
+    return np.clip(np.floor(positions).astype(np.int64), 0, n_voxels - 1).reshape(-1)
+
+
+def body_cells(ct_data: Any, grid_shape: Sequence[int], threshold: float = BODY_THRESHOLD_HU) -> np.ndarray:
+    """Token cells that are mostly body (at least :data:`BODY_FRACTION` of their voxels above
+    ``threshold``): the dominant-expert labels leave the air around the patient see-through.
+
+    The share is taken over a few voxels spread through each cell (every voxel when a cell is
+    at most :data:`BODY_SAMPLES_PER_AXIS` wide), so it costs the same for any CT size; a cell
+    all body or all air is always judged right.
+    """
+    data = np.asarray(ct_data)
+    grid = [int(n) for n in grid_shape]
+    per_cell = [int(min(BODY_SAMPLES_PER_AXIS, np.ceil(n / g))) for n, g in zip(data.shape, grid)]
+    index = [_sample_indices(n, g, k) for n, g, k in zip(data.shape, grid, per_cell)]
+    body = data[np.ix_(*index)] >= threshold
+    shape = [size for g, k in zip(grid, per_cell) for size in (g, k)]
+    return body.reshape(shape).mean(axis=(1, 3, 5)) >= BODY_FRACTION
+
+
 class RoutingView(QWidget):
     """Plots and overlay of the TGH-MoE routing of one answer."""
 
     plot_rendered = Signal()  # the picture of the current record's plots is on screen
 
-    def __init__(self, napari_viewer: Any, chat: ChatWidget | None = None) -> None:
+    def __init__(self, napari_viewer: Any, conversation: Conversation | None = None) -> None:
+        """``conversation``: the chat's; by default the one the chat dock of this viewer's
+        window publishes, now or when it opens."""
         super().__init__()
         self.viewer = napari_viewer
-        self.chat: ChatWidget | None = None
+        self.conversation: Conversation | None = None
         self.record: AnswerRecord | None = None
         self.overlay_layer: Labels | Image | None = None
+        self._disconnect_conversation = lambda: None
+        self._body_cache: tuple[tuple[int, int, tuple[int, ...]], np.ndarray] | None = None
         self._build_ui()
-        hub = chat_hub()
-        chat = chat or hub.chat_for(napari_viewer)
-        if chat is not None:
-            self.connect_chat(chat)
-        else:
-            hub.chat_created.connect(self._on_chat_created)
         self.show_record(None)
+        link = conversation_link(napari_viewer)
+        if link is not None:
+            link.published.connect(self.connect_conversation)  # a chat dock opened later
+        if conversation is None and link is not None:
+            conversation = link.conversation
+        if conversation is not None:
+            self.connect_conversation(conversation)
 
     # ------------------------------------------------------------------ UI
     def _build_ui(self) -> None:
@@ -109,25 +178,30 @@ class RoutingView(QWidget):
         self.expert_combo.activated.connect(lambda _: self.update_overlay())
         self.overlay_button.clicked.connect(lambda: self.update_overlay(create=True, show=True))
 
-    # ------------------------------------------------------------------ chat link
-    def _on_chat_created(self, chat: ChatWidget) -> None:
-        if self.chat is None and chat.viewer is self.viewer:
-            self.connect_chat(chat)
-
-    def connect_chat(self, chat: ChatWidget) -> None:
-        self.chat = chat
-        chat.answer_recorded.connect(self._on_answer_recorded)
-        chat.answer_selected.connect(self._on_answer_selected)
+    # ------------------------------------------------------------------ the conversation
+    def connect_conversation(self, conversation: Conversation) -> None:
+        """Follow ``conversation``'s answers (instead of any earlier one); show its selected one."""
+        if conversation is self.conversation:
+            return
+        self._disconnect_conversation()
+        self.conversation = conversation
+        self._disconnect_conversation = connect_while_alive(
+            self,
+            [
+                (conversation.answer_recorded, self._on_answer_recorded),
+                (conversation.answer_selected, self._on_answer_selected),
+            ],
+        )
         self._refresh_answers()
-        latest = chat.latest_record()
-        if latest is not None:
-            self.show_record(latest)
+        shown = conversation.selected_record()
+        if shown is not None:
+            self.show_record(shown)
 
     def _refresh_answers(self) -> None:
         self.answer_combo.blockSignals(True)
         self.answer_combo.clear()
-        if self.chat is not None:
-            for turn_id, record in sorted(self.chat.records.items()):
+        if self.conversation is not None:
+            for turn_id, record in sorted(self.conversation.records.items()):
                 if getattr(record.answer, "routing", None) is not None:
                     self.answer_combo.addItem(record.label, turn_id)
         if self.record is not None:
@@ -136,25 +210,25 @@ class RoutingView(QWidget):
                 self.answer_combo.setCurrentIndex(index)
         self.answer_combo.blockSignals(False)
 
-    def _on_answer_recorded(self, turn_id: int) -> None:
+    def _on_answer_recorded(self, record: AnswerRecord) -> None:
         self._refresh_answers()
 
     def _on_answer_selected(self, turn_id: int) -> None:
-        if self.chat is None:
+        if self.conversation is None:
             return
-        if turn_id < 0:  # transcript cleared
+        if turn_id < 0:  # a new conversation
             self._refresh_answers()
             self.show_record(None)
             return
-        record = self.chat.records.get(turn_id)
+        record = self.conversation.records.get(turn_id)
         if record is not None:
             self._refresh_answers()
             self.show_record(record)
 
     def _on_answer_picked(self, index: int) -> None:
         turn_id = self.answer_combo.itemData(index)
-        if self.chat is not None and turn_id in self.chat.records:
-            self.chat.select_answer(turn_id)  # keeps transcript and plots in step
+        if self.conversation is not None and turn_id in self.conversation.records:
+            self.conversation.select_answer(turn_id)  # keeps transcript and plots in step
 
     # ------------------------------------------------------------------ showing
     @property
@@ -253,6 +327,7 @@ class RoutingView(QWidget):
     def update_overlay(self, create: bool = False, show: bool = False) -> Labels | Image | None:
         """Add (``create``) or refresh the overlay layer for the chosen block and expert.
 
+        The layer holds the token grid, placed over the CT by :func:`token_grid_geometry`.
         A new overlay starts hidden unless ``show`` (the user pressed "Show overlay"): the CT
         is read untinted until someone asks; a refreshed one keeps its visibility.
         """
@@ -261,36 +336,40 @@ class RoutingView(QWidget):
             return None
         ct_layer = self.record.layer
         if ct_layer is None or ct_layer not in self.viewer.layers:
-            if self.chat is not None:
-                self.chat._report_error(f"The CT layer {self.record.layer_name!r} of this answer is no longer open.")
+            message = f"The CT layer {self.record.layer_name!r} of this answer is no longer open."
+            show_error(message)
+            if self.conversation is not None:
+                self.conversation.report_error(message)
             return None
         block = self.current_block()
         expert = self.current_expert()
-        target_shape = tuple(int(s) for s in ct_layer.data.shape)
         name = overlay_name(block, None if expert is None else trace.expert_names[expert])
-        geometry = {
-            "scale": tuple(ct_layer.scale),
-            "translate": tuple(ct_layer.translate),
-            "units": tuple(ct_layer.units),
-            "rotate": ct_layer.rotate,
-            "shear": ct_layer.shear,
-        }
         if expert is None:
-            labels = np.asarray(trace.expert_map(block, target_shape), dtype=np.int32) + 1  # 0 is see-through
+            labels = np.asarray(trace.expert_map(block), dtype=np.int32) + 1  # 0 is see-through
             # Label the body only: air around the patient would fill the 3D view with a box.
-            labels[np.asarray(ct_layer.data) < BODY_THRESHOLD_HU] = 0
+            labels[~self._body_cells(ct_layer, labels.shape)] = 0
+            geometry = token_grid_geometry(ct_layer, labels.shape)
             layer = self._replace_overlay(Labels, labels, name, geometry, opacity=0.35, blending="translucent")
             layer.metadata["label_names"] = {i + 1: n for i, n in enumerate(trace.expert_names)}  # legend
         else:
-            weights = np.asarray(trace.expert_map(block, target_shape, expert=expert), dtype=np.float32)
+            weights = np.asarray(trace.expert_map(block, expert=expert), dtype=np.float32)
+            geometry = token_grid_geometry(ct_layer, weights.shape)
             high = float(weights.max()) or 1.0
             layer = self._replace_overlay(
                 Image, weights, name, geometry,
                 colormap="inferno", contrast_limits=(0.0, high), opacity=0.55, blending="additive",
+                interpolation2d="linear", interpolation3d="linear",  # smooth, as the CT-sized map was
             )
         if show:
             layer.visible = True
         return layer
+
+    def _body_cells(self, ct_layer: Any, grid_shape: tuple[int, ...]) -> np.ndarray:
+        """:func:`body_cells` of the CT, kept while CT and grid stay (blocks share one grid)."""
+        key = (id(ct_layer), id(ct_layer.data), tuple(int(n) for n in grid_shape))
+        if self._body_cache is None or self._body_cache[0] != key:
+            self._body_cache = (key, body_cells(ct_layer.data, grid_shape))
+        return self._body_cache[1]
 
     def _replace_overlay(self, kind: type, data: np.ndarray, name: str, geometry: dict, **style: Any) -> Any:
         old = self.overlay_layer

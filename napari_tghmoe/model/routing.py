@@ -148,14 +148,26 @@ class RoutingTrace:
         return {g: float(mean[self.group_names.index(g)]) for g in task_groups}
 
     def expert_map(
-        self, block: int, target_shape: Sequence[int], expert: int | None = None, sample: int = 0
+        self, block: int, target_shape: Sequence[int] | None = None, expert: int | None = None, sample: int = 0
     ) -> np.ndarray:
         """A map aligned with the original CT (``target_shape`` = its (z, y, x) shape).
 
         ``expert=None``: the dominant expert index per voxel (int16, nearest resampling, so block
         edges stay sharp); otherwise that expert's gate weight (float32, trilinear, cell-centred).
+
+        ``target_shape=None``: the same map on the token grid itself, (t, h, w), without
+        resampling. Cell ``j`` of ``n`` covers the CT voxels whose centres lie in
+        ``[j, j + 1) * n_ct / n`` along each axis, as the resampled map does, so a viewer can
+        place it over the CT with a scale of ``n_ct / n`` CT voxels per cell instead of holding
+        a CT-sized copy.
         """
         weights = self.weights_for(block, sample)
+        if target_shape is None:
+            if expert is None:
+                return weights.argmax(-1).astype(np.int16)
+            if not 0 <= expert < weights.shape[-1]:
+                raise IndexError(f"expert {expert} out of range ({weights.shape[-1]} experts)")
+            return weights[..., expert].astype(np.float32)
         target_shape = tuple(int(s) for s in target_shape)
         if len(target_shape) != 3:
             raise ValueError(f"target_shape must be (z, y, x), got {target_shape}")
