@@ -8,7 +8,7 @@ import pytest
 
 from napari_tghmoe.cli import main
 from napari_tghmoe.eval.evaluate import evaluate, results_to_markdown, write_results
-from napari_tghmoe.train.data import load_dataset_spec
+from napari_tghmoe.datasets import load_dataset_spec
 
 SPEC = "phantom:seeds=3-5,region=both,shape=8x64x64"
 
@@ -89,7 +89,7 @@ def test_tghmoe_eval_reports_a_bad_spec_in_one_line(tiny_tghmoe_folder, tmp_path
 def test_zero_image_scoring_feeds_zeros_of_the_volume_s_shape(tiny_tghmoe_folder, tmp_path, capsys):
     from napari_tghmoe.engine import InferenceEngine
     from napari_tghmoe.eval.evaluate import engine_generate_fn
-    from napari_tghmoe.train.data import load_sample_volume
+    from napari_tghmoe.datasets import load_sample_volume
 
     engine = InferenceEngine.from_pretrained(tiny_tghmoe_folder, device="cpu")
     sample = load_dataset_spec("phantom:seeds=1,region=chest,shape=8x64x64", task="vqa_closed")[0]

@@ -9,7 +9,7 @@ import pytest
 from napari_tghmoe.engine import InferenceEngine
 from napari_tghmoe.eval.routing_content import level1_probabilities, routing_content_summary, separation
 from napari_tghmoe.model.prompts import prompt_topic, routing_label
-from napari_tghmoe.train.data import Sample
+from napari_tghmoe.datasets import Sample
 
 
 @pytest.mark.parametrize(
