@@ -138,7 +138,7 @@ def default_model_path() -> Path | None:
 
 def is_placeholder_model(path: str | Path | None) -> bool:
     """True for a folder holding the untrained placeholder model (its text means nothing)."""
-    from napari_tghmoe._placeholder_model import is_placeholder
+    from napari_tghmoe.model.placeholder import is_placeholder
 
     return bool(path) and is_placeholder(Path(path))
 
@@ -163,7 +163,7 @@ class ModelChoice:
         demo = default_model_path()
         if demo is not None:
             return cls(str(demo), device)
-        from napari_tghmoe._placeholder_model import placeholder_model_dir
+        from napari_tghmoe.model.placeholder import placeholder_model_dir
 
         return cls(str(placeholder_model_dir()), device, placeholder=True)
 
@@ -189,7 +189,7 @@ def load_engine(choice: ModelChoice) -> InferenceEngine:
         from napari_tghmoe.engine import InferenceEngine
 
         if choice.placeholder:
-            from napari_tghmoe._placeholder_model import ensure_placeholder_model
+            from napari_tghmoe.model.placeholder import ensure_placeholder_model
 
             ensure_placeholder_model(Path(choice.path))
         return InferenceEngine.from_pretrained(choice.path, **choice.load_options())

@@ -5,6 +5,7 @@ link through which the chat and routing docks find one conversation."""
 
 from __future__ import annotations
 
+import weakref
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -134,10 +135,18 @@ class ConversationLink(QObject):
 
     def __init__(self, parent: QObject) -> None:
         super().__init__(parent)
-        self.conversation: Any = None
+        self._conversation: Callable[[], Any] = lambda: None
+
+    @property
+    def conversation(self) -> Any:
+        """The chat's conversation, while the chat (or a routing view) still holds it.
+
+        Held weakly: a closed chat's loaded model must not live on with the window.
+        """
+        return self._conversation()
 
     def publish(self, conversation: Any) -> None:
-        self.conversation = conversation
+        self._conversation = weakref.ref(conversation)
         self.published.emit(conversation)
 
 

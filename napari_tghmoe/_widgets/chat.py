@@ -62,7 +62,7 @@ from napari_tghmoe.conversation import (
 )
 from napari_tghmoe.layers import ct_volume_of
 from napari_tghmoe.slice_context import THIS_SLICE_QUESTION, PlaneTracker, context_for_layer, is_slice_question
-from napari_tghmoe.transcript import Turn, default_transcript_path
+from napari_tghmoe.transcript import Transcript, Turn, default_transcript_path
 
 # Names other modules import from here (the settings file is shared with the layout).
 __all__ = [
@@ -191,7 +191,7 @@ class ChatWidget(ViewerDockMixin, QWidget):
         return self.conversation.records
 
     @property
-    def transcript(self) -> Any:
+    def transcript(self) -> Transcript:
         return self.conversation.transcript
 
     @property
@@ -341,7 +341,7 @@ class ChatWidget(ViewerDockMixin, QWidget):
     def model_path(self) -> str | None:
         data = self.model_combo.itemData(self.model_combo.currentIndex())
         if data == _PLACEHOLDER_KEY:
-            from napari_tghmoe._placeholder_model import placeholder_model_dir
+            from napari_tghmoe.model.placeholder import placeholder_model_dir
 
             return str(placeholder_model_dir())
         return data
