@@ -420,3 +420,39 @@ def test_seg_bundle_cli_builds_a_cascade_or_says_why_not(tmp_path, capsys):
     code = _run(["seg-bundle", "--organs", str(organs), "--findings", str(organs), "--out", str(tmp_path / "c")])
     err = capsys.readouterr().err.strip().splitlines()
     assert code != 0 and len(err) == 1 and str(organs) in err[0] and "finding kinds only" in err[0]
+
+
+def test_organ_context_channels_mark_each_group_on_the_finer_grid():
+    from napari_tghmoe.med3d.data import organ_context_channels
+
+    names = ["background", "liver", "right kidney", "left kidney"]
+    coarse = np.zeros((2, 2, 2), np.uint8)
+    coarse[0, 0, 0] = 1  # liver
+    coarse[1, 1, 1] = 3  # left kidney
+    coarse[1, 0, 1] = 2  # right kidney
+    channels = organ_context_channels(coarse, names, [["liver"], ["right kidney", "left kidney"]], (4, 4, 4))
+    assert channels.shape == (2, 4, 4, 4)
+    assert channels[0].sum() == 8 and channels[0][:2, :2, :2].all()  # one coarse voxel = 2x2x2 fine ones
+    assert channels[1].sum() == 16 and channels[1][2:, 2:, 2:].all() and channels[1][2:, :2, 2:].all()
+    assert not (channels[0] * channels[1]).any()
+
+
+def test_a_context_reading_finding_model_gets_the_organ_labels_inside_its_cascade(tmp_path):
+    from napari_tghmoe.med3d import segment_volume
+    from napari_tghmoe.med3d.encoder import build_tiny_seg_model, load_seg_model
+    from napari_tghmoe.med3d.segment import attach_finding_model
+    from napari_tghmoe.med3d.types import SegModelError
+    from napari_tghmoe.phantom import make_phantom
+
+    volume = make_phantom(3, "abdomen", spacing=(8.0, 8.0, 8.0)).volume
+    organs = build_tiny_seg_model(tmp_path / "organs")
+    groups = [["liver"], ["right kidney", "left kidney"]]
+    finder = build_tiny_seg_model(tmp_path / "finder", organ_names=[], working_spacing=[4.0, 4.0, 4.0], context_groups=groups)
+    assert load_seg_model(finder).config.in_channels == 2 + len(groups)
+    with pytest.raises(SegModelError, match="organ model"):
+        segment_volume(volume, finder)  # alone it has no organ labels to read
+    result = segment_volume(volume, attach_finding_model(organs, finder, tmp_path / "bundle"))
+    assert result.labels.shape == volume.shape
+    stray = build_tiny_seg_model(tmp_path / "stray", organ_names=[], context_groups=[["pancreas"]])
+    with pytest.raises(SegModelError, match="pancreas"):
+        attach_finding_model(organs, stray, tmp_path / "bundle2")

@@ -112,13 +112,32 @@ def phantom_model_labels(phantom: Any, config: Any) -> np.ndarray:
     return labels
 
 
-def phantom_working_volume(phantom: Any, config: Any) -> WorkingVolume:
+def phantom_working_volume(phantom: Any, config: Any, extra_channels: Any = None) -> WorkingVolume:
+    """``extra_channels(volume, image)`` returns the image with more channels (a finding model's context)."""
     image, hu, grid = prepare_image_and_hu(phantom.volume, config)
+    if extra_channels is not None:
+        image = extra_channels(phantom.volume, image)
     labels = resample_nearest(phantom_model_labels(phantom, config), grid)
     kinds = sorted({f.kind for f in phantom.findings if f.kind in config.finding_kinds})
     return WorkingVolume(
         image=image, labels=labels, name=f"phantom-{phantom.seed}", hu=hu, region=phantom.region, finding_kinds=kinds
     )
+
+
+def organ_context_channels(
+    organ_labels: np.ndarray, organ_label_names: Sequence[str], groups: Sequence[Sequence[str]], shape: Sequence[int]
+) -> np.ndarray:
+    """(G, z, y, x) float16 on a grid of ``shape``: 1 where the organ labels name an organ of group g.
+
+    ``organ_labels`` is the organ model's label map on its own (coarser) grid of the same
+    physical extent; it reaches ``shape`` by nearest neighbour, as labels go between grids here.
+    """
+    coarse_to_fine = resample_nearest(organ_labels, shape)
+    channels = np.zeros((len(groups), *coarse_to_fine.shape), dtype=np.float16)
+    for index, group in enumerate(groups):
+        values = [organ_label_names.index(name) for name in group if name in organ_label_names]
+        channels[index] = np.isin(coarse_to_fine, values)
+    return channels
 
 
 # --------------------------------------------------------------------------- data specs
@@ -165,7 +184,7 @@ def compacted(volume: WorkingVolume) -> WorkingVolume:
 
 
 def load_working_volumes(
-    specs: Sequence[str], config: Any, *, labelled: bool = True, compact: bool = False
+    specs: Sequence[str], config: Any, *, labelled: bool = True, compact: bool = False, extra_channels: Any = None
 ) -> list[WorkingVolume]:
     """Every volume of ``specs`` on the working grid (``compact``: see :func:`compacted`).
 
@@ -177,7 +196,7 @@ def load_working_volumes(
     for spec in specs:
         if spec.strip().lower().startswith("phantom:"):
             for phantom in iter_phantoms(spec):
-                volume = phantom_working_volume(phantom, config)
+                volume = phantom_working_volume(phantom, config, extra_channels)
                 volumes.append(compacted(volume) if compact else volume)
             continue
         if labelled:

@@ -83,6 +83,10 @@ class Med3DConfig(PretrainedConfig):
     labels are ignored and the finder's replace them (``segment_volume``): focal lesions are
     < 0.1 % of the voxels and 2-3 voxels across on an organ model's coarse grid, so they get a
     model of their own at a finer spacing with lesion-centred training windows.
+    ``context_groups`` (a finding model's): one more input channel per group of the organ
+    model's organ names (e.g. ``[["liver"], ["right kidney", "left kidney"]]``), 1 where the organ
+    model labels the voxel as one of them. The finding model then needs no wide window to tell a
+    liver lesion from a renal cyst: the organ stage, which sees 192 mm windows, says where it is.
     """
 
     model_type = MODEL_TYPE
@@ -117,6 +121,7 @@ class Med3DConfig(PretrainedConfig):
         infonce_temperature: float = 0.07,
         recon_weight: float = 1.0,
         finding_model: str = "",
+        context_groups: list[list[str]] | tuple = (),
         **kwargs: Any,
     ) -> None:
         self.encoder = str(encoder)
@@ -147,6 +152,7 @@ class Med3DConfig(PretrainedConfig):
         self.infonce_temperature = float(infonce_temperature)
         self.recon_weight = float(recon_weight)
         self.finding_model = str(finding_model)
+        self.context_groups = [[str(n) for n in group] for group in context_groups]
         super().__init__(**kwargs)
         self.validate_med3d()
 
@@ -170,7 +176,7 @@ class Med3DConfig(PretrainedConfig):
     # ------------------------------------------------------------------ derived
     @property
     def in_channels(self) -> int:
-        return len(self.ct_windows) + (3 if self.position_channels else 0)
+        return len(self.ct_windows) + (3 if self.position_channels else 0) + len(self.context_groups)
 
     @property
     def label_names(self) -> list[str]:

@@ -36,8 +36,34 @@ def segmentation_loss_for(settings: Any) -> Any:
     from monai.losses import DiceCELoss, DiceFocalLoss
 
     if settings.loss == "dice_focal":
-        return DiceFocalLoss(to_onehot_y=True, softmax=True, gamma=settings.focal_gamma)
+        # batch=True: one Dice per label over the whole batch, so a kind absent from one crop
+        # does not turn that crop's Dice into a push towards predicting nothing anywhere.
+        return DiceFocalLoss(to_onehot_y=True, softmax=True, gamma=settings.focal_gamma, batch=True)
     return DiceCELoss(to_onehot_y=True, softmax=True)
+
+
+def organ_context_reader(config: Any, settings: Any) -> Any:
+    """For a finding model with ``context_groups``: adds the organ model's context channels.
+
+    The organ labels come from the organ model itself (``finetune.context_model``), as at
+    segmentation time, so the finding model learns from the context it will be given.
+    """
+    if not config.context_groups:
+        return None
+    from napari_tghmoe._resources import resources_dir
+    from napari_tghmoe.med3d.encoder import load_seg_model
+    from napari_tghmoe.med3d.segment import check_cascade, organ_only_labels, with_organ_context
+
+    if not settings.context_model:
+        raise ValueError("[model] context_groups needs [finetune] context_model (the organ model folder, or \"demo\")")
+    folder = Path(resources_dir()) / "demo-seg-model" if settings.context_model == "demo" else Path(settings.context_model)
+    organs = load_seg_model(folder)
+    check_cascade(organs.config, config, folder)
+
+    def add(volume: Any, image: np.ndarray) -> np.ndarray:
+        return with_organ_context(image, config, (organ_only_labels(organs, volume), organs.config.label_names))
+
+    return add
 
 
 def _is_seg_folder(folder: str | Path) -> bool:
@@ -83,12 +109,16 @@ def finetune(
         continued = True
     elif init is not None:
         pretrained = load_pretrain_model(init)
-        if pretrained.config.encoder != config.encoder or pretrained.config.patch_size != config.patch_size:
-            raise ValueError(f"{init}: pre-trained with encoder {pretrained.config.encoder} / patch "
-                             f"{pretrained.config.patch_size}, the recipe asks {config.encoder} / {config.patch_size}")
+        # Convolution weights do not depend on the window size, so a finer-grid model with
+        # smaller windows (the cascade's finding model) still starts from the pre-trained encoder;
+        # tensors whose shape differs (e.g. a first layer with more input channels) stay fresh.
+        if pretrained.config.encoder != config.encoder:
+            raise ValueError(f"{init}: pre-trained with encoder {pretrained.config.encoder}, the recipe asks {config.encoder}")
         copied = copy_encoder(pretrained, model)
         del pretrained
-    volumes = load_working_volumes(recipe.data.train, config, labelled=True, compact=True)
+    volumes = load_working_volumes(
+        recipe.data.train, config, labelled=True, compact=True, extra_channels=organ_context_reader(config, settings)
+    )
     chosen_volumes = [volumes[i] for i in labelled_subset(len(volumes), fraction, recipe.seed)]
     patch = tuple(config.patch_size)
     organ_count = len(config.organ_names)

@@ -61,6 +61,7 @@ class FinetuneSettings(LoopSettings):
     classification_weight: float = 0.5  # weight of the finding-presence BCE beside Dice + CE
     loss: str = "dice_ce"  # dice_ce (MONAI DiceCELoss) | dice_focal (DiceFocalLoss: rare small labels)
     focal_gamma: float = 2.0  # dice_focal only
+    context_model: str = ""  # organ model whose labels a finding model with context_groups reads ("demo": the bundled one)
 
 
 @dataclass

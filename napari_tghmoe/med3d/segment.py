@@ -202,12 +202,17 @@ class _GridPrediction:
 
 
 def _predict_scan(
-    model: Any, axial: CTVolume, order: Any, flips: Any, *, progress: Any, should_stop: Any
+    model: Any, axial: CTVolume, order: Any, flips: Any, *, progress: Any, should_stop: Any,
+    organ_labels: tuple[np.ndarray, list[str]] | None = None,
 ) -> _GridPrediction:
-    """Resample the (axially viewed) scan to ``model``'s grid and segment it there."""
+    """Resample the (axially viewed) scan to ``model``'s grid and segment it there.
+
+    ``organ_labels`` (the organ pass's map and label names) feed a finding model's context channels.
+    """
     from napari_tghmoe.med3d.data import nearest_indices, prepare_image
 
     image, grid = prepare_image(axial, model.config)
+    image = with_organ_context(image, model.config, organ_labels)
     labels_work, probabilities, presence = predict_working_grid(
         model, image, progress=progress, should_stop=should_stop
     )
@@ -223,17 +228,50 @@ def _predict_scan(
     return _GridPrediction(labels_work, probabilities, presence, scan_axes, grid)
 
 
+def with_organ_context(image: np.ndarray, config: Any, organ_labels: tuple[np.ndarray, list[str]] | None) -> np.ndarray:
+    """``image`` plus the finding model's organ-context channels (unchanged for a model without them)."""
+    from napari_tghmoe.med3d.data import organ_context_channels
+
+    if not config.context_groups:
+        return image
+    if organ_labels is None:
+        raise SegModelError("this finding model reads the organ model's labels: run it inside its cascade folder")
+    labels, names = organ_labels
+    context = organ_context_channels(labels, names, config.context_groups, image.shape[1:])
+    return np.concatenate([image, context.astype(image.dtype)], axis=0)
+
+
+def organ_only_labels(model: Any, axial: CTVolume) -> np.ndarray:
+    """The organ model's organs-and-background labels of an axial volume on its working grid.
+
+    What a cascade's finding model reads as context, at training and at segmentation time alike.
+    """
+    from napari_tghmoe.med3d.data import prepare_image
+
+    image, _ = prepare_image(axial, model.config)
+    _, probabilities, _ = predict_working_grid(model, image)
+    return probabilities[: 1 + len(model.config.organ_names)].argmax(0).astype(np.uint8)
+
+
+def check_cascade(organ_config: Any, finder_config: Any, where: Path) -> None:
+    """A finding model fits an organ model: findings only, known kinds, known context organs."""
+    if finder_config.organ_names:
+        raise SegModelError(f"{where}: a finding model segments finding kinds only, this one also has organs")
+    unknown = sorted(set(finder_config.finding_kinds) - set(organ_config.finding_kinds))
+    if unknown:
+        raise SegModelError(f"{where}: finding kinds {', '.join(unknown)} are not labels of the organ model")
+    missing = sorted({n for group in finder_config.context_groups for n in group} - set(organ_config.organ_names))
+    if missing:
+        raise SegModelError(f"{where}: context organs {', '.join(missing)} are not organs of the organ model")
+
+
 def finding_model_of(folder: Path, config: Any) -> Any | None:
     """The cascade's finding model (``config.finding_model`` sub-folder), checked, or None."""
     if not config.finding_model:
         return None
     sub = folder / config.finding_model
     finder = _model(sub, keep_others=True)
-    if finder.config.organ_names:
-        raise SegModelError(f"{sub}: a finding model segments finding kinds only, this one also has organs")
-    unknown = sorted(set(finder.config.finding_kinds) - set(config.finding_kinds))
-    if unknown:
-        raise SegModelError(f"{sub}: finding kinds {', '.join(unknown)} are not labels of {folder}")
+    check_cascade(config, finder.config, sub)
     return finder
 
 
@@ -250,11 +288,7 @@ def attach_finding_model(organ_dir: str | Path, finding_dir: str | Path, out_dir
     organ_dir, finding_dir, out_dir = Path(organ_dir), Path(finding_dir), Path(out_dir)
     organs = load_seg_model(organ_dir)
     finder = load_seg_model(finding_dir)
-    if finder.config.organ_names:
-        raise SegModelError(f"{finding_dir}: a finding model segments finding kinds only, this one also has organs")
-    unknown = sorted(set(finder.config.finding_kinds) - set(organs.config.finding_kinds))
-    if unknown:
-        raise SegModelError(f"{finding_dir}: finding kinds {', '.join(unknown)} are not labels of {organ_dir}")
+    check_cascade(organs.config, finder.config, finding_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     organs.config.finding_model = name
     organs.save_pretrained(str(out_dir), safe_serialization=True)
@@ -316,7 +350,10 @@ def segment_volume(
         for kind in config.finding_kinds:
             finding_passes[kind] = (organ_pass, config.finding_label(kind), organ_pass.labels)
     else:
-        finder_pass = _predict_scan(finder, axial, order, flips, progress=stage_progress(totals[0]), should_stop=should_stop)
+        finder_pass = _predict_scan(
+            finder, axial, order, flips, progress=stage_progress(totals[0]), should_stop=should_stop,
+            organ_labels=(organ_labels_work, config.label_names),
+        )
         lut = np.zeros(finder.config.num_labels_total, dtype=labels.dtype)
         for kind in finder.config.finding_kinds:
             lut[finder.config.finding_label(kind)] = config.finding_label(kind)
