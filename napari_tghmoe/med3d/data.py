@@ -145,7 +145,7 @@ def organ_context_channels(
 
 def parse_phantom_spec(spec: str) -> dict[str, Any]:
     """``phantom:seeds=0-39,region=both[,spacing=2.5x1.5x1.5][,shape=...]`` -> make_phantom arguments."""
-    from napari_tghmoe.train.data import _shape_or_spacing, _spec_parts, parse_seed_range
+    from napari_tghmoe.datasets.specs import _shape_or_spacing, _spec_parts, parse_seed_range
 
     kind, _, body = spec.partition(":")
     if kind.strip().lower() != "phantom":
@@ -164,7 +164,7 @@ def parse_phantom_spec(spec: str) -> dict[str, Any]:
 def iter_phantoms(spec: str):
     """The phantoms (with their ground truth) a phantom spec names, one at a time."""
     from napari_tghmoe.phantom import make_phantom
-    from napari_tghmoe.train.data import phantom_region
+    from napari_tghmoe.datasets.phantom import phantom_region
 
     parsed = parse_phantom_spec(spec)
     for seed in parsed["seeds"]:
@@ -189,7 +189,7 @@ def load_working_volumes(
     """Every volume of ``specs`` on the working grid (``compact``: see :func:`compacted`).
 
     Phantom specs carry their labels and truth; other specs (``m3d-cap:``, ``ct-rate:``,
-    through :func:`napari_tghmoe.train.data.load_dataset_spec`) give unlabelled volumes, which
+    through :func:`napari_tghmoe.datasets.load_dataset_spec`) give unlabelled volumes, which
     pre-training can use and fine-tuning cannot.
     """
     volumes: list[WorkingVolume] = []
@@ -201,7 +201,7 @@ def load_working_volumes(
             continue
         if labelled:
             raise ValueError(f"{spec}: fine-tuning needs labelled volumes (phantom specs); this spec has none")
-        from napari_tghmoe.train.data import load_dataset_spec, load_sample_volume
+        from napari_tghmoe.datasets import load_dataset_spec, load_sample_volume
 
         seen: set[str] = set()
         for sample in load_dataset_spec(spec, task="report"):

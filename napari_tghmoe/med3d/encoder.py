@@ -28,6 +28,7 @@ import torch
 from torch import nn
 from transformers import AutoConfig, PretrainedConfig, PreTrainedModel
 
+from napari_tghmoe.ct_windows import LUNG, SOFT_TISSUE
 from napari_tghmoe.med3d.types import SegModelError
 
 MODEL_TYPE = "med3dinsight"
@@ -57,8 +58,8 @@ DEFAULT_FINDING_KINDS = (
     "renal cyst",
     "hypodense splenic lesion",
 )
-#: (centre, width) HU windows, one input channel each: lung, soft tissue.
-DEFAULT_WINDOWS = ((-600.0, 1500.0), (40.0, 400.0))
+#: (centre, width) HU windows, one input channel each: lung, soft tissue (napari_tghmoe.ct_windows).
+DEFAULT_WINDOWS = (LUNG, SOFT_TISSUE)
 
 
 class Med3DConfig(PretrainedConfig):

@@ -106,13 +106,13 @@ def compute_targets(crops: list[PretrainCrop], config: Any, settings: Any, batch
     import torch
     import torch.nn.functional as F
 
-    from napari_tghmoe.model.preprocess import InputSettings, frames_to_patches, window_channels
+    from napari_tghmoe.model.preprocess import InputSettings, frames_to_patches, round_grid, window_channels
 
     model, tokenizer, _ = _frozen_2d_model(settings.target_model)
     inputs = InputSettings.from_config(model.config)
     size = settings.target_image_size
     multiple = inputs.patch_size * inputs.merge_size
-    size = max(multiple, int(round(size / multiple)) * multiple)
+    size = round_grid((1, size, size), 1, multiple)[1]  # the model's legal slice size nearest the setting
     video_id = int(model.config.video_token_id)
     tokens_per_slice = (size // inputs.patch_size) ** 2 // inputs.merge_size**2
     jobs = []
