@@ -44,6 +44,10 @@ def _add_model_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", metavar="DIR", help="TGH-MoE model folder (default: the bundled demo model)")
     parser.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
     parser.add_argument("--quantization", default="auto", choices=["auto", "4bit", "8bit", "none"])
+    parser.add_argument(
+        "--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"],
+        help="precision of the unquantized weights (auto: bfloat16 on CUDA, float32 on the CPU)",
+    )
     parser.add_argument("--max-new-tokens", type=int, default=256, metavar="N")
     parser.add_argument(
         "--allow-non-ct", action="store_true",
@@ -79,10 +83,16 @@ def load_engine(args: argparse.Namespace) -> Any:
     from napari_tghmoe.engine import InferenceEngine
 
     path = resolve_model_path(args.model)
+    dtype = getattr(args, "dtype", "auto")
     try:
-        return InferenceEngine.from_pretrained(path, device=args.device, quantization=args.quantization)
+        return InferenceEngine.from_pretrained(
+            path, device=args.device, quantization=args.quantization, dtype=None if dtype == "auto" else dtype
+        )
     except Exception as err:  # ModelLoadError and friends: one line, not a traceback
-        raise CLIError(f"{path}: cannot load model: {_one_line(err)}") from err
+        message = _one_line(err)
+        if "not enough memory" in message:
+            message += " (pick one with --dtype bfloat16 or --quantization 8bit / 4bit)"
+        raise CLIError(f"{path}: cannot load model: {message}") from err
 
 
 def _one_line(err: BaseException) -> str:

@@ -212,13 +212,18 @@ def test_the_engine_answers_with_the_folders_chat_template_and_processor(engine,
     assert not torch.allclose(pixels, frames_to_patches(window_channels(resample_to_grid(ct, (8, 56, 56)), clip), clip)[0])
 
 
-def test_tghmoe_ask_answers_from_the_converted_folder(converted, tmp_path, capsys):
-    from napari_tghmoe.cli import main
+def write_scan(folder: Path) -> Path:
     from napari_tghmoe.io import CTVolume, write_dicom_series
 
-    scan = tmp_path / "scan"
     hu = np.random.default_rng(1).normal(0, 40, (8, 48, 48)).astype(np.int16)
-    write_dicom_series(CTVolume(hu=hu, spacing=(2.0, 0.9, 0.9), description="CT CHEST"), scan)
+    write_dicom_series(CTVolume(hu=hu, spacing=(2.0, 0.9, 0.9), description="CT CHEST"), folder)
+    return folder
+
+
+def test_tghmoe_ask_answers_from_the_converted_folder(converted, tmp_path, capsys):
+    from napari_tghmoe.cli import main
+
+    scan = write_scan(tmp_path / "scan")
     out_json = tmp_path / "answer.json"
     code = main(["ask", str(scan), "Is there a liver lesion?", "--model", str(converted[0]), "--device", "cpu",
                  "--max-new-tokens", "3", "--json", str(out_json)])
@@ -227,6 +232,23 @@ def test_tghmoe_ask_answers_from_the_converted_folder(converted, tmp_path, capsy
     record = json.loads(out_json.read_text())
     assert record["question"] == "Is there a liver lesion?"
     assert "cpu" in captured.err
+
+
+def test_tghmoe_ask_names_the_memory_it_lacks_and_takes_a_dtype(converted, tmp_path, capsys, monkeypatch):
+    from napari_tghmoe.cli import main
+    from napari_tghmoe.model import memory
+
+    scan = write_scan(tmp_path / "scan")
+    needed = memory.estimate_load_bytes(converted[0], "fp32", "cpu")
+    monkeypatch.setattr(memory, "available_bytes", lambda device: needed - 1)
+    argv = ["ask", str(scan), "Is the liver normal?", "--model", str(converted[0]), "--device", "cpu",
+            "--max-new-tokens", "2"]
+    assert main(argv) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and str(converted[0]) in err
+    assert "not enough memory" in err and "--dtype bfloat16" in err
+    assert main([*argv, "--dtype", "bfloat16"]) == 0  # half the bytes: fits in the same memory
+    assert "bfloat16" in capsys.readouterr().err
 
 
 def test_a_plain_hub_folder_loads_with_its_own_template_and_processor(hf_base):

@@ -37,6 +37,10 @@ DEFAULT_MAX_NEW_TOKENS = 256
 #: Margin on top of the estimate: allocator slack and the loader's transient per-tensor copies.
 MARGIN_FRACTION = 0.05
 MARGIN_BYTES = 256 * MIB
+#: bitsandbytes on the CPU quantizes while loading and dequantizes in the prefill: measured on the
+#: 3B (benchmarks/bench_real_size.py), the peak rises by up to about this many decoder layers in the
+#: compute dtype above weights + activations (nf4: +1.2 GiB, int8: +0.5 GiB for 3B in fp32).
+CPU_QUANTIZED_EXTRA_LAYERS = 5
 
 
 @dataclass(frozen=True)
@@ -133,9 +137,13 @@ def runtime_bytes(config: dict, plan: Any, max_new_tokens: int = DEFAULT_MAX_NEW
     kv_cache = layers * 2 * kv_heads * head_dim * sequence * act
     vision_peak = patches * (3 * v_inter + 8 * v_hidden) * act
     llm_peak = sequence * (3 * inter + 6 * hidden) * act
+    quantized_extra = 0
     if not plan.on_cuda:
         llm_peak += heads * sequence * sequence * 4
-    return int(kv_cache + max(vision_peak, llm_peak))
+        if plan.quantization != "none":
+            layer = 3 * hidden * inter + 2 * hidden * hidden + 2 * hidden * kv_heads * head_dim
+            quantized_extra = CPU_QUANTIZED_EXTRA_LAYERS * layer * act
+    return int(kv_cache + max(vision_peak, llm_peak) + quantized_extra)
 
 
 def weights_bytes(counts: Any, plan: Any) -> int:
