@@ -15,6 +15,13 @@ The turns are an ordered list (a :class:`~napari_tghmoe.transcript.Transcript`, 
 owned here; each finished answer is an :class:`AnswerRecord` keyed by its turn id, with what
 the routing view and the exports need. psygnal signals tell the views what changed.
 
+A follow-up about the same scan carries the last :attr:`Conversation.context_limit` answered
+turns (question and answer) into the prompt; a question about another scan starts afresh, and
+the transcript says so. The findings an answer states get their place in the scan from the 3D
+segmentation (:mod:`napari_tghmoe.finding_links`): at once when a segmentation of that scan is
+known, else when the caller hands one to :meth:`Conversation.locate` (the chat dock runs the
+segmenter in a worker after the answer; :meth:`Conversation.ask` runs :attr:`segmenter` itself).
+
 No qtpy or napari import; torch and transformers load only inside :func:`load_engine`.
 """
 
@@ -24,6 +31,7 @@ import os
 import sys
 import threading
 import time
+import weakref
 from collections.abc import Callable, Generator, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -39,9 +47,12 @@ if TYPE_CHECKING:
     from napari_tghmoe.report import ReportDocument
 
 __all__ = [
+    "DEFAULT_CONTEXT_TURNS",
     "DEVICE_CHOICES",
+    "MAX_CONTEXT_TURNS",
     "REPORT_REQUEST",
     "AnswerRecord",
+    "ContextTurn",
     "Conversation",
     "ModelChoice",
     "ModelLoadFailed",
@@ -54,6 +65,7 @@ __all__ = [
     "gpu_memory_text",
     "is_placeholder_model",
     "load_engine",
+    "scan_key",
     "short_error",
 ]
 
@@ -68,6 +80,10 @@ DEVICE_CHOICES: dict[str, dict[str, Any]] = {
     "CPU": {"device": "cpu", "quantization": "none"},
 }
 DEFAULT_DEVICE = "auto"
+
+#: Earlier turns a follow-up question carries by default, and the most a user may ask for.
+DEFAULT_CONTEXT_TURNS = 3
+MAX_CONTEXT_TURNS = 10
 
 STOPPED_NOTE = "stopped by the user before the end"
 PLACEHOLDER_NOTE = "untrained placeholder model: the text is not a medical finding"
@@ -90,6 +106,20 @@ def friendly_error(err: BaseException) -> str:
     if "out of memory" in text.lower() or type(err).__name__ == "OutOfMemoryError":
         return f"Out of memory: {text}. Try 'CUDA 4-bit' or 'CPU' in the device menu."
     return text
+
+
+def _unique_places(links: list[Any]) -> list[dict[str, Any]]:
+    """Located findings for the export, each (kind, stated location, voxel) once."""
+    seen: set[tuple[Any, ...]] = set()
+    out = []
+    for link in links:
+        key = (link.kind, link.location, tuple(link.voxel_zyx))
+        if key not in seen:
+            seen.add(key)
+            data = link.to_dict()
+            data.pop("span", None)
+            out.append(data)
+    return out
 
 
 def gpu_memory_text() -> str:
@@ -200,6 +230,31 @@ def load_engine(choice: ModelChoice) -> InferenceEngine:
 # --------------------------------------------------------------------------- turns and answers
 
 
+def scan_key(volume: Any) -> str:
+    """What makes two questions about "the same scan": the very voxel array (a layer's data, not
+    a copy) on the same geometry. Valid while the array lives: holders check with :class:`_ScanRef`."""
+    shape = "x".join(str(int(n)) for n in getattr(volume, "shape", ()))
+    spacing = ",".join(f"{float(v):.4g}" for v in getattr(volume, "spacing", ()))
+    origin = ",".join(f"{float(v):.4g}" for v in getattr(volume, "origin", ()))
+    return f"{id(getattr(volume, 'hu', volume))}|{shape}|{spacing}|{origin}"
+
+
+class _ScanRef:
+    """A scan's key plus a weak reference to its voxels, so a key never outlives its scan (an id
+    may be reused by a later array)."""
+
+    def __init__(self, volume: Any) -> None:
+        self.key = scan_key(volume)
+        data = getattr(volume, "hu", volume)
+        try:
+            self._ref: Callable[[], Any] = weakref.ref(data)
+        except TypeError:  # an array type without weak references: hold it
+            self._ref = lambda data=data: data
+
+    def matches(self, volume: Any) -> bool:
+        return self._ref() is getattr(volume, "hu", volume) and self.key == scan_key(volume)
+
+
 @dataclass
 class Question:
     """What is asked about which volume.
@@ -207,6 +262,9 @@ class Question:
     ``model_text`` is the instruction the model gets when it differs from what the user typed
     (a slice question names the plane and slice); ``shown_text`` the transcript line when it
     differs. ``layer_ref`` returns the viewer layer the volume came from (None when gone).
+    When ``volume`` is a part of the scan (a slab, a region's crop), ``scan`` is the whole scan
+    and ``box`` the part's voxel ranges ``((z0, z1), (y0, y1), (x0, x1))`` in it; ``region`` is
+    the :class:`~napari_tghmoe.regions.Region` the user marked, if any.
     """
 
     text: str
@@ -215,10 +273,23 @@ class Question:
     layer_ref: Callable[[], Any] = field(default=lambda: None, repr=False, compare=False)
     model_text: str | None = None
     shown_text: str | None = None
+    scan: CTVolume | None = field(default=None, repr=False)
+    box: tuple[tuple[int, int], ...] | None = None
+    region: Any = None
+    region_info: dict[str, Any] | None = None  # the region as the export writes it
 
     @property
     def prompt(self) -> str:
         return self.model_text or self.text
+
+    @property
+    def whole_volume(self) -> CTVolume:
+        """The scan the question is about (the volume itself unless it is a part)."""
+        return self.scan if self.scan is not None else self.volume
+
+    @property
+    def scan_key(self) -> str:
+        return scan_key(self.whole_volume)
 
     @property
     def display(self) -> str:
@@ -230,9 +301,25 @@ class Question:
         return self.layer_name or str(getattr(self.volume, "description", "") or "the volume")
 
 
+@dataclass(frozen=True)
+class ContextTurn:
+    """An earlier answered turn a follow-up carries: the instruction sent and the answer."""
+
+    turn_id: int
+    question: str
+    answer: str
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"turn": self.turn_id, "question": self.question, "answer": self.answer}
+
+
 @dataclass
 class AnswerRecord:
-    """One finished answer: what the routing view, the report writer and the exports need."""
+    """One finished answer: what the routing view, the report writer and the exports need.
+
+    ``volume`` is what the model was shown; for a slab or a region that is a part of ``scan``
+    at ``box``, so the routing overlay and the finding links map back onto the CT.
+    """
 
     turn_id: int
     question: str
@@ -242,10 +329,28 @@ class AnswerRecord:
     layer_ref: Callable[[], Any] = field(default=lambda: None, repr=False)
     stopped: bool = False
     document: ReportDocument | None = None  # de-identified report of this answer
+    scan: CTVolume | None = field(default=None, repr=False)
+    box: tuple[tuple[int, int], ...] | None = None
+    region: Any = None
+    scan_key: str = ""
+    context: list[ContextTurn] = field(default_factory=list)  # earlier turns in the prompt
+    stated: list[Any] = field(default_factory=list)  # finding_links.StatedFinding
+    finding_links: list[Any] = field(default_factory=list)  # finding_links.LocatedFinding, text order
+    locations_checked: bool = False  # the stated findings were matched against a segmentation
+    locations_note: str = ""  # why they have no place (no segmenter, it failed...)
 
     @property
     def layer(self) -> Any:
         return self.layer_ref()
+
+    @property
+    def whole_volume(self) -> CTVolume:
+        return self.scan if self.scan is not None else self.volume
+
+    @property
+    def needs_locations(self) -> bool:
+        """It states findings that no segmentation was asked about yet."""
+        return bool(self.stated) and not self.locations_checked
 
     @property
     def label(self) -> str:
@@ -265,6 +370,7 @@ class PendingAnswer:
     question: Question
     turn: Turn
     text: str = ""
+    context: list[ContextTurn] = field(default_factory=list)
     stop_event: threading.Event = field(default_factory=threading.Event, repr=False)
     saved_at: float = 0.0
 
@@ -277,12 +383,14 @@ class Conversation:
 
     Signals (emitted on the thread that calls the methods): ``turn_added(Turn)``,
     ``turn_changed(Turn)`` (an answer abandoned), ``answer_recorded(AnswerRecord)``,
+    ``findings_located(AnswerRecord)`` (its stated findings got their places),
     ``answer_selected(int)`` (turn id; -1: none) and ``cleared()``.
     """
 
     turn_added = Signal(object)
     turn_changed = Signal(object)
     answer_recorded = Signal(object)
+    findings_located = Signal(object)
     answer_selected = Signal(int)
     cleared = Signal()
 
@@ -292,8 +400,14 @@ class Conversation:
         *,
         model: ModelChoice | None = None,
         max_new_tokens: int = 256,
+        context_limit: int = DEFAULT_CONTEXT_TURNS,
+        segmenter: Callable[[CTVolume], Any] | None = None,
     ) -> None:
-        """``transcript_path``: the JSONL file the turns autosave to (None: memory only)."""
+        """``transcript_path``: the JSONL file the turns autosave to (None: memory only).
+
+        ``context_limit``: earlier turns a follow-up carries; ``segmenter``: ``CTVolume ->
+        SegmentationResult`` used by :meth:`ask` / :meth:`stream` to place stated findings.
+        """
         self.transcript = Transcript(transcript_path)
         self.records: dict[int, AnswerRecord] = {}
         self.model: ModelChoice | None = model
@@ -305,6 +419,12 @@ class Conversation:
         self._engine_key: tuple[str, str] | None = None
         self._generation_done = threading.Event()
         self._generation_done.set()
+        self._context_limit = DEFAULT_CONTEXT_TURNS
+        self.context_limit = context_limit
+        self._context_from = 0  # answers of turns from this id on may be context
+        self._context_scan: _ScanRef | None = None  # the scan the context is about
+        self.segmenter = segmenter
+        self._segmentations: dict[str, tuple[_ScanRef, Any]] = {}  # scan key -> SegmentationResult
 
     # ------------------------------------------------------------------ turns
     @property
@@ -322,14 +442,51 @@ class Conversation:
         return self._add("error", message)
 
     def new_conversation(self) -> None:
-        """Forget every turn and answer (the chat's Clear): the next question starts afresh."""
+        """Forget every turn and answer: the next question starts afresh, without context."""
         if self.pending is not None:
             raise QuestionRefused("Stop the running answer before starting a new conversation.")
         self.transcript.clear()
         self.records.clear()
         self.selected_turn_id = None
+        self._context_from = 0
+        self._context_scan = None
         self.cleared.emit()
         self.answer_selected.emit(-1)
+
+    # ------------------------------------------------------------------ context
+    @property
+    def context_limit(self) -> int:
+        """How many earlier answered turns a follow-up carries (0: every question stands alone)."""
+        return self._context_limit
+
+    @context_limit.setter
+    def context_limit(self, value: int) -> None:
+        self._context_limit = max(0, min(int(value), MAX_CONTEXT_TURNS))
+
+    def context_for(self, question: Question) -> list[ContextTurn]:
+        """The earlier turns ``question`` would carry now: the last :attr:`context_limit` answers
+        about the same scan since the context last started, oldest first (stopped ones left out)."""
+        if self.context_limit <= 0 or self._context_scan is None or not self._context_scan.matches(question.whole_volume):
+            return []
+        eligible = [
+            record
+            for turn_id, record in sorted(self.records.items())
+            if turn_id >= self._context_from and not record.stopped and str(getattr(record.answer, "text", "")).strip()
+        ]
+        return [
+            ContextTurn(r.turn_id, str(getattr(r.answer, "prompt", "") or r.question), str(r.answer.text).strip())
+            for r in eligible[-self.context_limit :]
+        ]
+
+    def _start_context(self, question: Question) -> None:
+        """A question about another scan than the last one starts fresh context (said in the transcript)."""
+        scan = question.whole_volume
+        earlier = any(turn_id >= self._context_from for turn_id in self.records)
+        if self._context_scan is not None and not self._context_scan.matches(scan) and earlier:
+            note = self._add("info", f"New scan ({question.source_name}): the earlier turns are not used as context.")
+            self._context_from = note.id
+        if self._context_scan is None or not self._context_scan.matches(scan):
+            self._context_scan = _ScanRef(scan)
 
     # ------------------------------------------------------------------ model
     def choose_model(self, choice: ModelChoice) -> bool:
@@ -408,9 +565,16 @@ class Conversation:
         refusal = self.refusal(question)
         if refusal:
             raise QuestionRefused(refusal)
-        self._add("user", question.display, layer=question.layer_name)
+        self._start_context(question)
+        context = self.context_for(question)
+        meta: dict[str, Any] = {"layer": question.layer_name}
+        if context:
+            meta["context_turns"] = [c.turn_id for c in context]
+        if question.region_info:
+            meta["region"] = question.region_info
+        self._add("user", question.display, **meta)
         turn = self._add("assistant", "", layer=question.layer_name, question=question.text)
-        self.pending = PendingAnswer(question, turn)
+        self.pending = PendingAnswer(question, turn, context=context)
         return self.pending
 
     def answer_stream(self) -> Iterator[Any]:
@@ -427,13 +591,15 @@ class Conversation:
             raise RuntimeError("no model is loaded: call load_model() first")
         engine, question = self.engine, pending.question
         stop_event, max_new_tokens = pending.stop_event, self.max_new_tokens
+        history = [(c.question, c.answer) for c in pending.context]
+        extra = {"history": history} if history else {}  # a single question is asked as it always was
         done = threading.Event()
         self._generation_done = done
 
         def generate() -> Iterator[Any]:
             try:
                 yield from engine.answer(
-                    question.volume, question.prompt, max_new_tokens=max_new_tokens, stop_event=stop_event
+                    question.volume, question.prompt, max_new_tokens=max_new_tokens, stop_event=stop_event, **extra
                 )
             finally:
                 done.set()
@@ -453,7 +619,11 @@ class Conversation:
         return pending.text
 
     def finish(self, answer: Answer) -> AnswerRecord:
-        """Record the engine's final ``Answer`` with its report; it becomes the selected answer."""
+        """Record the engine's final ``Answer`` with its report; it becomes the selected answer.
+
+        Stated findings are placed at once when a segmentation of the scan is known.
+        """
+        from napari_tghmoe.finding_links import stated_findings
         from napari_tghmoe.report import ReportDocument
 
         pending = self.pending
@@ -465,8 +635,11 @@ class Conversation:
         notes = [STOPPED_NOTE] if stopped else []
         if self.model_is_placeholder:
             notes.append(PLACEHOLDER_NOTE)
+        used = int(getattr(answer, "history_used", len(pending.context)) or 0)
+        context = pending.context[len(pending.context) - used :] if used else []
         document = ReportDocument.from_answer(answer, question.volume, question=question.text, notes=notes)
-        self.transcript.update(turn, text, report=document.to_dict(), stopped=stopped)
+        document.context = [c.to_dict() for c in context]
+        document.region = question.region_info
         record = AnswerRecord(
             turn_id=turn.id,
             question=question.text,
@@ -476,14 +649,95 @@ class Conversation:
             layer_ref=question.layer_ref,
             stopped=stopped,
             document=document,
+            scan=question.scan,
+            box=question.box,
+            region=question.region,
+            scan_key=question.scan_key,
+            context=context,
+            stated=[] if stopped else stated_findings(text, question.text),
         )
+        known = self.known_segmentation(record.whole_volume)
+        if known is not None and record.stated:
+            self._place_findings(record, known)
+        self.transcript.update(turn, text, report=document.to_dict(), stopped=stopped, **self._finding_meta(record))
         self.records[turn.id] = record
         rate = (getattr(answer, "timings", None) or {}).get("tokens_per_s")
         self.last_tokens_per_s = float(rate) if rate else None
         self.pending = None
+        if len(context) < len(pending.context):  # the prompt had to drop the oldest turns
+            kept = len(context)
+            self._add("info", f"Only the last {kept} earlier turn{'s' if kept != 1 else ''} fit the model's context."
+                      if kept else "The earlier turns do not fit the model's context: this answer went without them.")
         self.answer_recorded.emit(record)
+        if record.finding_links:
+            self.findings_located.emit(record)
         self.select_answer(turn.id)
         return record
+
+    # ------------------------------------------------------------------ finding places
+    def remember_segmentation(self, volume: CTVolume, result: Any) -> None:
+        """Keep a segmentation of the scan ``volume``: later answers about it use it at once.
+
+        Held while the scan lives (the scan itself is not kept alive by it).
+        """
+        ref = _ScanRef(volume)
+        for key in [k for k, (r, _) in self._segmentations.items() if r._ref() is None]:
+            del self._segmentations[key]  # scans closed since
+        self._segmentations[ref.key] = (ref, result)
+
+    def known_segmentation(self, volume: CTVolume) -> Any:
+        """The remembered segmentation of ``volume`` (None when there is none)."""
+        entry = self._segmentations.get(scan_key(volume))
+        return entry[1] if entry is not None and entry[0].matches(volume) else None
+
+    def locate(self, turn_id: int, result: Any) -> AnswerRecord | None:
+        """Place the findings answer ``turn_id`` states with a ``SegmentationResult`` of its scan.
+
+        Emits ``findings_located`` when at least one got a place. None for an unknown turn.
+        """
+        record = self.records.get(turn_id)
+        if record is None:
+            return None
+        self.remember_segmentation(record.whole_volume, result)
+        self._place_findings(record, result)
+        self._save_findings(record)
+        if record.finding_links:
+            self.findings_located.emit(record)
+        return record
+
+    def locations_unavailable(self, turn_id: int, reason: str) -> None:
+        """The findings of answer ``turn_id`` get no places (e.g. the segmenter failed): keep why."""
+        record = self.records.get(turn_id)
+        if record is not None:
+            record.locations_checked = True
+            record.locations_note = reason
+            self._save_findings(record)
+
+    def _place_findings(self, record: AnswerRecord, result: Any) -> None:
+        from napari_tghmoe.finding_links import locate_findings
+
+        prefer = record.box if record.region is not None else None
+        placed = locate_findings(record.stated, getattr(result, "findings", []) or [], prefer_box=prefer)
+        record.finding_links = [f for f in placed if f is not None]
+        record.locations_checked = True
+        record.locations_note = "" if record.finding_links else "no segmented finding of the stated kinds"
+        if record.document is not None:
+            record.document.located_findings = _unique_places(record.finding_links)
+
+    def _finding_meta(self, record: AnswerRecord) -> dict[str, Any]:
+        if not record.stated:
+            return {}
+        return {
+            "stated_findings": [{"kind": f.kind, "location": f.location} for f in record.stated],
+            "located_findings": [f.to_dict() for f in record.finding_links],
+        }
+
+    def _save_findings(self, record: AnswerRecord) -> None:
+        turn = self.transcript.get(record.turn_id)
+        if turn is None:
+            return
+        report = record.document.to_dict() if record.document is not None else turn.meta.get("report")
+        self.transcript.update(turn, report=report, **self._finding_meta(record))
 
     def abandon(self, note: str = "no answer") -> Turn | None:
         """End the pending answer without a result, keeping its text and ``[note]``."""
@@ -523,7 +777,9 @@ class Conversation:
                     self.add_text(item)
                     yield item
                 else:
-                    return self.finish(item)
+                    record = self.finish(item)
+                    self._locate_now(record)
+                    return record
         except GeneratorExit:
             self.stop()
             self.abandon(note="stopped")
@@ -550,6 +806,17 @@ class Conversation:
                     on_token(chunk)
         finally:
             chunks.close()
+
+    def _locate_now(self, record: AnswerRecord) -> None:
+        """Run :attr:`segmenter` on this thread for an answer whose findings have no place yet."""
+        if not record.needs_locations or self.segmenter is None:
+            return
+        try:
+            result = self.segmenter(record.whole_volume)
+        except Exception as err:  # the answer stands without places
+            self.locations_unavailable(record.turn_id, f"segmentation failed: {short_error(err)}")
+            return
+        self.locate(record.turn_id, result)
 
     # ------------------------------------------------------------------ records
     def latest_record(self) -> AnswerRecord | None:

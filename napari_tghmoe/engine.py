@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from napari_tghmoe.model.prompts import SHARED_GROUP, PromptBuilder, PromptInputs
+from napari_tghmoe.model.prompts import SHARED_GROUP, HistoryTurn, PromptBuilder, PromptInputs, context_length
 
 __all__ = ["Answer", "InferenceEngine", "PromptInputs"]
 
@@ -45,6 +45,7 @@ class Answer:
     stopped: bool = False  # stop_event ended the generation early
     tokens_after_stop: int = 0  # tokens the streamer received after stop_event was set
     warnings: list[str] = field(default_factory=list)
+    history_used: int = 0  # earlier turns of the conversation that went into the prompt
 
 
 def _token_streamer(tokenizer: Any, stop_event: threading.Event):
@@ -135,9 +136,13 @@ class InferenceEngine:
         """Chat prompt with ONE video placeholder (see :meth:`PromptBuilder.render`)."""
         return self.prompts.render(instruction)
 
-    def build_inputs(self, instruction: str, num_video_tokens: int) -> PromptInputs:
+    def build_inputs(
+        self, instruction: str, num_video_tokens: int, history: Any = (), max_length: int | None = None
+    ) -> PromptInputs:
         """Token inputs of one prompt (see :meth:`PromptBuilder.build_inputs`)."""
-        return self.prompts.build_inputs(instruction, num_video_tokens)
+        if not history:
+            return self.prompts.build_inputs(instruction, num_video_tokens)
+        return self.prompts.build_inputs(instruction, num_video_tokens, history=history, max_length=max_length)
 
     # ------------------------------------------------------------------ answering
 
@@ -186,6 +191,7 @@ class InferenceEngine:
         *,
         spacing: Any = None,
         generation_options: dict[str, Any] | None = None,
+        history: list[HistoryTurn] | tuple[HistoryTurn, ...] = (),
     ) -> Iterator[str | Answer]:
         """Yield the answer's text chunks as they are generated, then the :class:`Answer`.
 
@@ -193,6 +199,8 @@ class InferenceEngine:
         ``stop_event``: set it (from any thread) to stop within one token; the Answer then
         has ``stopped=True``. Closing the generator early also stops the generation.
         ``generation_options`` go to ``model.generate`` (greedy decoding by default).
+        ``history``: earlier (instruction, answer) turns of the conversation, oldest first; the
+        oldest are dropped when the prompt and ``max_new_tokens`` would not fit the model's context.
         """
         import torch
 
@@ -205,7 +213,9 @@ class InferenceEngine:
             t_start = time.perf_counter()
             inputs = self.prepare(volume, spacing)
             intensity_note = self.intensity_warning(inputs)
-            prompt = self.build_inputs(plan.text, inputs.num_video_tokens)
+            window = context_length(self.model.config)
+            budget = window - max_new_tokens if window and history else None
+            prompt = self.build_inputs(plan.text, inputs.num_video_tokens, history, budget)
             preprocess_s = time.perf_counter() - t_start
 
             device = self.model.device
@@ -294,6 +304,7 @@ class InferenceEngine:
                 stopped=stop_event.is_set(),
                 tokens_after_stop=streamer.tokens_after_stop,
                 warnings=list(getattr(self.info, "warnings", []) or []) + ([intensity_note] if intensity_note else []),
+                history_used=prompt.history_used,
             )
 
     def ask(self, volume: Any, question: str, **kwargs: Any) -> Answer:

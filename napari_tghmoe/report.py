@@ -122,6 +122,14 @@ class ReportDocument:
     # What the reader warned about the scan (tilt, gaps, resampling, not CT, 4D...): the JSON
     # carries it so a report read later still says what the model was shown.
     warnings: list[str] = field(default_factory=list)
+    # Where the stated findings lie, from the 3D segmentation of the scan: dicts with "kind",
+    # "location" (as stated), "voxel_zyx" (scan grid), "position_mm" (patient x, y, z),
+    # "segmented_location", "probability", "volume_ml". JSON only (not coded in the SR).
+    located_findings: list[dict[str, Any]] = field(default_factory=list)
+    # The earlier turns of the conversation the answer followed: {"turn", "question", "answer"}.
+    context: list[dict[str, Any]] = field(default_factory=list)
+    # The region of the scan the question was about (voxel ranges, mm, the crop the model saw).
+    region: dict[str, Any] | None = None
 
     # ------------------------------------------------------------------ construction
     @classmethod
@@ -202,6 +210,9 @@ class ReportDocument:
             data.pop("source_path")
         if not self.findings:  # keeps the JSON of an answer without findings as it was
             data.pop("findings")
+        for key in ("located_findings", "context", "region"):  # likewise for one-off questions
+            if not data.get(key):
+                data.pop(key)
         data["disclaimer"] = DISCLAIMER
         return data
 

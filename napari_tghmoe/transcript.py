@@ -102,7 +102,13 @@ class Transcript:
         self._rewrite()
 
     def to_text(self) -> str:
-        return "".join(f"[{t.time_label}] {t.role}: {t.text}\n" for t in self.turns)
+        """"[HH:MM:SS] role: text" per turn; indented below it, what an answer followed (context
+        turns, a region) and where its stated findings lie."""
+        lines = []
+        for turn in self.turns:
+            lines.append(f"[{turn.time_label}] {turn.role}: {turn.text}")
+            lines += [f"    {line}" for line in _detail_lines(turn.meta)]
+        return "".join(line + "\n" for line in lines)
 
     # ------------------------------------------------------------------ storage
     def _append(self, turn: Turn) -> None:
@@ -131,6 +137,31 @@ class Transcript:
         finally:
             if os.path.exists(tmp):
                 os.unlink(tmp)
+
+
+def _detail_lines(meta: dict[str, Any]) -> list[str]:
+    lines = []
+    context = meta.get("context_turns") or []
+    if context:
+        lines.append(f"context: {len(context)} earlier turn{'s' if len(context) != 1 else ''}")
+    region = meta.get("region")
+    if isinstance(region, dict) and region.get("voxel_start_zyx"):
+        start, stop = region["voxel_start_zyx"], region.get("voxel_stop_zyx") or region["voxel_start_zyx"]
+        spans = ", ".join(
+            f"{n} {a}" if b - a <= 1 else f"{n} {a}-{b - 1}" for n, a, b in zip("zyx", start, stop)
+        )
+        lines.append(f"region: {region.get('kind', 'box')} {region.get('plane') or ''} voxels {spans}".replace("  ", " "))
+    for found in meta.get("located_findings") or []:
+        try:
+            voxel = ", ".join(str(int(v)) for v in found["voxel_zyx"])
+            mm = ", ".join(f"{float(v):.1f}" for v in found["position_mm"])
+        except (KeyError, TypeError, ValueError):
+            continue
+        where = f" ({found['location']})" if found.get("location") else ""
+        line = f"finding: {found.get('kind', '')}{where} at voxel (z, y, x) {voxel}, (x, y, z) {mm} mm"
+        if line not in lines:  # a finding named twice (findings and impression) is one place
+            lines.append(line)
+    return lines
 
 
 def _read_jsonl(path: Path) -> Iterator[Turn]:

@@ -256,3 +256,235 @@ def test_the_bundled_demo_model_is_the_default_and_answers():
     assert record.answer.text and record.answer.timings["n_tokens"] <= 4
     assert PLACEHOLDER_NOTE not in record.document.notes
     assert conversation.transcript.path is None
+
+
+# --------------------------------------------------------------------------- conversations, regions, finding places
+
+
+def _scripted(monkeypatch, conversation: Conversation, texts: list[str]) -> list[str]:
+    """Let the real engine build its prompt and run, then put a known text in its answer's place
+    (the tiny model's own words are random). Returns the list the rendered prompts go to."""
+    import dataclasses
+
+    engine = conversation.load_model()
+    prompts: list[str] = []
+    real_build, real_answer = engine.build_inputs, engine.answer
+
+    def build_inputs(*args, **kwargs):
+        inputs = real_build(*args, **kwargs)
+        prompts.append(inputs.prompt_text)
+        return inputs
+
+    def answer(volume, question, **kwargs):
+        final = None
+        for item in real_answer(volume, question, **kwargs):
+            if not isinstance(item, str):
+                final = item
+        text = texts.pop(0)
+        yield text
+        yield dataclasses.replace(final, text=text)
+
+    monkeypatch.setattr(engine, "build_inputs", build_inputs)
+    monkeypatch.setattr(engine, "answer", answer)
+    return prompts
+
+
+def test_a_follow_up_carries_the_earlier_turns_and_a_new_conversation_does_not(conversation, monkeypatch, tmp_path):
+    prompts = _scripted(monkeypatch, conversation, ["The liver is normal.", "The spleen is enlarged.", "No."])
+    volume = _ct_volume()
+
+    first = conversation.ask(Question("Is the liver normal?", volume, layer_name="CT"))
+    second = conversation.ask(Question("And the spleen?", volume, layer_name="CT"))
+
+    assert "Is the liver normal?" not in prompts[0].split("<|vision_start|>")[0]  # a first question stands alone
+    before_video = prompts[1].split("<|vision_start|>")[0]
+    assert "Is the liver normal?" in before_video and "The liver is normal." in before_video
+    assert prompts[1].rstrip().endswith("And the spleen?<|im_end|>\n<|im_start|>assistant".rstrip())
+    assert [c.turn_id for c in second.context] == [first.turn_id] and second.answer.history_used == 1
+    assert second.document.context == [{"turn": first.turn_id, "question": "Is the liver normal?",
+                                        "answer": "The liver is normal."}]
+    exported = json.loads(conversation.export_answer(tmp_path / "second.json").read_text())
+    assert exported["context"][0]["answer"] == "The liver is normal."
+    assert "context: 1 earlier turn" in conversation.export_transcript(tmp_path / "chat.txt").read_text()
+
+    conversation.new_conversation()
+    conversation.ask(Question("And the spleen?", volume, layer_name="CT"))
+
+    assert "Is the liver normal?" not in prompts[2] and "The liver is normal." not in prompts[2]
+    assert "The spleen is enlarged." not in prompts[2]
+
+
+def test_context_is_the_last_n_turns_and_the_oldest_go_when_the_model_is_full(conversation, monkeypatch):
+    answers = [f"Answer number {i}." for i in range(1, 5)]
+    prompts = _scripted(monkeypatch, conversation, list(answers) + ["x"] * 3)
+    volume = _ct_volume()
+    conversation.context_limit = 2
+    for i in range(1, 5):
+        conversation.ask(Question(f"Question number {i}?", volume))
+
+    last = prompts[3]
+    assert "Question number 1?" not in last and "Answer number 1." not in last
+    assert "Question number 2?" in last and "Answer number 3." in last  # the last two, oldest first
+    assert last.index("Question number 2?") < last.index("Question number 3?") < last.index("Question number 4?")
+
+    conversation.context_limit = 0  # every question stands alone
+    conversation.ask(Question("Question number 5?", volume))
+    assert "Answer number 4." not in prompts[4]
+
+    # a model whose context holds the prompt and one earlier turn but not two: the oldest go
+    conversation.context_limit = 3
+    fifth = conversation.latest_record()
+    one_turn = conversation.engine.prompts.build_inputs("Question number 6?", 64, history=[("Question number 5?", "x")])
+    window = one_turn.input_ids.shape[1] + conversation.max_new_tokens
+    monkeypatch.setattr("napari_tghmoe.engine.context_length", lambda config: window)
+
+    follow_up = conversation.ask(Question("Question number 6?", volume))
+
+    assert follow_up.answer.history_used == 1 and [c.turn_id for c in follow_up.context] == [fifth.turn_id]
+    assert "Question number 5?" in prompts[5] and "Question number 4?" not in prompts[5]
+    assert conversation.turns[-1].role == "info" and "last 1 earlier turn fit the model's context" in conversation.turns[-1].text
+
+
+def test_a_question_about_another_scan_starts_fresh_context(conversation, monkeypatch):
+    prompts = _scripted(monkeypatch, conversation, ["First answer.", "Second answer.", "Third answer."])
+    chest, abdomen = _ct_volume(), _ct_volume(shape=(10, 40, 40))
+    conversation.ask(Question("Is the liver normal?", chest, layer_name="chest"))
+
+    other = conversation.ask(Question("Is the liver normal?", abdomen, layer_name="abdomen"))
+
+    assert "First answer." not in prompts[1] and other.context == []
+    note = conversation.turns[2]
+    assert note.role == "info" and "New scan (abdomen)" in note.text and "not used as context" in note.text
+    third = conversation.ask(Question("And the kidneys?", abdomen, layer_name="abdomen"))
+    assert "Second answer." in prompts[2] and "First answer." not in prompts[2]
+    assert [c.turn_id for c in third.context] == [other.turn_id]
+
+
+def test_a_single_question_prompt_is_the_one_it_always_was(tiny_tghmoe_folder):
+    from napari_tghmoe.engine import InferenceEngine
+
+    engine = InferenceEngine.from_pretrained(tiny_tghmoe_folder, device="cpu")
+    alone = engine.build_inputs("Is there a nodule?", 64)
+    empty_history = engine.prompts.build_inputs("Is there a nodule?", 64, history=[], max_length=10)
+    assert alone.prompt_text == "<|im_start|>user\n<|vision_start|><|video_pad|><|vision_end|>Is there a nodule?<|im_end|>\n<|im_start|>assistant\n"
+    assert alone.input_ids.tolist() == empty_history.input_ids.tolist()
+    with_history = engine.prompts.build_inputs("Is there a nodule?", 64, history=[("Q?", "A <|video_pad|> B")])
+    assert with_history.input_ids[0].tolist().count(engine.model.config.video_token_id) == 64  # no smuggled video
+    guided = [i for i, keep in zip(with_history.input_ids[0].tolist(), with_history.text_guidance_mask[0].tolist()) if keep]
+    assert engine.tokenizer.decode(guided) == "Is there a nodule?"  # the router reads the current question only
+    fit = engine.prompts.build_inputs("Q?", 64, history=[("old " * 50, "a"), ("new?", "b")], max_length=alone.input_ids.shape[1] + 20)
+    assert fit.history_used == 1 and "old" not in fit.prompt_text and "new?" in fit.prompt_text
+
+
+def test_a_region_question_sends_the_crop_with_its_coordinates(conversation, monkeypatch, tmp_path):
+    from napari_tghmoe.regions import Region, region_context
+
+    volume = _ct_volume(shape=(12, 48, 40))
+    region = Region.from_voxels("box", [[6, 10, 8], [6, 29, 27]], volume.shape, "axial")
+    marked = region_context(volume, region)
+    engine = conversation.load_model()
+    shown_to_model = []
+    real_prepare = engine.prepare
+    monkeypatch.setattr(engine, "prepare", lambda v, s=None: shown_to_model.append(v) or real_prepare(v, s))
+    question = Question("What is this?", marked.crop, layer_name="CT", scan=volume, box=marked.box, region=region,
+                        region_info=marked.to_dict(volume), model_text=marked.question_for_model("What is this?"))
+
+    record = conversation.ask(question)
+
+    assert region.box == ((6, 7), (10, 30), (8, 28))
+    assert marked.box == ((2, 11), (0, 42), (0, 40))  # 10 mm more on every side: 4 slices, 12 and 14 pixels
+    assert shown_to_model[0].shape == (9, 42, 40) and np.array_equal(shown_to_model[0].hu, volume.hu[2:11, 0:42, 0:40])
+    assert record.volume.shape == (9, 42, 40) and record.box == marked.box and record.scan is volume
+    sent = record.answer.question
+    assert "voxels z 6, y 10-29, x 8-27" in sent and "box on axial" in sent and sent.endswith("What is this?")
+    corner = volume.index_to_patient((6.0, 10.0, 8.0))
+    assert f"{corner[0]:.1f}" in sent and " mm" in sent  # the region in patient mm too
+    assert np.allclose(shown_to_model[0].index_to_patient((0, 0, 0)), volume.index_to_patient((2, 0, 0)))
+    report = json.loads(conversation.export_answer(tmp_path / "region.json").read_text())
+    assert report["region"]["voxel_start_zyx"] == [6, 10, 8] and report["region"]["input_box_zyx"] == [[2, 11], [0, 42], [0, 40]]
+
+
+def _seg_finding(kind, voxel, location, probability=0.9):
+    from napari_tghmoe.med3d.types import SegFinding
+
+    return SegFinding(kind=kind, label=1, voxel_zyx=voxel, position_mm=tuple(float(v) for v in voxel[::-1]),
+                      volume_ml=0.5, probability=probability, location=location)
+
+
+def test_stated_findings_match_segmented_ones_by_kind_and_side():
+    from napari_tghmoe.finding_links import locate_findings, stated_findings
+
+    segmented = [
+        _seg_finding("renal cyst", (5, 20, 30), "right kidney", 0.95),
+        _seg_finding("renal cyst", (6, 22, 10), "left kidney", 0.6),
+        _seg_finding("lung nodule", (2, 10, 10), "left upper lobe", 0.9),
+    ]
+    text = ("Kidneys: There is a 12 mm renal cyst in the left kidney, lower pole. No lung nodule.\n"
+            "IMPRESSION: 12 mm renal cyst in the left kidney, lower pole.")
+    stated = stated_findings(text)
+    assert [(f.kind, f.location) for f in stated] == [("renal cyst", "left kidney, lower pole")] * 2
+    assert text[stated[0].start:stated[0].end] == "renal cyst in the left kidney, lower pole"
+    placed = locate_findings(stated, segmented)
+    assert [p.voxel_zyx for p in placed] == [(6, 22, 10), (6, 22, 10)]  # the left one, named twice, one place
+    assert placed[0].segmented_location == "left kidney"
+
+    anywhere = locate_findings(stated_findings("B. renal cyst"), segmented)
+    assert anywhere[0].voxel_zyx == (5, 20, 30)  # no place stated: the most probable
+    in_box = locate_findings(stated_findings("A renal cyst."), segmented, prefer_box=((0, 12), (15, 30), (0, 20)))
+    assert in_box[0].voxel_zyx == (6, 22, 10)  # a region question: the one inside the region
+    assert locate_findings(stated_findings("There is a 6 mm lung nodule in the right upper lobe."), segmented) == [None]
+    assert locate_findings(stated_findings("A hypodense splenic lesion."), segmented) == [None]
+    assert stated_findings("No renal cyst; the kidneys are without lesions.") == []
+    where = stated_findings("left kidney, lower pole", question="Where is the renal cyst located?")
+    assert [(f.kind, f.location) for f in where] == [("renal cyst", "left kidney, lower pole")]
+
+
+def test_stated_findings_get_places_from_the_segmenter_and_the_export_carries_them(conversation, monkeypatch, tmp_path):
+    from napari_tghmoe.med3d.types import SegmentationResult
+
+    volume = _ct_volume()
+    result = SegmentationResult(
+        labels=np.zeros(volume.shape, np.uint8), label_names={0: "background"},
+        findings=[_seg_finding("renal cyst", (5, 20, 30), "left kidney")], structure_volumes_ml={},
+        finding_presence={}, model_name="stand-in", seconds=0.0,
+    )
+    calls = []
+    conversation.segmenter = lambda scan: calls.append(scan) or result
+    _scripted(monkeypatch, conversation, ["There is a 9 mm renal cyst in the left kidney, upper pole.",
+                                          "It is a renal cyst.", "A hypodense splenic lesion."])
+    located = []
+    conversation.findings_located.connect(located.append)
+
+    record = conversation.ask(Question("Generate a radiology report.", volume, layer_name="CT"))
+
+    assert calls == [volume] and located == [record]
+    link = record.finding_links[0]
+    assert (link.kind, link.location, link.voxel_zyx) == ("renal cyst", "left kidney, upper pole", (5, 20, 30))
+    report = json.loads(conversation.export_answer(tmp_path / "report.json").read_text())
+    assert report["located_findings"] == [{
+        "kind": "renal cyst", "location": "left kidney, upper pole", "voxel_zyx": [5, 20, 30],
+        "position_mm": [30.0, 20.0, 5.0], "segmented_location": "left kidney", "probability": 0.9, "volume_ml": 0.5,
+    }]
+    assert "finding: renal cyst (left kidney, upper pole) at voxel (z, y, x) 5, 20, 30" in (
+        conversation.export_transcript(tmp_path / "chat.txt").read_text())
+
+    again = conversation.ask(Question("What is it?", volume, layer_name="CT"))  # the scan's segmentation is kept
+    assert calls == [volume] and again.finding_links[0].voxel_zyx == (5, 20, 30)
+
+    unmatched = conversation.ask(Question("Anything in the spleen?", volume, layer_name="CT"))
+    assert unmatched.stated and unmatched.finding_links == [] and unmatched.locations_checked
+    assert "located_findings" not in json.loads(conversation.export_answer(tmp_path / "none.json").read_text())
+
+
+def test_a_failing_segmenter_leaves_the_answer_without_places(conversation, monkeypatch):
+    def broken(scan):
+        raise RuntimeError("no segmentation model here\nmore")
+
+    conversation.segmenter = broken
+    _scripted(monkeypatch, conversation, ["There is a 9 mm renal cyst in the left kidney, upper pole."])
+
+    record = conversation.ask(Question("Generate a radiology report.", _ct_volume()))
+
+    assert record.answer.text.startswith("There is") and record.finding_links == []
+    assert record.locations_note == "segmentation failed: no segmentation model here"
+    assert conversation.turns[-1].meta["stated_findings"] == [{"kind": "renal cyst", "location": "left kidney, upper pole"}]

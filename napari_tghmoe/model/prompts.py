@@ -10,6 +10,7 @@ spirit, while real questions go to the model exactly as typed.
 from __future__ import annotations
 
 import re
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any, Literal
 
@@ -156,6 +157,23 @@ class PromptInputs:
     mm_token_type_ids: Any  # (1, L) int: 2 on video tokens
     text_guidance_mask: Any  # (1, L) bool: the user's instruction tokens only
     prompt_text: str  # rendered prompt with one video placeholder
+    history_used: int = 0  # earlier (question, answer) turns that fit and were rendered
+
+
+#: Chat-template control tokens such as ``<|video_pad|>`` or ``<|im_end|>``.
+_SPECIAL_TOKEN = re.compile(r"<\|[a-z_]+\|>")
+#: One earlier turn of a conversation: the instruction the model was given and its answer.
+HistoryTurn = tuple[str, str]
+
+
+def context_length(model_config: Any) -> int | None:
+    """How many tokens the model's language part can attend to (None when the config does not say)."""
+    text_config = model_config.get_text_config() if hasattr(model_config, "get_text_config") else model_config
+    for config in (text_config, model_config):
+        value = getattr(config, "max_position_embeddings", None)
+        if value:
+            return int(value)
+    return None
 
 
 class PromptBuilder:
@@ -164,6 +182,12 @@ class PromptBuilder:
     Needs only the tokenizer and the model's config (its ``video_token_id``), not the model, so
     training collation renders exactly what inference sends: a model fine-tuned on other tokens
     than it is asked with answers worse.
+
+    A follow-up question carries earlier turns as plain user / assistant messages of the chat
+    template, and the volume goes with the *current* question only: each turn may show another
+    volume (the whole scan, a slab, a region), and the current instruction right after the video
+    is the layout the model was trained on. Without history the prompt is the single-turn one,
+    token for token.
     """
 
     def __init__(self, tokenizer: Any, model_config: Any):
@@ -171,24 +195,53 @@ class PromptBuilder:
         self.video_token_id = int(model_config.video_token_id)
         self.video_token = tokenizer.convert_ids_to_tokens(self.video_token_id)
 
-    def render(self, instruction: str) -> str:
+    def messages(self, instruction: str, history: Sequence[HistoryTurn] = ()) -> list[dict[str, str]]:
+        """The chat-template messages: earlier turns as text, then the volume and the instruction."""
+        messages: list[dict[str, str]] = []
+        for question, answer in history:  # as plain text: no earlier turn may smuggle in a video
+            messages.append({"role": "user", "content": _SPECIAL_TOKEN.sub("", question)})
+            messages.append({"role": "assistant", "content": _SPECIAL_TOKEN.sub("", answer)})
+        content = f"{VISION_START_TOKEN}{self.video_token}{VISION_END_TOKEN}{instruction}"
+        messages.append({"role": "user", "content": content})
+        return messages
+
+    def render(self, instruction: str, history: Sequence[HistoryTurn] = ()) -> str:
         """Chat prompt with ONE video placeholder (expanded to the real count in token space).
 
         The tokenizer's own chat template when it has one (a real Qwen2.5-VL folder), else the
         Qwen chat layout written out.
         """
-        content = f"{VISION_START_TOKEN}{self.video_token}{VISION_END_TOKEN}{instruction}"
-        messages = [{"role": "user", "content": content}]
+        messages = self.messages(instruction, history)
         if getattr(self.tokenizer, "chat_template", None):
             return self.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
-        return f"<|im_start|>user\n{content}<|im_end|>\n<|im_start|>assistant\n"
+        turns = "".join(f"<|im_start|>{m['role']}\n{m['content']}<|im_end|>\n" for m in messages)
+        return f"{turns}<|im_start|>assistant\n"
 
-    def build_inputs(self, instruction: str, num_video_tokens: int) -> PromptInputs:
-        """Tokenise the prompt, expand the video placeholder, mark the instruction tokens."""
+    def build_inputs(
+        self,
+        instruction: str,
+        num_video_tokens: int,
+        history: Sequence[HistoryTurn] = (),
+        max_length: int | None = None,
+    ) -> PromptInputs:
+        """Tokenise the prompt, expand the video placeholder, mark the instruction tokens.
+
+        ``history``: earlier (instruction, answer) turns, oldest first. With ``max_length`` (the
+        tokens the prompt may take, video included) the oldest turns are dropped until it fits;
+        ``PromptInputs.history_used`` says how many were kept.
+        """
+        history = list(history)
+        while True:
+            inputs = self._build(instruction, num_video_tokens, history)
+            if not history or max_length is None or inputs.input_ids.shape[1] <= max_length:
+                return inputs
+            history = history[1:]  # the oldest turn goes first
+
+    def _build(self, instruction: str, num_video_tokens: int, history: list[HistoryTurn]) -> PromptInputs:
         import torch
 
-        prompt = self.render(instruction)
-        start = prompt.rfind(instruction)
+        prompt = self.render(instruction, history)
+        start = prompt.rfind(instruction)  # the current instruction is the last text before the reply
         end = start + len(instruction)
         encoded = self.tokenizer(prompt, add_special_tokens=False, return_offsets_mapping=True)
         ids: list[int] = []
@@ -209,6 +262,7 @@ class PromptBuilder:
             mm_token_type_ids=(input_ids == self.video_token_id).to(torch.int32) * 2,
             text_guidance_mask=torch.tensor([guidance], dtype=torch.bool),
             prompt_text=prompt,
+            history_used=len(history),
         )
 
 
