@@ -165,6 +165,20 @@ def test_loading_the_converted_folder_gives_the_base_tensors_bit_identical(hf_ba
     assert model.lm_head.weight.data_ptr() == model.model.language_model.embed_tokens.weight.data_ptr()  # tied
 
 
+def test_the_converted_folder_loads_quantized_with_its_experts_as_saved(converted):
+    from napari_tghmoe.engine import InferenceEngine
+
+    engine = InferenceEngine.from_pretrained(converted[0], device="cpu", quantization="4bit", hash_weights=False)
+    model = engine.model
+    assert type(model.model.language_model.layers[0].mlp.down_proj).__name__ == "Linear4bit"
+    state = model.state_dict()
+    for key, value in load_file(converted[0] / "tghmoe_adapter.safetensors").items():
+        assert torch.equal(state[key].to(value.dtype), value), key  # experts / LoRA unquantized, as saved
+    answer = engine.ask(volume(), "Is the liver normal?", spacing=(2.0, 1.0, 1.0), max_new_tokens=2,
+                        generation_options={"min_new_tokens": 2})
+    assert answer.timings["n_tokens"] == 2 and "4bit" in answer.precision
+
+
 def test_the_converted_config_records_the_processors_values(converted):
     config = json.loads((converted[0] / "config.json").read_text())
     assert config["image_mean"] == list(FIXTURE_MEAN) and config["image_std"] == list(FIXTURE_STD)
