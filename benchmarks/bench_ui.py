@@ -11,20 +11,24 @@ Opens napari (3D CT + plane views + chat and routing docks, as the demo does) an
   (cold), for the demo model (``resources/demo-model``) or, when it is not bundled yet, the
   untrained placeholder model.
 
-* time per slice change (``--part slices``): the reading layout (Four-Up) on a large CT
-  (600 x 512 x 512 by default, 0.7 x 0.7 x 0.8 mm), one wheel step in a plane view
-  (``OrthoViewsWidget.scroll_slices``, what a wheel notch does) until every canvas has
-  repainted (the other planes' crosshairs and the 3D view's axial plane follow the cursor),
-  against the demo phantom as baseline.
+* time per slice change (``--part slices``, issue 18): a large CT (600 x 512 x 512 int16 by
+  default, 0.8 x 0.7 x 0.7 mm), one wheel step in a plane view (``OrthoViewsWidget.scroll_slices``,
+  what a wheel notch does) until the repaints it caused are done, per plane, for three designs
+  in the same run: a plain napari viewer scrolling the same volume in its one 2D canvas (the
+  baseline: what napari itself costs on this machine), the Four-Up layout with napari's own
+  re-slicing and a 3D repaint at every step ("before"), and the Four-Up layout as shipped
+  ("after": only changed slices re-sliced, the 3D view repainted once the scrolling pauses;
+  the time that held-back repaint blocks the window is reported beside).
 
 Run: ``.venv/bin/python benchmarks/bench_ui.py [--part all|chat|slices] [--tokens 64]
-[--repeats 3] [--shape 600 512 512]`` (starts its own virtual X server when DISPLAY is unset;
+[--repeats 3] [--shape 600 512 512] [--steps 5]`` (starts its own virtual X server when DISPLAY is unset;
 needs Xvfb).
 """
 
 from __future__ import annotations
 
 import argparse
+import math
 import os
 import statistics
 import sys
@@ -100,7 +104,7 @@ def main(argv=None) -> int:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--part", choices=("all", "chat", "slices"), default="all")
     parser.add_argument("--shape", type=int, nargs=3, default=(600, 512, 512), help="large CT (z y x)")
-    parser.add_argument("--steps", type=int, default=20, help="slice changes per plane")
+    parser.add_argument("--steps", type=int, default=5, help="slice changes per plane and design")
     args = parser.parse_args(argv)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     display = _ensure_display()
@@ -231,56 +235,133 @@ def large_ct(shape: tuple[int, int, int], spacing=(0.8, 0.7, 0.7)):
     return CTVolume(hu=hu, spacing=spacing, origin=(0.0, 0.0, 0.0), description="large CT", window=(40.0, 400.0))
 
 
-def _slice_change_times(volume, steps: int) -> dict[str, list[float]]:
-    """Seconds per wheel step in each plane view of a Four-Up window showing ``volume``."""
+DESIGNS = ("napari", "before", "after")
+DESIGN_LABELS = {
+    "napari": "plain napari viewer, one 2D canvas (baseline)",
+    "before": "Four-Up, napari's slicing + 3D repaint at every step (before)",
+    "after": "Four-Up, re-slice only changed slices + 3D repaint after a pause (after)",
+}
+PLANE_ORDER = {"axial": (0, 1, 2), "coronal": (1, 0, 2), "sagittal": (2, 0, 1)}
+
+
+def _settle(seconds: float = 0.6) -> None:
+    """Run the event loop until nothing has been painted for a while (held 3D repaints included)."""
+    _pump(seconds)
+
+
+def _timed_step(step_once) -> float:
+    """Seconds from a slice change until its repaints are done (two passes of the event loop)."""
+    from qtpy.QtWidgets import QApplication
+
+    t0 = time.perf_counter()
+    step_once()
+    QApplication.processEvents()  # slicing, texture upload, and the repaint of every canvas
+    QApplication.processEvents()
+    return time.perf_counter() - t0
+
+
+def _slice_change_times(volume, steps: int, design: str) -> dict[str, object]:
+    """Per plane: seconds per wheel step; for the Four-Up designs also the 3D view's catch-up.
+
+    ``napari``: a plain ``napari.Viewer`` showing the volume in its one 2D canvas, scrolled
+    with ``dims.set_current_step`` (what its slider does): the floor this machine allows.
+    ``before`` / ``after``: the reading layout (Four-Up), one wheel step in a plane view
+    (``OrthoViewsWidget.scroll_slices``) with the two changes of issue 18 switched off / on.
+    """
     import napari
     from qtpy.QtWidgets import QApplication
 
-    from napari_tghmoe._widgets._napari_private import main_qt_window
+    from napari_tghmoe._widgets._napari_private import main_qt_window, main_qt_viewer, scene_canvas
     from napari_tghmoe._widgets.layout import FOUR_UP
     from napari_tghmoe._widgets.main_window import setup_viewer
+    from napari_tghmoe.layers import ct_layer_kwargs
 
     viewer = napari.Viewer(show=True)
     main_qt_window(viewer).resize(1600, 1000)
+    result: dict[str, object] = {"steps": {}, "catch_up": {}, "held": 0}
+    if design == "napari":
+        volume_only = ("rendering", "attenuation", "iso_threshold")
+        kwargs = {k: v for k, v in ct_layer_kwargs(volume).items() if k not in volume_only}
+        viewer.add_image(volume.hu, **kwargs)
+        _settle(1.0)
+        for plane, order in PLANE_ORDER.items():
+            viewer.dims.order = order
+            axis = order[0]
+            viewer.dims.set_current_step(axis, volume.shape[axis] // 2 + 1)  # warm-up
+            _settle(0.3)
+            times = []
+            for step in range(steps):
+                target = volume.shape[axis] // 2 + (0 if step % 2 == 0 else 1)
+                times.append(_timed_step(lambda: viewer.dims.set_current_step(axis, target)))
+                _pump(0.03)
+            result["steps"][plane] = times
+        viewer.close()
+        return result
+
     workspace = setup_viewer(viewer, volume, layout=FOUR_UP, settings_file=Path(tempfile.mkdtemp()) / "s.json")
-    _pump(2.0)
-    ortho = workspace.ortho_views
-    times: dict[str, list[float]] = {}
-    for plane in ("axial", "coronal", "sagittal"):
+    ortho, layout = workspace.ortho_views, workspace.layout
+    ortho.set_skip_unchanged_slices(design == "after")
+    layout.set_defer_3d_repaint(design == "after")
+    draws: list[float] = []
+    scene_canvas(main_qt_viewer(viewer)).events.draw.connect(
+        lambda _e: draws.append(time.perf_counter())
+    )
+    _settle(2.0)
+    for plane in PLANE_ORDER:
         ortho.scroll_slices(plane, 1)  # warm-up (first texture upload of this plane)
-        _pump(0.3)
-        times[plane] = []
+        _settle(0.6)
+        times = []
         for step in range(steps):
-            t0 = time.perf_counter()
-            ortho.scroll_slices(plane, 1 if step % 2 == 0 else -1)
-            QApplication.processEvents()  # slicing, texture upload, and the repaint of every canvas
-            QApplication.processEvents()
-            times[plane].append(time.perf_counter() - t0)
-            _pump(0.02)
+            times.append(_timed_step(lambda: ortho.scroll_slices(plane, 1 if step % 2 == 0 else -1)))
+            _pump(0.03)
+        result["steps"][plane] = times
+        if design == "after":
+            # the pause after the burst: how long the one held-back 3D repaint blocks the window
+            n_draws, blocked, deadline = len(draws), 0.0, time.perf_counter() + 60.0
+            while len(draws) == n_draws and time.perf_counter() < deadline:
+                t0 = time.perf_counter()
+                QApplication.processEvents()
+                if len(draws) > n_draws:
+                    blocked = time.perf_counter() - t0
+                time.sleep(0.001)
+            result["catch_up"][plane] = blocked if len(draws) > n_draws else float("nan")
+    if layout.repaint_3d is not None:
+        result["held"] = layout.repaint_3d.held_paints
+    result["slicing"] = ortho.slicing_counts()
     viewer.close()
-    return times
+    return result
 
 
 def _run_slices(args) -> int:
-    from napari_tghmoe._widgets.main_window import load_demo_volume
-
-    baseline = load_demo_volume("chest")
-    large = large_ct(tuple(args.shape))
-    results = {"baseline": (baseline, _slice_change_times(baseline, args.steps))}
-    results["large"] = (large, _slice_change_times(large, args.steps))
-    print(f"one wheel step in a plane view of the Four-Up layout, {args.steps} steps per plane, "
-          "until every canvas repainted (Xvfb, software OpenGL)")
+    shape = tuple(args.shape)
+    volume = large_ct(shape)
+    load_before = os.getloadavg()
+    results = {design: _slice_change_times(volume, args.steps, design) for design in DESIGNS}
+    load_after = os.getloadavg()
+    label = " x ".join(str(n) for n in shape)
+    print(f"time per slice change, {label} int16 CT, {args.steps} steps per plane, until the changed "
+          f"canvases repainted (Xvfb, Mesa llvmpipe software OpenGL, {os.cpu_count()} CPU cores; "
+          f"load average {load_before[0]:.1f} before, {load_after[0]:.1f} after)")
     print()
-    print("| volume (z x y x x) | plane | median (ms) | p90 (ms) | max (ms) | median vs baseline |")
+    print("| design | plane | median (ms) | p90 (ms) | max (ms) | median vs plain napari |")
     print("|---|---|---:|---:|---:|---:|")
-    base_median = {p: statistics.median(t) for p, t in results["baseline"][1].items()}
-    for key, (volume, times) in results.items():
-        label = " x ".join(str(n) for n in volume.shape) + (" (demo phantom, baseline)" if key == "baseline" else "")
-        for plane, values in times.items():
+    base = {p: statistics.median(t) for p, t in results["napari"]["steps"].items()}
+    for design in DESIGNS:
+        for plane, values in results[design]["steps"].items():
             ms = sorted(v * 1000 for v in values)
             median = statistics.median(ms)
-            print(f"| {label} | {plane} | {median:.1f} | {ms[int(0.9 * (len(ms) - 1))]:.1f} | {ms[-1]:.1f} | "
-                  f"{median / (base_median[plane] * 1000):.2f}x |")
+            p90 = ms[max(0, math.ceil(0.9 * len(ms)) - 1)]
+            print(f"| {DESIGN_LABELS[design]} | {plane} | {median:.1f} | {p90:.1f} | "
+                  f"{ms[-1]:.1f} | {median / (base[plane] * 1000):.2f}x |")
+    catch_up = results["after"]["catch_up"]
+    if catch_up:
+        print()
+        print("| after a burst of steps (design after) | plane | 3D repaint, window blocked (ms) |")
+        print("|---|---|---:|")
+        for plane, seconds in catch_up.items():
+            print(f"| the held-back 3D repaint, once per pause | {plane} | {seconds * 1000:.1f} |")
+        print(f"\n3D paints held back during the steps: {results['after']['held']}; "
+              f"(re-sliced, skipped) cursor moves per viewer: {results['after']['slicing']}")
     return 0
 
 

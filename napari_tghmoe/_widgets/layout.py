@@ -8,6 +8,10 @@ menu and remembered in the plugin's settings file.
 
 ``layout_cells`` is the pure part (which view goes where); ``ReadingLayout`` only moves
 widgets inside the central widget's layout: napari's canvas is never reparented.
+
+While the user scrolls, clicks or windows in a plane view, the 3D cell keeps its last frame
+and repaints once they pause (``Deferred3DRepaint``): without a GPU one 3D frame costs
+seconds on a large CT, and a wheel step must not wait for it (issue 18).
 """
 
 from __future__ import annotations
@@ -16,7 +20,7 @@ import weakref
 from pathlib import Path
 from typing import Any
 
-from qtpy.QtCore import QObject, Qt, QTimer, Signal
+from qtpy.QtCore import QEvent, QObject, Qt, QTimer, Signal
 from qtpy.QtWidgets import QGridLayout, QMenu, QToolBar, QWidget
 
 from napari_tghmoe._widgets import _napari_private
@@ -29,6 +33,9 @@ DEFAULT_LAYOUT = FOUR_UP
 VIEW_3D = "3D"
 LAYOUT_SETTING = "reading_layout"
 TOOLBAR_NAME = "Reading layout"
+#: How long the user must pause scrolling / clicking / windowing in a plane view before the
+#: 3D view repaints (ms): longer than the gap between wheel notches of a continuous scroll.
+REPAINT_3D_AFTER_MS = 300
 
 #: Grid cells (row, column) per layout; Four-Up as Slicer places it (red axial top left,
 #: 3D top right, yellow sagittal bottom left, green coronal bottom right).
@@ -71,6 +78,75 @@ def remember_layout(name: str, settings_file: Path | None = None) -> None:
     save_settings(settings, path)
 
 
+class Deferred3DRepaint(QObject):
+    """Holds back the 3D view's repaints while the user works in a plane view.
+
+    Why: the 3D view ray-casts the bone surface through the whole volume on every repaint;
+    with software OpenGL (Mesa llvmpipe, no GPU) that is over 1 s for the demo phantom and
+    4-5 s for a 600 x 512 x 512 CT, and every wheel step in a plane view asks for one (the
+    3D view's axial plane follows the cursor), so scrolling waited for the 3D view at each
+    step. While ``hold`` keeps being called (each scroll, click or W/L drag step in a plane
+    view) the 3D canvas's paint events are held back and it keeps showing its last frame;
+    once the user has paused for ``delay_ms`` it repaints once, showing the latest state.
+    Only paint events of the one canvas are held (Qt's public event filter); the models
+    (cursor, plane position, window) change at once, as before.
+    """
+
+    def __init__(
+        self, canvas: QWidget, delay_ms: int = REPAINT_3D_AFTER_MS, parent: QObject | None = None
+    ) -> None:
+        super().__init__(parent)
+        self._canvas = canvas
+        self._holding = False
+        self._pending = False
+        self.held_paints = 0  # paint events held back (for tests and the benchmark)
+        self.catch_up_repaints = 0  # repaints asked for after a pause
+        self._timer = QTimer(self)
+        self._timer.setSingleShot(True)
+        self._timer.setInterval(delay_ms)
+        self._timer.timeout.connect(self.release)
+        # the pause is counted once the step's own events (its repaints) are through: a step
+        # that keeps the event loop busy longer than delay_ms must not release before them
+        self._start_countdown = QTimer(self)
+        self._start_countdown.setSingleShot(True)
+        self._start_countdown.setInterval(0)
+        self._start_countdown.timeout.connect(self._timer.start)
+        canvas.installEventFilter(self)
+
+    @property
+    def holding(self) -> bool:
+        return self._holding
+
+    def hold(self) -> None:
+        """An interaction step in a plane view: hold repaints until ``delay_ms`` after the last."""
+        self._holding = True
+        self._timer.stop()
+        self._start_countdown.start()
+
+    def release(self) -> None:
+        """Stop holding; repaint once if a paint was held back."""
+        self._start_countdown.stop()
+        self._timer.stop()
+        self._holding = False
+        if self._pending:
+            self._pending = False
+            self.catch_up_repaints += 1
+            self._canvas.update()
+
+    def eventFilter(self, watched: QObject, event: QEvent) -> bool:  # noqa: N802 (Qt API)
+        if self._holding and watched is self._canvas and event.type() == QEvent.Type.Paint:
+            self._pending = True
+            self.held_paints += 1
+            if not self._start_countdown.isActive():
+                self._timer.start()  # the pause counts from the step's repaint, not its start
+            return True
+        return False
+
+    def close(self) -> None:
+        self.release()
+        self._canvas.removeEventFilter(self)
+
+
 def _find_menu(window: Any, title: str) -> QMenu | None:
     for action in window.menuBar().actions():
         if action.text().replace("&", "").strip().lower() == title.lower() and action.menu() is not None:
@@ -111,6 +187,11 @@ class ReadingLayout(QObject):
         outer.addLayout(self.grid)
 
         ortho_views.view_double_clicked.connect(self.toggle_maximised)
+        #: The 3D cell repaints once the user pauses in the plane views (``Deferred3DRepaint``).
+        self.repaint_3d: Deferred3DRepaint | None = Deferred3DRepaint(
+            _napari_private.qt_viewer_canvas_widget(self.views[VIEW_3D]), parent=self
+        )
+        ortho_views.plane_interaction.connect(self._on_plane_interaction)
         callbacks = napari_viewer.mouse_double_click_callbacks
         for callback in list(callbacks):  # napari's double-click zoom gives way to maximise
             if getattr(callback, "__name__", "") == "double_click_to_zoom":
@@ -150,8 +231,27 @@ class ReadingLayout(QObject):
         self._close_watcher = _CloseWatcher(self._on_window_close, self)
         window.installEventFilter(self._close_watcher)
 
+    def _on_plane_interaction(self, _plane: str) -> None:
+        viewer = self.viewer
+        # only a 3D main canvas is held back: in 2D it is a slice view that must follow at once
+        if self.repaint_3d is not None and viewer is not None and viewer.dims.ndisplay == 3:
+            self.repaint_3d.hold()
+
+    def set_defer_3d_repaint(self, enabled: bool) -> None:
+        """On by default; off repaints the 3D view at every plane step (the benchmark's "before")."""
+        if enabled and self.repaint_3d is None and VIEW_3D in self.views:
+            self.repaint_3d = Deferred3DRepaint(
+                _napari_private.qt_viewer_canvas_widget(self.views[VIEW_3D]), parent=self
+            )
+        elif not enabled and self.repaint_3d is not None:
+            self.repaint_3d.close()
+            self.repaint_3d = None
+
     def _on_window_close(self) -> None:
         """Let go of the canvases: napari deletes its window later, and checks for live QtViewers."""
+        self.set_defer_3d_repaint(False)
+        if self.ortho_views is not None:
+            self.ortho_views.plane_interaction.disconnect(self._on_plane_interaction)
         viewer = self.viewer
         if viewer is not None and self._on_main_double_click in viewer.mouse_double_click_callbacks:
             viewer.mouse_double_click_callbacks.remove(self._on_main_double_click)
