@@ -466,7 +466,8 @@ class Conversation:
     def context_for(self, question: Question) -> list[ContextTurn]:
         """The earlier turns ``question`` would carry now: the last :attr:`context_limit` answers
         about the same scan since the context last started, oldest first (stopped ones left out)."""
-        if self.context_limit <= 0 or self._context_scan is None or not self._context_scan.matches(question.whole_volume):
+        same_scan = self._context_scan is not None and self._context_scan.matches(question.whole_volume)
+        if self.context_limit <= 0 or not same_scan:
             return []
         eligible = [
             record

@@ -150,7 +150,8 @@ def _detail_lines(meta: dict[str, Any]) -> list[str]:
         spans = ", ".join(
             f"{n} {a}" if b - a <= 1 else f"{n} {a}-{b - 1}" for n, a, b in zip("zyx", start, stop)
         )
-        lines.append(f"region: {region.get('kind', 'box')} {region.get('plane') or ''} voxels {spans}".replace("  ", " "))
+        on = f" on {region['plane']}" if region.get("plane") else ""
+        lines.append(f"region: {region.get('kind', 'box')}{on}, voxels {spans}")
     for found in meta.get("located_findings") or []:
         try:
             voxel = ", ".join(str(int(v)) for v in found["voxel_zyx"])

@@ -88,6 +88,9 @@ def test_segment_adds_a_labels_layer_on_the_ct_with_names_volumes_and_clickable_
 
     labels = _labels_layer(viewer, f"segmentation: {ct.name}")
     assert labels is dock.labels_layer
+    from napari_tghmoe._widgets._viewer_dock import layer_segmentation
+
+    assert layer_segmentation(ct) is dock.result  # kept on the CT: the chat places stated findings with it
     assert labels.data.shape == ct.data.shape == SHAPE
     np.testing.assert_allclose(labels.scale, ct.scale)
     np.testing.assert_allclose(labels.translate, ct.translate)

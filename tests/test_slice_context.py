@@ -147,4 +147,6 @@ def test_this_slice_quick_action_sends_the_plane_slice_and_slab(make_napari_view
     assert record.answer.question.endswith("What is on this slice?")
     assert record.volume.shape == (24, 25, 30)  # 20 mm at 0.8 mm: 12 rows either side of the slice
     assert np.array_equal(record.volume.hu, volume.hu[:, 0:25, :])
+    assert record.box == ((0, 24), (0, 25), (0, 30))  # where the slab lies: the routing overlay covers it
+    assert record.whole_volume.shape == volume.shape
     assert any(words in line and "You:" in line for line in chat.transcript_texts())

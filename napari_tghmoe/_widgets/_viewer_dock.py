@@ -168,6 +168,77 @@ def conversation_link(viewer: Any) -> ConversationLink | None:
     return link
 
 
+def move_cursor_to(viewer: Any, point: Any) -> tuple[float, ...] | None:
+    """Move the shared cursor (``dims.point``) to a world point: the plane views follow it, and a
+    2D main canvas centres on it. None (nothing moved) when the dimensions do not match."""
+    point = tuple(float(v) for v in point)
+    if len(viewer.dims.point) != len(point):
+        return None
+    viewer.dims.point = point
+    if viewer.dims.ndisplay == 2:
+        displayed = list(viewer.dims.displayed)
+        viewer.camera.center = tuple(point[axis] for axis in displayed)
+    return point
+
+
+def move_cursor_to_voxel(viewer: Any, layer: Any, voxel_zyx: Any) -> tuple[float, ...] | None:
+    """Move the shared cursor to a voxel of ``layer`` (its scale and translate give the world mm)."""
+    from napari_tghmoe.segmentation_layers import world_point
+
+    return move_cursor_to(viewer, world_point(voxel_zyx, layer.scale, layer.translate))
+
+
+#: CT layer metadata key: the last segmentation of that layer's data (Segment dock or chat).
+SEGMENTATION_CACHE_KEY = "tghmoe_segmentation"
+
+
+class _LayerSegmentation:
+    """A segmentation kept on the CT layer it was computed from, valid while the data is the same
+    array (a layer whose data was replaced does not reuse it)."""
+
+    def __init__(self, data: Any, result: Any) -> None:
+        try:
+            self._data: Callable[[], Any] = weakref.ref(data)
+        except TypeError:
+            self._data = lambda data=data: data
+        self.shape = tuple(np.shape(data))
+        self.result = result
+
+    def valid_for(self, data: Any) -> bool:
+        return self._data() is data and tuple(np.shape(data)) == self.shape
+
+
+def remember_layer_segmentation(layer: Any, result: Any) -> None:
+    """Keep ``result`` (a ``SegmentationResult`` of the layer's data) on the CT layer, so the
+    Segment dock and the chat share one segmentation per layer."""
+    layer = unproxied(layer)
+    layer.metadata[SEGMENTATION_CACHE_KEY] = _LayerSegmentation(layer.data, result)
+
+
+def layer_segmentation(layer: Any) -> Any:
+    """The segmentation kept on ``layer`` for its current data, or None."""
+    layer = unproxied(layer)
+    entry = layer.metadata.get(SEGMENTATION_CACHE_KEY)
+    if isinstance(entry, _LayerSegmentation) and entry.valid_for(layer.data):
+        return entry.result
+    return None
+
+
+def plane_viewer_models(viewer: Any) -> dict[str, Any]:
+    """The ``ViewerModel`` of each orthogonal plane view in ``viewer``'s window (the reading
+    layout's or a docked ``OrthoViewsWidget``), by plane name; {} when there are none."""
+    from napari_tghmoe._widgets import _napari_private
+    from napari_tghmoe._widgets.ortho_views import PlaneView
+
+    viewer = unproxied(viewer)
+    if not _napari_private.has_qt_window(viewer):
+        return {}
+    models: dict[str, Any] = {}
+    for view in _napari_private.main_qt_window(viewer).findChildren(PlaneView):
+        models.setdefault(view.plane.name, view.viewer_model)
+    return models
+
+
 def connect_while_alive(widget: QObject, connections: list[tuple[Any, Callable[..., Any]]]) -> Callable[[], None]:
     """Connect psygnal ``(signal, slot)`` pairs until ``widget`` is destroyed.
 

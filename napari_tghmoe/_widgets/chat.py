@@ -6,16 +6,25 @@ conversation, which the CLI and the tests use without Qt. Loading and generation
 napari workers (``napari.qt.threading``), so the viewer keeps drawing; Stop sets the event
 the engine checks after every token. The routing dock finds the conversation through the
 viewer window's ``ConversationLink``; the two docks never import each other.
+
+A conversation: follow-ups about the same scan carry the last "Context" turns; "New
+conversation" starts afresh. A region: "Box" / "Point" let the user mark a place on a plane
+view, and questions (e.g. "What is this?") are then about that region, sent as its crop with a
+margin. Findings an answer states become links in its transcript line and points on the CT, at
+the places the 3D segmentation found (the Segment dock's result for the layer, else the
+segmenter run in a worker after the answer); a click moves the cursor and all planes there.
 """
 
 from __future__ import annotations
 
+import threading
 import time
 import weakref
 from pathlib import Path
 from typing import Any
 
-from napari.layers import Image
+import numpy as np
+from napari.layers import Image, Points
 from napari.utils.notifications import show_error, show_info
 from qtpy.QtCore import Qt, QTimer, Signal
 from qtpy.QtGui import QColor, QKeyEvent
@@ -26,27 +35,36 @@ from qtpy.QtWidgets import (
     QGridLayout,
     QHBoxLayout,
     QLabel,
+    QListView,
     QListWidget,
     QListWidgetItem,
     QPlainTextEdit,
     QPushButton,
     QSizePolicy,
+    QSpinBox,
     QVBoxLayout,
     QWidget,
 )
 
 from napari_tghmoe._report_writer import REPORT_METADATA_KEY
+from napari_tghmoe._widgets._region_tools import NOT_A_REGION_KEY, RegionTools
 from napari_tghmoe._widgets._settings import load_settings, save_settings, settings_path
+from napari_tghmoe._widgets._transcript_links import LINK_HTML_ROLE, LinkDelegate, linked_html
 from napari_tghmoe._widgets._viewer_dock import (
     ViewerDockMixin,
     connect_while_alive,
     conversation_link,
+    layer_segmentation,
+    move_cursor_to_voxel,
+    remember_layer_segmentation,
     select_model_folder,
     unproxied,
     volume_from_layer,
 )
 from napari_tghmoe.conversation import (
+    DEFAULT_CONTEXT_TURNS,
     DEVICE_CHOICES,
+    MAX_CONTEXT_TURNS,
     REPORT_REQUEST,
     AnswerRecord,
     Conversation,
@@ -61,7 +79,14 @@ from napari_tghmoe.conversation import (
     short_error,
 )
 from napari_tghmoe.layers import ct_volume_of
-from napari_tghmoe.slice_context import THIS_SLICE_QUESTION, PlaneTracker, context_for_layer, is_slice_question
+from napari_tghmoe.regions import region_context
+from napari_tghmoe.slice_context import (
+    PLANE_AXIS,
+    THIS_SLICE_QUESTION,
+    PlaneTracker,
+    context_for_layer,
+    is_slice_question,
+)
 from napari_tghmoe.transcript import Transcript, Turn, default_transcript_path
 
 # Names other modules import from here (the settings file is shared with the layout).
@@ -89,6 +114,13 @@ QUICK_ACTIONS: dict[str, str] = {
     "Location": "Where is the abnormality located?",
     "This slice": THIS_SLICE_QUESTION,  # sends the plane and slice on screen
 }
+
+#: The region quick action: asks about the marked box or point.
+WHAT_IS_THIS = "What is this?"
+#: Layer of the findings the selected answer states, at their segmented places (one per CT layer).
+ANSWER_FINDINGS_PREFIX = "answer findings: "
+ANSWER_FINDINGS_KEY = "tghmoe_answer_findings"
+_NO_REGION_TEXT = "Region: none (Box / Point, then draw on a plane view)"
 
 OPEN_FOLDER_ITEM = "Open model folder..."
 PLACEHOLDER_ITEM = "Untrained placeholder (built on first use)"
@@ -134,8 +166,13 @@ class ChatWidget(ViewerDockMixin, QWidget):
         device_choice: str | None = None,
         max_new_tokens: int = 256,
         autosave: bool = True,
+        seg_model_path: str | Path | None = None,
     ) -> None:
-        """``autosave=False`` keeps the transcript in memory only (scripted demos)."""
+        """``autosave=False`` keeps the transcript in memory only (scripted demos).
+
+        ``seg_model_path``: the segmentation model that places stated findings when the Segment
+        dock has not segmented the layer (None: the bundled demo segmentation model).
+        """
         super().__init__()
         self.viewer = napari_viewer
         self._settings_file = Path(settings_file) if settings_file else settings_path()
@@ -143,12 +180,21 @@ class ChatWidget(ViewerDockMixin, QWidget):
         saved_to = None  # memory only
         if autosave:
             saved_to = transcript_path if transcript_path is not None else default_transcript_path()
-        self.conversation = Conversation(saved_to, max_new_tokens=max_new_tokens)
+        context = self._settings.get("context_turns", DEFAULT_CONTEXT_TURNS)
+        self.conversation = Conversation(saved_to, max_new_tokens=max_new_tokens, context_limit=int(context))
+        self.seg_model_path = str(seg_model_path) if seg_model_path else None
         self._load_worker: Any = None
         self._gen_worker: Any = None
+        self._seg_worker: Any = None
+        self._seg_stop = threading.Event()
+        self._seg_done = threading.Event()
+        self._seg_done.set()
+        self._locate_queue: list[int] = []  # answers waiting for the running segmentation
+        self.findings_layer: Points | None = None
         self._answer_after_load = False  # a question waits for the model being loaded
         self._closing = False
         self.plane_tracker = PlaneTracker(napari_viewer.dims)  # plane of the last scroll/click
+        self.region_tools = RegionTools(napari_viewer, self)
 
         self._render_timer = QTimer(self)
         self._render_timer.setSingleShot(True)
@@ -169,10 +215,12 @@ class ChatWidget(ViewerDockMixin, QWidget):
                 (self.conversation.turn_added, self._on_turn_added),
                 (self.conversation.turn_changed, self._on_turn_changed),
                 (self.conversation.answer_recorded, self._on_answer_recorded),
+                (self.conversation.findings_located, self._on_findings_located),
                 (self.conversation.answer_selected, self._on_answer_selected),
                 (self.conversation.cleared, self._on_cleared),
             ],
         )
+        self.region_tools.changed.connect(self._on_region_changed)
         self._watch_main_window()
         self._set_busy(False)
         self._update_status()
@@ -233,6 +281,9 @@ class ChatWidget(ViewerDockMixin, QWidget):
         self.transcript_view = QListWidget()
         self.transcript_view.setWordWrap(True)
         self.transcript_view.setUniformItemSizes(False)
+        self.transcript_view.setResizeMode(QListView.ResizeMode.Adjust)  # lines re-wrap with the dock
+        self.link_delegate = LinkDelegate(self.transcript_view)  # finding names as links
+        self.transcript_view.setItemDelegate(self.link_delegate)
         self.transcript_view.setSelectionMode(QListWidget.SelectionMode.SingleSelection)
         self.transcript_view.setSizePolicy(QSizePolicy.Policy.Expanding, QSizePolicy.Policy.Expanding)
         self.transcript_view.setMinimumHeight(110)
@@ -250,14 +301,46 @@ class ChatWidget(ViewerDockMixin, QWidget):
         self.question_box.setPlaceholderText("Ask about the CT (Enter sends, Shift+Enter: new line)")
         self.question_box.setMaximumHeight(56)
 
+        self.region_label = QLabel(_NO_REGION_TEXT)
+        self.region_label.setWordWrap(True)
+        self.region_label.setToolTip("Questions are about this region while it is set (\"This slice\" excepted)")
+        self.box_button = QPushButton("Box")
+        self.box_button.setToolTip("Draw a box on a plane view: questions are then about that region")
+        self.point_button = QPushButton("Point")
+        self.point_button.setToolTip("Click a point on a plane view: questions are then about the place around it")
+        self.what_button = QPushButton(WHAT_IS_THIS)
+        self.what_button.setToolTip("Ask the model what the marked region shows")
+        self.clear_region_button = QPushButton("Clear region")
+        self.clear_region_button.setToolTip("Questions are about the whole scan again")
+        region_row = QHBoxLayout()
+        for widget in (self.box_button, self.point_button, self.what_button, self.clear_region_button):
+            region_row.addWidget(widget)
+
+        self.context_spin = QSpinBox()
+        self.context_spin.setRange(0, MAX_CONTEXT_TURNS)
+        self.context_spin.setValue(self.conversation.context_limit)
+        self.context_spin.setToolTip(
+            "Follow-up questions about the same scan carry this many earlier questions and answers "
+            "(0: each question stands alone); the oldest go first when they do not fit the model's context"
+        )
+        context_row = QHBoxLayout()
+        context_row.addWidget(QLabel("Context: last"))
+        context_row.addWidget(self.context_spin)
+        context_row.addWidget(QLabel("turns"))
+        context_row.addStretch(1)
+
         self.send_button = QPushButton("Send")
         self.stop_button = QPushButton("Stop")
-        self.clear_button = QPushButton("Clear")
+        self.new_button = QPushButton("New conversation")
+        self.new_button.setToolTip(
+            "Forget the turns (and clear the transcript): the next question starts without context"
+        )
+        self.clear_button = self.new_button  # the former "Clear"
         self.export_button = QPushButton("Export...")
         self.identifiers_check = QCheckBox("include identifiers")
         self.identifiers_check.setToolTip("Write patient name/ID from the DICOM header into exports (off by default)")
         buttons = QHBoxLayout()
-        for widget in (self.send_button, self.stop_button, self.clear_button, self.export_button):
+        for widget in (self.send_button, self.stop_button, self.new_button, self.export_button):
             buttons.addWidget(widget)
         export_row = QHBoxLayout()
         export_row.addStretch(1)
@@ -271,7 +354,10 @@ class ChatWidget(ViewerDockMixin, QWidget):
         layout.addLayout(form)
         layout.addWidget(self.activity_label)
         layout.addWidget(self.transcript_view, 1)
+        layout.addLayout(context_row)
         layout.addLayout(quick)
+        layout.addWidget(self.region_label)
+        layout.addLayout(region_row)
         layout.addWidget(self.question_box)
         layout.addLayout(buttons)
         layout.addLayout(export_row)
@@ -280,8 +366,14 @@ class ChatWidget(ViewerDockMixin, QWidget):
         self.question_box.submitted.connect(self.send)
         self.send_button.clicked.connect(lambda: self.send())
         self.stop_button.clicked.connect(self.stop)
-        self.clear_button.clicked.connect(self.clear_transcript)
+        self.new_button.clicked.connect(self.clear_transcript)
         self.export_button.clicked.connect(self._export_dialog)
+        self.context_spin.valueChanged.connect(self._on_context_changed)
+        self.box_button.clicked.connect(lambda: self.start_region("box"))
+        self.point_button.clicked.connect(lambda: self.start_region("point"))
+        self.what_button.clicked.connect(lambda: self.ask_about_region())
+        self.clear_region_button.clicked.connect(self.clear_region)
+        self.link_delegate.link_activated.connect(self._on_link)
         self.transcript_view.currentItemChanged.connect(self._on_transcript_selection)
         self.model_combo.activated.connect(self._on_model_activated)
         self.device_combo.currentTextChanged.connect(self._on_device_changed)
@@ -312,6 +404,8 @@ class ChatWidget(ViewerDockMixin, QWidget):
         return [layer for layer in self.viewer.layers if isinstance(layer, Image) and not layer.name.startswith("routing:")]
 
     def _refresh_layers(self, event: Any = None) -> None:
+        if hasattr(self, "region_tools") and not self._closing:
+            self.region_tools.refresh()  # plane views may have come with a new CT
         current = self.layer_combo.currentText()
         self.layer_combo.blockSignals(True)
         self.layer_combo.clear()
@@ -465,8 +559,25 @@ class ChatWidget(ViewerDockMixin, QWidget):
         if is_slice_question(text):  # the slab around the slice on screen, and where it is
             on_screen = context_for_layer(layer, volume, self.plane_tracker.plane, self.viewer.dims.point)
             asked.volume = on_screen.slab
+            asked.scan = volume
+            box = [(0, int(n)) for n in volume.shape]
+            box[PLANE_AXIS[on_screen.plane]] = on_screen.slab_range
+            asked.box = tuple(box)
             asked.model_text = on_screen.question_for_model(text)
             asked.shown_text = f"{text} [{on_screen.text}]"
+        elif self.region_tools.mark is not None:  # the marked region with a margin around it
+            try:
+                marked = region_context(volume, self.region_tools.region_for(layer))
+            except ValueError as err:
+                self._report_error(f"Region: {err}.")
+                return False
+            asked.volume = marked.crop
+            asked.scan = volume
+            asked.box = marked.box
+            asked.region = marked.region
+            asked.region_info = marked.to_dict(volume)
+            asked.model_text = marked.question_for_model(text)
+            asked.shown_text = f"{text} [{marked.region.describe()}]"
         if typed:
             self.question_box.clear()
         self.conversation.begin(asked)
@@ -478,6 +589,56 @@ class ChatWidget(ViewerDockMixin, QWidget):
             self.load_model()
         self._set_busy(True)
         return True
+
+    # ------------------------------------------------------------------ region and context
+    def start_region(self, kind: str) -> bool:
+        """"Box" / "Point": the plane views (or a 2D canvas) take the next box drawn or point clicked."""
+        reason = self.region_tools.start(kind, self.current_layer())
+        if reason:
+            show_info(reason)
+            return False
+        what = "Drag a box" if kind == "box" else "Click a point"
+        self.region_label.setText(f"{what} on a plane view: questions are then about it.")
+        return True
+
+    def ask_about_region(self, question: str = WHAT_IS_THIS) -> bool:
+        """"What is this?": ask about the marked region (told how to mark one when there is none)."""
+        if self.region_tools.mark is None:
+            show_info("Mark a region first: press Box and drag on a plane view, or Point and click one.")
+            return False
+        return self.send(question)
+
+    def clear_region(self) -> None:
+        """Questions are about the whole scan again."""
+        self.region_tools.clear()
+
+    def _on_region_changed(self, mark: Any) -> None:
+        if self._closing:
+            return
+        if mark is None:
+            self.region_label.setText(_NO_REGION_TEXT)
+            return
+        layer = self.current_layer()
+        try:
+            region = self.region_tools.region_for(layer) if layer is not None else None
+        except ValueError as err:
+            self.region_label.setText(f"Region: {err}")
+            return
+        try:
+            volume = volume_from_layer(layer) if layer is not None else None
+        except ValueError:  # not a grey-value volume: the region in voxels only
+            volume = None
+        text = region.describe(volume) if region is not None else f"{mark.kind} marked"
+        self.region_label.setText(f"Region: {text}")
+
+    def region_text(self) -> str:
+        """The region line of the dock (tests, screenshots)."""
+        return self.region_label.text()
+
+    def _on_context_changed(self, value: int) -> None:
+        self.conversation.context_limit = int(value)
+        self._settings["context_turns"] = int(value)
+        save_settings(self._settings, self._settings_file)
 
     def _start_generation(self) -> None:
         from napari.qt.threading import create_worker
@@ -568,10 +729,176 @@ class ChatWidget(ViewerDockMixin, QWidget):
         if turn is not None:
             self._render_turn(turn, turn.text + (" [stopped]" if record.stopped else ""))
         self.answer_recorded.emit(record.turn_id)
+        if record.needs_locations:
+            self.locate_findings(record)
 
     def _on_cleared(self) -> None:
         if not self._closing:
             self.transcript_view.clear()
+            self._locate_queue.clear()
+            self._remove_findings_layers()
+
+    # ------------------------------------------------------------------ finding places
+    def locate_findings(self, record: AnswerRecord) -> bool:
+        """Give the findings ``record`` states their places: from the layer's segmentation (the
+        Segment dock's, or an earlier run), else by segmenting the scan in a worker. False when
+        that has to wait (a segmentation is running) or cannot run."""
+        layer = record.layer
+        scan = record.whole_volume
+        known = layer_segmentation(layer) if layer is not None else None
+        if known is None:
+            known = self.conversation.known_segmentation(scan)
+        if known is not None and tuple(np.shape(known.labels)) == tuple(scan.shape):
+            self.conversation.locate(record.turn_id, known)  # -> _on_findings_located
+            return True
+        if self._seg_worker is not None:
+            if record.turn_id not in self._locate_queue:
+                self._locate_queue.append(record.turn_id)
+            return False
+        return self._start_segmentation(record)
+
+    def _start_segmentation(self, record: AnswerRecord) -> bool:
+        from napari.qt.threading import create_worker
+
+        scan, model_dir, turn_id = record.whole_volume, self.seg_model_path, record.turn_id
+        stop, done = threading.Event(), threading.Event()
+        self._seg_stop, self._seg_done = stop, done
+
+        def run() -> Any:
+            from napari_tghmoe.med3d import segment_volume
+
+            try:
+                return segment_volume(scan, model_dir, should_stop=stop.is_set)
+            finally:
+                done.set()
+
+        worker = create_worker(run, _start_thread=False, _ignore_errors=True)  # errors: _on_segmentation_error
+        worker.returned.connect(lambda result, t=turn_id, r=weakref.ref(record): self._on_segmented(result, t, r))
+        worker.errored.connect(lambda err, t=turn_id: self._on_segmentation_error(err, t))
+        worker.finished.connect(lambda w=worker: self._on_segmentation_finished(w))
+        self._seg_worker = worker
+        self.status_label.setText("Finding the places of the stated findings (3D segmentation)...")
+        worker.start()
+        return True
+
+    def _on_segmented(self, result: Any, turn_id: int, record_ref: Any) -> None:
+        if self._closing:
+            return
+        record = record_ref()
+        layer = record.layer if record is not None else None
+        if layer is not None and tuple(np.shape(layer.data)) == tuple(np.shape(result.labels)):
+            remember_layer_segmentation(layer, result)  # once per layer, shared with the Segment dock
+        if record is not None:
+            self.conversation.remember_segmentation(record.whole_volume, result)
+        self.conversation.locate(turn_id, result)  # a no-op for an answer cleared meanwhile
+        self._update_status()
+
+    def _on_segmentation_error(self, err: BaseException, turn_id: int) -> None:
+        if self._closing:
+            return
+        from napari_tghmoe.med3d.types import SegmentationStopped
+
+        reason = "stopped" if isinstance(err, SegmentationStopped) else f"segmentation failed: {short_error(err)}"
+        self.conversation.locations_unavailable(turn_id, reason)
+        if not isinstance(err, SegmentationStopped):
+            show_info(f"The stated findings have no places in the scan: {reason}")
+        self._update_status()
+
+    def _on_segmentation_finished(self, worker: Any) -> None:
+        if worker is self._seg_worker:
+            self._seg_worker = None
+        if self._closing:
+            return
+        waiting, self._locate_queue = self._locate_queue, []
+        for turn_id in waiting:  # answers that came in while it ran: most reuse its result now
+            record = self.conversation.records.get(turn_id)
+            if record is not None and record.needs_locations:
+                self.locate_findings(record)
+
+    def _on_findings_located(self, record: AnswerRecord) -> None:
+        if self._closing:
+            return
+        turn = self.conversation.transcript.get(record.turn_id)
+        if turn is not None:
+            self._render_turn(turn, turn.text)
+        self.show_answer_findings(record)
+
+    def show_answer_findings(self, record: AnswerRecord) -> Points | None:
+        """The located findings of ``record`` as a Points layer with their names, on its CT layer
+        (one layer per CT, updated; the CT stays the active layer and its window is untouched)."""
+        layer = record.layer
+        if layer is None or layer not in self.viewer.layers or not record.finding_links:
+            return None
+        unique: dict[tuple[int, ...], str] = {}
+        for link in record.finding_links:
+            unique.setdefault(tuple(link.voxel_zyx), link.label)
+        name = f"{ANSWER_FINDINGS_PREFIX}{layer.name}"
+        kwargs = {
+            "name": name,
+            "scale": tuple(layer.scale),
+            "translate": tuple(layer.translate),
+            "units": tuple(layer.units),
+            "features": {"name": list(unique.values())},
+            "text": {"string": "{name}", "color": "#58a6ff", "size": 9, "anchor": "upper_left"},
+            "size": 10.0,
+            "face_color": "transparent",
+            "border_color": "#58a6ff",
+            "symbol": "ring",
+            "out_of_slice_display": True,
+            "metadata": {ANSWER_FINDINGS_KEY: record.turn_id, NOT_A_REGION_KEY: True},
+        }
+        data = np.array(list(unique), dtype=float).reshape(-1, 3)
+        existing = next((l for l in self.viewer.layers if l.name == name and isinstance(l, Points)), None)
+        if existing is not None:
+            self.viewer.layers.remove(existing)
+        active = self.viewer.layers.selection.active
+        self.findings_layer = self.viewer.add_points(data, **kwargs)
+        self.viewer.layers.selection.active = active if active is not None and active in self.viewer.layers else layer
+        return self.findings_layer
+
+    def _remove_findings_layers(self) -> None:
+        for layer in [l for l in self.viewer.layers if isinstance(l, Points) and l.metadata.get(ANSWER_FINDINGS_KEY)]:
+            self.viewer.layers.remove(layer)
+        self.findings_layer = None
+
+    def go_to_finding(self, turn_id: int, index: int) -> tuple[float, ...] | None:
+        """Move the cursor (and with it every plane) to finding ``index`` of answer ``turn_id``."""
+        record = self.conversation.records.get(turn_id)
+        if record is None or not 0 <= index < len(record.finding_links):
+            return None
+        layer = record.layer
+        if layer is None or layer not in self.viewer.layers:
+            self._report_error(f"The CT layer {record.layer_name!r} of this answer is no longer open.")
+            return None
+        link = record.finding_links[index]
+        point = move_cursor_to_voxel(self.viewer, layer, link.voxel_zyx)
+        points = self.findings_layer
+        if points is None or points not in self.viewer.layers or points.metadata.get(ANSWER_FINDINGS_KEY) != turn_id:
+            points = self.show_answer_findings(record)
+        if points is not None:
+            hits = np.flatnonzero(np.all(np.asarray(points.data) == np.asarray(link.voxel_zyx, float), axis=1))
+            points.selected_data = set(int(i) for i in hits[:1])
+        return point
+
+    def _on_link(self, href: str) -> None:
+        kind, _, rest = href.partition(":")
+        if kind != "finding":
+            return
+        try:
+            turn_id, index = (int(v) for v in rest.split(":"))
+        except ValueError:
+            return
+        self.go_to_finding(turn_id, index)
+
+    def finding_link_rect(self, turn_id: int, index: int) -> Any:
+        """Where link ``index`` of answer ``turn_id`` is drawn in the transcript (viewport
+        coordinates, a ``QRect``; empty when there is no such link): for scripted clicks."""
+        item = self._item_for(turn_id)
+        if item is None:
+            return None
+        self.transcript_view.scrollToItem(item)
+        index_in_model = self.transcript_view.indexFromItem(item)
+        return self.link_delegate.link_rect(index_in_model, f"finding:{turn_id}:{index}")
 
     def _item_for(self, turn_id: int) -> QListWidgetItem | None:
         for row in range(self.transcript_view.count()):
@@ -582,7 +909,8 @@ class ChatWidget(ViewerDockMixin, QWidget):
 
     def _render_turn(self, turn: Turn, text: str) -> None:
         who = _ROLE_LABELS.get(turn.role, turn.role)
-        label = f"[{turn.time_label}] {who}: {text if text else '...'}"
+        prefix = f"[{turn.time_label}] {who}: "
+        label = f"{prefix}{text if text else '...'}"
         item = self._item_for(turn.id)
         if item is None:
             item = QListWidgetItem(label)
@@ -591,10 +919,29 @@ class ChatWidget(ViewerDockMixin, QWidget):
                 item.setForeground(QColor("#ff7b72"))
             elif turn.role == "user":
                 item.setForeground(QColor("#8ab4f8"))
+            elif turn.role == "info":
+                item.setForeground(QColor("#9da5b4"))
             self.transcript_view.addItem(item)
         else:
             item.setText(label)
+        item.setData(LINK_HTML_ROLE, self._links_html(turn, prefix, text))
         self.transcript_view.scrollToBottom()
+
+    def _links_html(self, turn: Turn, prefix: str, text: str) -> str | None:
+        """The line as HTML with each located finding a link, or None (drawn as plain text)."""
+        record = self.conversation.records.get(turn.id) if turn.role == "assistant" else None
+        if record is None or not record.finding_links:
+            return None
+        links = []
+        for index, link in enumerate(record.finding_links):
+            if link.start < 0:
+                continue
+            voxel = ", ".join(str(v) for v in link.voxel_zyx)
+            mm = ", ".join(f"{v:.1f}" for v in link.position_mm)
+            found_in = f"; segmented in the {link.segmented_location}" if link.segmented_location else ""
+            tip = f"Go to voxel (z, y, x) {voxel}, (x, y, z) {mm} mm{found_in}"
+            links.append((link.start, link.end, f"finding:{turn.id}:{index}", tip))
+        return linked_html(prefix, text, links) if links else None
 
     def _show_transcript(self) -> None:
         self.transcript_view.clear()
@@ -605,7 +952,7 @@ class ChatWidget(ViewerDockMixin, QWidget):
         return [self.transcript_view.item(row).text() for row in range(self.transcript_view.count())]
 
     def clear_transcript(self) -> None:
-        """The Clear button: a new conversation (refused while an answer runs)."""
+        """The "New conversation" button: forget the turns (refused while an answer runs)."""
         if self.is_busy:
             show_info("Stop the running answer before clearing the transcript.")
             return
@@ -631,6 +978,12 @@ class ChatWidget(ViewerDockMixin, QWidget):
             self.transcript_view.blockSignals(True)  # the conversation already knows
             self.transcript_view.setCurrentItem(item)
             self.transcript_view.blockSignals(False)
+        record = self.records.get(turn_id)
+        shown = self.findings_layer
+        if record is not None and record.finding_links and (
+            shown is None or shown not in self.viewer.layers or shown.metadata.get(ANSWER_FINDINGS_KEY) != turn_id
+        ):
+            self.show_answer_findings(record)  # the points follow the selected answer
         self.answer_selected.emit(turn_id)
 
     def selected_record(self) -> AnswerRecord | None:
@@ -703,7 +1056,8 @@ class ChatWidget(ViewerDockMixin, QWidget):
         self.send_button.setEnabled(not busy)
         for button in self.quick_buttons.values():
             button.setEnabled(not busy)
-        self.clear_button.setEnabled(not busy)
+        self.new_button.setEnabled(not busy)
+        self.what_button.setEnabled(not busy)
         self.busy_changed.emit(busy)
 
     def status_text(self) -> str:
@@ -738,6 +1092,9 @@ class ChatWidget(ViewerDockMixin, QWidget):
         self._closing = True
         self._answer_after_load = False
         self.plane_tracker.disconnect()
+        self.region_tools.disconnect()
+        self._seg_stop.set()  # the segmenter checks between windows
+        self._seg_done.wait(timeout_s)
         # Let the generator run to its end rather than quitting the worker: the engine stops
         # within a token, yields its Answer and joins its thread, so nothing is left running.
         self.conversation.stop()

@@ -12,7 +12,9 @@ and puts a "routing: ..." layer over the CT: the dominant expert per token as La
 chosen expert's weight as an Image heatmap. The layer holds the routing's own token grid
 (a few thousand cells, not a CT-sized copy: a 300x512x512 scan resampled as int32 would be
 300 MB); its scale and translate are the CT layer's, stretched to the cell size, so it lines
-up with the CT in world coordinates. The numbers all come from the answer's
+up with the CT in world coordinates. An answer about a part of the scan (a "this slice" slab,
+a region's crop) routed only that part: its record's ``box`` says where the part lies, and the
+overlay covers that box instead of the whole CT. The numbers all come from the answer's
 ``RoutingTrace``; this module only draws them.
 
 The answers come from the chat's ``Conversation``, found through the viewer window's
@@ -48,7 +50,9 @@ def overlay_name(block: int, expert_name: str | None) -> str:
     return f"{OVERLAY_PREFIX}block {block} {what}"
 
 
-def token_grid_geometry(ct_layer: Any, grid_shape: Sequence[int]) -> dict[str, Any]:
+def token_grid_geometry(
+    ct_layer: Any, grid_shape: Sequence[int], box: Sequence[Sequence[int]] | None = None
+) -> dict[str, Any]:
     """Layer geometry that puts a map on the routing token grid over ``ct_layer`` in world space.
 
     ``RoutingTrace.expert_map`` gives cell ``j`` of ``n`` the CT voxels whose centres lie in
@@ -56,14 +60,21 @@ def token_grid_geometry(ct_layer: Any, grid_shape: Sequence[int]) -> dict[str, A
     coordinate ``(j + 0.5) * f - 0.5``. So the overlay's voxel is ``f`` CT voxels wide and its
     first centre sits ``(f - 1) / 2`` CT voxels in, taken through the CT's own scale, rotation
     and shear; units and the extra affine are the CT's. Its outer faces are the CT's.
+
+    ``box`` (``[start, stop)`` voxel ranges per axis): the model saw only that part of the CT, so
+    the grid spans the box (``n_ct`` is the box's size, shifted by its first voxel).
     """
     from napari.utils.transforms import Affine
 
-    ct_shape = np.asarray(ct_layer.data.shape[-3:], dtype=float)
+    start = np.zeros(3) if box is None else np.asarray([a for a, _ in box], dtype=float)
+    if box is None:
+        ct_shape = np.asarray(ct_layer.data.shape[-3:], dtype=float)
+    else:
+        ct_shape = np.asarray([b - a for a, b in box], dtype=float)
     factor = ct_shape / np.asarray(grid_shape, dtype=float)
     scale = np.asarray(ct_layer.scale, dtype=float)
     linear = Affine(scale=scale, rotate=ct_layer.rotate, shear=ct_layer.shear)
-    translate = np.asarray(ct_layer.translate, dtype=float) + linear((factor - 1.0) / 2.0)
+    translate = np.asarray(ct_layer.translate, dtype=float) + linear(start + (factor - 1.0) / 2.0)
     return {
         "scale": tuple(float(v) for v in scale * factor),
         "translate": tuple(float(v) for v in translate),
@@ -117,7 +128,7 @@ class RoutingView(QWidget):
         self.record: AnswerRecord | None = None
         self.overlay_layer: Labels | Image | None = None
         self._disconnect_conversation = lambda: None
-        self._body_cache: tuple[tuple[int, int, tuple[int, ...]], np.ndarray] | None = None
+        self._body_cache: tuple[tuple[Any, ...], np.ndarray] | None = None
         self._build_ui()
         self.show_record(None)
         link = conversation_link(napari_viewer)
@@ -277,7 +288,11 @@ class RoutingView(QWidget):
             self.info_label.setText("")
         else:
             message = ""
-            self.info_label.setText(f"{self.record.label} \u2192 layer {self.record.layer_name!r}")
+            box = getattr(self.record, "box", None)
+            part = ""
+            if box is not None:  # the model saw a part of the scan: say which
+                part = ", voxels " + ", ".join(f"{n} {a}-{b - 1}" for n, (a, b) in zip("zyx", box))
+            self.info_label.setText(f"{self.record.label} \u2192 layer {self.record.layer_name!r}{part}")
         n_slices = self.record.volume.shape[0] if self.record is not None else 0
         size = (max(self.canvas.width(), 300), max(self.canvas.height(), 430))
         self._render_serial += 1
@@ -299,7 +314,10 @@ class RoutingView(QWidget):
         figure, rgba = result
         height, width = rgba.shape[:2]
         image = QImage(rgba.data, width, height, 4 * width, QImage.Format.Format_RGBA8888).copy()
-        self.canvas.setPixmap(QPixmap.fromImage(image))
+        try:
+            self.canvas.setPixmap(QPixmap.fromImage(image))
+        except RuntimeError:  # the dock was closed while the plots were drawn
+            return
         self.figure = figure
         self.rendered_turn = turn
         self.plot_rendered.emit()
@@ -343,17 +361,18 @@ class RoutingView(QWidget):
             return None
         block = self.current_block()
         expert = self.current_expert()
+        box = self._record_box(ct_layer)
         name = overlay_name(block, None if expert is None else trace.expert_names[expert])
         if expert is None:
             labels = np.asarray(trace.expert_map(block), dtype=np.int32) + 1  # 0 is see-through
             # Label the body only: air around the patient would fill the 3D view with a box.
-            labels[~self._body_cells(ct_layer, labels.shape)] = 0
-            geometry = token_grid_geometry(ct_layer, labels.shape)
+            labels[~self._body_cells(ct_layer, labels.shape, box)] = 0
+            geometry = token_grid_geometry(ct_layer, labels.shape, box)
             layer = self._replace_overlay(Labels, labels, name, geometry, opacity=0.35, blending="translucent")
             layer.metadata["label_names"] = {i + 1: n for i, n in enumerate(trace.expert_names)}  # legend
         else:
             weights = np.asarray(trace.expert_map(block, expert=expert), dtype=np.float32)
-            geometry = token_grid_geometry(ct_layer, weights.shape)
+            geometry = token_grid_geometry(ct_layer, weights.shape, box)
             high = float(weights.max()) or 1.0
             layer = self._replace_overlay(
                 Image, weights, name, geometry,
@@ -364,11 +383,23 @@ class RoutingView(QWidget):
             layer.visible = True
         return layer
 
-    def _body_cells(self, ct_layer: Any, grid_shape: tuple[int, ...]) -> np.ndarray:
-        """:func:`body_cells` of the CT, kept while CT and grid stay (blocks share one grid)."""
-        key = (id(ct_layer), id(ct_layer.data), tuple(int(n) for n in grid_shape))
+    def _record_box(self, ct_layer: Any) -> tuple[tuple[int, int], ...] | None:
+        """The part of the CT the answer's model saw (None: all of it, or a box that does not fit)."""
+        box = getattr(self.record, "box", None)
+        if box is None:
+            return None
+        shape = tuple(ct_layer.data.shape[-3:])
+        if len(box) != 3 or any(not 0 <= a < b <= n for (a, b), n in zip(box, shape)):
+            return None
+        return tuple((int(a), int(b)) for a, b in box)
+
+    def _body_cells(self, ct_layer: Any, grid_shape: tuple[int, ...], box: Any = None) -> np.ndarray:
+        """:func:`body_cells` of the CT (or of the box the model saw), kept while CT, box and grid
+        stay (blocks share one grid)."""
+        key = (id(ct_layer), id(ct_layer.data), tuple(int(n) for n in grid_shape), box)
         if self._body_cache is None or self._body_cache[0] != key:
-            self._body_cache = (key, body_cells(ct_layer.data, grid_shape))
+            data = ct_layer.data if box is None else ct_layer.data[tuple(slice(a, b) for a, b in box)]
+            self._body_cache = (key, body_cells(data, grid_shape))
         return self._body_cache[1]
 
     def _replace_overlay(self, kind: type, data: np.ndarray, name: str, geometry: dict, **style: Any) -> Any:

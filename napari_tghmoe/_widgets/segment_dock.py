@@ -41,7 +41,12 @@ from qtpy.QtWidgets import (
 from napari_tghmoe import segmentation_layers as seglayers
 from napari_tghmoe.io._types import CTVolume
 from napari_tghmoe.layers import ct_volume_of
-from napari_tghmoe._widgets._viewer_dock import ViewerDockMixin, select_model_folder
+from napari_tghmoe._widgets._viewer_dock import (
+    ViewerDockMixin,
+    move_cursor_to,
+    remember_layer_segmentation,
+    select_model_folder,
+)
 from napari_tghmoe._widgets.ortho_views import VIEW_3D_ONLY_KEY
 
 SEGMENT_DOCK_NAME = "Segment"
@@ -359,6 +364,8 @@ class SegmentDock(ViewerDockMixin, QWidget):
         self._show_findings_layer()
         ct_layer = self._ct_layer_named(ct_name)
         if ct_layer is not None:
+            if tuple(np.shape(ct_layer.data)) == tuple(np.shape(result.labels)):
+                remember_layer_segmentation(ct_layer, result)  # the chat places stated findings with it
             self.viewer.layers.selection.active = ct_layer  # keep the CT the active layer (W/L, chat)
         self.labels_layer.features = features  # hover names (napari's status bar)
         self._fill_structures(seglayers.structure_rows(result, scale))
@@ -440,11 +447,7 @@ class SegmentDock(ViewerDockMixin, QWidget):
         if reference is not None:
             scale, translate = tuple(reference.scale), tuple(reference.translate)
         point = seglayers.world_point(finding.voxel_zyx, scale, translate)
-        if len(self.viewer.dims.point) == 3:
-            self.viewer.dims.point = point
-            if self.viewer.dims.ndisplay == 2:
-                displayed = list(self.viewer.dims.displayed)
-                self.viewer.camera.center = tuple(point[axis] for axis in displayed)
+        move_cursor_to(self.viewer, point)
         points = self.points_layer if self.points_layer in self.viewer.layers else self._show_findings_layer()
         if points is not None and index < len(points.data):
             points.selected_data = {index}
