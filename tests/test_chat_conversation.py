@@ -230,6 +230,8 @@ def test_a_box_drawn_on_the_axial_plane_asks_about_its_crop(
     boxes[0].add(np.array([[z, y0, x0], [z, y0, x1], [z, y1, x1], [z, y1, x0]], float), shape_type="rectangle")
 
     assert "box on axial: voxels z 12, y 10-29, x 8-27" in chat.region_text()
+    drawing = [l.mode for v in ortho.views.values() for l in v.viewer_model.layers if l.metadata.get(REGION_LAYER_KEY)]
+    assert drawing == ["pan_zoom"] * 3  # drawn: every plane view pans and moves the cursor again
     record = _ask(qtbot, chat, button=chat.what_button)
 
     sent = record.answer.question

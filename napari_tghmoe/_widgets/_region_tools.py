@@ -163,8 +163,8 @@ class RegionTools(QObject):
                     own.data = [own.data[-1]] if keep else []
                 elif isinstance(own, Points) and len(own.data) > (1 if keep else 0):
                     own.data = np.asarray(own.data)[-1:] if keep else np.empty((0, own.ndim))
-                if keep and own.mode != "pan_zoom":
-                    own.mode = "pan_zoom"  # drawn: clicks move the cursor again
+                if own.mode != "pan_zoom":
+                    own.mode = "pan_zoom"  # drawn: clicks move the cursor again, in every view
         finally:
             self._updating = False
 

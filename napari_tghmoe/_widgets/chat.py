@@ -703,6 +703,11 @@ class ChatWidget(ViewerDockMixin, QWidget):
     def is_busy(self) -> bool:
         return self._gen_worker is not None or self.conversation.is_answering
 
+    @property
+    def is_locating(self) -> bool:
+        """The segmenter runs to place the findings of an answer (the next question may still be asked)."""
+        return self._seg_worker is not None
+
     def slice_context(self, layer: Any) -> Any:
         """The plane and slice the user is looking at on ``layer`` (prompt words + slab volume)."""
         return context_for_layer(layer, volume_from_layer(layer), self.plane_tracker.plane, self.viewer.dims.point)

@@ -219,7 +219,8 @@ def answer_and_wait(
     chat: ChatWidget, question: str | None = None, timeout_s: float = 300.0
 ) -> AnswerRecord | None:
     """Send ``question`` (default: the report request) and run the Qt event loop until the
-    answer is in; returns its ``AnswerRecord`` or None (for scripted demos)."""
+    answer is in and its stated findings are placed; returns its ``AnswerRecord`` or None (for
+    scripted demos)."""
     import time
 
     from napari_tghmoe.conversation import REPORT_REQUEST
@@ -227,7 +228,11 @@ def answer_and_wait(
     if not chat.send(question or REPORT_REQUEST):
         return None
     deadline = time.perf_counter() + timeout_s
-    while (chat.is_busy or chat._load_worker is not None) and time.perf_counter() < deadline:
+
+    def working() -> bool:
+        return chat.is_busy or chat._load_worker is not None or chat.is_locating
+
+    while working() and time.perf_counter() < deadline:
         QApplication.processEvents()
         time.sleep(0.01)
     if chat.is_busy:
