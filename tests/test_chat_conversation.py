@@ -125,7 +125,7 @@ def _world(layer, voxel) -> np.ndarray:
 
 
 def test_a_click_on_a_finding_link_moves_the_cursor_and_every_plane(
-    make_napari_viewer, docks, qtbot, monkeypatch, phantom_volume
+    make_napari_viewer, docks, qtbot, monkeypatch, phantom_volume, tmp_path
 ):
     new_chat, new_segment, new_planes = docks
     viewer = make_napari_viewer()
@@ -169,6 +169,16 @@ def test_a_click_on_a_finding_link_moves_the_cursor_and_every_plane(
     assert points.selected_data == {0}
     assert chat.conversation.selected_record() is record  # the click also picked the answer
     assert tuple(ct.contrast_limits) == contrast
+
+    # the answer's JSON (the dock's export and File > Save) carries where the finding is
+    import json
+
+    located = json.loads(chat.export_answer(tmp_path / "answer.json").read_text())["located_findings"]
+    assert located[0]["kind"] == target.kind and located[0]["voxel_zyx"] == list(target.voxel_zyx)
+    assert located[0]["position_mm"] == pytest.approx(list(target.position_mm), abs=1e-3)
+    viewer.layers.selection = {ct}
+    saved = viewer.layers.save(str(tmp_path / "via_writer.json"), selected=True, plugin="napari-tghmoe")
+    assert json.loads(open(saved[0]).read())["located_findings"][0]["voxel_zyx"] == list(target.voxel_zyx)
 
 
 def test_a_follow_up_carries_the_first_turn_until_a_new_conversation(
