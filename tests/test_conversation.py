@@ -403,6 +403,8 @@ def test_a_region_question_sends_the_crop_with_its_coordinates(conversation, mon
     assert np.allclose(shown_to_model[0].index_to_patient((0, 0, 0)), volume.index_to_patient((2, 0, 0)))
     report = json.loads(conversation.export_answer(tmp_path / "region.json").read_text())
     assert report["region"]["voxel_start_zyx"] == [6, 10, 8] and report["region"]["input_box_zyx"] == [[2, 11], [0, 42], [0, 40]]
+    transcript = conversation.export_transcript(tmp_path / "chat.txt").read_text()
+    assert "user: What is this?\n    region: box on axial, voxels z 6, y 10-29, x 8-27\n" in transcript
 
 
 def _seg_finding(kind, voxel, location, probability=0.9):

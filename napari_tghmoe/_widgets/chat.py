@@ -335,7 +335,6 @@ class ChatWidget(ViewerDockMixin, QWidget):
         self.new_button.setToolTip(
             "Forget the turns (and clear the transcript): the next question starts without context"
         )
-        self.clear_button = self.new_button  # the former "Clear"
         self.export_button = QPushButton("Export...")
         self.identifiers_check = QCheckBox("include identifiers")
         self.identifiers_check.setToolTip("Write patient name/ID from the DICOM header into exports (off by default)")
