@@ -456,3 +456,29 @@ def test_a_context_reading_finding_model_gets_the_organ_labels_inside_its_cascad
     stray = build_tiny_seg_model(tmp_path / "stray", organ_names=[], context_groups=[["pancreas"]])
     with pytest.raises(SegModelError, match="pancreas"):
         attach_finding_model(organs, stray, tmp_path / "bundle2")
+
+
+def test_background_weight_makes_missed_findings_cost_more_than_false_ones():
+    import torch
+
+    from napari_tghmoe.med3d.finetune import segmentation_loss_for
+    from napari_tghmoe.med3d.recipe import FinetuneSettings
+
+    labels = torch.zeros(1, 1, 4, 4, 4, dtype=torch.long)
+    labels[0, 0, :2] = 1  # half the window is a finding
+    right = torch.where(labels == 1, 1.0, 0.0).repeat(1, 2, 1, 1, 1)
+    right[:, 0] = 1.0 - right[:, 1]
+    wrong_background = right.clone()
+    wrong_background[0, :, 2:] = wrong_background[0, :, 2:].flip(0)  # background voxels called finding
+    wrong_finding = right.clone()
+    wrong_finding[0, :, :2] = wrong_finding[0, :, :2].flip(0)  # finding voxels called background
+
+    def cost(weight: float, logits: torch.Tensor) -> float:
+        loss = segmentation_loss_for(FinetuneSettings(background_weight=weight, batch_dice=True), 2)
+        return float(loss(logits * 8.0, labels))
+
+    assert cost(0.1, wrong_background) < cost(1.0, wrong_background)
+    # a missed finding now costs far more than background wrongly called finding
+    weighted = cost(0.1, wrong_finding) / cost(0.1, wrong_background)
+    plain = cost(1.0, wrong_finding) / cost(1.0, wrong_background)
+    assert weighted > 2.0 * plain

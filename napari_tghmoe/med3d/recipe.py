@@ -61,6 +61,8 @@ class FinetuneSettings(LoopSettings):
     classification_weight: float = 0.5  # weight of the finding-presence BCE beside Dice + CE
     loss: str = "dice_ce"  # dice_ce (MONAI DiceCELoss) | dice_focal (DiceFocalLoss: rare small labels)
     focal_gamma: float = 2.0  # dice_focal only
+    background_weight: float = 1.0  # cross-entropy weight of label 0 (others 1): < 1 for rare small labels
+    batch_dice: bool = False  # one Dice per label over the whole batch instead of per crop
     context_model: str = ""  # organ model whose labels a finding model with context_groups reads ("demo": the bundled one)
 
 
