@@ -7,8 +7,10 @@
 # 2. The paper's claim, budget A: four fine-tunes of 200 steps, {PSAT-pretrained, scratch} x
 #    {100 %, 10 %} labels, each evaluated on the held-out phantoms (tghmoe eval-seg).
 # 3. The demo model: 500 steps from the pretrained encoder, continued 400, 500 and 500 steps.
-# 4. The demo model is bundled to resources/demo-seg-model (the card README.md is written by hand
-#    from $RUN/demo-4/eval_results.json and the training summaries).
+# 4. The finding model of the cascade (recipes/med3d-findings.toml: 2 mm, findings only, the organ
+#    model's labels as context channels) from the pretrained encoder.
+# 5. Both are bundled to resources/demo-seg-model (`tghmoe seg-bundle`) and evaluated; the card
+#    README.md is written by hand from $RUN/bundle/eval_results.json and the training summaries.
 # One thread per run (TGHMOE_TRAIN_THREADS=1): on 2 shared cores two threads per process were
 # 10x slower (oversubscription). Runs that do not depend on each other go side by side.
 set -euo pipefail
@@ -41,6 +43,15 @@ finetune demo-3 1.0 --init "$RUN/demo-2" --set finetune.steps=500 --set finetune
 finetune demo-4 1.0 --init "$RUN/demo-3" --set finetune.steps=500 --set finetune.lr=2e-3
 wait
 
-mkdir -p resources/demo-seg-model
-cp "$RUN/demo-4/model.safetensors" "$RUN/demo-4/config.json" "$RUN/demo-4/eval_results.json" resources/demo-seg-model/
+# The finding model reads the organ model's labels: bundle the organ model first so its recipe's
+# context_model points at the one it will sit beside.
+$TGHMOE finetune-seg --config recipes/med3d-findings.toml --out "$RUN/findings" --init "$RUN/pretrain" --no-progress \
+  --resume --set finetune.context_model="$RUN/demo-4" > "$RUN/findings.log" 2>&1
+$TGHMOE seg-bundle --organs "$RUN/demo-4" --findings "$RUN/findings" --out "$RUN/bundle"
+$TGHMOE eval-seg --model "$RUN/bundle" --data "$HELDOUT" --out "$RUN/bundle/eval_results.json" > "$RUN/bundle.log" 2>&1
+
+rm -rf resources/demo-seg-model.new
+cp -r "$RUN/bundle" resources/demo-seg-model.new
+cp resources/demo-seg-model/README.md resources/demo-seg-model.new/ 2>/dev/null || true
+rm -rf resources/demo-seg-model && mv resources/demo-seg-model.new resources/demo-seg-model
 echo "done: $RUN"
