@@ -147,12 +147,35 @@ class InferenceEngine:
     # ------------------------------------------------------------------ answering
 
     def prepare(self, volume: Any, spacing: Any = None):
-        """``VolumeInputs`` for a CTVolume / array (+ spacing); VolumeInputs pass through."""
+        """``VolumeInputs`` for a CTVolume / array (+ spacing); VolumeInputs pass through.
+
+        A model with a 3D volume encoder also gets the encoder's tokens of the CT, kept on the
+        inputs as ``volume_features`` (the encoder reads the CT at its own grid, not the video).
+        """
         from napari_tghmoe.model.preprocess import VolumeInputs, prepare_volume
 
         if isinstance(volume, VolumeInputs):
             return volume
-        return prepare_volume(volume, spacing, self.model.config)
+        inputs = prepare_volume(volume, spacing, self.model.config)
+        if self.has_volume_encoder:
+            inputs.volume_features = self.model.volume_features(volume, spacing)
+        return inputs
+
+    @property
+    def has_volume_encoder(self) -> bool:
+        """The model reads the CT with a 3D encoder beside its video tokens."""
+        return bool(getattr(self.model.config, "num_volume_tokens", 0))
+
+    def volume_kwargs(self, inputs: Any, device: Any) -> dict[str, Any]:
+        """``volume_features`` for ``generate`` ({} for a model without a volume encoder)."""
+        if not self.has_volume_encoder:
+            return {}
+        features = getattr(inputs, "volume_features", None)
+        if features is None:
+            raise ValueError(
+                "this model reads the CT with its 3D encoder: pass the volume, or inputs made by engine.prepare"
+            )
+        return {"volume_features": features[None].to(device)}
 
     def intensity_warning(self, inputs: Any) -> str | None:
         """Warn (``IntensityMismatchWarning``) when the volume's intensities are not the kind the
@@ -227,6 +250,7 @@ class InferenceEngine:
                 "attention_mask": prompt.attention_mask.to(device),
                 "mm_token_type_ids": prompt.mm_token_type_ids.to(device),
                 **inputs.model_kwargs(device=device),
+                **self.volume_kwargs(inputs, device),
             }
             if self.accepts_text_guidance:
                 model_kwargs["text_guidance_mask"] = prompt.text_guidance_mask.to(device)

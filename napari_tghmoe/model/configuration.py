@@ -59,6 +59,19 @@ class TGHMoEConfig(Qwen2_5_VLConfig):
             the other kind are converted (``napari_tghmoe.model.preprocess``) with a warning.
         min_pixels, max_pixels: the base processor's limits on pixels per frame (Qwen's
             ``preprocessor_config.json``; ``tghmoe convert`` copies them); None = no limit.
+    3D volume encoder fields (``napari_tghmoe.model.volume_tokens``; all unused while
+    ``volume_encoder`` is empty, so a model without one is exactly the model it was before):
+        volume_encoder: sub-folder of the model folder holding a Med3DInsight segmentation model
+            whose 3D encoder reads the CT beside the vision tower ("" = none).
+        volume_tokens_grid: (z, y, x) grid the encoder's bottleneck is average-pooled to; one LLM
+            token per cell.
+        volume_projector_experts, volume_projector_hidden: the text-guided projector's MLP experts
+            and their hidden size (None = the LLM hidden size).
+        volume_encoder_windows: at most this many encoder windows per CT (the CPU cost; a larger CT
+            is seen through evenly spread windows).
+        volume_encoder_channels, volume_presence_features: the encoder's bottleneck channels and its
+            finding kinds (the projector's input); written when the encoder is attached.
+        volume_token_id: the placeholder token whose input embeddings the projected tokens replace.
     """
 
     model_type = "tghmoe_qwen2_5_vl"
@@ -92,11 +105,20 @@ class TGHMoEConfig(Qwen2_5_VLConfig):
     input_intensity: str = "hu"
     min_pixels: int | None = None
     max_pixels: int | None = None
+    volume_encoder: str = ""
+    volume_tokens_grid: list[int] | tuple[int, ...] = (2, 4, 4)
+    volume_projector_experts: int = 4
+    volume_projector_hidden: int | None = None
+    volume_encoder_windows: int = 4
+    volume_encoder_channels: int = 0
+    volume_presence_features: int = 0
+    volume_token_id: int | None = None
 
     def __post_init__(self, **kwargs: Any) -> None:
         super().__post_init__(**kwargs)
         self._normalise_moe_fields()
         self._normalise_input_fields()
+        self._normalise_volume_fields()
 
     # ------------------------------------------------------------------ validation
     def _normalise_moe_fields(self) -> None:
@@ -176,7 +198,49 @@ class TGHMoEConfig(Qwen2_5_VLConfig):
         self.image_std = [float(v) for v in self.image_std]
         self.input_intensity = intensity_kind(self.input_intensity)
 
+    def _normalise_volume_fields(self) -> None:
+        self.volume_encoder = str(self.volume_encoder or "")
+        self.volume_tokens_grid = [int(v) for v in self.volume_tokens_grid]
+        if len(self.volume_tokens_grid) != 3 or min(self.volume_tokens_grid) < 1:
+            raise ValueError(f"volume_tokens_grid must be three positive sizes (z, y, x), got {self.volume_tokens_grid}")
+        if self.volume_projector_experts < 1:
+            raise ValueError(f"volume_projector_experts must be >= 1, got {self.volume_projector_experts}")
+        if self.volume_encoder_windows < 1:
+            raise ValueError(f"volume_encoder_windows must be >= 1, got {self.volume_encoder_windows}")
+        if self.volume_projector_hidden is not None and self.volume_projector_hidden < 1:
+            raise ValueError(f"volume_projector_hidden must be >= 1 or None, got {self.volume_projector_hidden}")
+        if not self.volume_encoder:
+            return
+        name = self.volume_encoder
+        if "/" in name or "\\" in name or name.startswith(".") or name != name.strip():
+            raise ValueError(f"volume_encoder must be a plain sub-folder name, got {name!r}")
+        if self.volume_encoder_channels < 1 or self.volume_presence_features < 0:
+            raise ValueError(
+                "a volume encoder needs volume_encoder_channels >= 1 and volume_presence_features >= 0, "
+                f"got {self.volume_encoder_channels} and {self.volume_presence_features}"
+            )
+        if self.volume_token_id is None:
+            raise ValueError("a volume encoder needs volume_token_id (its placeholder token)")
+        taken = {self.image_token_id, self.video_token_id, self.vision_start_token_id, self.vision_end_token_id}
+        if int(self.volume_token_id) in taken:
+            raise ValueError(
+                f"volume_token_id {self.volume_token_id} is a vision token of the model; pick another placeholder"
+            )
+
     # ------------------------------------------------------------------ helpers
+    @property
+    def num_volume_tokens(self) -> int:
+        """LLM tokens the 3D encoder adds to a prompt (0 without a volume encoder)."""
+        if not self.volume_encoder:
+            return 0
+        z, y, x = self.volume_tokens_grid
+        return z * y * x
+
+    @property
+    def volume_feature_size(self) -> int:
+        """Features per volume token the projector reads: encoder channels + finding presences."""
+        return int(self.volume_encoder_channels) + int(self.volume_presence_features)
+
     @property
     def task_group_names(self) -> list[str]:
         """The groups chosen by the level-1 (text) router; "shared" is always on beside them."""

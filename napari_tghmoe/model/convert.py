@@ -187,6 +187,46 @@ def register(subparsers: Any) -> None:
         help="copy the base weights into the output too (default: the output refers to the base folder)",
     )
     parser.set_defaults(func=run_convert)
+    register_attach_encoder(subparsers)
+
+
+def register_attach_encoder(subparsers: Any) -> None:
+    parser = subparsers.add_parser(
+        "attach-encoder",
+        help="give a TGH-MoE folder a pre-trained 3D encoder (Med3DInsight) whose tokens go to the LLM",
+        description=(
+            "Copy a TGH-MoE folder and attach a Med3DInsight segmentation model as a frozen 3D encoder: its "
+            "pooled tokens, projected by a new text-guided projector (zero output until trained), go to the "
+            "LLM beside the video tokens. Base weights and experts are unchanged; train the projector with "
+            "tghmoe train ([model] volume_encoder)."
+        ),
+    )
+    parser.add_argument("--model", required=True, metavar="TGHMOE_FOLDER", help="TGH-MoE model folder")
+    parser.add_argument("--encoder", required=True, metavar="SEG_FOLDER", help="Med3DInsight segmentation model folder")
+    parser.add_argument("--out", required=True, metavar="FOLDER", help="where to write the model with its encoder")
+    parser.add_argument("--tokens-grid", type=_int_list, metavar="Z,Y,X", help="token grid (default 2,4,4)")
+    parser.add_argument("--experts", type=int, metavar="N", help="projector experts (default 4)")
+    parser.add_argument("--hidden", type=int, metavar="H", help="projector expert hidden size (default: LLM hidden)")
+    parser.add_argument("--overwrite", action="store_true", help="replace a non-empty output folder")
+    parser.set_defaults(func=run_attach_encoder)
+
+
+def run_attach_encoder(args: argparse.Namespace) -> int:
+    from napari_tghmoe.cli import CLIError
+    from napari_tghmoe.model.loading import ModelLoadError
+    from napari_tghmoe.model.volume_tokens import VolumeEncoderError, attach_encoder_to_folder
+
+    if args.tokens_grid is not None and len(args.tokens_grid) != 3:
+        raise CLIError(f"--tokens-grid needs three sizes Z,Y,X, got {args.tokens_grid}")
+    try:
+        out = attach_encoder_to_folder(
+            args.model, args.encoder, args.out, tokens_grid=args.tokens_grid, experts=args.experts,
+            hidden=args.hidden, overwrite=args.overwrite,
+        )
+    except (ModelLoadError, VolumeEncoderError, FileExistsError, ValueError, TypeError) as err:
+        raise CLIError(str(err)) from None
+    print(f"TGH-MoE model with the 3D encoder {Path(args.encoder)} written to {out}")
+    return 0
 
 
 def moe_settings_from_args(args: argparse.Namespace) -> dict[str, Any]:

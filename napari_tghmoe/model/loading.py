@@ -39,7 +39,9 @@ PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".pkl", ".pickle", ".ckpt")
 TOKENIZER_FILES = ("tokenizer.json", "vocab.json", "tokenizer.model")
 #: Module name patterns bitsandbytes must leave unquantized (matched at a module boundary,
 #: as a regex from the start, or as a suffix: see transformers' ``should_convert_module``).
-BNB_SKIP_MODULES = ["model.visual", "visual", "lm_head", r".*\.lora_\w+", r".*router\w*", r".*experts?"]
+BNB_SKIP_MODULES = [
+    "model.visual", "visual", "lm_head", r".*\.lora_\w+", r".*router\w*", r".*experts?", "volume_projector",
+]
 QUANTIZATIONS = ("auto", "4bit", "8bit", "none")
 GIB = 1024**3
 #: Every weight load: local files only, and no kernels from the Hub (transformers >= 5.25
@@ -258,7 +260,22 @@ def check_model_folder(path: str | Path) -> FolderCheck:
     base = _check_base_reference(folder) if is_tghmoe else None
     if base is not None:
         weights = weights + base.base_weight_paths
+    if is_tghmoe and config.get("volume_encoder"):
+        weights = weights + _check_volume_encoder(folder, str(config["volume_encoder"]))
     return FolderCheck(folder, config, model_type, is_tghmoe, weights, base)
+
+
+def _check_volume_encoder(folder: Path, name: str) -> tuple[Path, ...]:
+    """The 3D encoder sub-folder config.json names: a Med3DInsight segmentation model (its weights
+    count, and are hashed, with the model's)."""
+    from napari_tghmoe.med3d.encoder import SEG_ARCHITECTURE, read_folder_config
+    from napari_tghmoe.med3d.types import SegModelError
+
+    try:
+        read_folder_config(folder / name, SEG_ARCHITECTURE)
+    except SegModelError as err:
+        raise ModelLoadError(folder, f"volume encoder: {err}") from None
+    return ((folder / name / "model.safetensors"),)
 
 
 def _check_base_reference(folder: Path) -> Any:

@@ -9,6 +9,12 @@ features to the stock Qwen2.5-VL forward through its ``mm_encoder_outputs`` argu
 which is exactly when the full prompt is available; decode steps skip the vision path.
 ``_supports_mm_encoder_outputs`` returns False so ``generate()`` does not encode the pixels on its
 own, without the prompt, before the prefill.
+
+A model with a 3D volume encoder (``config.volume_encoder``, :mod:`napari_tghmoe.model.volume_tokens`)
+also takes ``volume_features`` (the encoder's pooled tokens): in the prefill step the
+``volume_projector`` maps them, gated by the same text vector, and they replace the input embeddings
+of the prompt's volume placeholders through a hook on the LLM's embedding module, held only while
+the stock forward runs.
 """
 
 from __future__ import annotations
@@ -49,6 +55,7 @@ from napari_tghmoe.model.routing import (
     unpermute_to_grids,
     window_order_to_rows,
 )
+from napari_tghmoe.model.volume_tokens import VolumeTokenProjector, build_projector
 
 # TGHMoEConfig fields beyond the base Qwen2.5-VL config (the MoE and the model-input settings).
 MOE_CONFIG_FIELDS = (
@@ -79,11 +86,15 @@ MOE_CONFIG_FIELDS = (
     "input_intensity",
     "min_pixels",
     "max_pixels",
+    "volume_tokens_grid",
+    "volume_projector_experts",
+    "volume_projector_hidden",
+    "volume_encoder_windows",
 )
 
-#: State-dict names of the tensors TGH-MoE adds beside the base (experts, routers, LoRA): the rest
-#: are base tensors, which conversion and training never change.
-ADAPTER_KEY = re.compile(r"(^|\.)(moe|lora_[A-Za-z0-9_]+)\.")
+#: State-dict names of the tensors TGH-MoE adds beside the base (experts, routers, LoRA, the volume
+#: projector): the rest are base tensors, which conversion and training never change.
+ADAPTER_KEY = re.compile(r"(^|\.)(moe|lora_[A-Za-z0-9_]+|volume_projector)\.")
 #: Structural fields a base folder must share with the TGH-MoE config that refers to it.
 _BASE_MATCH_FIELDS = {
     "text_config": ("hidden_size", "num_hidden_layers", "num_attention_heads", "num_key_value_heads",
@@ -96,6 +107,14 @@ _BASE_MATCH_FIELDS = {
 #: transformers 5.24 renamed the key/value cache from ``past_key_values`` to ``cache`` (in model
 #: outputs and in ``forward``); the model speaks whichever name the installed version uses.
 CACHE_FIELD = "cache" if "cache" in CausalLMOutputWithPast.__dataclass_fields__ else "past_key_values"
+
+
+def _is_prefill(cache: Any) -> bool:
+    """No key/value cache yet, or an empty one: the step that reads the whole prompt."""
+    if cache is None:
+        return True
+    length = getattr(cache, "get_seq_length", None)
+    return not callable(length) or int(length()) == 0
 
 
 def _task_groups(groups: list[str]) -> list[str]:
@@ -111,7 +130,8 @@ class TGHMoEOutput(ModelOutput):
     + task_loss_coef * task_loss`` over the parts that exist (lm_loss needs ``labels``, task_loss
     ``task_labels``; the router losses exist when the vision tower ran in training or with labels).
     ``group_probs``: (B, G) over ``config.group_names``, averaged over the blocks with task groups;
-    shared = 1 (always on).
+    shared = 1 (always on). ``volume_gate``: (B, E) the volume projector's text-guided gate
+    (models with a volume encoder, when the prompt carried volume tokens).
     """
 
     loss: torch.Tensor | None = None
@@ -127,6 +147,7 @@ class TGHMoEOutput(ModelOutput):
     hidden_states: tuple[torch.Tensor, ...] | None = None
     attentions: tuple[torch.Tensor, ...] | None = None
     group_probs: torch.Tensor | None = None
+    volume_gate: torch.Tensor | None = None
 
 
 class TGHMoEForConditionalGeneration(Qwen2_5_VLForConditionalGeneration):
@@ -195,6 +216,72 @@ class TGHMoEForConditionalGeneration(Qwen2_5_VLForConditionalGeneration):
                         if name.startswith("lora_"):
                             child.to(device=reference.device, dtype=reference.dtype)
         self._routing_recorder: RoutingRecorder | None = None
+        object.__setattr__(self, "_volume_encoder", None)  # not a submodule: see volume_tokens
+        self._volume_encoder_source: Path | None = None
+        if config.volume_encoder:
+            self._install_volume_projector(match_base_placement)
+
+    def _install_volume_projector(self, match_base_placement: bool) -> None:
+        """The volume projector (a top-level ``volume_projector`` module, saved with the experts)."""
+        projector = build_projector(self.config)
+        if match_base_placement:
+            reference = self.get_input_embeddings().weight
+            projector.to(device=reference.device, dtype=reference.dtype)
+        self.volume_projector = projector
+
+    # ------------------------------------------------------------------ volume encoder
+    @property
+    def volume_encoder(self) -> Any:
+        """The frozen 3D encoder (a ``Med3DSegModel``) or None; outside ``state_dict()`` on purpose."""
+        return self.__dict__.get("_volume_encoder")
+
+    @property
+    def volume_projector_module(self) -> VolumeTokenProjector | None:
+        return self._modules.get("volume_projector")  # type: ignore[return-value]
+
+    def set_volume_encoder(self, encoder: Any, source: str | Path | None = None) -> None:
+        object.__setattr__(self, "_volume_encoder", encoder)
+        self._volume_encoder_source = Path(source) if source is not None else None
+
+    def _load_volume_encoder(self, folder: str | Path) -> None:
+        """The encoder from ``folder/<config.volume_encoder>`` (one-line error naming it)."""
+        from napari_tghmoe.model.volume_tokens import VolumeEncoderError, load_volume_encoder
+
+        sub = Path(folder) / self.config.volume_encoder
+        if not sub.is_dir():
+            raise VolumeEncoderError(f"{sub}: the volume encoder folder config.json names is missing")
+        encoder = load_volume_encoder(sub)
+        channels, kinds = int(encoder.config.encoder_channels), len(encoder.config.finding_kinds)
+        if (channels, kinds) != (self.config.volume_encoder_channels, self.config.volume_presence_features):
+            raise VolumeEncoderError(
+                f"{sub}: the encoder gives {channels} channels and {kinds} finding kinds, the projector expects "
+                f"{self.config.volume_encoder_channels} and {self.config.volume_presence_features}"
+            )
+        self.set_volume_encoder(encoder, sub)
+
+    def volume_features(self, volume: Any, spacing: Any = None) -> torch.Tensor:
+        """(N, C + K) encoder features of one CT (``volume_tokens.encode_volume``), on the CPU."""
+        from napari_tghmoe.model.volume_tokens import encode_volume
+
+        if self.volume_encoder is None:
+            raise ValueError("this model has no volume encoder loaded")
+        config = self.config
+        return encode_volume(
+            self.volume_encoder, volume, config.volume_tokens_grid, spacing, max_windows=config.volume_encoder_windows
+        )
+
+    def save_pretrained(self, save_directory: str | Path, *args: Any, **kwargs: Any) -> Any:
+        """``PreTrainedModel.save_pretrained`` plus the volume encoder's sub-folder."""
+        result = super().save_pretrained(save_directory, *args, **kwargs)
+        if self.config.volume_encoder and kwargs.get("is_main_process", True):
+            from napari_tghmoe.model.volume_tokens import save_encoder_folder
+
+            if self.volume_encoder is None:
+                raise ValueError("the config names a volume encoder but none is loaded: nothing to save it from")
+            save_encoder_folder(
+                self.volume_encoder, self._volume_encoder_source, Path(save_directory) / self.config.volume_encoder
+            )
+        return result
 
     def initialize_weights(self) -> None:
         """Base init, then the TGH-MoE init of experts / LoRA (B = 0).
@@ -204,7 +291,7 @@ class TGHMoEForConditionalGeneration(Qwen2_5_VLForConditionalGeneration):
         """
         super().initialize_weights()
         for module in self.modules():
-            if isinstance(module, (TGHMoELayer, LoRAAdapter)):
+            if isinstance(module, (TGHMoELayer, LoRAAdapter, VolumeTokenProjector)):
                 module.reset_parameters()
 
     @classmethod
@@ -234,6 +321,10 @@ class TGHMoEForConditionalGeneration(Qwen2_5_VLForConditionalGeneration):
         loaded = super().from_pretrained(*args, **kwargs)
         model = loaded[0] if isinstance(loaded, tuple) else loaded
         model._realign_adapter_tensors()
+        if model.config.volume_encoder:
+            if not (isinstance(source, (str, Path)) and Path(source).is_dir()):
+                raise ValueError("a model with a volume encoder loads from a local folder only")
+            model._load_volume_encoder(source)
         return loaded
 
     @classmethod
@@ -280,6 +371,8 @@ class TGHMoEForConditionalGeneration(Qwen2_5_VLForConditionalGeneration):
                     target.copy_(tensor)
         if (folder / "generation_config.json").is_file():
             model.generation_config = GenerationConfig.from_pretrained(str(folder), local_files_only=True)
+        if config.volume_encoder:
+            model._load_volume_encoder(folder)
         model.eval()
         if output_loading_info:
             return model, {"missing_keys": [], "unexpected_keys": [], "mismatched_keys": [], "error_msgs": []}
@@ -287,7 +380,7 @@ class TGHMoEForConditionalGeneration(Qwen2_5_VLForConditionalGeneration):
 
     @torch.no_grad()
     def _realign_adapter_tensors(self) -> None:
-        adapters = [m for m in self.modules() if isinstance(m, (TGHMoELayer, LoRAAdapter))]
+        adapters = [m for m in self.modules() if isinstance(m, (TGHMoELayer, LoRAAdapter, VolumeTokenProjector))]
         for module in adapters:
             for param in module.parameters():
                 if (
@@ -313,12 +406,15 @@ class TGHMoEForConditionalGeneration(Qwen2_5_VLForConditionalGeneration):
     # ------------------------------------------------------------------ text guidance
     def _vision_token_ids(self) -> list[int]:
         config = self.config
-        return [
+        ids = [
             config.image_token_id,
             config.video_token_id,
             config.vision_start_token_id,
             config.vision_end_token_id,
         ]
+        if self.volume_projector_module is not None:
+            ids.append(int(config.volume_token_id))
+        return ids
 
     def _token_mask(
         self, token_ids: list[int], input_ids: torch.Tensor | None, inputs_embeds: torch.Tensor
@@ -482,6 +578,7 @@ class TGHMoEForConditionalGeneration(Qwen2_5_VLForConditionalGeneration):
         mm_encoder_outputs: dict | None = None,
         task_labels: torch.LongTensor | None = None,
         text_guidance_mask: torch.Tensor | None = None,
+        volume_features: torch.Tensor | None = None,
         **kwargs: Any,
     ) -> TGHMoEOutput:
         r"""Qwen2.5-VL forward with text-guided routing.
@@ -491,6 +588,9 @@ class TGHMoEForConditionalGeneration(Qwen2_5_VLForConditionalGeneration):
         text_guidance_mask: (B, L) bool, the tokens whose embeddings form the text vector (the
             instruction only). Required with ``labels`` / ``task_labels`` or in training mode;
             without them it defaults to all attended non-vision tokens (a prompt being generated).
+        volume_features: (B, N, C + K) the 3D encoder's tokens of each sample (models with a volume
+            encoder; ``model.volume_features(ct)`` or the training collation). Read in the prefill
+            step only: they replace the input embeddings of the N volume placeholders of each row.
         """
         for site in self._llm_lora_sites:
             site.ensure_hooked()
@@ -499,6 +599,7 @@ class TGHMoEForConditionalGeneration(Qwen2_5_VLForConditionalGeneration):
             past_key_values = kwargs.pop("cache", None)
         compute_aux = self.training or labels is not None or task_labels is not None
         routings: dict[str, VisionRouting] = {}
+        text = None
         if pixel_values is not None or pixel_values_videos is not None:
             text = self.text_features(
                 input_ids, inputs_embeds, attention_mask, text_guidance_mask, require_mask=compute_aux
@@ -517,37 +618,48 @@ class TGHMoEForConditionalGeneration(Qwen2_5_VLForConditionalGeneration):
                     pixels, grid_thw, text, input_ids, inputs_embeds, modality, compute_aux
                 )
 
-        outputs = super().forward(
-            input_ids=input_ids,
-            attention_mask=attention_mask,
-            position_ids=position_ids,
-            inputs_embeds=inputs_embeds,
-            labels=labels,
-            use_cache=use_cache,
-            pixel_values=None,
-            pixel_values_videos=None,
-            image_grid_thw=image_grid_thw,
-            video_grid_thw=video_grid_thw,
-            mm_token_type_ids=mm_token_type_ids,
-            second_per_grid_ts=second_per_grid_ts,
-            logits_to_keep=logits_to_keep,
-            mm_encoder_outputs=mm_encoder_outputs or None,
-            **{CACHE_FIELD: past_key_values},
-            **kwargs,
-        )
+        volume_tokens = volume_gate = None
+        if self.volume_projector_module is not None and _is_prefill(past_key_values):
+            volume_tokens, volume_gate, text = self._project_volume_tokens(
+                input_ids, attention_mask, volume_features, text,
+                lambda: self.text_features(
+                    input_ids, inputs_embeds, attention_mask, text_guidance_mask, require_mask=compute_aux
+                ),
+            )
+
+        with self._volume_embeddings(volume_tokens):
+            outputs = super().forward(
+                input_ids=input_ids,
+                attention_mask=attention_mask,
+                position_ids=position_ids,
+                inputs_embeds=inputs_embeds,
+                labels=labels,
+                use_cache=use_cache,
+                pixel_values=None,
+                pixel_values_videos=None,
+                image_grid_thw=image_grid_thw,
+                video_grid_thw=video_grid_thw,
+                mm_token_type_ids=mm_token_type_ids,
+                second_per_grid_ts=second_per_grid_ts,
+                logits_to_keep=logits_to_keep,
+                mm_encoder_outputs=mm_encoder_outputs or None,
+                **{CACHE_FIELD: past_key_values},
+                **kwargs,
+            )
         result = TGHMoEOutput(
             lm_loss=outputs.loss,
             logits=outputs.logits,
             **{CACHE_FIELD: getattr(outputs, CACHE_FIELD)},
             hidden_states=outputs.hidden_states,
             attentions=outputs.attentions,
+            volume_gate=volume_gate,
         )
         if routings:
             self._routing_losses(result, list(routings.values()), task_labels)
             if self._routing_recorder is not None:
                 modality = "video" if "video" in routings else "image"
                 self._routing_recorder.traces.append(
-                    self._build_trace(routings[modality], modality)
+                    self._build_trace(routings[modality], modality, volume_gate)
                 )
         parts = [
             (result.lm_loss, 1.0),
@@ -559,6 +671,77 @@ class TGHMoEForConditionalGeneration(Qwen2_5_VLForConditionalGeneration):
             present = [value * coef for value, coef in parts if value is not None]
             result.loss = torch.stack(present).sum() if present else None
         return result
+
+    # ------------------------------------------------------------------ volume tokens
+    def volume_token_positions(
+        self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """(B, L) bool: the attended volume placeholders (padding never counts, even when the
+        placeholder is the pad token)."""
+        positions = input_ids == int(self.config.volume_token_id)
+        if attention_mask is not None and attention_mask.dim() == 2 and attention_mask.shape == input_ids.shape:
+            positions &= attention_mask.to(positions.device).bool()
+        return positions
+
+    def _project_volume_tokens(
+        self,
+        input_ids: torch.Tensor | None,
+        attention_mask: torch.Tensor | None,
+        volume_features: torch.Tensor | None,
+        text: torch.Tensor | None,
+        text_fn: Any,
+    ) -> tuple[tuple[torch.Tensor, torch.Tensor] | None, torch.Tensor | None, torch.Tensor | None]:
+        """((placeholder positions, projected tokens), gate, text vector), or Nones when the prompt
+        carries no volume tokens."""
+        if input_ids is None:
+            if volume_features is not None:
+                raise ValueError("volume_features need input_ids (the placeholders are found by id)")
+            return None, None, text
+        positions = self.volume_token_positions(input_ids, attention_mask)
+        expected = int(self.config.num_volume_tokens)
+        counts = positions.sum(1)
+        if volume_features is None:
+            if bool((counts == expected).any()):
+                raise ValueError(
+                    f"the prompt holds {expected} volume placeholders but no volume_features were given "
+                    "(model.volume_features(ct) computes them)"
+                )
+            return None, None, text
+        if volume_features.dim() != 3 or volume_features.shape[:2] != (input_ids.shape[0], expected):
+            raise ValueError(
+                f"volume_features must be (batch {input_ids.shape[0]}, {expected} tokens, features), "
+                f"got {tuple(volume_features.shape)}"
+            )
+        if not bool((counts == expected).all()):
+            raise ValueError(
+                f"every prompt needs {expected} volume placeholders (token {self.config.volume_token_id}), "
+                f"got {counts.tolist()}"
+            )
+        if text is None:
+            text = text_fn()
+        tokens, gate = self.volume_projector_module(volume_features, text)
+        return (positions, tokens), gate, text
+
+    @contextmanager
+    def _volume_embeddings(self, volume_tokens: tuple[torch.Tensor, torch.Tensor] | None) -> Iterator[None]:
+        """While the stock forward runs, the embedding module's output takes the projected tokens
+        at the placeholder positions (a hook on it, removed afterwards)."""
+        if volume_tokens is None:
+            yield
+            return
+        positions, tokens = volume_tokens
+
+        def replace(module: torch.nn.Module, args: tuple, output: torch.Tensor) -> torch.Tensor:
+            if output.shape[:2] != positions.shape:
+                return output
+            source = tokens.reshape(-1, tokens.shape[-1]).to(device=output.device, dtype=output.dtype)
+            return output.masked_scatter(positions.to(output.device)[..., None], source)
+
+        handle = self.get_input_embeddings().register_forward_hook(replace)
+        try:
+            yield
+        finally:
+            handle.remove()
 
     def _routing_losses(
         self, result: TGHMoEOutput, routings: list[VisionRouting], task_labels: torch.Tensor | None
@@ -603,7 +786,9 @@ class TGHMoEForConditionalGeneration(Qwen2_5_VLForConditionalGeneration):
         finally:
             self._routing_recorder = previous
 
-    def _build_trace(self, routing: VisionRouting, modality: str) -> RoutingTrace:
+    def _build_trace(
+        self, routing: VisionRouting, modality: str, volume_gate: torch.Tensor | None = None
+    ) -> RoutingTrace:
         config = self.config
         vision = config.vision_config
         expert_names = config.expert_names()
@@ -642,6 +827,7 @@ class TGHMoEForConditionalGeneration(Qwen2_5_VLForConditionalGeneration):
             temporal_patch_size=int(vision.temporal_patch_size),
             spatial_merge_size=int(vision.spatial_merge_size),
             modality=modality,
+            volume_gate=volume_gate.detach().float().cpu().numpy() if volume_gate is not None else None,
         )
 
 
@@ -755,8 +941,13 @@ _STAGE_PARTS = {
     ),
     "merger": re.compile(r"^model\.visual\.merger\.lora_"),
     "llm_lora": re.compile(r"\.lora_[a-z]+_proj\.lora_[AB]$"),
+    "volume_gate": re.compile(r"^volume_projector\.gate\."),
+    "volume_projector": re.compile(r"^volume_projector\.(?!gate\.)"),
 }
-_STAGE_TRAINS = {1: ("shared_experts", "merger", "llm_lora"), 2: ("task_experts", "routers")}
+_STAGE_TRAINS = {
+    1: ("shared_experts", "merger", "llm_lora", "volume_projector", "volume_gate"),
+    2: ("task_experts", "routers", "volume_gate"),
+}
 
 
 def parameter_part(name: str) -> str | None:
@@ -801,7 +992,8 @@ def set_stage(model: TGHMoEForConditionalGeneration, stage: int) -> dict[str, in
     """Freeze everything except the parts trained in ``stage`` and return parameter counts.
 
     Stage 1 (task-shared): shared experts (+ their routers), LoRA on the vision->LLM merger, LLM
-    LoRA. No base tensor trains in either stage (the merger itself included).
+    LoRA, and the volume projector (models with a 3D encoder; its text gate trains in both stages).
+    No base tensor trains in either stage (the merger itself included), nor the 3D encoder.
     Stage 2 (task-specific): starts the task experts from the shared experts' A with B = 0 (once;
     recorded in the ``task_experts_initialised`` buffers, so a second call or a reloaded checkpoint
     does not redo it), so the model computes exactly the stage-1 function at its first step; then

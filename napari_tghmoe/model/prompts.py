@@ -194,6 +194,15 @@ class PromptBuilder:
         self.tokenizer = tokenizer
         self.video_token_id = int(model_config.video_token_id)
         self.video_token = tokenizer.convert_ids_to_tokens(self.video_token_id)
+        # A model with a 3D volume encoder reads its tokens in a block of their own after the video
+        # (napari_tghmoe.model.volume_tokens); 0 = none, and the prompt is what it always was.
+        self.num_volume_tokens = int(getattr(model_config, "num_volume_tokens", 0) or 0)
+        if self.num_volume_tokens:
+            self.volume_block_ids = (
+                [int(model_config.vision_start_token_id)]
+                + [int(model_config.volume_token_id)] * self.num_volume_tokens
+                + [int(model_config.vision_end_token_id)]
+            )
 
     def messages(self, instruction: str, history: Sequence[HistoryTurn] = ()) -> list[dict[str, str]]:
         """The chat-template messages: earlier turns as text, then the volume and the instruction."""
@@ -255,6 +264,8 @@ class PromptBuilder:
                 guidance.append(start >= 0 and e > s and s < end and e > start)
         if ids.count(self.video_token_id) != num_video_tokens:
             raise RuntimeError("the tokenizer split the video placeholder: tokenizer and model do not match")
+        if self.num_volume_tokens:
+            ids, guidance = self._with_volume_block(ids, guidance)
         input_ids = torch.tensor([ids], dtype=torch.long)
         return PromptInputs(
             input_ids=input_ids,
@@ -264,6 +275,16 @@ class PromptBuilder:
             prompt_text=prompt,
             history_used=len(history),
         )
+
+    def _with_volume_block(self, ids: list[int], guidance: list[bool]) -> tuple[list[int], list[bool]]:
+        """``<|vision_start|>`` + N volume placeholders + ``<|vision_end|>`` right after the video's
+        ``<|vision_end|>`` (never instruction tokens)."""
+        after_video = len(ids) - ids[::-1].index(self.video_token_id)  # index of the video's <|vision_end|>
+        if after_video >= len(ids) or ids[after_video] != self.volume_block_ids[-1]:
+            raise RuntimeError("the video block does not end with <|vision_end|>: cannot place the volume tokens")
+        at = after_video + 1
+        block = self.volume_block_ids
+        return ids[:at] + block + ids[at:], guidance[:at] + [False] * len(block) + guidance[at:]
 
 
 # ---------------------------------------------------------------------------- topics

@@ -94,6 +94,8 @@ class RoutingTrace:
             image / video (window reordering and patch merging undone). A list of (t, h, w, E)
             arrays instead when the inputs have different grids.
         grid_thw: (N, 3) patch grid per image / video. visual_sample: (N,) batch sample of each.
+        volume_gate: (B, E) the text-guided gate over the volume projector's experts, for a model
+            with a 3D volume encoder (None otherwise).
     """
 
     blocks: list[int]
@@ -108,6 +110,7 @@ class RoutingTrace:
     temporal_patch_size: int
     spatial_merge_size: int
     modality: str = "video"
+    volume_gate: np.ndarray | None = None
 
     @property
     def task_group_names(self) -> list[str]:
@@ -206,6 +209,7 @@ class RoutingTrace:
             "task_probs": [self.task_probs(s) for s in range(n_samples)],
             "group_probs": {str(b): p.tolist() for b, p in self.group_probs.items()},
             "utilisation": {str(b): self.utilisation(b).tolist() for b in self.blocks},
+            **({"volume_gate": np.asarray(self.volume_gate).tolist()} if self.volume_gate is not None else {}),
         }
 
 

@@ -27,6 +27,7 @@ def collate(
     max_length: int | None = None,
     rewrite_like_engine: bool = True,
     zero_image: bool = False,
+    volume_features: Any = None,
 ) -> dict[str, Any]:
     """Batch samples into keyword arguments for ``TGHMoEForConditionalGeneration.forward``.
 
@@ -45,7 +46,11 @@ def collate(
     ``max_length`` truncates the target (never the prompt or the vision tokens).
     ``zero_image`` (recipe ``[data] zero_image``) replaces ``pixel_values_videos`` by zeros of the
     same shape: the image-free control trained on the same budget (grid, tokens, positions and
-    text unchanged, so the model differs only in what it sees).
+    text unchanged, so the model differs only in what it sees); the 3D encoder's tokens too.
+    A model with a 3D volume encoder (``model_config.num_volume_tokens``) also gets
+    ``volume_features`` (B, N, C + K), from ``volume_features.features(sample)``
+    (a :class:`napari_tghmoe.model.volume_tokens.VolumeFeatureCache`: the frozen encoder runs
+    once per volume); the prompt builder puts the N placeholders after the video block.
     """
     import torch
 
@@ -54,12 +59,15 @@ def collate(
 
     if not samples:
         raise ValueError("collate needs at least one sample")
+    num_volume_tokens = int(getattr(model_config, "num_volume_tokens", 0) or 0)
+    if num_volume_tokens and volume_features is None:
+        raise ValueError("the model has a 3D volume encoder: collate needs volume_features (a VolumeFeatureCache)")
     builder = PromptBuilder(tokenizer, model_config)
     group_names = list(getattr(model_config, "group_names", None) or DEFAULT_GROUP_NAMES)
     eos_id = tokenizer.eos_token_id
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos_id
     rows: list[tuple[list[int], list[int], list[bool]]] = []
-    pixels, grids, seconds, task_labels = [], [], [], []
+    pixels, grids, seconds, task_labels, volumes = [], [], [], [], []
     for sample in samples:
         inputs = prepare_volume(load_sample_volume(sample), None, model_config)
         instruction = instruction_for(sample.prompt) if rewrite_like_engine else sample.prompt.strip()
@@ -82,6 +90,8 @@ def collate(
         grids.append(inputs.video_grid_thw[0])
         seconds.append(inputs.second_per_grid_ts[0])
         task_labels.append(routing_label(sample.task, instruction, group_names))
+        if num_volume_tokens:
+            volumes.append(volume_features.features(sample))
     width = max(len(ids) for ids, _, _ in rows)
     batch = len(rows)
     input_ids = torch.full((batch, width), pad_id, dtype=torch.long)
@@ -95,6 +105,10 @@ def collate(
         labels[row, :n] = torch.tensor(row_labels)
         guidance_mask[row, :n] = torch.tensor(guidance)
     video_token_id = int(model_config.video_token_id)
+    extra: dict[str, Any] = {}
+    if num_volume_tokens:
+        stacked = torch.stack(volumes).to(torch.float32)
+        extra["volume_features"] = torch.zeros_like(stacked) if zero_image else stacked
     return {
         "input_ids": input_ids,
         "attention_mask": attention_mask,
@@ -105,6 +119,7 @@ def collate(
         "video_grid_thw": torch.stack(grids).to(torch.long),
         "second_per_grid_ts": torch.stack(seconds).to(torch.float32),
         "task_labels": torch.tensor(task_labels, dtype=torch.long),
+        **extra,
     }
 
 

@@ -16,6 +16,9 @@ Layout (all sections optional except ``[data]``)::
     [model.moe]                  # TGHMoEConfig fields
     moe_blocks = [2, 3]
     volume_grid = [32, 96, 128]
+    # optional: a pre-trained 3D encoder whose tokens go to the LLM beside the video tokens
+    # [model] volume_encoder = "demo" (the bundled resources/demo-seg-model) or a folder;
+    # [model.moe] volume_tokens_grid / volume_projector_experts / volume_projector_hidden
 
     [tokenizer]                  # "base" (the base folder's), a folder, or "build" (BPE on the corpus)
     source = "build"
@@ -55,6 +58,19 @@ class ModelSpec:
     tiny: dict[str, Any] = field(default_factory=dict)  # kwargs of tiny_base_config
     moe: dict[str, Any] = field(default_factory=dict)  # TGHMoEConfig MoE / input fields
     gradient_checkpointing: bool = False
+    #: A Med3DInsight segmentation model folder ("demo": the bundled one) attached as a frozen 3D
+    #: encoder (``napari_tghmoe.model.volume_tokens``); "" = none. Stage 1 trains its projector,
+    #: both stages the projector's text gate; the encoder's weights never change.
+    volume_encoder: str = ""
+
+    def volume_encoder_path(self) -> Path | None:
+        if not self.volume_encoder:
+            return None
+        if self.volume_encoder == "demo":
+            from napari_tghmoe._resources import resources_dir
+
+            return Path(resources_dir()) / "demo-seg-model"
+        return Path(self.volume_encoder).expanduser()
 
 
 @dataclass
@@ -245,6 +261,9 @@ def _validate(recipe: Recipe) -> None:
         raise RecipeError(f"{where}: [tokenizer] source = 'base' needs [model] base; use 'build' for a tiny model")
     if not recipe.data.train:
         raise RecipeError(f"{where}: [data] train lists no data spec")
+    encoder = recipe.model.volume_encoder_path()
+    if encoder is not None and not (encoder / "config.json").is_file():
+        raise RecipeError(f"{where}: [model] volume_encoder {encoder}: not a model folder (no config.json)")
     if not isinstance(recipe.data.zero_image, bool):
         raise RecipeError(f"{where}: [data] zero_image must be true or false, got {recipe.data.zero_image!r}")
     for stage in (recipe.stage1, recipe.stage2):

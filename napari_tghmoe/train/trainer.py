@@ -96,27 +96,49 @@ def build_model(recipe: Recipe, init: str | Path | None = None, tokenizer: Any =
     from napari_tghmoe.model.modeling import TGHMoEForConditionalGeneration, adapt_2d_mllm
 
     if init is not None:
-        return TGHMoEForConditionalGeneration.from_pretrained(str(init), dtype=torch.float32, **OFFLINE_LOAD_KWARGS)
+        model = TGHMoEForConditionalGeneration.from_pretrained(str(init), dtype=torch.float32, **OFFLINE_LOAD_KWARGS)
+        return _with_volume_encoder(model, recipe, tokenizer)
     if recipe.model.base:
         from transformers import AutoConfig, Qwen2_5_VLForConditionalGeneration
 
         config = AutoConfig.from_pretrained(recipe.model.base, local_files_only=True)
         if getattr(config, "model_type", "") == "tghmoe_qwen2_5_vl":
-            return TGHMoEForConditionalGeneration.from_pretrained(
+            model = TGHMoEForConditionalGeneration.from_pretrained(
                 recipe.model.base, dtype=torch.float32, **OFFLINE_LOAD_KWARGS
             )
+            return _with_volume_encoder(model, recipe, tokenizer)
         base = Qwen2_5_VLForConditionalGeneration.from_pretrained(
             recipe.model.base, dtype=torch.float32, **OFFLINE_LOAD_KWARGS
         )
-        return adapt_2d_mllm(base, dict(recipe.model.moe))
+        return _with_volume_encoder(adapt_2d_mllm(base, dict(recipe.model.moe)), recipe, tokenizer)
     from napari_tghmoe.model.tiny import build_tiny_base_model
 
     tiny = dict(recipe.model.tiny)
     if tokenizer is not None:
+        if recipe.model.volume_encoder and "vocab_size" not in tiny:
+            from napari_tghmoe.model.volume_tokens import reserve_volume_token
+
+            reserve_volume_token(tokenizer)  # a model built here gets a row for the placeholder
         tiny.setdefault("vocab_size", len(tokenizer))
     base = build_tiny_base_model(seed=recipe.seed, **tiny)
     torch.manual_seed(recipe.seed + 1)
-    return adapt_2d_mllm(base, dict(recipe.model.moe))
+    return _with_volume_encoder(adapt_2d_mllm(base, dict(recipe.model.moe)), recipe, tokenizer)
+
+
+def _with_volume_encoder(model: Any, recipe: Recipe, tokenizer: Any) -> Any:
+    """Attach the recipe's 3D encoder (a fresh projector) unless the model already has one."""
+    path = recipe.model.volume_encoder_path()
+    if path is None or model.config.volume_encoder:
+        return model
+    if tokenizer is None:
+        raise RecipeError(f"{recipe.path}: attaching [model] volume_encoder needs the tokenizer")
+    from napari_tghmoe.model.volume_tokens import VolumeEncoderError, attach_volume_encoder
+
+    try:
+        attach_volume_encoder(model, path, tokenizer)
+    except VolumeEncoderError as err:
+        raise RecipeError(f"{recipe.path}: [model] volume_encoder: {err}") from None
+    return model
 
 
 def copy_matching_weights(model: Any, folder: str | Path) -> dict[str, list[str]]:
@@ -243,11 +265,18 @@ class _CollateConfig:
 
 
 def make_batch(
-    samples: list[Any], tokenizer: Any, collate_config: _CollateConfig, max_length: int | None, zero_image: bool = False
+    samples: list[Any],
+    tokenizer: Any,
+    collate_config: _CollateConfig,
+    max_length: int | None,
+    zero_image: bool = False,
+    volume_features: Any = None,
 ) -> dict:
     from napari_tghmoe.train.collate import collate
 
-    batch = collate(samples, tokenizer, collate_config, max_length=max_length, zero_image=zero_image)
+    batch = collate(
+        samples, tokenizer, collate_config, max_length=max_length, zero_image=zero_image, volume_features=volume_features
+    )
     if not collate_config.has_task_groups:
         batch.pop("task_labels", None)
     return batch
@@ -456,6 +485,7 @@ def train(
 
     sampler = TaskSampler(samples, recipe.data.task_weights, recipe.seed, stage)
     collate_config = _CollateConfig(accelerator.unwrap_model(model).config)
+    volume_cache = _volume_feature_cache(accelerator.unwrap_model(model))
     total = settings.steps
     bar = None
     if progress and main:
@@ -471,7 +501,9 @@ def train(
         first_batch = None
         for micro in range(settings.gradient_accumulation_steps):
             chosen = sampler.draw(step, micro, settings.batch_size, accelerator.process_index)
-            batch = make_batch(chosen, tokenizer, collate_config, recipe.data.max_length, recipe.data.zero_image)
+            batch = make_batch(
+                chosen, tokenizer, collate_config, recipe.data.max_length, recipe.data.zero_image, volume_cache
+            )
             batch = {k: v.to(accelerator.device) for k, v in batch.items()}
             if first_batch is None:
                 first_batch = batch
@@ -557,11 +589,37 @@ def train(
             "device": str(accelerator.device),
             "num_processes": accelerator.num_processes,
             "mixed_precision": accelerator.mixed_precision,
+            "volume_encoder": _volume_encoder_summary(unwrapped, volume_cache),
             "last_log": last_log,
         }
         (out_dir / SUMMARY_NAME).write_text(json.dumps(summary, indent=2, default=str) + "\n")
     accelerator.wait_for_everyone()
     return TrainResult(out_dir, stage, steps_done, total, seconds, counts, last_log, finished)
+
+
+def _volume_feature_cache(model: Any) -> Any:
+    """Encoder features per training volume, for a model with a 3D volume encoder (else None)."""
+    config = model.config
+    if not getattr(config, "volume_encoder", ""):
+        return None
+    if model.volume_encoder is None:
+        raise RecipeError("the model's config names a volume encoder but none is loaded")
+    from napari_tghmoe.model.volume_tokens import VolumeFeatureCache
+
+    return VolumeFeatureCache(model.volume_encoder, config.volume_tokens_grid, config.volume_encoder_windows)
+
+
+def _volume_encoder_summary(model: Any, cache: Any) -> dict[str, Any] | None:
+    if cache is None:
+        return None
+    source = getattr(model, "_volume_encoder_source", None)
+    return {
+        "source": str(source) if source is not None else None,
+        "folder": model.config.volume_encoder,
+        "tokens": int(model.config.num_volume_tokens),
+        "volumes_encoded": len(cache),
+        "frozen": not any(p.requires_grad for p in model.volume_encoder.parameters()),
+    }
 
 
 def _save_checkpoint(

@@ -1,0 +1,504 @@
+"""The pre-trained 3D encoder's tokens beside the video tokens: a 3D eye married to the 2D MLLM.
+
+A Med3DInsight segmentation model (``napari_tghmoe.med3d``) reads the CT at its own working
+spacing; its bottleneck feature map, stitched over windows that cover the body, is average-pooled
+to ``volume_tokens_grid`` (one token per cell), and its finding-presence head's probabilities are
+appended to every token (the 3D encoder is what was trained to see lesions). A
+:class:`VolumeTokenProjector` maps each token into the LLM's input-embedding space: E small MLP
+experts mixed by a softmax gate over the same instruction vector ``t`` that drives the MoE's level
+1 (so the question chooses how the 3D evidence is read), plus a learned embedding per token
+position. The prompt carries ``<|vision_start|>`` + N placeholders + ``<|vision_end|>`` after the
+video block, and the projected tokens replace the placeholders' input embeddings (a hook on the
+LLM's embedding module, prefill only), so Qwen's own forward, rope index and ``generate()`` are
+untouched and no base tensor changes.
+
+The placeholder: ``<|vision_pad|>`` (Qwen2.5-VL reserves it and never uses it; the processor and
+the chat template do not emit it). A tokenizer without it gets it added when the embedding table
+has an unused row; the small tokenizers of the bundled demo and the tests fill their tables to the
+last row and carry only the seven specials of the prompt, so there the pad token
+(``<|endoftext|>``) is the placeholder: only attended positions count, so right or left padding is
+never taken for a volume token. ``<|image_pad|>`` is never used: Qwen's forward reads it as image
+positions.
+
+The encoder stays outside the module tree (``model.volume_encoder``): it is not in
+``state_dict()`` or ``parameters()``, so saving, training and ``set_stage`` leave its weights alone;
+it lives in its own sub-folder of the model folder and runs on the CPU in float32.
+"""
+
+from __future__ import annotations
+
+import math
+import shutil
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+from transformers import initialization as init
+
+#: The placeholder token of the volume tokens (Qwen2.5-VL's reserved, unused ``vision_token_id``).
+VOLUME_PAD_TOKEN = "<|vision_pad|>"
+#: Sub-folder name the encoder is copied to inside a TGH-MoE model folder.
+DEFAULT_ENCODER_FOLDER = "volume_encoder"
+
+
+class VolumeEncoderError(ValueError):
+    """A volume encoder that cannot be used (one line naming the folder and the reason)."""
+
+
+class VolumeTokenProjector(nn.Module):
+    """3D encoder tokens (+ finding presences) -> LLM input embeddings, mixed by the instruction.
+
+    ``forward(features (B, N, C + K), text (B, D_text)) -> (tokens (B, N, D), gate (B, E))``:
+    the C encoder channels are layer-normalised (their scale is the encoder's business), the K
+    presences in [0, 1] pass as they are; expert e is ``Linear -> GELU -> Linear``; the gate is
+    ``softmax(W t + b)``. The experts' last layer and the position table start at zero, so a
+    freshly attached projector adds zero vectors: the answers change only by the attention the
+    inserted tokens receive.
+    """
+
+    def __init__(
+        self,
+        encoder_channels: int,
+        presence_features: int,
+        hidden_size: int,
+        text_size: int,
+        num_tokens: int,
+        num_experts: int,
+        expert_hidden: int,
+    ) -> None:
+        super().__init__()
+        self.encoder_channels = int(encoder_channels)
+        features = self.encoder_channels + int(presence_features)
+        self.norm = nn.LayerNorm(self.encoder_channels)
+        self.w_in = nn.Parameter(torch.empty(num_experts, features, expert_hidden))
+        self.b_in = nn.Parameter(torch.empty(num_experts, expert_hidden))
+        self.w_out = nn.Parameter(torch.empty(num_experts, expert_hidden, hidden_size))
+        self.b_out = nn.Parameter(torch.empty(num_experts, hidden_size))
+        self.position = nn.Parameter(torch.empty(num_tokens, hidden_size))
+        self.gate = nn.Linear(text_size, num_experts)
+        self.reset_parameters()
+
+    @property
+    def num_experts(self) -> int:
+        return int(self.w_in.shape[0])
+
+    @torch.no_grad()
+    def reset_parameters(self) -> None:
+        """nn.Linear's scale for the first layers and the gate, zeros for what adds to the LLM.
+
+        ``transformers.initialization`` leaves tensors that ``from_pretrained`` loaded alone.
+        """
+        init.ones_(self.norm.weight)
+        init.zeros_(self.norm.bias)
+        bound_in = 1.0 / math.sqrt(self.w_in.shape[1])
+        init.uniform_(self.w_in, -bound_in, bound_in)
+        init.uniform_(self.b_in, -bound_in, bound_in)
+        init.zeros_(self.w_out)
+        init.zeros_(self.b_out)
+        init.zeros_(self.position)
+        bound_text = 1.0 / math.sqrt(self.gate.weight.shape[1])
+        init.uniform_(self.gate.weight, -bound_text, bound_text)
+        init.zeros_(self.gate.bias)
+
+    def forward(self, features: torch.Tensor, text: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        dtype = self.w_in.dtype
+        features = features.to(device=self.w_in.device, dtype=dtype)
+        encoded, presence = features[..., : self.encoder_channels], features[..., self.encoder_channels :]
+        x = torch.cat([self.norm(encoded), presence], dim=-1)  # (B, N, F)
+        gate = self.gate(text.to(device=self.w_in.device, dtype=dtype)).float().softmax(-1)  # (B, E)
+        hidden = F.gelu(torch.einsum("bnf,efh->bneh", x, self.w_in) + self.b_in)
+        experts = torch.einsum("bneh,eho->bneo", hidden, self.w_out) + self.b_out  # (B, N, E, D)
+        tokens = (experts * gate.to(dtype)[:, None, :, None]).sum(2) + self.position
+        return tokens, gate
+
+
+def build_projector(config: Any) -> VolumeTokenProjector:
+    """The projector a ``TGHMoEConfig`` with a volume encoder describes (fresh weights)."""
+    hidden = int(config.text_config.hidden_size)
+    return VolumeTokenProjector(
+        encoder_channels=int(config.volume_encoder_channels),
+        presence_features=int(config.volume_presence_features),
+        hidden_size=hidden,
+        text_size=hidden,
+        num_tokens=int(config.num_volume_tokens),
+        num_experts=int(config.volume_projector_experts),
+        expert_hidden=int(config.volume_projector_hidden or hidden),
+    )
+
+
+# --------------------------------------------------------------------------- the encoder
+
+
+def load_volume_encoder(folder: str | Path) -> Any:
+    """A Med3DInsight segmentation model folder as a frozen encoder (CPU, fp32, eval mode)."""
+    from napari_tghmoe.med3d.encoder import load_seg_model
+    from napari_tghmoe.med3d.types import SegModelError
+
+    folder = Path(folder)
+    try:
+        encoder = load_seg_model(folder)
+    except SegModelError as err:
+        raise VolumeEncoderError(str(err)) from None
+    except (OSError, ValueError, RuntimeError, KeyError) as err:
+        raise VolumeEncoderError(f"{folder}: the 3D encoder cannot be loaded ({type(err).__name__}: {err})") from None
+    if encoder.config.context_groups:
+        raise VolumeEncoderError(
+            f"{folder}: a finding model that reads an organ model's labels; attach the organ model (the cascade's top folder)"
+        )
+    encoder.requires_grad_(False)
+    return encoder
+
+
+def _hu_axial(volume: Any, spacing: Any = None) -> Any:
+    """The volume as an axially viewed ``CTVolume`` in HU (what the encoder was trained on)."""
+    from napari_tghmoe.io import CTVolume
+    from napari_tghmoe.med3d.segment import axial_view
+    from napari_tghmoe.model.preprocess import INTENSITY_HU, _as_hu_and_spacing, unit_to_hu, volume_intensity
+
+    values, spacing = _as_hu_and_spacing(volume, spacing)
+    values = np.asarray(values, dtype=np.float32)
+    kind = volume_intensity(volume if hasattr(volume, "hu") else values).kind
+    if kind != INTENSITY_HU:  # [0, 1] display intensities (M3D): back to pseudo-HU
+        values = unit_to_hu(torch.from_numpy(values)).numpy()
+    direction = getattr(volume, "direction", None)
+    if direction is not None:
+        order, flips = axial_view(np.asarray(direction))
+        values = np.transpose(values, order)
+        for axis, flip in enumerate(flips):
+            if flip:
+                values = np.flip(values, axis=axis)
+        spacing = tuple(spacing[a] for a in order)
+    return CTVolume(hu=np.ascontiguousarray(values), spacing=tuple(float(s) for s in spacing), modality="CT")
+
+
+def window_counts(size: Sequence[int], window: Sequence[int], max_windows: int) -> list[int]:
+    """Windows per axis: enough to cover each axis, then fewer along the axis with the most
+    until at most ``max_windows`` remain (the windows then spread out, leaving gaps)."""
+    counts = [max(1, math.ceil(n / w)) for n, w in zip(size, window)]
+    while math.prod(counts) > max(1, int(max_windows)):
+        axis = max(range(3), key=lambda a: (counts[a], -a))
+        counts[axis] -= 1
+    return counts
+
+
+def _window_starts(size: int, window: int, stride: int, count: int) -> list[int]:
+    """``count`` window starts (multiples of ``stride``) spread evenly from 0 to ``size - window``."""
+    if size <= window or count <= 1:
+        return [max(0, (size - window) // 2 // stride * stride)]  # one window: the centre
+    return sorted({int(round(i * (size - window) / (count - 1) / stride)) * stride for i in range(count)})
+
+
+@torch.no_grad()
+def encode_volume(
+    encoder: Any, volume: Any, tokens_grid: Sequence[int], spacing: Any = None, max_windows: int = 4
+) -> torch.Tensor:
+    """(N, C + K) float32 features of one CT: pooled encoder bottleneck + finding presences.
+
+    The CT goes to the encoder's working grid (``prepare_image``); windows of the encoder's
+    patch size cover it (zero padding beyond, as in its sliding-window segmentation), at most
+    ``max_windows`` of them (a window costs a few hundred ms on a CPU: a large CT is then seen
+    through evenly spread windows with gaps between them); their bottleneck maps are stitched
+    (overlaps averaged) into one map of the whole volume, cut to its extent and average-pooled to
+    ``tokens_grid`` (z, y, x order) over the cells a window saw. A kind's presence is its highest
+    window probability. ``volume``: a ``CTVolume`` or a (z, y, x) array with ``spacing``.
+    """
+    from napari_tghmoe.med3d.data import prepare_image
+
+    config = encoder.config
+    image, _ = prepare_image(_hu_axial(volume, spacing), config)
+    stride = int(config.encoder_stride)
+    window = [int(p) for p in config.patch_size]
+    size = list(image.shape[1:])
+    padded = [max(w, math.ceil(n / stride) * stride) for n, w in zip(size, window)]
+    canvas = np.zeros((image.shape[0], *padded), dtype=np.float32)
+    canvas[:, : size[0], : size[1], : size[2]] = image
+    counts_per_axis = window_counts(padded, window, max_windows)
+    starts = [_window_starts(n, w, stride, c) for n, w, c in zip(padded, window, counts_per_axis)]
+    boxes = [(z, y, x) for z in starts[0] for y in starts[1] for x in starts[2]]
+    device = next(encoder.parameters()).device
+    cells = [n // stride for n in padded]
+    total = counts = None
+    presence = None
+    batch_size = max(1, int(config.sw_batch_size))
+    for first in range(0, len(boxes), batch_size):
+        chunk = boxes[first : first + batch_size]
+        windows = np.stack(
+            [canvas[:, z : z + window[0], y : y + window[1], x : x + window[2]] for z, y, x in chunk]
+        )
+        bottom, _ = encoder.backbone.encode(torch.from_numpy(windows).to(device))
+        bottom = bottom.float()
+        pooled = torch.cat([bottom.mean(dim=(2, 3, 4)), bottom.amax(dim=(2, 3, 4))], dim=1)
+        window_presence = torch.sigmoid(encoder.finding_head(pooled).float()).amax(0).cpu()
+        presence = window_presence if presence is None else torch.maximum(presence, window_presence)
+        bottom = bottom.cpu()
+        if total is None:
+            total = torch.zeros(bottom.shape[1], *cells)
+            counts = torch.zeros(1, *cells)
+        for index, (z, y, x) in enumerate(chunk):
+            cz, cy, cx = z // stride, y // stride, x // stride
+            d, h, w = bottom.shape[2:]
+            total[:, cz : cz + d, cy : cy + h, cx : cx + w] += bottom[index]
+            counts[:, cz : cz + d, cy : cy + h, cx : cx + w] += 1
+    assert total is not None and counts is not None and presence is not None
+    extent = [max(1, math.ceil(n / stride)) for n in size]
+    seen = (counts > 0).float()[:, : extent[0], : extent[1], : extent[2]]
+    stitched = (total / counts.clamp(min=1))[:, : extent[0], : extent[1], : extent[2]]
+    grid = tuple(int(g) for g in tokens_grid)
+    # mean over the seen cells of each token's region (a region no window saw stays 0)
+    tokens = F.adaptive_avg_pool3d(stitched[None], grid)[0] / F.adaptive_avg_pool3d(seen[None], grid)[0].clamp(min=1e-6)
+    tokens = tokens.flatten(1).t()  # (N, C), cells in (z, y, x) order
+    return torch.cat([tokens, presence[None].expand(tokens.shape[0], -1)], dim=1).float().contiguous()
+
+
+class VolumeFeatureCache:
+    """Encoder features per training volume, computed once (the encoder is frozen).
+
+    Keyed by the sample's volume: its path, or the object itself (kept alive here, so its id is
+    never reused) for a preloaded ``CTVolume`` or array.
+    """
+
+    def __init__(self, encoder: Any, tokens_grid: Sequence[int], max_windows: int = 4) -> None:
+        self.encoder = encoder
+        self.tokens_grid = [int(g) for g in tokens_grid]
+        self.max_windows = int(max_windows)
+        self._features: dict[Any, tuple[Any, torch.Tensor]] = {}
+
+    def __len__(self) -> int:
+        return len(self._features)
+
+    def features(self, sample: Any) -> torch.Tensor:
+        from napari_tghmoe.datasets.volumes import load_sample_volume
+
+        source = sample.volume
+        key = str(source) if isinstance(source, (str, Path)) else id(source)
+        found = self._features.get(key)
+        if found is None:
+            features = encode_volume(
+                self.encoder, load_sample_volume(sample), self.tokens_grid, max_windows=self.max_windows
+            )
+            found = (source, features)
+            self._features[key] = found
+        return found[1]
+
+
+# --------------------------------------------------------------------------- attaching
+
+
+def choose_volume_token(tokenizer: Any, vocab_size: int, pad_token_id: int | None) -> tuple[int, bool]:
+    """The placeholder's id, and whether ``<|vision_pad|>`` was added to ``tokenizer`` for it.
+
+    ``<|vision_pad|>`` when the tokenizer has it (a real Qwen2.5-VL tokenizer); else added at the
+    first unused row of the embedding table (``vocab_size`` rows), which no text maps to; else the
+    pad token (see the module doc).
+    """
+    from tokenizers import AddedToken
+
+    known = tokenizer.get_vocab()
+    if VOLUME_PAD_TOKEN in known and int(known[VOLUME_PAD_TOKEN]) < int(vocab_size):
+        return int(known[VOLUME_PAD_TOKEN]), False
+    if VOLUME_PAD_TOKEN not in known and len(tokenizer) < int(vocab_size):
+        tokenizer.add_tokens([AddedToken(VOLUME_PAD_TOKEN, special=True, normalized=False)], special_tokens=True)
+        token_id = int(tokenizer.convert_tokens_to_ids(VOLUME_PAD_TOKEN))
+        if token_id >= int(vocab_size):  # pragma: no cover - guarded by the length check
+            raise VolumeEncoderError(f"{VOLUME_PAD_TOKEN} got id {token_id}, beyond the {vocab_size} embeddings")
+        return token_id, True
+    pad = pad_token_id if pad_token_id is not None else tokenizer.pad_token_id
+    if pad is None:
+        raise VolumeEncoderError(
+            f"no placeholder for the volume tokens: the tokenizer has no {VOLUME_PAD_TOKEN}, no unused embedding row "
+            "and no pad token"
+        )
+    return int(pad), False
+
+
+def reserve_volume_token(tokenizer: Any) -> int:
+    """Add ``<|vision_pad|>`` to a tokenizer a model is about to be built for (its id)."""
+    from tokenizers import AddedToken
+
+    if VOLUME_PAD_TOKEN not in tokenizer.get_vocab():
+        tokenizer.add_tokens([AddedToken(VOLUME_PAD_TOKEN, special=True, normalized=False)], special_tokens=True)
+    return int(tokenizer.convert_tokens_to_ids(VOLUME_PAD_TOKEN))
+
+
+def attach_volume_encoder(
+    model: Any,
+    encoder_folder: str | Path,
+    tokenizer: Any,
+    *,
+    tokens_grid: Sequence[int] | None = None,
+    experts: int | None = None,
+    hidden: int | None = None,
+    name: str = DEFAULT_ENCODER_FOLDER,
+) -> bool:
+    """Give a TGH-MoE model a frozen 3D encoder and a fresh projector, in place.
+
+    No base tensor (and no expert) changes; the config gains the volume fields, the model a
+    ``volume_projector`` (zero output at first) and ``model.volume_encoder``. ``tokenizer`` may
+    gain ``<|vision_pad|>`` (see :func:`choose_volume_token`): returns True then, and the caller
+    must save it with the model. Settings left None keep the config's values.
+    """
+    config = model.config
+    if config.volume_encoder:
+        raise VolumeEncoderError("the model already has a volume encoder")
+    encoder = load_volume_encoder(encoder_folder)
+    token_id, added = choose_volume_token(
+        tokenizer, int(config.text_config.vocab_size), getattr(config.text_config, "pad_token_id", None)
+    )
+    config.volume_tokens_grid = list(tokens_grid) if tokens_grid is not None else config.volume_tokens_grid
+    if experts is not None:
+        config.volume_projector_experts = int(experts)
+    if hidden is not None:
+        config.volume_projector_hidden = int(hidden)
+    config.volume_encoder_channels = int(encoder.config.encoder_channels)
+    config.volume_presence_features = len(encoder.config.finding_kinds)
+    config.volume_token_id = token_id
+    config.volume_encoder = name
+    try:
+        config._normalise_volume_fields()
+    except ValueError:
+        config.volume_encoder = ""
+        raise
+    model._install_volume_projector(match_base_placement=True)
+    model.set_volume_encoder(encoder, Path(encoder_folder))
+    return added
+
+
+def save_encoder_folder(encoder: Any, source: Path | None, target: Path) -> None:
+    """The encoder's folder inside a model folder: the source folder copied when the weights are
+    still those it holds (frozen), else the encoder saved anew."""
+    target = Path(target)
+    if source is not None and Path(source).resolve() == target.resolve():
+        return
+    trained = any(p.requires_grad for p in encoder.parameters())
+    if target.exists():
+        shutil.rmtree(target)
+    if source is not None and Path(source).is_dir() and not trained:
+        shutil.copytree(source, target)
+    else:
+        encoder.save_pretrained(str(target), safe_serialization=True)
+
+
+def attach_encoder_to_folder(
+    model_dir: str | Path,
+    encoder_dir: str | Path,
+    out: str | Path,
+    *,
+    tokens_grid: Sequence[int] | None = None,
+    experts: int | None = None,
+    hidden: int | None = None,
+    overwrite: bool = False,
+) -> Path:
+    """``tghmoe attach-encoder``: a copy of a TGH-MoE folder with the 3D encoder and a fresh
+    projector. A folder that refers to its base stays one (the base is not read); a self-contained
+    folder is loaded in its stored dtype and saved again (every base tensor as it was). Written to a
+    staging folder, then renamed, so ``out`` appears complete or not at all."""
+    import json
+    import os
+    import tempfile
+
+    from transformers import AutoTokenizer
+
+    from napari_tghmoe.model.convert import COPIED_FILES
+    from napari_tghmoe.model.loading import ModelLoadError, check_model_folder
+
+    check = check_model_folder(model_dir)
+    if not check.is_tghmoe:
+        raise ModelLoadError(check.path, "a plain Qwen2.5-VL folder: run tghmoe convert first")
+    if check.config.get("volume_encoder"):
+        raise ModelLoadError(check.path, f"already has a volume encoder ({check.config['volume_encoder']})")
+    load_volume_encoder(encoder_dir)  # a bad encoder folder fails before anything is written
+    out = Path(out).expanduser()
+    if out.exists() and (not out.is_dir() or any(out.iterdir())) and not overwrite:
+        raise FileExistsError(f"{out}: output folder exists and is not empty (use --overwrite)")
+    if out.resolve() == check.path.resolve():
+        raise FileExistsError(f"{out}: the output folder must differ from the model folder")
+    tokenizer = AutoTokenizer.from_pretrained(str(check.path), local_files_only=True)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
+    try:
+        settings = dict(tokens_grid=tokens_grid, experts=experts, hidden=hidden)
+        if check.base is not None:
+            added = _attach_by_reference(check, Path(encoder_dir), staging, out, tokenizer, settings)
+        else:
+            added = _attach_standalone(check, Path(encoder_dir), staging, tokenizer, settings)
+        for name in COPIED_FILES:
+            source = check.path / name
+            if source.is_file() and not (staging / name).exists():
+                shutil.copy2(source, staging / name)
+        if added:
+            tokenizer.save_pretrained(str(staging))
+        config = json.loads((staging / "config.json").read_text(encoding="utf-8"))
+        if not config.get("volume_encoder"):  # pragma: no cover - both writers set it
+            raise RuntimeError("the written config names no volume encoder")
+        if out.exists():
+            shutil.rmtree(out) if out.is_dir() else out.unlink()
+        os.replace(staging, out)
+    finally:
+        if staging.exists():
+            shutil.rmtree(staging, ignore_errors=True)
+    return out
+
+
+def _attach_standalone(check: Any, encoder_dir: Path, staging: Path, tokenizer: Any, settings: dict) -> bool:
+    from napari_tghmoe.model.loading import OFFLINE_LOAD_KWARGS
+    from napari_tghmoe.model.modeling import TGHMoEForConditionalGeneration
+
+    model = TGHMoEForConditionalGeneration.from_pretrained(
+        str(check.path), dtype="auto", device_map={"": "cpu"}, use_safetensors=True, **OFFLINE_LOAD_KWARGS
+    )
+    added = attach_volume_encoder(model, encoder_dir, tokenizer, **settings)
+    model.save_pretrained(str(staging))
+    return added
+
+
+def _attach_by_reference(
+    check: Any, encoder_dir: Path, staging: Path, final: Path, tokenizer: Any, settings: dict
+) -> bool:
+    """Only the small files change: config, the adapter file (+ the projector), the reference."""
+    from safetensors.torch import load_file, save_file
+
+    from napari_tghmoe.model.base_ref import write_base_reference
+    from napari_tghmoe.model.configuration import TGHMoEConfig
+
+    reference = check.base
+    config = TGHMoEConfig.from_pretrained(str(check.path), local_files_only=True)
+
+    class _Holder:  # what attach_volume_encoder needs of a model, without building the base
+        def __init__(self) -> None:
+            self.config = config
+            self.projector: VolumeTokenProjector | None = None
+
+        def _install_volume_projector(self, match_base_placement: bool) -> None:
+            self.projector = build_projector(config)
+
+        def set_volume_encoder(self, encoder: Any, source: Path) -> None:
+            self.encoder, self.source = encoder, source
+
+    holder = _Holder()
+    added = attach_volume_encoder(holder, encoder_dir, tokenizer, **settings)
+    tensors = load_file(str(reference.adapter_path))
+    for key, value in holder.projector.state_dict().items():
+        tensors[f"volume_projector.{key}"] = value.detach().contiguous()
+    save_file(tensors, str(staging / reference.adapter_file), metadata={"format": "pt", "content": "tghmoe-adapter"})
+    config.save_pretrained(str(staging))
+    # the digest recorded at conversion is kept: the base is not read here
+    write_base_reference(
+        staging, reference.base_path, list(reference.base_weight_paths), _recorded_digest(check.path),
+        reference.adapter_file, final_folder=final,
+    )
+    save_encoder_folder(holder.encoder, holder.source, staging / config.volume_encoder)
+    return added
+
+
+def _recorded_digest(folder: Path) -> str | None:
+    import json
+
+    from napari_tghmoe.model.base_ref import BASE_REFERENCE_FILE
+
+    data = json.loads((folder / BASE_REFERENCE_FILE).read_text(encoding="utf-8"))
+    digest = data.get("weights_sha256")
+    return str(digest) if digest else None
