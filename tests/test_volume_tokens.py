@@ -464,3 +464,28 @@ def test_collate_gives_each_sample_its_cached_encoder_tokens(seg_folder, tmp_pat
     assert not zeros["volume_features"].any()
     with pytest.raises(ValueError, match="volume"):
         collate(samples, tokenizer, model.config)
+
+
+def test_a_real_qwen_layout_uses_its_reserved_vision_pad_token(tmp_path, seg_folder, ct):
+    """Qwen2.5-VL's tokenizer has <|vision_pad|> (its config's ``vision_token_id``, unused by the
+    processor): it becomes the placeholder as it is, the tokenizer unchanged, bf16 shards untouched."""
+    from napari_tghmoe.cli import main
+    from napari_tghmoe.engine import InferenceEngine
+    from napari_tghmoe.model.hf_layout import build_hf_layout_folder
+
+    base = build_hf_layout_folder(tmp_path / "Qwen2.5-VL-tiny")
+    converted, out = tmp_path / "converted", tmp_path / "with-encoder"
+    assert main(["convert", "--base", str(base), "--out", str(converted), "--volume-grid", "8,56,56"]) == 0
+    assert main(["attach-encoder", "--model", str(converted), "--encoder", str(seg_folder), "--out", str(out)]) == 0
+    config = json.loads((out / "config.json").read_text())
+    base_config = json.loads((base / "config.json").read_text())
+    vocab = json.loads((out / "tokenizer.json").read_text())["added_tokens"]
+    assert config["volume_token_id"] == base_config["vision_token_id"] == next(
+        t["id"] for t in vocab if t["content"] == VOLUME_PAD_TOKEN
+    )
+    assert (out / "tokenizer.json").read_bytes() == (base / "tokenizer.json").read_bytes()
+    engine = InferenceEngine.from_pretrained(out, device="cpu")
+    prompt = engine.build_inputs("Is there a liver lesion?", 16)
+    assert int((prompt.input_ids == config["volume_token_id"]).sum()) == 32
+    answer = engine.ask(ct, "Is there a liver lesion?", max_new_tokens=2)
+    assert isinstance(answer.text, str) and answer.routing.volume_gate.shape == (1, 4)
