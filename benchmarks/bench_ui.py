@@ -18,7 +18,10 @@ Opens napari (3D CT + plane views + chat and routing docks, as the demo does) an
   baseline: what napari itself costs on this machine), the Four-Up layout with napari's own
   re-slicing and a 3D repaint at every step ("before"), and the Four-Up layout as shipped
   ("after": only changed slices re-sliced, the 3D view repainted once the scrolling pauses;
-  the time that held-back repaint blocks the window is reported beside).
+  the time that held-back repaint blocks the window is reported beside). The 3D view's bone
+  surface is the triangle mesh the layout ships (``main_window.bone_mesh``); a fourth design
+  ("after-iso") is "after" with the bone ray-cast from the full-resolution CT instead (napari
+  iso rendering, the 3D view before the mesh), for the delayed 3D redraw's before / after.
 
 Run: ``.venv/bin/python benchmarks/bench_ui.py [--part all|chat|slices] [--tokens 64]
 [--repeats 3] [--shape 600 512 512] [--steps 5]`` (starts its own virtual X server when DISPLAY is unset;
@@ -235,12 +238,44 @@ def large_ct(shape: tuple[int, int, int], spacing=(0.8, 0.7, 0.7)):
     return CTVolume(hu=hu, spacing=spacing, origin=(0.0, 0.0, 0.0), description="large CT", window=(40.0, 400.0))
 
 
-DESIGNS = ("napari", "before", "after")
+DESIGNS = ("napari", "before", "after-iso", "after")
 DESIGN_LABELS = {
     "napari": "plain napari viewer, one 2D canvas (baseline)",
     "before": "Four-Up, napari's slicing + 3D repaint at every step (before)",
-    "after": "Four-Up, re-slice only changed slices + 3D repaint after a pause (after)",
+    "after-iso": "Four-Up as after, bone ray-cast from the full CT (iso, the previous 3D view)",
+    "after": "Four-Up, re-slice only changed slices + 3D repaint after a pause, bone mesh (after)",
 }
+#: Longest wait for a held-back 3D repaint after a burst of steps; none within it: none was needed
+#: (a coronal or sagittal step leaves the 3D view's axial plane where it is).
+CATCH_UP_WAIT_S = 3.0
+
+
+def _add_iso_bone(viewer, ct_layer):
+    """The bone surface as the 3D view drew it before the mesh: napari iso rendering of the full
+    CT (a 3D-only image layer sharing the CT's data)."""
+    from napari_tghmoe._widgets.ortho_views import VIEW_3D_ONLY_KEY
+    from napari_tghmoe.layers import BONE_ISO_THRESHOLD_HU
+
+    return viewer.add_image(
+        ct_layer.data, name=f"{ct_layer.name} (bone iso)", scale=ct_layer.scale, translate=ct_layer.translate,
+        units=ct_layer.units, contrast_limits=(-500.0, 1300.0), colormap="bone", rendering="iso",
+        iso_threshold=BONE_ISO_THRESHOLD_HU, blending="translucent", metadata={VIEW_3D_ONLY_KEY: True},
+    )
+
+
+def _forced_3d_repaint(qt_viewer, draws) -> float:
+    """Seconds one 3D repaint blocks the window, asked for directly (whatever the steps did)."""
+    from qtpy.QtWidgets import QApplication
+
+    from napari_tghmoe._widgets._napari_private import qt_viewer_canvas_widget
+
+    n_draws = len(draws)
+    qt_viewer_canvas_widget(qt_viewer).update()
+    t0 = time.perf_counter()
+    deadline = t0 + 60.0
+    while len(draws) == n_draws and time.perf_counter() < deadline:
+        QApplication.processEvents()
+    return time.perf_counter() - t0 if len(draws) > n_draws else float("nan")
 PLANE_ORDER = {"axial": (0, 1, 2), "coronal": (1, 0, 2), "sagittal": (2, 0, 1)}
 
 
@@ -273,12 +308,12 @@ def _slice_change_times(volume, steps: int, design: str) -> dict[str, object]:
 
     from napari_tghmoe._widgets._napari_private import main_qt_window, main_qt_viewer, scene_canvas
     from napari_tghmoe._widgets.layout import FOUR_UP
-    from napari_tghmoe._widgets.main_window import setup_viewer
+    from napari_tghmoe._widgets.main_window import setup_viewer, show_plane_at_cursor
     from napari_tghmoe.layers import ct_layer_kwargs
 
     viewer = napari.Viewer(show=True)
     main_qt_window(viewer).resize(1600, 1000)
-    result: dict[str, object] = {"steps": {}, "catch_up": {}, "held": 0}
+    result: dict[str, object] = {"steps": {}, "catch_up": {}, "forced": {}, "held": 0}
     if design == "napari":
         volume_only = ("rendering", "attenuation", "iso_threshold")
         kwargs = {k: v for k, v in ct_layer_kwargs(volume).items() if k not in volume_only}
@@ -298,10 +333,21 @@ def _slice_change_times(volume, steps: int, design: str) -> dict[str, object]:
         viewer.close()
         return result
 
-    workspace = setup_viewer(viewer, volume, layout=FOUR_UP, settings_file=Path(tempfile.mkdtemp()) / "s.json")
+    iso = design == "after-iso"
+    settings = Path(tempfile.mkdtemp()) / "s.json"
+    workspace = setup_viewer(viewer, volume, layout=FOUR_UP, settings_file=settings, bone_surface=not iso)
+    if iso:
+        show_plane_at_cursor(viewer, workspace.ct_layer)
+        _add_iso_bone(viewer, workspace.ct_layer)
+    else:
+        t0 = time.perf_counter()
+        workspace.bone_surface.wait()
+        mesh = workspace.bone_surface.mesh
+        waited = time.perf_counter() - t0
+        result["mesh"] = (workspace.bone_surface.seconds, waited, mesh.factors, mesh.n_triangles)
     ortho, layout = workspace.ortho_views, workspace.layout
-    ortho.set_skip_unchanged_slices(design == "after")
-    layout.set_defer_3d_repaint(design == "after")
+    ortho.set_skip_unchanged_slices(design != "before")
+    layout.set_defer_3d_repaint(design != "before")
     draws: list[float] = []
     scene_canvas(main_qt_viewer(viewer)).events.draw.connect(
         lambda _e: draws.append(time.perf_counter())
@@ -315,16 +361,18 @@ def _slice_change_times(volume, steps: int, design: str) -> dict[str, object]:
             times.append(_timed_step(lambda: ortho.scroll_slices(plane, 1 if step % 2 == 0 else -1)))
             _pump(0.03)
         result["steps"][plane] = times
-        if design == "after":
+        if design != "before":
             # the pause after the burst: how long the one held-back 3D repaint blocks the window
-            n_draws, blocked, deadline = len(draws), 0.0, time.perf_counter() + 60.0
+            n_draws, blocked, deadline = len(draws), 0.0, time.perf_counter() + CATCH_UP_WAIT_S
             while len(draws) == n_draws and time.perf_counter() < deadline:
                 t0 = time.perf_counter()
                 QApplication.processEvents()
                 if len(draws) > n_draws:
                     blocked = time.perf_counter() - t0
                 time.sleep(0.001)
-            result["catch_up"][plane] = blocked if len(draws) > n_draws else float("nan")
+            result["catch_up"][plane] = blocked if len(draws) > n_draws else None  # None: not needed
+            _settle(0.3)
+            result["forced"][plane] = _forced_3d_repaint(main_qt_viewer(viewer), draws)
     if layout.repaint_3d is not None:
         result["held"] = layout.repaint_3d.held_paints
     result["slicing"] = ortho.slicing_counts()
@@ -353,15 +401,23 @@ def _run_slices(args) -> int:
             p90 = ms[max(0, math.ceil(0.9 * len(ms)) - 1)]
             print(f"| {DESIGN_LABELS[design]} | {plane} | {median:.1f} | {p90:.1f} | "
                   f"{ms[-1]:.1f} | {median / (base[plane] * 1000):.2f}x |")
-    catch_up = results["after"]["catch_up"]
-    if catch_up:
-        print()
-        print("| after a burst of steps (design after) | plane | 3D repaint, window blocked (ms) |")
-        print("|---|---|---:|")
-        for plane, seconds in catch_up.items():
-            print(f"| the held-back 3D repaint, once per pause | {plane} | {seconds * 1000:.1f} |")
-        print(f"\n3D paints held back during the steps: {results['after']['held']}; "
-              f"(re-sliced, skipped) cursor moves per viewer: {results['after']['slicing']}")
+    print()
+    print("| delayed 3D redraw after a burst of steps | plane | held-back repaint, window blocked (ms) "
+          "| one 3D repaint asked for (ms) |")
+    print("|---|---|---:|---:|")
+    for design in ("after-iso", "after"):
+        for plane, seconds in results[design]["catch_up"].items():
+            held = "none needed" if seconds is None else f"{seconds * 1000:.1f}"
+            forced = results[design]["forced"][plane] * 1000
+            print(f"| {DESIGN_LABELS[design]} | {plane} | {held} | {forced:.1f} |")
+    for design in ("before", "after"):
+        if "mesh" in results[design]:
+            worker_s, waited_s, factors, triangles = results[design]["mesh"]
+            blocks = "x".join(map(str, factors))
+            print(f"\nbone mesh ({design}): {triangles} triangles from a {blocks} block-mean copy, "
+                  f"{worker_s:.2f} s in the worker ({waited_s:.2f} s waited after setup_viewer)")
+    print(f"\n3D paints held back during the steps: {results['after']['held']}; "
+          f"(re-sliced, skipped) cursor moves per viewer: {results['after']['slicing']}")
     return 0
 
 

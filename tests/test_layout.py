@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+from napari.layers import Image
 from qtpy.QtCore import QPoint, QPointF, Qt
 from qtpy.QtWidgets import QApplication
 
@@ -42,6 +43,7 @@ def _open(make_napari_viewer, tmp_path):
     viewer = make_napari_viewer(show=True)
     main_qt_window(viewer).resize(1400, 900)
     space = setup_viewer(viewer, _ct(), settings_file=tmp_path / "settings.json")
+    assert space.bone_surface.wait() is not None  # the bone mesh is built in a worker
     for _ in range(3):
         QApplication.processEvents()
     return space
@@ -287,3 +289,54 @@ def test_overlays_start_hidden_and_showing_one_keeps_the_ct_window(open_workspac
     assert routing.overlay_layer.visible
     viewer.layers.remove(routing.overlay_layer)
     assert controls.rows == {} and controls.empty_label.isVisibleTo(controls)
+
+
+def test_bone_surface_is_a_mesh_on_the_bone_shown_in_the_3d_view_only(open_workspace, qtbot):
+    """The 3D view's bone is a triangle mesh (drawn in tens of ms without a GPU, not ray-cast
+    through the CT): its vertices sit on the CT's bone boundary in world coordinates, it stays
+    inside the CT's box, it is kept out of the plane views and hidden in 2D."""
+    from napari.layers import Surface
+    from scipy.ndimage import map_coordinates
+
+    from napari_tghmoe._widgets.main_window import BONE_MESH_KEY, BONE_MESH_MAX_TRIANGLES
+    from napari_tghmoe._widgets.ortho_views import VIEW_3D_ONLY_KEY
+    from napari_tghmoe.layers import BONE_ISO_THRESHOLD_HU
+
+    workspace = open_workspace()
+    viewer, ct = workspace.viewer, workspace.ct_layer
+    bone = workspace.bone_surface.layer
+    assert isinstance(bone, Surface) and bone in viewer.layers
+    assert bone.metadata[VIEW_3D_ONLY_KEY] and bone.visible
+    assert [layer for layer in viewer.layers if isinstance(layer, Image)] == [ct]  # no CT copy for the bone
+    assert viewer.layers.selection.active is ct  # the mesh arriving did not take the selection
+    vertices, faces, _values = bone.data
+    assert 0 < len(faces) <= BONE_MESH_MAX_TRIANGLES
+
+    # on the bone: each vertex, taken to world coordinates and back into the CT's voxels, is where
+    # the CT crosses the threshold (this CT's 1 mm voxels need no block mean: factors 1, exact)
+    assert bone.metadata[BONE_MESH_KEY] == (1, 1, 1)
+    rng = np.random.default_rng(0)
+    picked = vertices[rng.choice(len(vertices), size=min(60, len(vertices)), replace=False)]
+    world = np.array([bone.data_to_world(v) for v in picked])
+    voxels = np.array([ct.world_to_data(w) for w in world])
+    hu = map_coordinates(np.asarray(ct.data, dtype=float), voxels.T, order=1)
+    np.testing.assert_allclose(hu, BONE_ISO_THRESHOLD_HU, atol=1.0)
+    # and the bone it outlines is the rod (700 HU in voxels y 21-26, x 29-34), within a voxel of its faces
+    assert np.all((voxels[:, 1] > 20) & (voxels[:, 1] < 27))
+    assert np.all((voxels[:, 2] > 28) & (voxels[:, 2] < 35))
+
+    # inside the CT's box in world coordinates
+    shape = np.asarray(ct.data.shape)
+    corners = np.array([ct.data_to_world(np.full(3, -0.5)), ct.data_to_world(shape - 0.5)])
+    all_world = np.array([bone.data_to_world(v) for v in vertices[:: max(1, len(vertices) // 500)]])
+    assert np.all(all_world >= corners.min(axis=0) - 1e-6) and np.all(all_world <= corners.max(axis=0) + 1e-6)
+
+    # the plane views copy image and labels layers only
+    for plane, view in workspace.ortho_views.views.items():
+        assert not any(isinstance(layer, Surface) for layer in view.viewer_model.layers), plane
+        assert len(workspace.ortho_views.mirrored_layers(plane)) == 1, plane  # the CT alone
+
+    viewer.dims.ndisplay = 2  # 2D reading: the surface is hidden; back in 3D it is shown again
+    assert not bone.visible
+    viewer.dims.ndisplay = 3
+    assert bone.visible

@@ -46,6 +46,7 @@ def open_workspace(make_napari_viewer, tmp_path, monkeypatch):
         viewer = make_napari_viewer(show=True)
         main_qt_window(viewer).resize(1400, 900)
         space = setup_viewer(viewer, _ct(), layout=FOUR_UP, settings_file=tmp_path / "settings.json")
+        assert space.bone_surface.wait() is not None  # the bone mesh is built in a worker
         for _ in range(3):
             QApplication.processEvents()
         return space
@@ -262,3 +263,31 @@ def test_slicing_follows_only_the_axes_that_are_not_displayed():
     sets.clear()
     model.dims.set_point(1, 1.0 if y != 1.0 else 3.0)
     assert len(sets) >= 1
+
+
+def test_the_3d_plane_moves_only_along_its_normal(open_workspace, qtbot):
+    """The 3D view shows the CT's axial plane at the cursor. A coronal or sagittal step moves the
+    cursor within that plane: the plane stays where it is and the 3D view draws no new frame for
+    the same picture; an axial step moves it (and the 3D view draws once, after the pause)."""
+    workspace = open_workspace()
+    viewer, ortho, ct = workspace.viewer, workspace.ortho_views, workspace.ct_layer
+    counts = _Counts(workspace)
+    _settle(qtbot, workspace)
+    counts.reset()
+    position = tuple(float(v) for v in ct.plane.position)
+    point = tuple(viewer.dims.point)
+
+    _wheel(ortho.views["coronal"].canvas_widget, +1)
+    _wheel(ortho.views["sagittal"].canvas_widget, -1)
+    assert viewer.dims.point[1] != point[1] and viewer.dims.point[2] != point[2]  # the cursor moved
+    assert tuple(float(v) for v in ct.plane.position) == position  # within the plane: not moved
+    _settle(qtbot, workspace)
+    qtbot.wait(2 * REPAINT_3D_AFTER_MS)
+    assert counts.renders["3D"] == 0, counts.renders
+
+    _wheel(ortho.views["axial"].canvas_widget, +1)  # along the normal: the plane follows
+    moved = tuple(float(v) for v in ct.plane.position)
+    assert moved[0] == pytest.approx(position[0] + 1)
+    np.testing.assert_allclose(moved, ct.world_to_data(viewer.dims.point))
+    qtbot.waitUntil(lambda: counts.renders["3D"] >= 1, timeout=5000)
+    counts.disconnect()

@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
-from napari.layers import Image
+from napari.layers import Image, Surface
 from qtpy.QtCore import Qt
 from qtpy.QtWidgets import QApplication, QWidget
 
@@ -52,6 +52,7 @@ class CTWorkspace:
     layout: ReadingLayout
     docks: dict[str, QWidget] = field(default_factory=dict)
     shortcuts: dict[str, Any] = field(default_factory=dict)
+    bone_surface: BoneSurface | None = None  # the 3D view's bone mesh (built in a worker)
 
     def reset_views(self) -> None:
         """``R``: every plane fitted to its window, the 3D view from the front, fitted."""
@@ -96,44 +97,275 @@ def show_anterior_3d(viewer: Any) -> None:
     viewer.fit_to_view()
 
 
-BONE_SURFACE_WINDOW = (-500.0, 1300.0)  # bone W 1800 / L 400: shades the iso-surface
+#: The bone mesh: marching cubes runs on a block-mean copy of the CT whose blocks are about this
+#: many mm on a side (never finer than the CT), of at most this many voxels, and the mesh keeps at
+#: most this many triangles (llvmpipe, no GPU: ~50 k triangles draw in ~65 ms, ~240 k in ~140 ms,
+#: against 3-4.5 s for ray-casting a 600 x 512 x 512 CT; docs/benchmarks.md, UI).
+BONE_MESH_BLOCK_MM = 1.4
+BONE_MESH_MAX_VOXELS = 16_000_000
+BONE_MESH_MAX_TRIANGLES = 300_000
+#: Metadata key of the bone surface layer: the block-mean factors (z, y, x) its mesh came from.
+BONE_MESH_KEY = "tghmoe_bone_mesh_factors"
 
 
-def add_bone_surface(viewer: Any, ct_layer: Image) -> Image:
-    """A 3D-only bone iso-surface sharing ``ct_layer``'s data, and the CT drawn as an
-    axial plane at the cursor in 3D (its 2D window stays the reading window).
+@dataclass(frozen=True)
+class BoneMesh:
+    """A bone iso-surface as triangles, in the CT's own voxel coordinates (z, y, x)."""
 
-    The surface layer is visible only while the viewer is 3D, so 2D reading is unchanged.
+    vertices: np.ndarray  # (n, 3) float32 voxel coordinates of the full-resolution CT
+    faces: np.ndarray  # (m, 3) int32 indices into ``vertices``
+    factors: tuple[int, int, int]  # block-mean factors of the copy marching cubes ran on
+    normals: np.ndarray  # (n, 3) float32 unit normals in the same voxel coordinates
+
+    @property
+    def n_triangles(self) -> int:
+        return int(len(self.faces))
+
+
+def _sum_blocks(a: np.ndarray, factor: int, axis: int) -> np.ndarray:
+    """Sums of ``factor`` neighbours along ``axis`` (float32; strided adds, no 6D reshape)."""
+    index: list[slice] = [slice(None)] * a.ndim
+    index[axis] = slice(0, None, factor)
+    out = a[tuple(index)].astype(np.float32)
+    for offset in range(1, factor):
+        index[axis] = slice(offset, None, factor)
+        out += a[tuple(index)]
+    return out
+
+
+def block_mean(data: Any, factors: tuple[int, int, int], chunk_blocks: int = 8) -> np.ndarray:
+    """Mean of each ``factors`` block of ``data`` as float32 (edge blocks padded by repetition).
+
+    Works through a few slabs at a time, so a 600 x 512 x 512 int16 CT never needs a float copy
+    of itself (600 MiB more) on top of the one the viewer holds.
     """
-    surface = viewer.add_image(
-        ct_layer.data,
+    fz, fy, fx = (int(f) for f in factors)
+    depth, height, width = data.shape
+    nz, ny, nx = -(-depth // fz), -(-height // fy), -(-width // fx)
+    out = np.empty((nz, ny, nx), np.float32)
+    pad_y, pad_x = ny * fy - height, nx * fx - width
+    for k0 in range(0, nz, chunk_blocks):
+        k1 = min(nz, k0 + chunk_blocks)
+        slab = np.asarray(data[k0 * fz : k1 * fz])
+        pad_z = (k1 - k0) * fz - slab.shape[0]
+        if pad_z or pad_y or pad_x:
+            slab = np.pad(slab, ((0, pad_z), (0, pad_y), (0, pad_x)), mode="edge")
+        sums = _sum_blocks(_sum_blocks(_sum_blocks(slab, fx, 2), fy, 1), fz, 0)
+        out[k0:k1] = sums * np.float32(1.0 / (fz * fy * fx))
+    return out
+
+
+def mesh_factors(
+    shape: tuple[int, ...], spacing: tuple[float, ...], block_mm: float = BONE_MESH_BLOCK_MM,
+    max_voxels: int = BONE_MESH_MAX_VOXELS,
+) -> tuple[int, int, int]:
+    """Block-mean factors: blocks about ``block_mm`` on a side, coarsened (finest axis first)
+    until the copy has at most ``max_voxels`` voxels."""
+    spacing_mm = np.abs(np.asarray(spacing, dtype=float))
+    factors = np.maximum(1, np.round(block_mm / np.maximum(spacing_mm, 1e-6))).astype(int)
+    shape_arr = np.asarray(shape, dtype=float)
+    while np.prod(np.ceil(shape_arr / factors)) > max_voxels:
+        factors[int(np.argmin(factors * spacing_mm))] += 1
+    return (int(factors[0]), int(factors[1]), int(factors[2]))
+
+
+def bone_mesh(
+    data: Any,
+    spacing: tuple[float, ...],
+    threshold: float = BONE_ISO_THRESHOLD_HU,
+    *,
+    max_triangles: int = BONE_MESH_MAX_TRIANGLES,
+    max_voxels: int = BONE_MESH_MAX_VOXELS,
+) -> BoneMesh:
+    """The ``threshold`` HU iso-surface of ``data`` as a triangle mesh (marching cubes on a
+    block-mean copy, coarser until it has at most ``max_triangles``); empty without bone.
+
+    Why a mesh: without a GPU the 3D view ray-cast the full CT on every repaint (seconds); a mesh
+    of this size draws in tens of milliseconds and is computed once.
+    """
+    from skimage.measure import marching_cubes
+
+    factors = mesh_factors(tuple(data.shape), spacing, max_voxels=max_voxels)
+    spacing_mm = np.abs(np.asarray(spacing, dtype=float))
+    for _attempt in range(8):
+        coarse = block_mean(data, factors)
+        if not float(coarse.min()) < threshold < float(coarse.max()):
+            none = np.zeros((0, 3), np.float32)
+            return BoneMesh(none, np.zeros((0, 3), np.int32), factors, none)  # no bone at this resolution
+        vertices, faces, normals, _values = marching_cubes(
+            coarse, level=float(threshold), allow_degenerate=False
+        )
+        if len(faces) <= max_triangles:
+            break
+        grown = np.asarray(factors)
+        grown[int(np.argmin(grown * spacing_mm))] += 1
+        factors = (int(grown[0]), int(grown[1]), int(grown[2]))
+    # block i of the copy is the mean of CT voxels i*f .. i*f+f-1: its centre is i*f + (f-1)/2
+    f = np.asarray(factors, dtype=np.float32)
+    vertices = vertices.astype(np.float32) * f + (f - 1.0) / 2.0
+    normals = normals.astype(np.float32) / f  # a normal maps with the inverse transpose: 1 / f
+    normals /= np.maximum(np.linalg.norm(normals, axis=1, keepdims=True), 1e-12)
+    return BoneMesh(vertices, faces.astype(np.int32), factors, normals)
+
+
+class BoneSurface:
+    """The 3D view's bone surface: a mesh computed in a worker thread, added when it is ready.
+
+    ``layer`` is the napari Surface layer (None until the mesh is ready, or when the CT has no
+    bone); it carries the CT layer's transforms, its vertices being CT voxel coordinates, so it
+    lines up in world coordinates. It is a 3D-only helper: the plane views copy image and labels
+    layers only, and it is hidden while the viewer is 2D.
+    """
+
+    def __init__(self, viewer: Any, ct_layer: Image, threshold: float = BONE_ISO_THRESHOLD_HU) -> None:
+        self.viewer = viewer
+        self.ct_layer = ct_layer
+        self.threshold = float(threshold)
+        self.layer: Surface | None = None
+        self.mesh: BoneMesh | None = None
+        self.error: str | None = None
+        self.done = False
+        self.seconds: float | None = None  # time the mesh took in the worker
+        self._worker: Any = None
+
+    def start(self) -> None:
+        """Compute the mesh in a ``thread_worker``; the viewer keeps drawing meanwhile."""
+        from napari.qt.threading import create_worker
+
+        data, spacing, threshold = self.ct_layer.data, tuple(self.ct_layer.scale), self.threshold
+
+        def compute() -> tuple[BoneMesh, float]:
+            import time
+
+            started = time.perf_counter()
+            mesh = bone_mesh(data, spacing, threshold)
+            return mesh, time.perf_counter() - started
+
+        worker = create_worker(compute, _start_thread=False, _ignore_errors=True)  # errors: _failed
+        worker.returned.connect(self._ready)
+        worker.errored.connect(self._failed)
+        self._worker = worker
+        worker.start()
+
+    def _viewer_gone(self) -> bool:
+        return not _napari_private.has_qt_window(self.viewer) or self.ct_layer not in self.viewer.layers
+
+    def _ready(self, result: tuple[BoneMesh, float]) -> None:
+        self.mesh, self.seconds = result
+        self.done = True
+        if self._viewer_gone() or self.mesh.n_triangles == 0:
+            return  # the viewer closed (or the CT was removed) meanwhile; or there is no bone
+        self.layer = add_bone_mesh_layer(self.viewer, self.ct_layer, self.mesh)
+
+    def _failed(self, err: BaseException) -> None:
+        self.done = True
+        self.error = f"{type(err).__name__}: {err}"
+        if not self._viewer_gone():
+            from napari.utils.notifications import show_warning
+
+            show_warning(f"The 3D bone surface could not be built: {self.error}")
+
+    def wait(self, timeout_s: float = 120.0) -> Surface | None:
+        """Run the Qt event loop until the mesh is in (scripts, screenshots, tests); the layer."""
+        import time
+
+        deadline = time.perf_counter() + timeout_s
+        while not self.done and time.perf_counter() < deadline:
+            QApplication.processEvents()
+            time.sleep(0.005)
+        QApplication.processEvents()
+        return self.layer
+
+
+#: Colour of the bone surface, and where its light comes from in world (z, y, x) coordinates: the
+#: default 3D camera's side (front, above, patient's right), see ``show_anterior_3d``.
+BONE_RGB = (0.93, 0.89, 0.80)
+BONE_LIGHT_DIRECTION = (0.35, -0.85, -0.4)
+BONE_AMBIENT = 0.3
+
+
+def bone_vertex_colors(mesh: BoneMesh, ct_layer: Image) -> np.ndarray:
+    """RGBA per vertex, lit in world coordinates (two-sided, from the default camera's side).
+
+    Why baked: napari's own Surface shading puts its light behind the camera when the 3D view's
+    depth axis is flipped, as the radiological view here is (``show_anterior_3d``); the bone
+    then looked dark grey.
+    """
+    origin = np.asarray(ct_layer.data_to_world(np.zeros(3)), dtype=float)
+    unit_steps = [np.asarray(ct_layer.data_to_world(np.eye(3)[axis]), dtype=float) for axis in range(3)]
+    linear = np.stack([step - origin for step in unit_steps], axis=1)  # voxel -> world, linear part
+    normals = mesh.normals.astype(float) @ np.linalg.inv(linear)  # (inverse transpose) applied per row
+    normals /= np.maximum(np.linalg.norm(normals, axis=1, keepdims=True), 1e-12)
+    light = np.asarray(BONE_LIGHT_DIRECTION, dtype=float)
+    light /= np.linalg.norm(light)
+    shade = BONE_AMBIENT + (1.0 - BONE_AMBIENT) * np.abs(normals @ light)
+    colors = np.ones((len(normals), 4), dtype=np.float32)
+    colors[:, :3] = shade[:, None] * np.asarray(BONE_RGB, dtype=float)[None, :]
+    return colors
+
+
+def add_bone_mesh_layer(viewer: Any, ct_layer: Image, mesh: BoneMesh) -> Surface:
+    """``mesh`` as a 3D-only Surface layer with ``ct_layer``'s transforms (the CT stays active)."""
+    values = np.ones(len(mesh.vertices), dtype=np.float32)  # the colours are per vertex
+    active = viewer.layers.selection.active
+    surface = viewer.add_surface(
+        (mesh.vertices, mesh.faces, values),
+        vertex_colors=bone_vertex_colors(mesh, ct_layer),
         name=f"{ct_layer.name} (bone surface)",
-        scale=ct_layer.scale,
-        translate=ct_layer.translate,
-        units=ct_layer.units,
-        contrast_limits=BONE_SURFACE_WINDOW,
-        colormap="bone",
-        rendering="iso",
-        iso_threshold=BONE_ISO_THRESHOLD_HU,
+        scale=tuple(ct_layer.scale),
+        translate=tuple(ct_layer.translate),
+        rotate=np.asarray(ct_layer.rotate),
+        shear=np.asarray(ct_layer.shear),
+        affine=np.asarray(ct_layer.affine.affine_matrix),
+        units=tuple(ct_layer.units),
+        shading="none",  # lit in bone_vertex_colors
         blending="translucent",
-        metadata={VIEW_3D_ONLY_KEY: True},
+        metadata={VIEW_3D_ONLY_KEY: True, BONE_MESH_KEY: mesh.factors},
         visible=viewer.dims.ndisplay == 3,
     )
+
+    def show_in_3d_only(_event: Any = None) -> None:
+        surface.visible = viewer.dims.ndisplay == 3
+
+    viewer.dims.events.ndisplay.connect(show_in_3d_only)
+    if active is not None and active in viewer.layers:
+        viewer.layers.selection.active = active  # a mesh arriving later must not take the selection
+    return surface
+
+
+def show_plane_at_cursor(viewer: Any, ct_layer: Image) -> None:
+    """Draw ``ct_layer`` in 3D as its axial plane, kept at the cursor's slice.
+
+    The plane moves only when the cursor moves along its normal (an axial step): a coronal or
+    sagittal step, or a click within the slice, would put it at a new in-plane position that
+    draws the same picture, and each plane move asks the 3D view for a new frame.
+    """
     ct_layer.depiction = "plane"
     ct_layer.plane.normal = (1.0, 0.0, 0.0)  # axial
     ct_layer.blending = "translucent"
 
     def follow_cursor(_event: Any = None) -> None:
-        if len(viewer.dims.point) == 3:
-            data_point = ct_layer.world_to_data(viewer.dims.point)
-            ct_layer.plane.position = tuple(float(v) for v in data_point)
-
-    def show_in_3d_only(_event: Any = None) -> None:
-        surface.visible = viewer.dims.ndisplay == 3
+        if len(viewer.dims.point) != 3:
+            return
+        data_point = np.asarray(ct_layer.world_to_data(viewer.dims.point), dtype=float)
+        offset = data_point - np.asarray(ct_layer.plane.position, dtype=float)
+        if np.isclose(float(np.dot(offset, np.asarray(ct_layer.plane.normal, dtype=float))), 0.0):
+            return  # the plane did not move: no new 3D frame for the same picture
+        ct_layer.plane.position = tuple(float(v) for v in data_point)
 
     viewer.dims.events.point.connect(follow_cursor)
-    viewer.dims.events.ndisplay.connect(show_in_3d_only)
     follow_cursor()
+
+
+def add_bone_surface(viewer: Any, ct_layer: Image, *, plane_at_cursor: bool = True) -> BoneSurface:
+    """3D Slicer's default CT scene: a shaded bone surface (a triangle mesh at
+    ``BONE_ISO_THRESHOLD_HU``, built in a worker thread and added when ready) and, with
+    ``plane_at_cursor``, the CT drawn as its axial plane at the cursor (its 2D window stays the
+    reading window). The surface is visible only while the viewer is 3D."""
+    if plane_at_cursor:
+        show_plane_at_cursor(viewer, ct_layer)
+    surface = BoneSurface(viewer, ct_layer)
+    surface.start()
     return surface
 
 
@@ -150,9 +382,10 @@ def setup_viewer(
     (``layout``; None: the one remembered, else Four-Up), W/L dock, PACS mouse and keys.
 
     With ``bone_surface`` the 3D view is drawn as 3D Slicer's default CT scene: a shaded
-    bone iso-surface (a 3D-only layer with its own window) plus the CT's axial plane at
-    the cursor in the reading window. The W/L dock switches the CT layer to volume
-    rendering (attenuated MIP, MIP, iso-surface...) instead.
+    bone surface (a 3D-only triangle mesh, built in a worker thread:
+    ``workspace.bone_surface``) plus the CT's axial plane at the cursor in the reading window.
+    The W/L dock switches the CT layer to volume rendering (attenuated MIP, MIP,
+    iso-surface...) instead.
 
     ``volume_or_layer`` is a CTVolume to add, an image layer already in the viewer, or None
     to use the viewer's CT layer (if any). Safe to call on an empty viewer.
@@ -166,11 +399,12 @@ def setup_viewer(
     else:
         layer = _find_ct_layer(viewer)
 
+    bone: BoneSurface | None = None
     if layer is not None:
         center_cursor_on(viewer, layer)
         viewer.scale_bar.visible = True  # in the CT layer's units (mm for our readers)
-        if bone_surface:
-            add_bone_surface(viewer, layer)
+        if bone_surface and layer.ndim == 3:
+            bone = add_bone_surface(viewer, layer)
         viewer.layers.selection.active = layer
         if ndisplay == 3:
             show_anterior_3d(viewer)
@@ -184,7 +418,7 @@ def setup_viewer(
             window_level, name=WINDOW_LEVEL_DOCK_NAME, area=CHAT_DOCK_AREA
         ),
     }
-    workspace = CTWorkspace(viewer, layer, ortho, window_level, reading_layout, docks)
+    workspace = CTWorkspace(viewer, layer, ortho, window_level, reading_layout, docks, bone_surface=bone)
     from napari_tghmoe._widgets.shortcuts import install_shortcuts
 
     workspace.shortcuts = install_shortcuts(
@@ -289,6 +523,8 @@ def launch(
     viewer = napari.Viewer(title="napari-tghmoe", show=True)
     _napari_private.main_qt_window(viewer).resize(*window_size)
     workspace = setup_viewer(viewer, volume)
+    if screenshot is not None and workspace.bone_surface is not None:
+        workspace.bone_surface.wait()  # the picture shows the bone surface
     # Chat + routing docks; a screenshot run uses a throw-away transcript.
     chat_options = {} if screenshot is None else {"autosave": False, "max_new_tokens": 48}
     chat, routing = dock_assistant(viewer, **chat_options)
