@@ -54,17 +54,21 @@ __all__ = [
     "AnswerRecord",
     "ContextTurn",
     "Conversation",
+    "DeviceFit",
     "ModelChoice",
+    "ModelDoesNotFit",
     "ModelLoadFailed",
     "PendingAnswer",
     "Question",
     "QuestionRefused",
     "Turn",
     "default_model_path",
+    "device_fits",
     "friendly_error",
     "gpu_memory_text",
     "is_placeholder_model",
     "load_engine",
+    "load_engine_if_fits",
     "scan_key",
     "short_error",
 ]
@@ -225,6 +229,110 @@ def load_engine(choice: ModelChoice) -> InferenceEngine:
         return InferenceEngine.from_pretrained(choice.path, **choice.load_options())
     except Exception as err:
         raise ModelLoadFailed(choice.path, err) from err
+
+
+# --------------------------------------------------------------------------- will it fit?
+
+
+def _size_text(n_bytes: int) -> str:
+    """"3.9 GiB", or "280 MiB" under a GiB (a tiny model is not "0.0 GiB")."""
+    if n_bytes >= 2**30:
+        return f"{n_bytes / 2**30:.1f} GiB"
+    return f"{n_bytes / 2**20:.0f} MiB"
+
+
+@dataclass(frozen=True)
+class DeviceFit:
+    """What the device picker shows for one choice before loading: the memory the model needs
+    there against what is free now (``report``, a ``model.memory.FitReport``), or why that was
+    not checked (``problem``: no CUDA device, a folder that is not a model...)."""
+
+    choice: str
+    report: Any = None
+    problem: str = ""
+
+    @property
+    def fits(self) -> bool | None:
+        """True / False from the estimate; None when it was not checked."""
+        return None if self.report is None else bool(self.report.fits)
+
+    @property
+    def refused(self) -> bool:
+        """Loading it would not fit: the chat dock refuses before reading any weight."""
+        return self.report is not None and not self.report.fits
+
+    @property
+    def summary(self) -> str:
+        """One short line: "~3.9 GiB of 12.1 GiB free (fp32 on cpu)", "does not fit: needs ..."."""
+        report = self.report
+        if report is None:
+            return self.problem or "not checked"
+        where = f"{report.precision} on {report.device}"
+        needed = _size_text(int(report.needed_bytes))
+        if report.available_bytes is None:
+            return f"~{needed}, free memory unknown ({where})"
+        free = _size_text(int(report.available_bytes))
+        if report.fits:
+            return f"~{needed} of {free} free ({where})"
+        return f"does not fit: needs {needed}, {free} free ({where})"
+
+
+def device_fits(path: str | Path, *, available: int | None = None) -> dict[str, DeviceFit]:
+    """A :class:`DeviceFit` for every :data:`DEVICE_CHOICES` entry of the model folder ``path``.
+
+    Reads ``config.json`` and the safetensors headers (no tensor) and the free memory; the first
+    call imports torch (is there a GPU?), about 1.5 s: call it off the GUI thread. Never raises:
+    a folder that is not a model gives every choice the reason as its ``problem`` (loading it
+    reports the same). ``available`` replaces the free-memory probe (tests).
+    """
+    from napari_tghmoe.model import memory
+    from napari_tghmoe.model.loading import ModelLoadError
+
+    fits: dict[str, DeviceFit] = {}
+    for name, options in DEVICE_CHOICES.items():
+        try:
+            report = memory.check_fits_for_options(path, **options, available=available)
+        except ModelLoadError as err:
+            problem = f"not checked: {err.reason}"
+            return {choice: DeviceFit(choice, problem=problem) for choice in DEVICE_CHOICES}
+        except ValueError as err:  # CUDA asked for without a GPU
+            cuda = str(options.get("device", "")).startswith("cuda") and "CUDA" in str(err)
+            reason = "no CUDA device" if cuda else short_error(err)
+            fits[name] = DeviceFit(name, problem=f"not available: {reason}")
+        except Exception as err:  # noqa: BLE001 - a hint for the picker must never break it
+            fits[name] = DeviceFit(name, problem=f"not checked: {short_error(err)}")
+        else:
+            fits[name] = DeviceFit(name, report)
+    return fits
+
+
+class ModelDoesNotFit(ModelLoadFailed):
+    """The chosen device and precision need more memory than is free: refused before loading
+    (on the CPU a load that does not fit ends in the kernel's out-of-memory killer, napari and all).
+
+    ``fits``: every choice as checked, so the picker can show them; ``fitting``: the choices
+    that would fit.
+    """
+
+    def __init__(self, folder: str | Path, fit: DeviceFit, fits: dict[str, DeviceFit] | None = None) -> None:
+        self.fit = fit
+        self.fits = dict(fits or {})
+        self.fitting = tuple(name for name, other in self.fits.items() if name != fit.choice and other.fits)
+        hint = ""
+        if self.fitting:
+            hint = f"; in the Device menu, {' or '.join(repr(n) for n in self.fitting)} would fit"
+        super().__init__(folder, MemoryError(f"{fit.report.message}{hint}"))
+
+
+def load_engine_if_fits(choice: ModelChoice, *, available: int | None = None) -> InferenceEngine:
+    """:func:`load_engine`, refused with :class:`ModelDoesNotFit` before any weight is read when
+    the memory estimate of ``choice`` exceeds what is free now (what the chat dock's load worker
+    runs; a choice that could not be checked loads as before)."""
+    fits = device_fits(choice.path, available=available)
+    fit = fits.get(choice.device)
+    if fit is not None and fit.refused:
+        raise ModelDoesNotFit(choice.path, fit, fits)
+    return load_engine(choice)
 
 
 # --------------------------------------------------------------------------- turns and answers

@@ -151,6 +151,64 @@ def test_bad_model_folder_notifies_and_the_panel_recovers(
     assert "No CT layer" in chat.transcript_texts()[-1]
 
 
+def test_device_picker_says_what_fits_and_a_choice_that_does_not_is_refused_before_loading(
+    make_napari_viewer, chat_factory, qtbot, monkeypatch, tiny_tghmoe_folder
+):
+    """Before loading, each device item says what the model needs against what is free; with too
+    little free, the item is marked and loading is refused with a notification (no load starts,
+    the dock stays usable); once enough is free, the picker says so and the model loads."""
+    import torch
+
+    from napari_tghmoe import conversation
+    from napari_tghmoe.model import memory
+
+    free = {"bytes": 1 << 20}  # 1 MiB free: the tiny model (~0.3 GiB to run) does not fit
+    monkeypatch.setattr(memory, "available_bytes", lambda device="cpu": free["bytes"])
+    loads = []
+    real_load = conversation.load_engine
+    monkeypatch.setattr(conversation, "load_engine", lambda choice: loads.append(choice) or real_load(choice))
+    notes = []
+    notification_manager.notification_ready.connect(notes.append)
+    viewer = make_napari_viewer()
+    viewer.add_image(_ct_volume().hu, **ct_layer_kwargs(_ct_volume()))
+    chat = chat_factory(viewer)
+    combo = chat.device_combo
+    combo.setCurrentText("auto")
+    combo.setCurrentText("CPU")  # the user's choice
+    qtbot.waitUntil(lambda: chat.device_fit("CPU") is not None, timeout=30_000)  # checked in a worker
+
+    cpu = combo.findText("CPU")
+    tip = combo.itemData(cpu, Qt.ItemDataRole.ToolTipRole)
+    assert tip.startswith("CPU: does not fit: needs ") and "1 MiB free" in tip, tip
+    assert not combo.itemIcon(cpu).isNull()  # marked: a warning icon (in the list and on the closed box)
+    assert "CPU: does not fit" in chat.status_text() and "does not fit" in combo.toolTip()
+    if not torch.cuda.is_available():
+        cuda_tip = combo.itemData(combo.findText("CUDA 4-bit"), Qt.ItemDataRole.ToolTipRole)
+        assert cuda_tip == "CUDA 4-bit: not available: no CUDA device"
+        assert combo.itemIcon(combo.findText("CUDA 4-bit")).isNull()  # unavailable, not "does not fit"
+
+    assert chat.send("Is there a liver lesion?")  # loading is asked for: refused, no load starts
+    qtbot.waitUntil(lambda: not chat.is_busy and chat._load_worker is None, timeout=30_000)
+    assert loads == [] and chat.engine is None and chat.latest_record() is None
+    refusals = [str(n.message) for n in notes if "not enough memory" in str(n.message)]
+    assert refusals, [str(n.message) for n in notes]
+    refusal = refusals[-1]
+    assert tiny_tghmoe_folder.name in refusal and "needs about" in refusal and "free" in refusal
+    assert "Error: Cannot load model" in chat.transcript_texts()[-1]  # and a transcript line
+    assert chat.send_button.isEnabled() and combo.isEnabled() and chat.question_box.isEnabled()
+
+    free["bytes"] = 64 * 2**30  # memory was freed: the picker shows it, and loading goes ahead
+    chat.refresh_device_fits()
+    qtbot.waitUntil(lambda: bool(chat.device_fit("CPU").fits), timeout=30_000)
+    tip = combo.itemData(cpu, Qt.ItemDataRole.ToolTipRole)
+    assert tip.startswith("CPU: ~") and "of 64.0 GiB free (fp32 on cpu)" in tip, tip
+    assert combo.itemIcon(cpu).isNull() and "does not fit" not in chat.status_text()
+    record = _ask(qtbot, chat, "Is there a liver lesion?")
+    assert record is not None and record.answer.text
+    assert [choice.device for choice in loads] == ["CPU"]
+    notification_manager.notification_ready.disconnect(notes.append)
+
+
 def test_routing_view_overlay_matches_the_ct_and_follows_the_selected_answer(
     make_napari_viewer, chat_factory, qtbot
 ):

@@ -13,6 +13,12 @@ view, and questions (e.g. "What is this?") are then about that region, sent as i
 margin. Findings an answer states become links in its transcript line and points on the CT, at
 the places the 3D segmentation found (the Segment dock's result for the layer, else the
 segmenter run in a worker after the answer); a click moves the cursor and all planes there.
+
+Will it fit? For the chosen model folder, each device item says (tooltip, and the status line
+for the chosen one) how much memory the model needs there against what is free now; items that
+do not fit are marked. The check reads only headers, in a worker (its first call imports torch),
+and is kept per folder. Loading a choice that does not fit is refused before any weight is read,
+with a notification: on the CPU such a load would end in the out-of-memory killer, napari and all.
 """
 
 from __future__ import annotations
@@ -27,7 +33,7 @@ import numpy as np
 from napari.layers import Image, Points
 from napari.utils.notifications import show_error, show_info
 from qtpy.QtCore import Qt, QTimer, Signal
-from qtpy.QtGui import QColor, QKeyEvent
+from qtpy.QtGui import QColor, QIcon, QKeyEvent
 from qtpy.QtWidgets import (
     QCheckBox,
     QComboBox,
@@ -42,6 +48,7 @@ from qtpy.QtWidgets import (
     QPushButton,
     QSizePolicy,
     QSpinBox,
+    QStyle,
     QVBoxLayout,
     QWidget,
 )
@@ -68,14 +75,17 @@ from napari_tghmoe.conversation import (
     REPORT_REQUEST,
     AnswerRecord,
     Conversation,
+    DeviceFit,
     ModelChoice,
+    ModelDoesNotFit,
     ModelLoadFailed,
     Question,
     default_model_path,
+    device_fits,
     friendly_error,
     gpu_memory_text,
     is_placeholder_model,
-    load_engine,
+    load_engine_if_fits,
     short_error,
 )
 from napari_tghmoe.layers import ct_volume_of
@@ -128,6 +138,7 @@ _PLACEHOLDER_KEY = "<placeholder>"
 _RENDER_INTERVAL_MS = 60  # streamed text repaints at most ~16 times a second
 _MAX_RECENT_MODELS = 8
 _ROLE_LABELS = {"user": "You", "assistant": "Model", "error": "Error", "info": "Note"}
+_DEVICE_TIP = "Device and precision: 4-bit fits a 7B model in about 6 GB of GPU memory"
 
 
 class QuestionBox(QPlainTextEdit):
@@ -142,6 +153,16 @@ class QuestionBox(QPlainTextEdit):
             self.submitted.emit()
             return
         super().keyPressEvent(event)
+
+
+class DeviceCombo(QComboBox):
+    """The device picker; says when its list is about to open, so the numbers can be refreshed."""
+
+    popup_opening = Signal()
+
+    def showPopup(self) -> None:  # noqa: N802 (Qt name)
+        self.popup_opening.emit()
+        super().showPopup()
 
 
 # --------------------------------------------------------------------------- the dock
@@ -191,6 +212,11 @@ class ChatWidget(ViewerDockMixin, QWidget):
         self._seg_done.set()
         self._locate_queue: list[int] = []  # answers waiting for the running segmentation
         self.findings_layer: Points | None = None
+        self._fits: dict[str, dict[str, DeviceFit]] = {}  # model folder -> device choice -> fit
+        self._fit_worker: Any = None
+        self._fit_again = False  # another check was asked for while one ran
+        self._fit_done = threading.Event()
+        self._fit_done.set()
         self._answer_after_load = False  # a question waits for the model being loaded
         self._closing = False
         self.plane_tracker = PlaneTracker(napari_viewer.dims)  # plane of the last scroll/click
@@ -206,6 +232,7 @@ class ChatWidget(ViewerDockMixin, QWidget):
         self.device_combo.setCurrentText(device_choice or self._settings.get("device", "auto"))
         self.device_combo.blockSignals(False)
         self.conversation.choose_model(self._model_choice())
+        self.refresh_device_fits()
         self._refresh_layers()
         self._show_transcript()
         self._connect_viewer()
@@ -256,9 +283,9 @@ class ChatWidget(ViewerDockMixin, QWidget):
         self.layer_combo.setToolTip("CT layer the question is about (the selected image layer by default)")
         self.model_combo = QComboBox()
         self.model_combo.setToolTip("Model folder (TGH-MoE or Qwen2.5-VL, safetensors)")
-        self.device_combo = QComboBox()
+        self.device_combo = DeviceCombo()
         self.device_combo.addItems(list(DEVICE_CHOICES))
-        self.device_combo.setToolTip("Device and precision: 4-bit fits a 7B model in about 6 GB of GPU memory")
+        self.device_combo.setToolTip(_DEVICE_TIP)
 
         form = QGridLayout()
         form.addWidget(QLabel("CT layer"), 0, 0)
@@ -376,6 +403,7 @@ class ChatWidget(ViewerDockMixin, QWidget):
         self.transcript_view.currentItemChanged.connect(self._on_transcript_selection)
         self.model_combo.activated.connect(self._on_model_activated)
         self.device_combo.currentTextChanged.connect(self._on_device_changed)
+        self.device_combo.popup_opening.connect(self.refresh_device_fits)  # free memory changes
 
     def _fill_model_picker(self, model_path: str | Path | None) -> None:
         combo = self.model_combo
@@ -455,6 +483,7 @@ class ChatWidget(ViewerDockMixin, QWidget):
         self._settings["recent_models"] = recent[:_MAX_RECENT_MODELS]
         self._remember_model()
         self._discard_engine()
+        self.refresh_device_fits()
         self.load_model()
 
     def _remember_model(self) -> None:
@@ -473,13 +502,80 @@ class ChatWidget(ViewerDockMixin, QWidget):
             self._model_index = index
             self._remember_model()
             self._discard_engine()
+            self.refresh_device_fits()
             self.load_model()
 
     def _on_device_changed(self, text: str) -> None:
         self._remember_model()
+        self._show_device_fits()
         if self.conversation.engine is not None:
             self._discard_engine()
             self.load_model()
+        self._update_status()
+
+    # ------------------------------------------------------------------ will it fit?
+    def device_fit(self, choice: str | None = None) -> DeviceFit | None:
+        """What the picker knows of ``choice`` (default: the chosen one) for the chosen model
+        folder; None until the check is done."""
+        return self._fits.get(self.model_path() or "", {}).get(choice or self.device_combo.currentText())
+
+    def refresh_device_fits(self) -> Any:
+        """Check, in a worker, each device choice of the chosen model folder against the memory
+        free now; the picker shows the result when it is in (meanwhile what was known)."""
+        self._show_device_fits()
+        path = self.model_path()
+        placeholder = self.model_combo.itemData(self.model_combo.currentIndex()) == _PLACEHOLDER_KEY
+        if self._closing or not path or (placeholder and not Path(path).is_dir()):
+            return None  # nothing to check (the placeholder is built on first use)
+        if self._fit_worker is not None:
+            self._fit_again = True
+            return self._fit_worker
+        from napari.qt.threading import create_worker
+
+        done = threading.Event()
+        self._fit_done = done
+
+        def check() -> dict[str, DeviceFit]:
+            try:
+                return device_fits(path)
+            finally:
+                done.set()
+
+        worker = create_worker(check, _start_thread=False, _ignore_errors=True)  # device_fits never raises
+        worker.returned.connect(lambda fits, folder=path: self._on_device_fits(folder, fits))
+        worker.finished.connect(lambda w=worker: self._on_fit_check_finished(w))
+        self._fit_worker = worker
+        worker.start()
+        return worker
+
+    def _on_device_fits(self, folder: str, fits: dict[str, DeviceFit]) -> None:
+        self._fits[folder] = fits
+        if not self._closing and folder == self.model_path():
+            self._show_device_fits()
+            self._update_status()
+
+    def _on_fit_check_finished(self, worker: Any) -> None:
+        if worker is self._fit_worker:
+            self._fit_worker = None
+        if self._fit_again and not self._closing:
+            self._fit_again = False
+            self.refresh_device_fits()
+
+    def _show_device_fits(self) -> None:
+        """Each device item's tooltip says what it needs of what is free; misfits get a warning icon."""
+        if self._closing:
+            return
+        fits = self._fits.get(self.model_path() or "", {})
+        combo = self.device_combo
+        warning = self.style().standardIcon(QStyle.StandardPixmap.SP_MessageBoxWarning)
+        for index in range(combo.count()):
+            name = combo.itemText(index)
+            fit = fits.get(name)
+            combo.setItemData(index, f"{name}: {fit.summary}" if fit else None, Qt.ItemDataRole.ToolTipRole)
+            # an icon, not a text colour: napari's style sheet paints every item's text alike
+            combo.setItemIcon(index, warning if fit is not None and fit.refused else QIcon())
+        chosen = fits.get(combo.currentText())
+        combo.setToolTip(f"{_DEVICE_TIP}\n{combo.currentText()}: {chosen.summary}" if chosen else _DEVICE_TIP)
 
     def _discard_engine(self) -> None:
         self.conversation.choose_model(self._model_choice())
@@ -493,7 +589,9 @@ class ChatWidget(ViewerDockMixin, QWidget):
         choice = self._model_choice()
         if self._load_worker is not None and getattr(self._load_worker, "_tghmoe_key", None) == choice.key:
             return self._load_worker
-        worker = create_worker(load_engine, choice, _start_thread=False, _ignore_errors=True)  # _on_model_error
+        # the memory check first: a choice that does not fit is refused before any weight is read;
+        # errors go to _on_model_error
+        worker = create_worker(load_engine_if_fits, choice, _start_thread=False, _ignore_errors=True)
         worker._tghmoe_key = choice.key
         worker.returned.connect(lambda engine, c=choice, w=worker: self._on_model_loaded(engine, c, w))
         worker.errored.connect(lambda err, c=choice, w=worker: self._on_model_error(err, c, w))
@@ -520,6 +618,9 @@ class ChatWidget(ViewerDockMixin, QWidget):
             return
         self._answer_after_load = False
         self.conversation.abandon()
+        if isinstance(err, ModelDoesNotFit) and err.fits:
+            self._fits[choice.path] = err.fits  # the numbers it was refused with
+            self._show_device_fits()
         failure = err if isinstance(err, ModelLoadFailed) else ModelLoadFailed(choice.path, err)
         self._report_error(str(failure))
 
@@ -531,6 +632,7 @@ class ChatWidget(ViewerDockMixin, QWidget):
         if self._gen_worker is None:
             self._hide_activity()
         self._set_busy(self._gen_worker is not None)
+        self.refresh_device_fits()  # a loaded model changed what is free
         self._update_status()
 
     # ------------------------------------------------------------------ asking
@@ -1070,6 +1172,9 @@ class ChatWidget(ViewerDockMixin, QWidget):
         if engine is None:
             state = "model not loaded (loads on first question)"
             device = self.device_combo.currentText()
+            fit = self.device_fit()
+            if fit is not None and fit.report is not None:
+                device = f"{device}: {fit.summary}"
         else:
             device = str(getattr(engine, "device", "")) or self.device_combo.currentText()
             precision = str(getattr(engine, "precision", "") or "")
@@ -1099,6 +1204,7 @@ class ChatWidget(ViewerDockMixin, QWidget):
         self.region_tools.disconnect()
         self._seg_stop.set()  # the segmenter checks between windows
         self._seg_done.wait(timeout_s)
+        self._fit_done.wait(timeout_s)  # the memory check reads headers only: short
         # Let the generator run to its end rather than quitting the worker: the engine stops
         # within a token, yields its Answer and joins its thread, so nothing is left running.
         self.conversation.stop()
