@@ -482,3 +482,38 @@ def test_background_weight_makes_missed_findings_cost_more_than_false_ones():
     weighted = cost(0.1, wrong_finding) / cost(0.1, wrong_background)
     plain = cost(1.0, wrong_finding) / cost(1.0, wrong_background)
     assert weighted > 2.0 * plain
+
+
+def test_unsure_finding_components_go_back_to_the_organs(tmp_path):
+    """min_finding_probability: a component less sure than that is no finding, its voxels organs again."""
+    import torch
+
+    from napari_tghmoe.med3d import segment_volume
+    from napari_tghmoe.med3d.encoder import build_tiny_seg_model, load_seg_model
+    from napari_tghmoe.med3d.segment import attach_finding_model
+    from napari_tghmoe.phantom import make_phantom
+
+    volume = make_phantom(3, "abdomen", spacing=(8.0, 8.0, 8.0)).volume
+    organs = _biased_seg_model(tmp_path / "organs", "liver")
+
+    def finder(name: str, threshold: float) -> Path:
+        folder = build_tiny_seg_model(
+            tmp_path / name, organ_names=[], working_spacing=[4.0, 4.0, 4.0], min_finding_probability=threshold
+        )
+        model = load_seg_model(folder)
+        final = model.backbone.net.conv_final[2].conv
+        with torch.no_grad():  # renal cyst wins everywhere, but only at p = e / (e + e^0.6) = 0.60
+            final.weight.zero_()
+            final.bias.fill_(-20.0)
+            final.bias[0] = 0.6
+            final.bias[model.config.label_names.index("renal cyst")] = 1.0
+        model.save_pretrained(str(folder), safe_serialization=True)
+        return folder
+
+    sure_enough = segment_volume(volume, attach_finding_model(organs, finder("f50", 0.5), tmp_path / "b50"))
+    assert {f.kind for f in sure_enough.findings} == {"renal cyst"}
+    assert all(0.55 < f.probability < 0.65 for f in sure_enough.findings)
+    too_unsure = segment_volume(volume, attach_finding_model(organs, finder("f70", 0.7), tmp_path / "b70"))
+    assert too_unsure.findings == []
+    assert set(np.unique(too_unsure.labels).tolist()) == {1}  # all liver again, as the organ model said
+    assert "renal cyst" not in too_unsure.structure_volumes_ml

@@ -74,7 +74,9 @@ class Med3DConfig(PretrainedConfig):
     position, not of intensity).
     Labels: ``organ_names`` then ``finding_kinds`` follow background (label 0) in that order.
     Geometry: ``working_spacing`` (z, y, x) mm, ``patch_size`` (z, y, x) voxels of one window,
-    ``sw_overlap``, ``sw_batch_size``; ``min_finding_ml`` drops smaller finding components.
+    ``sw_overlap``, ``sw_batch_size``; ``min_finding_ml`` drops smaller finding components and
+    ``min_finding_probability`` those whose mean probability of their kind is lower (the voxels
+    go back to the organ labels underneath).
     PSAT: ``psat_queries``, ``psat_layers``, ``psat_hidden``, ``psat_heads``, ``psat_ffn``,
     ``psat_slice_bins`` (slice-index rows of the plane x slice table), ``target_dim`` (the frozen
     2D model's embedding size). Loss: ``align`` ("ot" | "infonce"), ``ot_reg``, ``ot_mass``,
@@ -109,6 +111,7 @@ class Med3DConfig(PretrainedConfig):
         sw_overlap: float = 0.25,
         sw_batch_size: int = 2,
         min_finding_ml: float = 0.1,
+        min_finding_probability: float = 0.0,
         psat_queries: int = 300,
         psat_layers: int = 6,
         psat_hidden: int = 768,
@@ -140,6 +143,7 @@ class Med3DConfig(PretrainedConfig):
         self.sw_overlap = float(sw_overlap)
         self.sw_batch_size = int(sw_batch_size)
         self.min_finding_ml = float(min_finding_ml)
+        self.min_finding_probability = float(min_finding_probability)
         self.psat_queries = int(psat_queries)
         self.psat_layers = int(psat_layers)
         self.psat_hidden = int(psat_hidden)
@@ -171,6 +175,8 @@ class Med3DConfig(PretrainedConfig):
             raise ValueError(f"psat_hidden ({self.psat_hidden}) must be divisible by psat_heads ({self.psat_heads})")
         if len(set(self.label_names)) != len(self.label_names):
             raise ValueError("organ_names and finding_kinds must be distinct")
+        if not 0.0 <= self.min_finding_probability <= 1.0:
+            raise ValueError(f"min_finding_probability must be in [0, 1], got {self.min_finding_probability}")
         if self.finding_model and ("/" in self.finding_model or "\\" in self.finding_model or self.finding_model.startswith(".")):
             raise ValueError(f"finding_model must be a plain sub-folder name, got {self.finding_model!r}")
 

@@ -346,6 +346,7 @@ def segment_volume(
     labels = organ_pass.on_scan(organ_labels_work, order, flips)
     finding_passes: dict[str, tuple[_GridPrediction, int, np.ndarray]] = {}
     presence = dict(zip(config.finding_kinds, organ_pass.presence))
+    organ_scan: np.ndarray | None = None  # a cascade's organ labels under its findings
     if finder is None:
         for kind in config.finding_kinds:
             finding_passes[kind] = (organ_pass, config.finding_label(kind), organ_pass.labels)
@@ -360,15 +361,15 @@ def segment_volume(
             finding_passes[kind] = (finder_pass, finder.config.finding_label(kind), finder_pass.labels)
         presence.update(zip(finder.config.finding_kinds, finder_pass.presence))
         finder_on_scan = lut[finder_pass.on_scan(finder_pass.labels, order, flips)]
+        organ_scan = labels
         labels = np.where(finder_on_scan > 0, finder_on_scan, labels)
 
     names = config.label_names
     label_names = {value: name for value, name in enumerate(names)}
     voxel_ml = float(np.prod(volume.spacing)) / 1000.0
-    counts = np.bincount(labels.ravel(), minlength=len(names))
-    structure_volumes = {names[v]: round(float(counts[v]) * voxel_ml, 3) for v in range(1, len(names)) if counts[v]}
-
     min_voxels = max(1, int(np.ceil(config.min_finding_ml / voxel_ml))) if config.min_finding_ml > 0 else 1
+    # a cascade's finding model sets how sure a finding must be; the organ model's own otherwise
+    threshold = (finder.config if finder is not None else config).min_finding_probability
     findings: list[SegFinding] = []
     for kind in config.finding_kinds:
         if kind not in finding_passes:
@@ -378,8 +379,11 @@ def segment_volume(
             continue
         value = config.finding_label(kind)
         for voxels in finding_components(labels, value, min_voxels):
-            centre = _snapped_centre(voxels)
             probability = float(source.probabilities[source_value][tuple(source.working_indices(voxels, order).T)].mean())
+            if probability < threshold:  # an unsure component: its voxels go back to the organs
+                labels[tuple(voxels.T)] = 0 if organ_scan is None else organ_scan[tuple(voxels.T)]
+                continue
+            centre = _snapped_centre(voxels)
             position = volume.index_to_patient(centre)
             findings.append(
                 SegFinding(
@@ -394,6 +398,8 @@ def segment_volume(
                 )
             )
     findings.sort(key=lambda f: -f.probability)
+    counts = np.bincount(labels.ravel(), minlength=len(names))
+    structure_volumes = {names[v]: round(float(counts[v]) * voxel_ml, 3) for v in range(1, len(names)) if counts[v]}
     grid = organ_pass.grid
     return SegmentationResult(
         labels=labels,
