@@ -11,7 +11,7 @@ Opens napari (3D CT + plane views + chat and routing docks, as the demo does) an
   (cold), for the demo model (``resources/demo-model``) or, when it is not bundled yet, the
   untrained placeholder model.
 
-* time per slice change (``--part slices``, issue 18): a large CT (600 x 512 x 512 int16 by
+* time per slice change (``--part slices``): a large CT (600 x 512 x 512 int16 by
   default, 0.8 x 0.7 x 0.7 mm), one wheel step in a plane view (``OrthoViewsWidget.scroll_slices``,
   what a wheel notch does) until the repaints it caused are done, per plane, for three designs
   in the same run: a plain napari viewer scrolling the same volume in its one 2D canvas (the
@@ -301,7 +301,7 @@ def _slice_change_times(volume, steps: int, design: str) -> dict[str, object]:
     ``napari``: a plain ``napari.Viewer`` showing the volume in its one 2D canvas, scrolled
     with ``dims.set_current_step`` (what its slider does): the floor this machine allows.
     ``before`` / ``after``: the reading layout (Four-Up), one wheel step in a plane view
-    (``OrthoViewsWidget.scroll_slices``) with the two changes of issue 18 switched off / on.
+    (``OrthoViewsWidget.scroll_slices``) with the two slice-step changes switched off / on.
     """
     import napari
     from qtpy.QtWidgets import QApplication

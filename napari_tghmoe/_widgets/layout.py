@@ -11,7 +11,7 @@ widgets inside the central widget's layout: napari's canvas is never reparented.
 
 While the user scrolls, clicks or windows in a plane view, the 3D cell keeps its last frame
 and repaints once they pause (``Deferred3DRepaint``): without a GPU one 3D frame costs
-seconds on a large CT, and a wheel step must not wait for it (issue 18).
+seconds on a large CT, and a wheel step must not wait for it.
 """
 
 from __future__ import annotations

@@ -18,7 +18,7 @@ the layout to maximise the view (``view_double_clicked``). Each view carries ori
 markers (R/L, A/P, S/I) and a mm scale bar; hovering puts the world position and the CT value
 (HU) under the cursor into the main viewer's status bar.
 
-A wheel step costs only what changed (issue 18): a viewer is re-sliced on a cursor move only
+A wheel step costs only what changed: a viewer is re-sliced on a cursor move only
 when its slice moved (never the 3D main view, where every axis is displayed; only the
 scrolled plane among the views), and each scroll, click or W/L drag step emits
 ``plane_interaction`` so the layout can hold the 3D view's repaint until the user pauses.

@@ -33,7 +33,7 @@ from typing import Any
 logger = logging.getLogger(__name__)
 
 QWEN_MODEL_TYPE = "qwen2_5_vl"
-#: model_type of M1's TGHMoEConfig (read from it when importable).
+#: model_type of the TGH-MoE TGHMoEConfig (read from it when importable).
 DEFAULT_TGHMOE_MODEL_TYPE = "tghmoe_qwen2_5_vl"
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".pkl", ".pickle", ".ckpt")
 TOKENIZER_FILES = ("tokenizer.json", "vocab.json", "tokenizer.model")
