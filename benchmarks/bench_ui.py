@@ -126,7 +126,7 @@ def main(argv=None) -> int:
 def _run(args) -> int:
     import napari
 
-    from napari_tghmoe._placeholder_model import ensure_placeholder_model
+    from napari_tghmoe.model.placeholder import ensure_placeholder_model
     from napari_tghmoe._widgets.chat import REPORT_REQUEST, default_model_path
     from napari_tghmoe._widgets.main_window import dock_assistant, load_demo_volume, setup_viewer
 
