@@ -31,7 +31,7 @@ STAMP="$VENV/.tghmoe-installed"
 CONSTRAINTS="${TGHMOE_CONSTRAINTS-$ROOT/constraints.txt}"  # empty: newest releases (scripts/test_newest.sh)
 WANT="$(cat "$ROOT/setup.cfg" "$ROOT/pyproject.toml" ${CONSTRAINTS:+"$CONSTRAINTS"} | sha256sum | cut -d' ' -f1)"
 if [ ! -f "$STAMP" ] || [ "$(cat "$STAMP")" != "$WANT" ]; then
-  echo "[setup] installing python packages into .venv (torch==2.13.0 first, CPU build)"
+  echo "[setup] installing python packages into $VENV (torch==2.13.0 first, CPU build)"
   "$PY" -m pip install -q --upgrade pip
   "$PY" -m pip install -q "torch==2.13.0"
   "$PY" -m pip install -q -e "$ROOT[pyqt6,eval,test]" ${CONSTRAINTS:+-c "$CONSTRAINTS"}
