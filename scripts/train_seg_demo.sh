@@ -9,8 +9,10 @@
 # 3. The demo model: 500 steps from the pretrained encoder, continued 400, 500 and 500 steps.
 # 4. The finding model of the cascade (recipes/med3d-findings.toml: 2 mm, findings only, the organ
 #    model's labels as context channels) from the pretrained encoder.
-# 5. Both are bundled to resources/demo-seg-model (`tghmoe seg-bundle`) and evaluated; the card
-#    README.md is written by hand from $RUN/bundle/eval_results.json and the training summaries.
+# 5. Both are joined in $RUN/bundle (`tghmoe seg-bundle`) and evaluated. resources/demo-seg-model
+#    gets the cascade only with SHIP_CASCADE=1 (the finding model does not yet meet the false-finding
+#    target: docs/results-med3d.md); otherwise the organ model alone, as shipped. The card README.md
+#    is written by hand from the eval_results.json and the training summaries.
 # One thread per run (TGHMOE_TRAIN_THREADS=1): on 2 shared cores two threads per process were
 # 10x slower (oversubscription). Runs that do not depend on each other go side by side.
 set -euo pipefail
@@ -50,8 +52,11 @@ $TGHMOE finetune-seg --config recipes/med3d-findings.toml --out "$RUN/findings" 
 $TGHMOE seg-bundle --organs "$RUN/demo-4" --findings "$RUN/findings" --out "$RUN/bundle"
 $TGHMOE eval-seg --model "$RUN/bundle" --data "$HELDOUT" --out "$RUN/bundle/eval_results.json" > "$RUN/bundle.log" 2>&1
 
+SHIPPED="$RUN/demo-4"
+[ "${SHIP_CASCADE:-0}" = 1 ] && SHIPPED="$RUN/bundle"
 rm -rf resources/demo-seg-model.new
-cp -r "$RUN/bundle" resources/demo-seg-model.new
+cp -r "$SHIPPED" resources/demo-seg-model.new
+rm -rf resources/demo-seg-model.new/checkpoints resources/demo-seg-model.new/train_log.jsonl
 cp resources/demo-seg-model/README.md resources/demo-seg-model.new/ 2>/dev/null || true
 rm -rf resources/demo-seg-model && mv resources/demo-seg-model.new resources/demo-seg-model
 echo "done: $RUN"
