@@ -57,3 +57,57 @@ def tuned_tghmoe_folder(tmp_path_factory, tiny_tokenizer):
     model.save_pretrained(folder)
     tiny_tokenizer.save_pretrained(folder)
     return folder
+
+
+#: A small abdominal phantom (24 x 48 x 48): the docks' tests segment and ask about it.
+SEGMENTATION_TEST_SHAPE = (24, 48, 48)
+
+
+@pytest.fixture(scope="module")
+def tiny_seg_model(tmp_path_factory):
+    """Tiny random segmentation model on a coarse 12 mm grid: one 32^3 window per phantom (fast)."""
+    from napari_tghmoe.med3d.encoder import build_tiny_seg_model
+
+    folder = tmp_path_factory.mktemp("seg") / "tiny-seg"
+    return build_tiny_seg_model(folder, working_spacing=[12.0, 12.0, 12.0], patch_size=[32, 32, 32])
+
+
+@pytest.fixture(scope="module")
+def phantom_volume():
+    from napari_tghmoe.phantom import make_phantom
+
+    return make_phantom(3, "abdomen", shape=SEGMENTATION_TEST_SHAPE).volume
+
+
+def script_engine_answers(monkeypatch, engine, texts: list[str]) -> tuple[list[str], list]:
+    """Let the real engine build its prompt and generate, then put the next of ``texts`` in its
+    answer's place (the tiny model's own words are random). Returns (rendered prompts, volumes the
+    model was shown), filled as questions are answered."""
+    import dataclasses
+
+    prompts: list[str] = []
+    shown: list = []
+    real_build, real_answer, real_prepare = engine.build_inputs, engine.answer, engine.prepare
+
+    def build_inputs(*args, **kwargs):
+        inputs = real_build(*args, **kwargs)
+        prompts.append(inputs.prompt_text)
+        return inputs
+
+    def prepare(volume, spacing=None):
+        shown.append(volume)
+        return real_prepare(volume, spacing)
+
+    def answer(volume, question, **kwargs):
+        final = None
+        for item in real_answer(volume, question, **kwargs):
+            if not isinstance(item, str):
+                final = item
+        text = texts.pop(0)
+        yield text
+        yield dataclasses.replace(final, text=text)
+
+    monkeypatch.setattr(engine, "build_inputs", build_inputs)
+    monkeypatch.setattr(engine, "prepare", prepare)
+    monkeypatch.setattr(engine, "answer", answer)
+    return prompts, shown

@@ -9,7 +9,6 @@ the tiny random model of the Segment dock's tests.
 
 from __future__ import annotations
 
-import dataclasses
 
 import numpy as np
 import pytest
@@ -25,23 +24,12 @@ from napari_tghmoe._widgets.ortho_views import OrthoViewsWidget
 from napari_tghmoe._widgets.routing_view import RoutingView
 from napari_tghmoe._widgets.segment_dock import SegmentDock
 from napari_tghmoe.layers import ct_layer_kwargs
-from napari_tghmoe.phantom import make_phantom
 
-SHAPE = (24, 48, 48)
-
-
-@pytest.fixture(scope="module")
-def tiny_seg_model(tmp_path_factory):
-    """Tiny random segmentation model on a coarse 12 mm grid (as the Segment dock's tests use)."""
-    from napari_tghmoe.med3d.encoder import build_tiny_seg_model
-
-    folder = tmp_path_factory.mktemp("seg") / "tiny-seg"
-    return build_tiny_seg_model(folder, working_spacing=[12.0, 12.0, 12.0], patch_size=[32, 32, 32])
+from conftest import SEGMENTATION_TEST_SHAPE as SHAPE, script_engine_answers  # the shared phantom_volume fixture's shape
 
 
-@pytest.fixture(scope="module")
-def phantom_volume():
-    return make_phantom(3, "abdomen", shape=SHAPE).volume
+
+
 
 
 @pytest.fixture
@@ -80,34 +68,8 @@ def docks(tmp_path, tiny_tghmoe_folder, tiny_seg_model):
 
 
 def _script(monkeypatch, chat, texts):
-    """Load the model, then: the real engine builds the prompt and generates; its text is replaced
-    by the next of ``texts``. Returns (rendered prompts, volumes the model was shown)."""
-    engine = chat.conversation.load_model(chat._model_choice())
-    prompts, shown = [], []
-    real_build, real_answer, real_prepare = engine.build_inputs, engine.answer, engine.prepare
-
-    def build_inputs(*args, **kwargs):
-        inputs = real_build(*args, **kwargs)
-        prompts.append(inputs.prompt_text)
-        return inputs
-
-    def prepare(volume, spacing=None):
-        shown.append(volume)
-        return real_prepare(volume, spacing)
-
-    def answer(volume, question, **kwargs):
-        final = None
-        for item in real_answer(volume, question, **kwargs):
-            if not isinstance(item, str):
-                final = item
-        text = texts.pop(0)
-        yield text
-        yield dataclasses.replace(final, text=text)
-
-    monkeypatch.setattr(engine, "build_inputs", build_inputs)
-    monkeypatch.setattr(engine, "prepare", prepare)
-    monkeypatch.setattr(engine, "answer", answer)
-    return prompts, shown
+    """Load the model, then script its answers (``conftest.script_engine_answers``)."""
+    return script_engine_answers(monkeypatch, chat.conversation.load_model(chat._model_choice()), texts)
 
 
 def _ask(qtbot, chat, question=None, *, button=None):

@@ -263,31 +263,10 @@ def test_the_bundled_demo_model_is_the_default_and_answers():
 
 
 def _scripted(monkeypatch, conversation: Conversation, texts: list[str]) -> list[str]:
-    """Let the real engine build its prompt and run, then put a known text in its answer's place
-    (the tiny model's own words are random). Returns the list the rendered prompts go to."""
-    import dataclasses
+    """Load the model and script its answers; returns the list the rendered prompts go to."""
+    from conftest import script_engine_answers
 
-    engine = conversation.load_model()
-    prompts: list[str] = []
-    real_build, real_answer = engine.build_inputs, engine.answer
-
-    def build_inputs(*args, **kwargs):
-        inputs = real_build(*args, **kwargs)
-        prompts.append(inputs.prompt_text)
-        return inputs
-
-    def answer(volume, question, **kwargs):
-        final = None
-        for item in real_answer(volume, question, **kwargs):
-            if not isinstance(item, str):
-                final = item
-        text = texts.pop(0)
-        yield text
-        yield dataclasses.replace(final, text=text)
-
-    monkeypatch.setattr(engine, "build_inputs", build_inputs)
-    monkeypatch.setattr(engine, "answer", answer)
-    return prompts
+    return script_engine_answers(monkeypatch, conversation.load_model(), texts)[0]
 
 
 def test_a_follow_up_carries_the_earlier_turns_and_a_new_conversation_does_not(conversation, monkeypatch, tmp_path):

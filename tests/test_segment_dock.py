@@ -19,26 +19,15 @@ from qtpy.QtWidgets import QWidget
 
 from napari_tghmoe.io import load_volume, write_dicom_series, write_nifti
 from napari_tghmoe.layers import ct_layer_kwargs
-from napari_tghmoe.phantom import make_phantom
 from napari_tghmoe._widgets.ortho_views import OrthoViewsWidget
 from napari_tghmoe._widgets._napari_private import main_qt_window
 from napari_tghmoe._widgets.segment_dock import SegmentDock, dock_segment
 
-SHAPE = (24, 48, 48)
+from conftest import SEGMENTATION_TEST_SHAPE as SHAPE  # the shared phantom_volume fixture's shape
 
 
-@pytest.fixture(scope="module")
-def tiny_seg_model(tmp_path_factory):
-    """Tiny random model on a coarse 12 mm working grid: one 32^3 window per phantom (fast)."""
-    from napari_tghmoe.med3d.encoder import build_tiny_seg_model
-
-    folder = tmp_path_factory.mktemp("seg") / "tiny-seg"
-    return build_tiny_seg_model(folder, working_spacing=[12.0, 12.0, 12.0], patch_size=[32, 32, 32])
 
 
-@pytest.fixture(scope="module")
-def phantom_volume():
-    return make_phantom(3, "abdomen", shape=SHAPE).volume
 
 
 @pytest.fixture(scope="module")

@@ -186,14 +186,13 @@ class _GridPrediction:
     labels: np.ndarray  # (z, y, x) working-grid labels
     probabilities: np.ndarray  # (L, z, y, x) softmax
     presence: np.ndarray  # (K,) finding-presence head, max over windows
-    scan_axes: list[np.ndarray]  # per scan array axis: the working-grid index of each scan voxel
+    axial_axes: list[np.ndarray]  # per axial axis: the working-grid index of each axial voxel
+    scan_axes: list[np.ndarray]  # the same per scan array axis (the scan's own order and flips)
     grid: tuple[int, int, int]
 
     def on_scan(self, labels_work: np.ndarray, order: Any, flips: Any) -> np.ndarray:
         """A working-grid map on the scan's own grid (nearest neighbour, the scan's axis order)."""
-        axial_axes = [self.scan_axes[source] for source in order]
-        axial_axes = [a[::-1] if f else a for a, f in zip(axial_axes, flips)]
-        return _from_axial(labels_work[np.ix_(*axial_axes)], order, flips)
+        return _from_axial(labels_work[np.ix_(*self.axial_axes)], order, flips)
 
     def working_indices(self, voxels: np.ndarray, order: Any) -> np.ndarray:
         """Distinct working-grid (z, y, x) indices of scan voxels (N, 3)."""
@@ -225,7 +224,7 @@ def _predict_scan(
     for canonical, source_axis in enumerate(order):
         index = axial_axes[canonical]
         scan_axes[source_axis] = index[::-1] if flips[canonical] else index
-    return _GridPrediction(labels_work, probabilities, presence, scan_axes, grid)
+    return _GridPrediction(labels_work, probabilities, presence, axial_axes, scan_axes, grid)
 
 
 def with_organ_context(image: np.ndarray, config: Any, organ_labels: tuple[np.ndarray, list[str]] | None) -> np.ndarray:

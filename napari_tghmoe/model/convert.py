@@ -17,11 +17,12 @@ TGH-MoE config, so the CT reaches the vision tower normalised the way the base w
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import shutil
 import tempfile
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 #: Files beside the weights that a model folder needs to be used (copied verbatim).
 COPIED_FILES = (
@@ -64,11 +65,7 @@ def convert_checkpoint(
     check = check_model_folder(base)
     if check.is_tghmoe:
         raise ModelLoadError(check.path, "already a TGH-MoE checkpoint: nothing to convert")
-    out = Path(out).expanduser()
-    if out.exists() and (not out.is_dir() or any(out.iterdir())) and not overwrite:
-        raise FileExistsError(f"{out}: output folder exists and is not empty (use --overwrite)")
-    if out.resolve() == check.path.resolve():
-        raise FileExistsError(f"{out}: the output folder must differ from the base folder")
+    out = checked_output_folder(out, check.path, overwrite=overwrite, source_kind="base")
     try:
         processor = read_processor_settings(check.path)
     except ProcessorConfigError as err:
@@ -76,9 +73,7 @@ def convert_checkpoint(
     settings = _processor_defaults(processor)
     settings.update(moe_config or {})
 
-    out.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
-    try:
+    with staged_output_folder(out, copy_small_files_from=check.path) as staging:
         if standalone:
             _save_standalone(check.path, staging, settings)
         else:
@@ -87,8 +82,30 @@ def convert_checkpoint(
             from napari_tghmoe.model.base_ref import write_base_reference
 
             write_base_reference(staging, check.path, check.weight_files, digest, final_folder=out)
+    return out
+
+
+def checked_output_folder(out: str | Path, source: Path, *, overwrite: bool, source_kind: str) -> Path:
+    """``out`` as a path a model folder may be written to: empty or ``overwrite``, not ``source``."""
+    out = Path(out).expanduser()
+    if out.exists() and (not out.is_dir() or any(out.iterdir())) and not overwrite:
+        raise FileExistsError(f"{out}: output folder exists and is not empty (use --overwrite)")
+    if out.resolve() == source.resolve():
+        raise FileExistsError(f"{out}: the output folder must differ from the {source_kind} folder")
+    return out
+
+
+@contextlib.contextmanager
+def staged_output_folder(out: Path, *, copy_small_files_from: Path) -> Iterator[Path]:
+    """A staging folder beside ``out``, renamed to ``out`` when the block ends without an error, so
+    ``out`` appears complete or not at all. The source's tokenizer, processor and template files
+    (:data:`COPIED_FILES`) the block did not write itself are copied in first."""
+    out.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
+    try:
+        yield staging
         for name in COPIED_FILES:
-            source = check.path / name
+            source = copy_small_files_from / name
             if source.is_file() and not (staging / name).exists():
                 shutil.copy2(source, staging / name)
         if out.exists():
@@ -97,7 +114,6 @@ def convert_checkpoint(
     finally:
         if staging.exists():
             shutil.rmtree(staging, ignore_errors=True)
-    return out
 
 
 def _processor_defaults(processor: Any) -> dict[str, Any]:

@@ -397,12 +397,10 @@ def attach_encoder_to_folder(
     folder is loaded in its stored dtype and saved again (every base tensor as it was). Written to a
     staging folder, then renamed, so ``out`` appears complete or not at all."""
     import json
-    import os
-    import tempfile
 
     from transformers import AutoTokenizer
 
-    from napari_tghmoe.model.convert import COPIED_FILES
+    from napari_tghmoe.model.convert import checked_output_folder, staged_output_folder
     from napari_tghmoe.model.loading import ModelLoadError, check_model_folder
 
     check = check_model_folder(model_dir)
@@ -411,35 +409,19 @@ def attach_encoder_to_folder(
     if check.config.get("volume_encoder"):
         raise ModelLoadError(check.path, f"already has a volume encoder ({check.config['volume_encoder']})")
     load_volume_encoder(encoder_dir)  # a bad encoder folder fails before anything is written
-    out = Path(out).expanduser()
-    if out.exists() and (not out.is_dir() or any(out.iterdir())) and not overwrite:
-        raise FileExistsError(f"{out}: output folder exists and is not empty (use --overwrite)")
-    if out.resolve() == check.path.resolve():
-        raise FileExistsError(f"{out}: the output folder must differ from the model folder")
+    out = checked_output_folder(out, check.path, overwrite=overwrite, source_kind="model")
     tokenizer = AutoTokenizer.from_pretrained(str(check.path), local_files_only=True)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
-    try:
+    with staged_output_folder(out, copy_small_files_from=check.path) as staging:
         settings = dict(tokens_grid=tokens_grid, experts=experts, hidden=hidden)
         if check.base is not None:
             added = _attach_by_reference(check, Path(encoder_dir), staging, out, tokenizer, settings)
         else:
             added = _attach_standalone(check, Path(encoder_dir), staging, tokenizer, settings)
-        for name in COPIED_FILES:
-            source = check.path / name
-            if source.is_file() and not (staging / name).exists():
-                shutil.copy2(source, staging / name)
         if added:
             tokenizer.save_pretrained(str(staging))
         config = json.loads((staging / "config.json").read_text(encoding="utf-8"))
         if not config.get("volume_encoder"):  # pragma: no cover - both writers set it
             raise RuntimeError("the written config names no volume encoder")
-        if out.exists():
-            shutil.rmtree(out) if out.is_dir() else out.unlink()
-        os.replace(staging, out)
-    finally:
-        if staging.exists():
-            shutil.rmtree(staging, ignore_errors=True)
     return out
 
 

@@ -35,7 +35,6 @@ from napari_tghmoe.datasets import (
     tasks_for,
     write_phantom_cache,
 )
-from napari_tghmoe.datasets.specs import _shape_or_spacing, _spec_parts  # med3d's spec parser uses them
 from napari_tghmoe.model.prompts import instruction_for
 from napari_tghmoe.train.collate import DEFAULT_GROUP_NAMES, IGNORE_INDEX, collate, make_collate_fn
 
@@ -49,8 +48,6 @@ __all__ = [
     "CachedPhantom",
     "Phrasing",
     "Sample",
-    "_shape_or_spacing",
-    "_spec_parts",
     "cached_phantom",
     "closed_vqa_prompt",
     "closed_vqa_target",
