@@ -513,7 +513,79 @@ def test_unsure_finding_components_go_back_to_the_organs(tmp_path):
     sure_enough = segment_volume(volume, attach_finding_model(organs, finder("f50", 0.5), tmp_path / "b50"))
     assert {f.kind for f in sure_enough.findings} == {"renal cyst"}
     assert all(0.55 < f.probability < 0.65 for f in sure_enough.findings)
+    assert all(f.probability <= f.peak_probability < 0.65 for f in sure_enough.findings)
     too_unsure = segment_volume(volume, attach_finding_model(organs, finder("f70", 0.7), tmp_path / "b70"))
     assert too_unsure.findings == []
     assert set(np.unique(too_unsure.labels).tolist()) == {1}  # all liver again, as the organ model said
     assert "renal cyst" not in too_unsure.structure_volumes_ml
+
+
+def test_lookalike_voxels_lie_on_the_named_structures_of_the_phantom():
+    import dataclasses
+
+    from napari_tghmoe.med3d.data import MAX_LOOKALIKE_VOXELS, lookalike_voxels, resample_nearest
+    from napari_tghmoe.phantom import make_phantom
+
+    phantom = make_phantom(2, "abdomen", spacing=(5.0, 5.0, 5.0))
+    grid = tuple(n // 2 for n in phantom.labels.shape)
+    voxels = lookalike_voxels(phantom, ["bowel"], grid)
+    bowel = [v for v, name in phantom.label_names.items() if name == "bowel"]
+    on_grid = resample_nearest(phantom.labels, grid)
+    assert 0 < len(voxels) <= MAX_LOOKALIKE_VOXELS
+    assert np.isin(on_grid[tuple(voxels.T)], bowel).all()
+    assert np.array_equal(voxels, lookalike_voxels(phantom, ["bowel"], grid))  # seeded: the same each time
+    empty = dataclasses.replace(phantom, labels=np.zeros_like(phantom.labels))
+    assert lookalike_voxels(empty, ["bowel"], grid).shape == (0, 3)  # no bowel: nothing to aim at
+
+
+def test_crop_centres_split_between_lesions_lookalikes_and_body():
+    from napari_tghmoe.med3d.finetune import crop_centre_pool
+    from napari_tghmoe.med3d.recipe import FinetuneSettings
+
+    lesions, lookalikes, body = np.ones((2, 3)), np.full((5, 3), 2), np.zeros((9, 3))
+    settings = FinetuneSettings(lesion_crop_fraction=0.5, lookalike_crop_fraction=0.3, lookalike_structures=["bowel"])
+    draws = np.linspace(0.0, 0.999, 1000)
+    pools = [crop_centre_pool(d, settings, lesions, lookalikes, body) for d in draws]
+    shares = [np.mean([p is pool for p in pools]) for pool in (lesions, lookalikes, body)]
+    assert np.allclose(shares, [0.5, 0.3, 0.2], atol=0.002)
+    # a volume with nothing to aim at falls back to the body, never to an empty pool
+    assert crop_centre_pool(0.6, settings, lesions, None, body) is body
+    assert crop_centre_pool(0.1, settings, np.zeros((0, 3)), lookalikes, body) is body
+
+
+def test_recipe_refuses_unknown_or_unbalanced_lookalikes(tmp_path):
+    from napari_tghmoe.med3d.recipe import Med3DRecipeError, load_recipe
+
+    base = TINY_RECIPE.read_text()
+    with pytest.raises(Med3DRecipeError, match="not phantom structures.*bowel"):
+        load_recipe(TINY_RECIPE, ["finetune.lookalike_crop_fraction=0.2", "finetune.lookalike_structures=['intestine']"])
+    with pytest.raises(Med3DRecipeError, match="at most 1"):
+        load_recipe(TINY_RECIPE, ["finetune.lesion_crop_fraction=0.8", "finetune.lookalike_crop_fraction=0.3",
+                                  "finetune.lookalike_structures=['bowel']"])
+    with pytest.raises(Med3DRecipeError, match="needs lookalike_structures"):
+        load_recipe(TINY_RECIPE, ["finetune.lookalike_crop_fraction=0.2"])
+    assert base == TINY_RECIPE.read_text()
+
+
+def test_kind_sampling_draws_every_finding_kind_equally_however_large():
+    """A 300 mL effusion must not take the crops a 3 mL nodule needs."""
+    from types import SimpleNamespace
+
+    from napari_tghmoe.med3d.finetune import draw_finding, finding_instances
+
+    config = SimpleNamespace(finding_kinds=["lung nodule", "pleural effusion"], finding_label=lambda k: 1 + ["lung nodule", "pleural effusion"].index(k))
+    first = np.zeros((20, 20, 20), np.uint8)
+    first[:, :, :10] = 2  # one huge effusion
+    first[15, 15, 15] = 1  # a one-voxel nodule
+    second = np.zeros((20, 20, 20), np.uint8)
+    second[2:4, 2:4, 2:4] = 1  # and two nodules apart from each other
+    second[10:12, 10:12, 10:12] = 1
+    instances = finding_instances([first, second], config)
+    assert len(instances["pleural effusion"]) == 1 and len(instances["lung nodule"]) == 3
+    assert sorted(len(v) for _, v in instances["lung nodule"]) == [1, 8, 8]
+    nodule = [v for i, v in instances["lung nodule"] if i == 0][0]
+    assert nodule.tolist() == [[15, 15, 15]]
+    rng = np.random.default_rng(0)
+    draws = [draw_finding(rng, instances) for _ in range(2000)]
+    effusion_share = np.mean([len(v) == 4000 for _, v in draws])
+    assert 0.45 < effusion_share < 0.55  # per voxel it would be 4000 / 4017

@@ -27,6 +27,22 @@ class WorkingVolume:
     hu: np.ndarray | None = None  # (z, y, x) float32 HU on the working grid (for the 2D targets)
     region: str = "CT"
     finding_kinds: list[str] = field(default_factory=list)  # kinds present (phantom truth)
+    lookalike_voxels: np.ndarray | None = None  # (N, 3) working-grid voxels of look-alike structures
+
+
+#: At most this many look-alike voxels are kept per volume (a random spread, to pick crop centres).
+MAX_LOOKALIKE_VOXELS = 4000
+
+
+def lookalike_voxels(phantom: Any, structures: Sequence[str], grid: Sequence[int]) -> np.ndarray:
+    """(N, 3) working-grid voxels on the named phantom structures (seeded subsample, sorted)."""
+    values = [value for value, name in phantom.label_names.items() if name in set(structures)]
+    mask = resample_nearest(np.isin(phantom.labels, values), grid)
+    voxels = np.argwhere(mask)
+    if len(voxels) > MAX_LOOKALIKE_VOXELS:
+        keep = np.random.default_rng([int(phantom.seed), 23]).choice(len(voxels), MAX_LOOKALIKE_VOXELS, replace=False)
+        voxels = voxels[np.sort(keep)]
+    return voxels.astype(np.int32)
 
 
 def working_shape(shape: Sequence[int], spacing: Sequence[float], working_spacing: Sequence[float]) -> tuple[int, int, int]:
@@ -112,15 +128,21 @@ def phantom_model_labels(phantom: Any, config: Any) -> np.ndarray:
     return labels
 
 
-def phantom_working_volume(phantom: Any, config: Any, extra_channels: Any = None) -> WorkingVolume:
-    """``extra_channels(volume, image)`` returns the image with more channels (a finding model's context)."""
+def phantom_working_volume(
+    phantom: Any, config: Any, extra_channels: Any = None, lookalikes: Sequence[str] = ()
+) -> WorkingVolume:
+    """``extra_channels(volume, image)`` returns the image with more channels (a finding model's context).
+
+    ``lookalikes`` names phantom structures whose voxels are kept as hard-negative crop centres.
+    """
     image, hu, grid = prepare_image_and_hu(phantom.volume, config)
     if extra_channels is not None:
         image = extra_channels(phantom.volume, image)
     labels = resample_nearest(phantom_model_labels(phantom, config), grid)
     kinds = sorted({f.kind for f in phantom.findings if f.kind in config.finding_kinds})
     return WorkingVolume(
-        image=image, labels=labels, name=f"phantom-{phantom.seed}", hu=hu, region=phantom.region, finding_kinds=kinds
+        image=image, labels=labels, name=f"phantom-{phantom.seed}", hu=hu, region=phantom.region, finding_kinds=kinds,
+        lookalike_voxels=lookalike_voxels(phantom, lookalikes, grid) if lookalikes else None,
     )
 
 
@@ -184,7 +206,8 @@ def compacted(volume: WorkingVolume) -> WorkingVolume:
 
 
 def load_working_volumes(
-    specs: Sequence[str], config: Any, *, labelled: bool = True, compact: bool = False, extra_channels: Any = None
+    specs: Sequence[str], config: Any, *, labelled: bool = True, compact: bool = False, extra_channels: Any = None,
+    lookalikes: Sequence[str] = (),
 ) -> list[WorkingVolume]:
     """Every volume of ``specs`` on the working grid (``compact``: see :func:`compacted`).
 
@@ -196,7 +219,7 @@ def load_working_volumes(
     for spec in specs:
         if spec.strip().lower().startswith("phantom:"):
             for phantom in iter_phantoms(spec):
-                volume = phantom_working_volume(phantom, config, extra_channels)
+                volume = phantom_working_volume(phantom, config, extra_channels, lookalikes)
                 volumes.append(compacted(volume) if compact else volume)
             continue
         if labelled:

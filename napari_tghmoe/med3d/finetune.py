@@ -2,9 +2,10 @@
 
 Labelled phantoms on the working grid; each step draws crops of the sliding-window size,
 half of them (``lesion_crop_fraction``) centred on a finding voxel so that the rare focal
-labels are seen often, the rest anywhere in the body. Loss: Dice + cross-entropy (MONAI
-``DiceCELoss``) over all labels, plus binary cross-entropy of the finding-presence head
-against "does this crop hold a voxel of that kind". ``--init`` copies a pre-trained encoder
+labels are seen often (``lesion_sampling = "kind"``: each kind as often), optionally a share
+(``lookalike_crop_fraction``) on structures that look like findings, the rest anywhere in the
+body. Loss: Dice + cross-entropy (MONAI ``DiceCELoss``) over all labels, plus binary
+cross-entropy of the finding-presence head against "does this crop hold a voxel of that kind". ``--init`` copies a pre-trained encoder
 (``tghmoe pretrain`` output) in; without it the same network starts from scratch; a
 segmentation model folder given as ``--init`` is trained further (its own architecture).
 ``label_fraction`` keeps the labels of that share of the training volumes (seeded choice).
@@ -75,6 +76,50 @@ def organ_context_reader(config: Any, settings: Any) -> Any:
     return add
 
 
+def crop_centre_pool(
+    draw: float, settings: Any, lesions: np.ndarray, lookalikes: np.ndarray | None, body: np.ndarray
+) -> np.ndarray:
+    """Where a crop is centred, for a uniform ``draw`` in [0, 1).
+
+    The first ``lesion_crop_fraction`` of draws go to a finding voxel, the next
+    ``lookalike_crop_fraction`` to a look-alike structure (hard negatives), the rest anywhere in
+    the body; a volume without findings or look-alikes gives the body instead.
+    """
+    lesion_share = settings.lesion_crop_fraction
+    if draw < lesion_share and len(lesions):
+        return lesions
+    if lesion_share <= draw < lesion_share + settings.lookalike_crop_fraction and lookalikes is not None and len(lookalikes):
+        return lookalikes
+    return body
+
+
+def finding_instances(labels: list[np.ndarray], config: Any) -> dict[str, list[tuple[int, np.ndarray]]]:
+    """Per finding kind: (volume index, working-grid voxels (N, 3)) of each finding of it.
+
+    One finding is one connected component (26-neighbour) of its kind's label.
+    """
+    from scipy import ndimage
+
+    instances: dict[str, list[tuple[int, np.ndarray]]] = {}
+    for index, volume_labels in enumerate(labels):
+        for kind in config.finding_kinds:
+            mask = volume_labels == config.finding_label(kind)
+            if not mask.any():
+                continue
+            components, _ = ndimage.label(mask, structure=np.ones((3, 3, 3), bool))
+            for number, box in enumerate(ndimage.find_objects(components), start=1):
+                offset = np.array([s.start for s in box])
+                instances.setdefault(kind, []).append((index, np.argwhere(components[box] == number) + offset))
+    return instances
+
+
+def draw_finding(rng: np.random.Generator, instances: dict[str, list[tuple[int, np.ndarray]]]) -> tuple[int, np.ndarray]:
+    """A kind uniformly, then one finding of it uniformly: (volume index, that finding's voxels)."""
+    kinds = sorted(instances)
+    kind = kinds[int(rng.integers(len(kinds)))]
+    return instances[kind][int(rng.integers(len(instances[kind])))]
+
+
 def _is_seg_folder(folder: str | Path) -> bool:
     import json
 
@@ -126,7 +171,8 @@ def finetune(
         copied = copy_encoder(pretrained, model)
         del pretrained
     volumes = load_working_volumes(
-        recipe.data.train, config, labelled=True, compact=True, extra_channels=organ_context_reader(config, settings)
+        recipe.data.train, config, labelled=True, compact=True, extra_channels=organ_context_reader(config, settings),
+        lookalikes=settings.lookalike_structures if settings.lookalike_crop_fraction > 0 else (),
     )
     chosen_volumes = [volumes[i] for i in labelled_subset(len(volumes), fraction, recipe.seed)]
     patch = tuple(config.patch_size)
@@ -134,15 +180,21 @@ def finetune(
     kinds = config.finding_kinds
     first_finding = 1 + organ_count
     lesion_voxels = [np.argwhere(v.labels >= first_finding) for v in chosen_volumes]
+    instances = finding_instances([v.labels for v in chosen_volumes], config) if settings.lesion_sampling == "kind" else {}
     soft_tissue = len(config.ct_windows) - 1  # the soft-tissue window channel: > 0 is above -160 HU
     body_voxels = [np.argwhere(v.image[soft_tissue] > 0.0)[::7] for v in chosen_volumes]
     segmentation_loss = segmentation_loss_for(settings, config.num_labels_total)
     bce = torch.nn.BCEWithLogitsLoss()
 
     def draw_crop(rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
-        index = int(rng.integers(len(chosen_volumes)))
-        volume = chosen_volumes[index]
-        pool = lesion_voxels[index] if len(lesion_voxels[index]) and rng.random() < settings.lesion_crop_fraction else body_voxels[index]
+        draw = rng.random()
+        if instances and draw < settings.lesion_crop_fraction:
+            index, pool = draw_finding(rng, instances)
+            volume = chosen_volumes[index]
+        else:
+            index = int(rng.integers(len(chosen_volumes)))
+            volume = chosen_volumes[index]
+            pool = crop_centre_pool(draw, settings, lesion_voxels[index], volume.lookalike_voxels, body_voxels[index])
         if len(pool) == 0:
             centre = np.array(volume.labels.shape) // 2
         else:

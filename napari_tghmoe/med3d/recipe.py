@@ -58,12 +58,19 @@ class PretrainSettings(LoopSettings):
 class FinetuneSettings(LoopSettings):
     label_fraction: float = 1.0  # share of the training volumes whose labels are used
     lesion_crop_fraction: float = 0.5  # crops centred on a finding voxel (else anywhere in the body)
+    # How those crops pick their finding: "voxel" (any finding voxel: a 300 mL effusion is drawn
+    # ~100x as often as a 3 mL nodule) or "kind" (a kind, then one finding of it, then a voxel).
+    lesion_sampling: str = "voxel"
     classification_weight: float = 0.5  # weight of the finding-presence BCE beside Dice + CE
     loss: str = "dice_ce"  # dice_ce (MONAI DiceCELoss) | dice_focal (DiceFocalLoss: rare small labels)
     focal_gamma: float = 2.0  # dice_focal only
     background_weight: float = 1.0  # cross-entropy weight of label 0 (others 1): < 1 for rare small labels
     batch_dice: bool = False  # one Dice per label over the whole batch instead of per crop
     context_model: str = ""  # organ model whose labels a finding model with context_groups reads ("demo": the bundled one)
+    # Hard negatives: this share of the crops is centred on phantom structures that look like
+    # findings but are not (bowel loops beside lymph nodes, pulmonary vessels beside nodules).
+    lookalike_crop_fraction: float = 0.0
+    lookalike_structures: list[str] = field(default_factory=list)  # phantom structure names
 
 
 @dataclass
@@ -126,8 +133,30 @@ def recipe_from_dict(values: dict[str, Any], source: str = "recipe") -> Med3DRec
         raise Med3DRecipeError(f"{source}: [finetune] loss must be dice_ce or dice_focal, got {recipe.finetune.loss!r}")
     if not 0.0 < recipe.finetune.label_fraction <= 1.0:
         raise Med3DRecipeError(f"{source}: label_fraction must be in (0, 1], got {recipe.finetune.label_fraction}")
+    if recipe.finetune.lesion_sampling not in ("voxel", "kind"):
+        raise Med3DRecipeError(f"{source}: [finetune] lesion_sampling must be voxel or kind, got {recipe.finetune.lesion_sampling!r}")
+    _check_lookalikes(recipe.finetune, source)
     recipe.config()  # validate the model table now, with the file's name
     return recipe
+
+
+def _check_lookalikes(settings: FinetuneSettings, source: str) -> None:
+    from napari_tghmoe.phantom import LABEL_NAMES
+
+    share = settings.lookalike_crop_fraction + settings.lesion_crop_fraction
+    if settings.lookalike_crop_fraction < 0.0 or share > 1.0:
+        raise Med3DRecipeError(
+            f"{source}: [finetune] lookalike_crop_fraction must be >= 0 and, with lesion_crop_fraction, at most 1"
+        )
+    if settings.lookalike_crop_fraction > 0.0 and not settings.lookalike_structures:
+        raise Med3DRecipeError(f"{source}: [finetune] lookalike_crop_fraction needs lookalike_structures")
+    known = set(LABEL_NAMES.values())
+    unknown = sorted(set(settings.lookalike_structures) - known)
+    if unknown:
+        raise Med3DRecipeError(
+            f"{source}: [finetune] lookalike_structures {', '.join(unknown)} are not phantom structures "
+            f"(known: {', '.join(sorted(known))})"
+        )
 
 
 def load_recipe(path: str | Path, overrides: list[str] | None = None) -> Med3DRecipe:

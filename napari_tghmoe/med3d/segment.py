@@ -378,7 +378,8 @@ def segment_volume(
             continue
         value = config.finding_label(kind)
         for voxels in finding_components(labels, value, min_voxels):
-            probability = float(source.probabilities[source_value][tuple(source.working_indices(voxels, order).T)].mean())
+            inside = source.probabilities[source_value][tuple(source.working_indices(voxels, order).T)]
+            probability = float(inside.mean())
             if probability < threshold:  # an unsure component: its voxels go back to the organs
                 labels[tuple(voxels.T)] = 0 if organ_scan is None else organ_scan[tuple(voxels.T)]
                 continue
@@ -394,6 +395,7 @@ def segment_volume(
                     probability=round(probability, 4),
                     location=_location(organ_labels_work, organ_pass.working_indices(voxels, order), organ_count, names),
                     voxel_count=int(len(voxels)),
+                    peak_probability=round(float(inside.max()), 4),
                 )
             )
     findings.sort(key=lambda f: -f.probability)

@@ -27,6 +27,7 @@ class SegFinding:
     probability: float  # mean foreground probability of the component
     location: str | None = None  # organ/structure it lies in, from the organ labels, e.g. "left kidney"
     voxel_count: int = 0
+    peak_probability: float = 0.0  # highest probability of its kind inside it (a sure core in a vague rim)
 
 
 @dataclass
