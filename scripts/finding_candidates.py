@@ -8,7 +8,7 @@ the phantom structure most of it lies on (which look-alike a false one is). Keep
 be scored on the saved JSON in seconds (``--rules``) instead of re-segmenting for every setting.
 
     python scripts/finding_candidates.py collect --model DIR --data "phantom:seeds=800000-800015,region=both,spacing=2.5x1.5x1.5" --out cands.json
-    python scripts/finding_candidates.py score cands.json [--threshold 0.5] [--peak 0.9]
+    python scripts/finding_candidates.py score cands.json [--threshold 0.5] [--peak 0.9] [--sites recipes/med3d-findings.toml]
 """
 
 from __future__ import annotations
@@ -32,6 +32,8 @@ def _unthresholded_copy(model_dir: Path, scratch: Path) -> Path:
         config = json.loads(config_path.read_text())
         if "min_finding_probability" in config:
             config["min_finding_probability"] = 0.0
+            config["verifier_min_probability"] = 0.0
+            config["finding_sites"] = {}
             config_path.write_text(json.dumps(config, indent=2))
     return out
 
@@ -69,6 +71,7 @@ def collect(model_dir: Path, data: str, out: Path) -> None:
                         "volume_ml": finding.volume_ml,
                         "probability": finding.probability,
                         "peak_probability": finding.peak_probability,
+                        "verifier_probability": finding.verifier_probability,
                         "location": finding.location,
                         "presence": result.finding_presence.get(finding.kind),
                         "true_findings": hits,
@@ -123,14 +126,26 @@ def main(argv: list[str] | None = None) -> int:
     s.add_argument("--threshold", type=float, default=0.0, help="minimum mean probability")
     s.add_argument("--peak", type=float, default=0.0, help="minimum peak probability")
     s.add_argument("--min-ml", type=float, default=0.0)
+    s.add_argument("--verified", type=float, default=0.0, help="minimum verifier probability")
+    s.add_argument("--sites", type=Path, metavar="RECIPE", help="apply this recipe's [model.finding_sites]")
     args = parser.parse_args(argv)
     if args.command == "collect":
         collect(args.model, args.data, args.out)
         return 0
-    result = score(
-        args.candidates,
-        lambda c: c["probability"] >= args.threshold and c["peak_probability"] >= args.peak and c["volume_ml"] >= args.min_ml,
-    )
+    sites: dict[str, list[str]] = {}
+    if args.sites is not None:
+        from napari_tghmoe.med3d.recipe import load_recipe
+
+        sites = load_recipe(args.sites).config().finding_sites
+
+    def keep(c: dict[str, Any]) -> bool:
+        in_place = c["kind"] not in sites or c["location"] in sites[c["kind"]]
+        second_look = c.get("verifier_probability")
+        if second_look is not None and second_look < args.verified:
+            return False
+        return in_place and c["probability"] >= args.threshold and c["peak_probability"] >= args.peak and c["volume_ml"] >= args.min_ml
+
+    result = score(args.candidates, keep)
     print(json.dumps(result, indent=1))
     return 0
 

@@ -151,6 +151,11 @@ def test_config_rejects_bad_values():
         Med3DConfig(patch_size=[18, 16, 16], blocks_down=[1, 1, 1])
     with pytest.raises(ValueError, match="encoder"):
         Med3DConfig(encoder="nnformer")
+    with pytest.raises(ValueError, match="kinds this model does not label: gallstone"):
+        Med3DConfig(finding_sites={"gallstone": ["liver"]})
+    with pytest.raises(ValueError, match="organs this model does not label: pancreas"):
+        Med3DConfig(finding_sites={"renal cyst": ["pancreas"]})
+    assert Med3DConfig(organ_names=[], finding_sites={"renal cyst": ["pancreas"]}).finding_sites  # its cascade checks
 
 
 def test_axial_view_undoes_a_coronal_storage():
@@ -484,6 +489,45 @@ def test_background_weight_makes_missed_findings_cost_more_than_false_ones():
     assert weighted > 2.0 * plain
 
 
+def _renal_cyst_everywhere(folder: Path, **config) -> Path:
+    """A 4 mm finding model that calls every voxel a renal cyst, at p = e / (e + e^0.6) = 0.60."""
+    import torch
+
+    from napari_tghmoe.med3d.encoder import build_tiny_seg_model, load_seg_model
+
+    folder = build_tiny_seg_model(folder, **{"organ_names": [], "working_spacing": [4.0, 4.0, 4.0], **config})
+    model = load_seg_model(folder)
+    final = model.backbone.net.conv_final[2].conv
+    with torch.no_grad():
+        final.weight.zero_()
+        final.bias.fill_(-20.0)
+        final.bias[0] = 0.6
+        final.bias[model.config.label_names.index("renal cyst")] = 1.0
+    model.save_pretrained(str(folder), safe_serialization=True)
+    return folder
+
+
+def test_a_finding_where_its_kind_cannot_lie_is_no_finding(tmp_path):
+    """finding_sites: a renal cyst must lie in a kidney; in the liver it is not one."""
+    from napari_tghmoe.med3d import segment_volume
+    from napari_tghmoe.med3d.segment import SegModelError, attach_finding_model
+    from napari_tghmoe.phantom import make_phantom
+
+    volume = make_phantom(3, "abdomen", spacing=(8.0, 8.0, 8.0)).volume
+    organs = _biased_seg_model(tmp_path / "organs", "liver")  # every organ voxel is liver
+    in_kidney = _renal_cyst_everywhere(tmp_path / "kidney", finding_sites={"renal cyst": ["right kidney", "left kidney"]})
+    refused = segment_volume(volume, attach_finding_model(organs, in_kidney, tmp_path / "b1"))
+    assert refused.findings == []
+    assert set(np.unique(refused.labels).tolist()) == {1}
+    anywhere = _renal_cyst_everywhere(tmp_path / "liver", finding_sites={"renal cyst": ["liver"]})
+    kept = segment_volume(volume, attach_finding_model(organs, anywhere, tmp_path / "b2"))
+    assert {f.kind for f in kept.findings} == {"renal cyst"}
+    assert all(f.location == "liver" for f in kept.findings)
+    stray = _renal_cyst_everywhere(tmp_path / "stray", finding_sites={"renal cyst": ["pancreas"]})
+    with pytest.raises(SegModelError, match="finding sites pancreas"):
+        attach_finding_model(organs, stray, tmp_path / "b3")
+
+
 def test_unsure_finding_components_go_back_to_the_organs(tmp_path):
     """min_finding_probability: a component less sure than that is no finding, its voxels organs again."""
     import torch
@@ -497,18 +541,7 @@ def test_unsure_finding_components_go_back_to_the_organs(tmp_path):
     organs = _biased_seg_model(tmp_path / "organs", "liver")
 
     def finder(name: str, threshold: float) -> Path:
-        folder = build_tiny_seg_model(
-            tmp_path / name, organ_names=[], working_spacing=[4.0, 4.0, 4.0], min_finding_probability=threshold
-        )
-        model = load_seg_model(folder)
-        final = model.backbone.net.conv_final[2].conv
-        with torch.no_grad():  # renal cyst wins everywhere, but only at p = e / (e + e^0.6) = 0.60
-            final.weight.zero_()
-            final.bias.fill_(-20.0)
-            final.bias[0] = 0.6
-            final.bias[model.config.label_names.index("renal cyst")] = 1.0
-        model.save_pretrained(str(folder), safe_serialization=True)
-        return folder
+        return _renal_cyst_everywhere(tmp_path / name, min_finding_probability=threshold)
 
     sure_enough = segment_volume(volume, attach_finding_model(organs, finder("f50", 0.5), tmp_path / "b50"))
     assert {f.kind for f in sure_enough.findings} == {"renal cyst"}
@@ -589,3 +622,80 @@ def test_kind_sampling_draws_every_finding_kind_equally_however_large():
     draws = [draw_finding(rng, instances) for _ in range(2000)]
     effusion_share = np.mean([len(v) == 4000 for _, v in draws])
     assert 0.45 < effusion_share < 0.55  # per voxel it would be 4000 / 4017
+
+
+# --------------------------------------------------------------------------- the verifier
+
+
+def _constant_verifier(folder: Path, finder: Path, winner: str) -> Path:
+    """A verifier whose answer is ``winner`` ("none" or a finding kind) for every crop."""
+    from napari_tghmoe.med3d.encoder import load_seg_model
+    from napari_tghmoe.med3d.verifier import Med3DFindingVerifier, verifier_config
+
+    config = verifier_config(load_seg_model(finder).config, [16, 16, 16], [4, 8], 0.5)
+    model = Med3DFindingVerifier(config)
+    last = [m for m in model.modules() if isinstance(m, torch.nn.Linear)][-1]
+    with torch.no_grad():
+        last.weight.zero_()
+        last.bias.fill_(-10.0)
+        last.bias[0 if winner == "none" else 1 + config.finding_kinds.index(winner)] = 10.0
+    model.save_pretrained(str(folder), safe_serialization=True)
+    return folder
+
+
+def test_the_verifier_has_the_last_word_on_each_proposal(tmp_path):
+    """A proposal the verifier calls no finding goes back to the organs; one it confirms stays."""
+    from napari_tghmoe.med3d import segment_volume
+    from napari_tghmoe.med3d.segment import SegModelError, attach_finding_model
+    from napari_tghmoe.phantom import make_phantom
+
+    volume = make_phantom(3, "abdomen", spacing=(8.0, 8.0, 8.0)).volume
+    organs = _biased_seg_model(tmp_path / "organs", "liver")
+    finder = _renal_cyst_everywhere(tmp_path / "finder")
+    no = _constant_verifier(tmp_path / "no", finder, "none")
+    rejected = segment_volume(volume, attach_finding_model(organs, finder, tmp_path / "b-no", verifier_dir=no))
+    assert rejected.findings == []
+    assert set(np.unique(rejected.labels).tolist()) == {1}
+    yes = _constant_verifier(tmp_path / "yes", finder, "renal cyst")
+    kept = segment_volume(volume, attach_finding_model(organs, finder, tmp_path / "b-yes", verifier_dir=yes))
+    assert {f.kind for f in kept.findings} == {"renal cyst"}
+    assert all(f.verifier_probability > 0.99 for f in kept.findings)
+    assert (tmp_path / "b-yes" / "findings" / "verifier" / "model.safetensors").is_file()
+    # a verifier of another finding model (other kinds) is refused with the folder named
+    other = _renal_cyst_everywhere(tmp_path / "other", finding_kinds=["renal cyst", "lung nodule"])
+    stray = _constant_verifier(tmp_path / "stray", other, "none")
+    with pytest.raises(SegModelError, match="stray: this verifier was trained for another finding model"):
+        attach_finding_model(organs, finder, tmp_path / "b-stray", verifier_dir=stray)
+
+
+def test_train_verifier_learns_from_the_finding_models_own_proposals(tmp_path):
+    """Mined classes: the finder's proposal is a look-alike unless it touches a true finding of its kind."""
+    from napari_tghmoe.med3d.data import iter_phantoms
+    from napari_tghmoe.med3d.verifier import CANDIDATES_NAME, CandidateSet, load_verifier
+
+    finder = _renal_cyst_everywhere(tmp_path / "finder", working_spacing=[8.0, 8.0, 8.0])
+    data = "phantom:seeds=0-1,region=both,spacing=8x8x8"
+    settings = [
+        f"verifier.data=['{data}']", "verifier.crop_size=[16,16,16]", "verifier.channels=[4,8]",
+        "verifier.steps=3", "verifier.batch_size=2", "verifier.log_every=1", "verifier.warmup_steps=1",
+    ]
+    args = ["train-verifier", "--config", str(TINY_RECIPE), "--findings", str(finder), "--out", str(tmp_path / "v"), "--no-progress"]
+    assert _run(args + [x for s in settings for x in ("--set", s)]) == 0
+    mined = CandidateSet.load(tmp_path / "v" / CANDIDATES_NAME)
+    from napari_tghmoe.med3d.encoder import load_seg_model
+
+    kinds = load_seg_model(finder).config.finding_kinds
+    phantoms = list(iter_phantoms(data))
+    cysts = [sum(f.kind == "renal cyst" for f in p.findings) for p in phantoms]
+    true_findings = sum(sum(f.kind in kinds for f in p.findings) for p in phantoms)
+    proposals = mined.proposed == 1
+    assert proposals.sum() == len(phantoms)  # "renal cyst" everywhere: one component per volume
+    cyst_class = 1 + kinds.index("renal cyst")
+    assert sorted(mined.targets[proposals].tolist()) == sorted(cyst_class if c else 0 for c in cysts)
+    assert (~proposals).sum() == true_findings and (mined.targets[~proposals] > 0).all()
+    assert mined.crops.shape[1:] == (len(load_seg_model(finder).config.ct_windows) + 1, 16, 16, 16)
+    assert set(np.unique(mined.crops[:, -1]).tolist()) <= {0.0, 1.0}  # the candidate's mask channel
+    verifier = load_verifier(tmp_path / "v")
+    assert verifier.config.patch_size == [16, 16, 16] and verifier.config.verifier_min_probability == 0.5
+    log = [json.loads(line) for line in (tmp_path / "v" / "train_log.jsonl").read_text().splitlines()]
+    assert [e["step"] for e in log] == [1, 2, 3] and all(math.isfinite(e["total"]) for e in log)

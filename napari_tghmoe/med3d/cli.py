@@ -2,7 +2,8 @@
 
     tghmoe pretrain --config recipes/med3d-demo.toml --out runs/med3d/pretrain [--resume]
     tghmoe finetune-seg --config recipes/med3d-demo.toml --out runs/med3d/seg --init runs/med3d/pretrain
-    tghmoe seg-bundle --organs DIR --findings DIR --out DIR  # one cascade folder
+    tghmoe seg-bundle --organs DIR --findings DIR [--verifier DIR] --out DIR  # one cascade folder
+    tghmoe train-verifier --config recipes/med3d-findings.toml --findings DIR --out DIR
     tghmoe segment SCAN --out OUT.nii.gz [--model DIR]      # + OUT.labels.json
     tghmoe eval-seg --model DIR --data SPEC --out results.json
 """
@@ -38,8 +39,20 @@ def register(subparsers: Any) -> None:
     bundle = subparsers.add_parser("seg-bundle", help="one segmentation folder: an organ model plus a finer finding model")
     bundle.add_argument("--organs", required=True, metavar="DIR", help="segmentation model folder (organs and finding labels)")
     bundle.add_argument("--findings", required=True, metavar="DIR", help="finding model folder (finding kinds only, e.g. 2 mm)")
+    bundle.add_argument("--verifier", metavar="DIR", help="the finding model's verifier (tghmoe train-verifier)")
     bundle.add_argument("--out", required=True, metavar="DIR")
     bundle.set_defaults(func=run_bundle)
+
+    verify = subparsers.add_parser(
+        "train-verifier", help="Med3DInsight: train the second look that rejects a finding model's look-alikes"
+    )
+    verify.add_argument("--config", required=True, metavar="TOML", help="the finding model's recipe ([verifier] table)")
+    verify.add_argument("--findings", required=True, metavar="DIR", help="the finding model folder whose proposals it checks")
+    verify.add_argument("--out", required=True, metavar="DIR")
+    verify.add_argument("--resume", action="store_true")
+    verify.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
+    verify.add_argument("--no-progress", action="store_true")
+    verify.set_defaults(func=run_train_verifier)
 
     seg = subparsers.add_parser("segment", help="segment a CT: label map on the scan's own grid + labels.json")
     seg.add_argument("scan", metavar="SCAN", help="CT file or DICOM folder")
@@ -104,10 +117,30 @@ def run_bundle(args: argparse.Namespace) -> int:
     from napari_tghmoe.med3d.types import SegModelError
 
     try:
-        out = attach_finding_model(args.organs, args.findings, args.out)
+        out = attach_finding_model(args.organs, args.findings, args.out, verifier_dir=args.verifier)
     except SegModelError as err:
         raise CLIError(str(err)) from err
-    print(f"cascade: organs {args.organs} + findings {args.findings} -> {out}", file=sys.stderr)
+    verified = f" + verifier {args.verifier}" if args.verifier else ""
+    print(f"cascade: organs {args.organs} + findings {args.findings}{verified} -> {out}", file=sys.stderr)
+    return 0
+
+
+def run_train_verifier(args: argparse.Namespace) -> int:
+    from napari_tghmoe.cli import CLIError
+    from napari_tghmoe.med3d.types import SegModelError
+    from napari_tghmoe.med3d.verifier import train_verifier
+
+    recipe = _recipe(args)
+    if not recipe.verifier.data:
+        raise CLIError(f"{args.config}: [verifier] data lists no labelled phantom spec to mine proposals from")
+    try:
+        result = train_verifier(
+            recipe, args.findings, args.out, resume=args.resume, progress=not args.no_progress,
+            log=lambda line: print(line, file=sys.stderr, flush=True),
+        )
+    except (SegModelError, ValueError) as err:
+        raise CLIError(str(err)) from err
+    _report(result)
     return 0
 
 

@@ -90,6 +90,13 @@ class Med3DConfig(PretrainedConfig):
     model's organ names (e.g. ``[["liver"], ["right kidney", "left kidney"]]``), 1 where the organ
     model labels the voxel as one of them. The finding model then needs no wide window to tell a
     liver lesion from a renal cyst: the organ stage, which sees 192 mm windows, says where it is.
+    ``finding_sites``: finding kind -> the organs it can lie in (a renal cyst in a kidney, a lung
+    nodule or a pleural effusion beside a lung lobe). A component of that kind whose location (the
+    organ most common around it) is another organ, or none, is not that finding: its voxels go back
+    to the organ labels. Kinds not named (an enlarged lymph node) may lie anywhere.
+    ``finding_verifier`` (a finding model's): a sub-folder holding a ``Med3DFindingVerifier``
+    (:mod:`napari_tghmoe.med3d.verifier`) that looks again at each proposed component;
+    ``verifier_channels`` and ``verifier_min_probability`` are the verifier's own settings.
     """
 
     model_type = MODEL_TYPE
@@ -126,6 +133,10 @@ class Med3DConfig(PretrainedConfig):
         recon_weight: float = 1.0,
         finding_model: str = "",
         context_groups: list[list[str]] | tuple = (),
+        finding_sites: dict[str, list[str]] | None = None,
+        finding_verifier: str = "",
+        verifier_channels: list[int] | tuple[int, ...] = (16, 32, 64, 128),
+        verifier_min_probability: float = 0.5,
         **kwargs: Any,
     ) -> None:
         self.encoder = str(encoder)
@@ -158,6 +169,10 @@ class Med3DConfig(PretrainedConfig):
         self.recon_weight = float(recon_weight)
         self.finding_model = str(finding_model)
         self.context_groups = [[str(n) for n in group] for group in context_groups]
+        self.finding_sites = {str(k): [str(n) for n in v] for k, v in (finding_sites or {}).items()}
+        self.finding_verifier = str(finding_verifier)
+        self.verifier_channels = [int(c) for c in verifier_channels]
+        self.verifier_min_probability = float(verifier_min_probability)
         super().__init__(**kwargs)
         self.validate_med3d()
 
@@ -171,6 +186,12 @@ class Med3DConfig(PretrainedConfig):
         stride = self.encoder_stride
         if len(self.patch_size) != 3 or any(p % stride for p in self.patch_size):
             raise ValueError(f"patch_size must be three multiples of {stride}, got {self.patch_size}")
+        unknown_sites = sorted(set(self.finding_sites) - set(self.finding_kinds))
+        if unknown_sites:
+            raise ValueError(f"finding_sites names kinds this model does not label: {', '.join(unknown_sites)}")
+        site_organs = {n for organs in self.finding_sites.values() for n in organs}
+        if self.organ_names and not site_organs <= set(self.organ_names):  # a finding model's: checked in its cascade
+            raise ValueError(f"finding_sites names organs this model does not label: {', '.join(sorted(site_organs - set(self.organ_names)))}")
         if self.psat_hidden % self.psat_heads:
             raise ValueError(f"psat_hidden ({self.psat_hidden}) must be divisible by psat_heads ({self.psat_heads})")
         if len(set(self.label_names)) != len(self.label_names):

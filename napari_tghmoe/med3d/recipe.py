@@ -74,6 +74,17 @@ class FinetuneSettings(LoopSettings):
 
 
 @dataclass
+class VerifierSettings(LoopSettings):
+    """``tghmoe train-verifier``: the second look at the finding model's proposals."""
+
+    data: list[str] = field(default_factory=list)  # labelled phantoms whose proposals it learns from
+    crop_size: list[int] = field(default_factory=lambda: [40, 40, 40])  # voxels of the finding model's grid
+    channels: list[int] = field(default_factory=lambda: [16, 32, 64, 128])
+    min_probability: float = 0.5  # a proposal the verifier gives less for its kind is no finding
+    positive_fraction: float = 0.5  # share of true findings in a batch (the rest look-alikes)
+
+
+@dataclass
 class DataSettings:
     train: list[str] = field(default_factory=list)
     heldout: str = ""
@@ -87,6 +98,7 @@ class Med3DRecipe:
     data: DataSettings = field(default_factory=DataSettings)
     pretrain: PretrainSettings = field(default_factory=PretrainSettings)
     finetune: FinetuneSettings = field(default_factory=FinetuneSettings)
+    verifier: VerifierSettings = field(default_factory=VerifierSettings)
     path: str | None = None
 
     def to_dict(self) -> dict[str, Any]:
@@ -115,6 +127,7 @@ def recipe_from_dict(values: dict[str, Any], source: str = "recipe") -> Med3DRec
         "data": _build(DataSettings, values.pop("data", {}), f"{source} [data]"),
         "pretrain": _build(PretrainSettings, values.pop("pretrain", {}), f"{source} [pretrain]"),
         "finetune": _build(FinetuneSettings, values.pop("finetune", {}), f"{source} [finetune]"),
+        "verifier": _build(VerifierSettings, values.pop("verifier", {}), f"{source} [verifier]"),
     }
     model = values.pop("model", {})
     recipe = _build(Med3DRecipe, values, source)
@@ -124,7 +137,7 @@ def recipe_from_dict(values: dict[str, Any], source: str = "recipe") -> Med3DRec
     recipe.path = source
     if not recipe.data.train:
         raise Med3DRecipeError(f"{source}: [data] train lists no data spec")
-    for loop in (recipe.pretrain, recipe.finetune):
+    for loop in (recipe.pretrain, recipe.finetune, recipe.verifier):
         if loop.schedule not in ("cosine", "linear", "constant"):
             raise Med3DRecipeError(f"{source}: schedule must be cosine, linear or constant, got {loop.schedule!r}")
         if loop.steps < 0 or loop.batch_size < 1:

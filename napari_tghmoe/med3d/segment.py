@@ -189,6 +189,7 @@ class _GridPrediction:
     axial_axes: list[np.ndarray]  # per axial axis: the working-grid index of each axial voxel
     scan_axes: list[np.ndarray]  # the same per scan array axis (the scan's own order and flips)
     grid: tuple[int, int, int]
+    image: np.ndarray | None = None  # (C, z, y, x) the model's input (kept for a verifier's crops)
 
     def on_scan(self, labels_work: np.ndarray, order: Any, flips: Any) -> np.ndarray:
         """A working-grid map on the scan's own grid (nearest neighbour, the scan's axis order)."""
@@ -202,7 +203,7 @@ class _GridPrediction:
 
 def _predict_scan(
     model: Any, axial: CTVolume, order: Any, flips: Any, *, progress: Any, should_stop: Any,
-    organ_labels: tuple[np.ndarray, list[str]] | None = None,
+    organ_labels: tuple[np.ndarray, list[str]] | None = None, keep_image: bool = False,
 ) -> _GridPrediction:
     """Resample the (axially viewed) scan to ``model``'s grid and segment it there.
 
@@ -224,7 +225,7 @@ def _predict_scan(
     for canonical, source_axis in enumerate(order):
         index = axial_axes[canonical]
         scan_axes[source_axis] = index[::-1] if flips[canonical] else index
-    return _GridPrediction(labels_work, probabilities, presence, axial_axes, scan_axes, grid)
+    return _GridPrediction(labels_work, probabilities, presence, axial_axes, scan_axes, grid, image if keep_image else None)
 
 
 def with_organ_context(image: np.ndarray, config: Any, organ_labels: tuple[np.ndarray, list[str]] | None) -> np.ndarray:
@@ -262,6 +263,9 @@ def check_cascade(organ_config: Any, finder_config: Any, where: Path) -> None:
     missing = sorted({n for group in finder_config.context_groups for n in group} - set(organ_config.organ_names))
     if missing:
         raise SegModelError(f"{where}: context organs {', '.join(missing)} are not organs of the organ model")
+    sites = sorted({n for organs in finder_config.finding_sites.values() for n in organs} - set(organ_config.organ_names))
+    if sites:
+        raise SegModelError(f"{where}: finding sites {', '.join(sites)} are not organs of the organ model")
 
 
 def finding_model_of(folder: Path, config: Any) -> Any | None:
@@ -274,11 +278,38 @@ def finding_model_of(folder: Path, config: Any) -> Any | None:
     return finder
 
 
-def attach_finding_model(organ_dir: str | Path, finding_dir: str | Path, out_dir: str | Path, name: str = "findings") -> Path:
+def verifier_of(folder: Path, finder_config: Any) -> Any | None:
+    """The finding model's verifier (``finding_verifier`` sub-folder), checked, or None."""
+    if not finder_config.finding_verifier:
+        return None
+    from napari_tghmoe.med3d.verifier import load_verifier
+
+    sub = folder / finder_config.finding_verifier
+    verifier = load_verifier(sub)
+    check_verifier(finder_config, verifier.config, sub)
+    return verifier
+
+
+def check_verifier(finder_config: Any, verifier_config: Any, where: Path) -> None:
+    """A verifier fits a finding model: the same kinds, input channels and grid."""
+    same = (
+        list(verifier_config.finding_kinds) == list(finder_config.finding_kinds)
+        and verifier_config.in_channels == finder_config.in_channels
+        and list(verifier_config.working_spacing) == list(finder_config.working_spacing)
+    )
+    if not same:
+        raise SegModelError(f"{where}: this verifier was trained for another finding model (kinds, channels or grid differ)")
+
+
+def attach_finding_model(
+    organ_dir: str | Path, finding_dir: str | Path, out_dir: str | Path, name: str = "findings",
+    verifier_dir: str | Path | None = None,
+) -> Path:
     """One segmentation folder from an organ model and a finer finding model (``tghmoe seg-bundle``).
 
     ``out_dir`` gets the organ model's files with ``finding_model = name`` in its config and the
-    finding model's files in ``out_dir/name``; ``tghmoe segment`` then runs both.
+    finding model's files in ``out_dir/name``; ``tghmoe segment`` then runs both. A
+    ``verifier_dir`` (``tghmoe train-verifier``) goes to ``out_dir/name/verifier``.
     """
     import shutil
 
@@ -288,12 +319,19 @@ def attach_finding_model(organ_dir: str | Path, finding_dir: str | Path, out_dir
     organs = load_seg_model(organ_dir)
     finder = load_seg_model(finding_dir)
     check_cascade(organs.config, finder.config, finding_dir)
+    verifier = None
+    if verifier_dir is not None:
+        from napari_tghmoe.med3d.verifier import load_verifier
+
+        verifier = load_verifier(verifier_dir)
+        check_verifier(finder.config, verifier.config, Path(verifier_dir))
     out_dir.mkdir(parents=True, exist_ok=True)
     organs.config.finding_model = name
     organs.save_pretrained(str(out_dir), safe_serialization=True)
-    (out_dir / name).mkdir(exist_ok=True)
-    for item in ("config.json", "model.safetensors"):
-        shutil.copy2(finding_dir / item, out_dir / name / item)
+    finder.config.finding_verifier = "verifier" if verifier is not None else ""
+    finder.save_pretrained(str(out_dir / name), safe_serialization=True)
+    if verifier is not None:
+        verifier.save_pretrained(str(out_dir / name / "verifier"), safe_serialization=True)
     return out_dir
 
 
@@ -344,15 +382,17 @@ def segment_volume(
         organ_labels_work = organ_pass.probabilities[: 1 + organ_count].argmax(0).astype(np.uint8)
     labels = organ_pass.on_scan(organ_labels_work, order, flips)
     finding_passes: dict[str, tuple[_GridPrediction, int, np.ndarray]] = {}
+    verifier = None
     presence = dict(zip(config.finding_kinds, organ_pass.presence))
     organ_scan: np.ndarray | None = None  # a cascade's organ labels under its findings
     if finder is None:
         for kind in config.finding_kinds:
             finding_passes[kind] = (organ_pass, config.finding_label(kind), organ_pass.labels)
     else:
+        verifier = verifier_of(folder / config.finding_model, finder.config)
         finder_pass = _predict_scan(
             finder, axial, order, flips, progress=stage_progress(totals[0]), should_stop=should_stop,
-            organ_labels=(organ_labels_work, config.label_names),
+            organ_labels=(organ_labels_work, config.label_names), keep_image=verifier is not None,
         )
         lut = np.zeros(finder.config.num_labels_total, dtype=labels.dtype)
         for kind in finder.config.finding_kinds:
@@ -369,6 +409,7 @@ def segment_volume(
     min_voxels = max(1, int(np.ceil(config.min_finding_ml / voxel_ml))) if config.min_finding_ml > 0 else 1
     # a cascade's finding model sets how sure a finding must be; the organ model's own otherwise
     threshold = (finder.config if finder is not None else config).min_finding_probability
+    sites = (finder.config if finder is not None else config).finding_sites
     findings: list[SegFinding] = []
     for kind in config.finding_kinds:
         if kind not in finding_passes:
@@ -380,7 +421,17 @@ def segment_volume(
         for voxels in finding_components(labels, value, min_voxels):
             inside = source.probabilities[source_value][tuple(source.working_indices(voxels, order).T)]
             probability = float(inside.mean())
-            if probability < threshold:  # an unsure component: its voxels go back to the organs
+            location = _location(organ_labels_work, organ_pass.working_indices(voxels, order), organ_count, names)
+            # unsure, or where this kind cannot be (a "lung nodule" in the liver): no finding,
+            # its voxels go back to the organs
+            rejected = probability < threshold or (kind in sites and location not in sites[kind])
+            second_look = None
+            if not rejected and verifier is not None:  # the second look, on the finder's grid
+                from napari_tghmoe.med3d.verifier import verify
+
+                second_look = verify(verifier, source.image, [(kind, source.working_indices(voxels, order))])[0]
+                rejected = second_look < verifier.config.verifier_min_probability
+            if rejected:
                 labels[tuple(voxels.T)] = 0 if organ_scan is None else organ_scan[tuple(voxels.T)]
                 continue
             centre = _snapped_centre(voxels)
@@ -393,9 +444,10 @@ def segment_volume(
                     position_mm=tuple(round(float(p), 2) for p in position),  # type: ignore[arg-type]
                     volume_ml=round(len(voxels) * voxel_ml, 3),
                     probability=round(probability, 4),
-                    location=_location(organ_labels_work, organ_pass.working_indices(voxels, order), organ_count, names),
+                    location=location,
                     voxel_count=int(len(voxels)),
                     peak_probability=round(float(inside.max()), 4),
+                    verifier_probability=None if second_look is None else round(second_look, 4),
                 )
             )
     findings.sort(key=lambda f: -f.probability)

@@ -20,7 +20,7 @@ import numpy as np
 LOG_NAME = "train_log.jsonl"
 from napari_tghmoe.train.trainer import STATE_NAME, _trim_log, checkpoint_dirs  # one checkpoint layout for both trainers
 SUMMARY_NAME = "training_summary.json"
-_PHASE_IDS = {"pretrain": 1, "finetune": 2}
+_PHASE_IDS = {"pretrain": 1, "finetune": 2, "verify": 3}
 
 
 @dataclass

@@ -28,6 +28,7 @@ class SegFinding:
     location: str | None = None  # organ/structure it lies in, from the organ labels, e.g. "left kidney"
     voxel_count: int = 0
     peak_probability: float = 0.0  # highest probability of its kind inside it (a sure core in a vague rim)
+    verifier_probability: float | None = None  # the verifier's second look (None: the model has none)
 
 
 @dataclass

@@ -1,0 +1,274 @@
+"""The finding verifier: a second look at each component the finding model proposes.
+
+Why a third model. The cascade's finding model labels voxels from 64 mm windows; on phantoms it
+finds most lesions, but it also calls fluid-filled bowel loops "enlarged lymph node" and
+pulmonary vessels "lung nodule" (docs/results-med3d.md: 10 false findings per volume). Locally,
+at 2 mm, such a look-alike and a lesion are the same blob; what tells them apart is the shape
+around it (a tube, not a ball) and where it lies. Computer-aided detection has long been built in
+two stages for this reason (candidate generation, then false-positive reduction, as in the
+LUNA16 nodule challenge): the verifier is a small 3D classifier (MONAI ``Classifier``) that sees
+a wider crop around one candidate, with the candidate's own mask as one more channel, and says
+which finding kind it is, or none (class 0). It is trained on the finding model's own proposals
+on training phantoms (``tghmoe train-verifier``), so it learns exactly the mistakes that model
+makes, and in ``segment_volume`` a component the verifier gives less than
+``verifier_min_probability`` for its kind goes back to the organ labels.
+
+A verifier is a ``Med3DConfig`` folder (architecture ``Med3DFindingVerifier``) holding the finding
+model's windows, context groups and grid, ``patch_size`` as its crop and ``verifier_channels``.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Iterable, Iterator, Sequence
+
+import numpy as np
+import torch
+from torch import nn
+
+from napari_tghmoe.med3d.encoder import Med3DConfig, _Med3DBase, _quiet_loading, read_folder_config
+
+VERIFIER_ARCHITECTURE = "Med3DFindingVerifier"
+CANDIDATES_NAME = "candidates.npz"
+
+
+class Med3DFindingVerifier(_Med3DBase):
+    """(B, C + 1, *crop) crops (CT windows, organ context, candidate mask) -> (B, 1 + K) logits.
+
+    Class 0 is "not a finding", class k the k-th finding kind.
+    """
+
+    def __init__(self, config: Med3DConfig) -> None:
+        super().__init__(config)
+        from monai.networks.nets import Classifier
+
+        channels = list(config.verifier_channels)
+        self.net = Classifier(
+            in_shape=(config.in_channels + 1, *config.patch_size),
+            classes=1 + len(config.finding_kinds),
+            channels=channels,
+            strides=[2] * len(channels),
+            num_res_units=1,
+        )
+        self.post_init()
+
+    def forward(self, crops: torch.Tensor) -> torch.Tensor:
+        return self.net(crops)
+
+
+def verifier_config(finder_config: Med3DConfig, crop: Sequence[int], channels: Sequence[int], min_probability: float) -> Med3DConfig:
+    """A verifier's config: the finding model's inputs (windows, context, grid, kinds), its own crop."""
+    values = finder_config.to_dict()
+    for key in ("architectures", "model_type", "transformers_version", "finding_model", "finding_verifier"):
+        values.pop(key, None)
+    values.update(
+        patch_size=[int(c) for c in crop],
+        verifier_channels=[int(c) for c in channels],
+        verifier_min_probability=float(min_probability),
+        architectures=[VERIFIER_ARCHITECTURE],
+    )
+    return Med3DConfig(**values)
+
+
+def load_verifier(folder: str | Path) -> Med3DFindingVerifier:
+    read_folder_config(folder, VERIFIER_ARCHITECTURE)
+    with _quiet_loading():
+        model = Med3DFindingVerifier.from_pretrained(str(folder), local_files_only=True, use_safetensors=True)
+    return model.float().eval()
+
+
+# --------------------------------------------------------------------------- crops
+
+
+def nearest_to_centre(voxels: np.ndarray) -> np.ndarray:
+    """The voxel of (N, 3) ``voxels`` nearest their centre of mass (inside even for a crescent)."""
+    centre = voxels.mean(axis=0)
+    return voxels[np.argmin(((voxels - centre) ** 2).sum(axis=1))]
+
+
+def candidate_crop(image: np.ndarray, voxels: np.ndarray, size: Sequence[int]) -> np.ndarray:
+    """(C + 1, *size) float32: ``image`` channels around the candidate plus its mask (1 on ``voxels``)."""
+    from napari_tghmoe.med3d.data import crop, crop_box
+
+    mask = np.zeros(image.shape[1:], dtype=np.float32)
+    mask[tuple(voxels.T)] = 1.0
+    box = crop_box(mask.shape, size, nearest_to_centre(voxels))
+    return np.concatenate([crop(image, box, size).astype(np.float32), crop(mask, box, size)[None]], axis=0)
+
+
+def verify(verifier: Med3DFindingVerifier, image: np.ndarray, candidates: Sequence[tuple[str, np.ndarray]]) -> list[float]:
+    """Probability the verifier gives each (kind, working-grid voxels) candidate of being that kind."""
+    if not candidates:
+        return []
+    config = verifier.config
+    crops = np.stack([candidate_crop(image, voxels, config.patch_size) for _, voxels in candidates])
+    device = next(verifier.parameters()).device
+    with torch.inference_mode():
+        probabilities = torch.softmax(verifier(torch.from_numpy(crops).to(device)).float(), dim=1).cpu().numpy()
+    return [float(probabilities[i, 1 + config.finding_kinds.index(kind)]) for i, (kind, _) in enumerate(candidates)]
+
+
+# --------------------------------------------------------------------------- mining
+
+
+@dataclass
+class CandidateSet:
+    """Training crops for the verifier: (N, C + 1, *crop) float16 and their classes (0 = none)."""
+
+    crops: np.ndarray
+    targets: np.ndarray
+    proposed: np.ndarray  # 1 where the crop is a finding-model proposal, 0 for an added true finding
+
+    def save(self, path: Path) -> None:
+        np.savez(path, crops=self.crops, targets=self.targets, proposed=self.proposed)
+
+    @classmethod
+    def load(cls, path: Path) -> "CandidateSet":
+        data = np.load(path)
+        return cls(data["crops"], data["targets"], data["proposed"])
+
+
+def proposals(labels: np.ndarray, config: Med3DConfig, min_voxels: int) -> list[tuple[str, np.ndarray]]:
+    """(kind, voxels) of every connected component of each finding label on a working grid."""
+    from napari_tghmoe.med3d.segment import finding_components
+
+    found = []
+    for kind in config.finding_kinds:
+        for voxels in finding_components(labels, config.finding_label(kind), min_voxels):
+            found.append((kind, voxels))
+    return found
+
+
+def labelled_volumes(specs: Sequence[str], config: Med3DConfig, extra_channels: Any = None) -> Iterator[Any]:
+    """Phantom working volumes one at a time (a hundred at 2 mm would not fit in memory at once)."""
+    from napari_tghmoe.med3d.data import iter_phantoms, phantom_working_volume
+
+    for spec in specs:
+        if not spec.strip().lower().startswith("phantom:"):
+            raise ValueError(f"{spec}: the verifier learns from labelled volumes (phantom specs); this spec has none")
+        for phantom in iter_phantoms(spec):
+            yield phantom_working_volume(phantom, config, extra_channels)
+
+
+def mine_candidates(finder: Any, volumes: Iterable[Any], crop_size: Sequence[int], log: Any = None) -> CandidateSet:
+    """The finding model's proposals on labelled working volumes, each with its true class.
+
+    A proposal of kind k is class k when it touches a true finding of kind k, else class 0 (a
+    look-alike). Every true finding is also added once with its own mask (class = its kind), so
+    kinds the finding model still proposes rarely have examples too.
+    """
+    from napari_tghmoe.med3d.finetune import finding_instances
+    from napari_tghmoe.med3d.segment import predict_working_grid
+
+    config = finder.config
+    voxel_ml = float(np.prod(config.working_spacing)) / 1000.0
+    min_voxels = max(1, int(np.ceil(config.min_finding_ml / voxel_ml))) if config.min_finding_ml > 0 else 1
+    crops, targets, proposed = [], [], []
+    for volume in volumes:
+        started = time.perf_counter()
+        image = volume.image.astype(np.float32)
+        labels, _, _ = predict_working_grid(finder, image)
+        false = 0
+        for kind, voxels in proposals(labels, config, min_voxels):
+            true = bool((volume.labels[tuple(voxels.T)] == config.finding_label(kind)).any())
+            crops.append(candidate_crop(image, voxels, crop_size).astype(np.float16))
+            targets.append(1 + config.finding_kinds.index(kind) if true else 0)
+            proposed.append(1)
+            false += not true
+        truths = finding_instances([volume.labels], config)
+        for kind, found in truths.items():
+            for _, voxels in found:
+                crops.append(candidate_crop(image, voxels, crop_size).astype(np.float16))
+                targets.append(1 + config.finding_kinds.index(kind))
+                proposed.append(0)
+        if log is not None:
+            log(f"{volume.name}: {false} look-alikes, {sum(len(v) for v in truths.values())} true findings, "
+                f"{time.perf_counter() - started:.0f} s")
+    channels = config.in_channels + 1
+    return CandidateSet(
+        crops=np.stack(crops) if crops else np.zeros((0, channels, *crop_size), np.float16),
+        targets=np.asarray(targets, dtype=np.int64),
+        proposed=np.asarray(proposed, dtype=np.int8),
+    )
+
+
+# --------------------------------------------------------------------------- training
+
+
+def train_verifier(
+    recipe: Any,
+    finder_dir: str | Path,
+    out_dir: str | Path,
+    *,
+    resume: bool = False,
+    progress: bool = True,
+    log: Any = None,
+) -> Any:
+    """``tghmoe train-verifier``: mine the finding model's proposals, then train the verifier.
+
+    The finding model (``finder_dir``, a finding-only segmentation folder) reads its organ context
+    from ``[finetune] context_model`` as in its own training. Mined crops are cached in
+    ``out_dir/candidates.npz`` (a resumed run does not mine again).
+    """
+    from napari_tghmoe.med3d.encoder import load_seg_model
+    from napari_tghmoe.med3d.finetune import organ_context_reader
+    from napari_tghmoe.med3d.training import run_loop
+
+    settings = recipe.verifier
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    finder = load_seg_model(finder_dir)
+    if finder.config.organ_names:
+        from napari_tghmoe.med3d.types import SegModelError
+
+        raise SegModelError(f"{finder_dir}: a verifier checks a finding model (finding kinds only); this one also has organs")
+    crop_size = tuple(int(c) for c in settings.crop_size)
+    cache = out_dir / CANDIDATES_NAME
+    if cache.is_file():
+        candidates = CandidateSet.load(cache)
+    else:
+        volumes = labelled_volumes(settings.data, finder.config, organ_context_reader(finder.config, recipe.finetune))
+        candidates = mine_candidates(finder, volumes, crop_size, log=log)
+        candidates.save(cache)
+    if len(candidates.targets) == 0:
+        raise ValueError(f"{finder_dir}: the finding model proposed nothing and the data hold no finding to learn from")
+    config = verifier_config(finder.config, crop_size, settings.channels, settings.min_probability)
+    torch.manual_seed(recipe.seed + 3)
+    model = Med3DFindingVerifier(config)
+    positives = np.flatnonzero(candidates.targets > 0)
+    negatives = np.flatnonzero(candidates.targets == 0)
+    loss_fn = nn.CrossEntropyLoss()
+
+    def draw(rng: np.random.Generator) -> int:
+        pool = positives if (rng.random() < settings.positive_fraction and len(positives)) or not len(negatives) else negatives
+        return int(pool[int(rng.integers(len(pool)))])
+
+    def step(model: Any, rng: np.random.Generator) -> dict[str, Any]:
+        chosen = [draw(rng) for _ in range(settings.batch_size)]
+        batch = candidates.crops[chosen].astype(np.float32)
+        for axis in (2, 3, 4):  # left-right and other flips: a lesion is a lesion either way round
+            flip = rng.random(len(chosen)) < 0.5
+            batch[flip] = np.flip(batch[flip], axis=axis)
+        device = next(model.parameters()).device
+        logits = model(torch.from_numpy(np.ascontiguousarray(batch)).to(device))
+        targets = torch.from_numpy(candidates.targets[chosen]).to(device)
+        loss = loss_fn(logits, targets)
+        accuracy = (logits.argmax(1) == targets).float().mean()
+        return {"total": loss, "accuracy": accuracy}
+
+    summary = {
+        "recipe": recipe.to_dict(),
+        "finding_model": str(finder_dir),
+        "candidates": int(len(candidates.targets)),
+        "look_alikes": int(len(negatives)),
+        "true_findings": int(len(positives)),
+        "proposals": int(candidates.proposed.sum()),
+    }
+    (out_dir / "candidates.json").write_text(json.dumps(summary, indent=2) + "\n")
+    return run_loop(
+        model, settings, out_dir, phase="verify", seed=recipe.seed, step_fn=step,
+        resume=resume, progress=progress, summary=summary,
+    )
