@@ -232,6 +232,23 @@ def test_finetune_starts_from_the_pretrained_encoder(trained):
     assert max(diffs) < 0.05
 
 
+def test_a_continued_model_keeps_its_weights_start_but_takes_the_recipes_finding_rules(trained, tmp_path):
+    from napari_tghmoe.med3d.encoder import load_seg_model
+
+    sites = "model.finding_sites={'renal cyst' = ['right kidney', 'left kidney']}"
+    code = _run(
+        ["finetune-seg", "--config", str(TINY_RECIPE), "--out", str(tmp_path / "more"), "--init", str(trained / "seg"),
+         "--set", sites, "--set", "model.min_finding_probability=0.4", "--set", "model.feature_size=16",
+         "--set", "finetune.steps=1", "--no-progress"]
+    )
+    assert code == 0
+    before, after = load_seg_model(trained / "seg"), load_seg_model(tmp_path / "more")
+    assert after.config.finding_sites == {"renal cyst": ["right kidney", "left kidney"]}
+    assert after.config.min_finding_probability == 0.4
+    assert after.config.feature_size == before.config.feature_size  # the architecture stays the model's own
+    assert before.config.finding_sites == {}
+
+
 def _nifti_scan(tmp_path: Path) -> tuple[Path, object]:
     from napari_tghmoe.io._write import write_volume
     from napari_tghmoe.phantom import make_phantom

@@ -22,6 +22,11 @@ from napari_tghmoe.med3d.data import crop, crop_box
 from napari_tghmoe.med3d.recipe import Med3DRecipe
 
 
+#: Settings that act only after the network (which components count as findings): a continued
+#: model takes them from the recipe; its architecture and weights stay its own.
+INFERENCE_SETTINGS = ("finding_sites", "min_finding_probability", "min_finding_ml")
+
+
 def labelled_subset(count: int, fraction: float, seed: int) -> list[int]:
     """Indices of the volumes whose labels a ``fraction`` run uses (at least one)."""
     keep = max(1, int(round(count * fraction)))
@@ -161,6 +166,9 @@ def finetune(
         model = load_seg_model(init).train()
         config = model.config
         continued = True
+        wanted = recipe.config()  # what decides which components are findings comes from the recipe
+        for key in INFERENCE_SETTINGS:
+            setattr(config, key, getattr(wanted, key))
     elif init is not None:
         pretrained = load_pretrain_model(init)
         # Convolution weights do not depend on the window size, so a finer-grid model with
