@@ -442,6 +442,17 @@ def test_seg_bundle_cli_builds_a_cascade_or_says_why_not(tmp_path, capsys):
     code = _run(["seg-bundle", "--organs", str(organs), "--findings", str(organs), "--out", str(tmp_path / "c")])
     err = capsys.readouterr().err.strip().splitlines()
     assert code != 0 and len(err) == 1 and str(organs) in err[0] and "finding kinds only" in err[0]
+    verifier = _constant_verifier(tmp_path / "v", finder, "none")
+    capsys.readouterr()
+    assert _run(["seg-bundle", "--organs", str(organs), "--findings", str(finder), "--verifier", str(verifier),
+                 "--out", str(tmp_path / "d")]) == 0
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "verifier" in err[0]  # one line, no progress bars
+    assert read_folder_config(tmp_path / "d" / "findings", "Med3DSegModel").finding_verifier == "verifier"
+    code = _run(["seg-bundle", "--organs", str(organs), "--findings", str(finder), "--verifier", str(organs),
+                 "--out", str(tmp_path / "e")])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code != 0 and len(err) == 1 and "not a Med3DFindingVerifier" in err[0]
 
 
 def test_organ_context_channels_mark_each_group_on_the_finer_grid():

@@ -311,9 +311,7 @@ def attach_finding_model(
     finding model's files in ``out_dir/name``; ``tghmoe segment`` then runs both. A
     ``verifier_dir`` (``tghmoe train-verifier``) goes to ``out_dir/name/verifier``.
     """
-    import shutil
-
-    from napari_tghmoe.med3d.encoder import load_seg_model
+    from napari_tghmoe.med3d.encoder import _quiet_loading, load_seg_model
 
     organ_dir, finding_dir, out_dir = Path(organ_dir), Path(finding_dir), Path(out_dir)
     organs = load_seg_model(organ_dir)
@@ -327,11 +325,12 @@ def attach_finding_model(
         check_verifier(finder.config, verifier.config, Path(verifier_dir))
     out_dir.mkdir(parents=True, exist_ok=True)
     organs.config.finding_model = name
-    organs.save_pretrained(str(out_dir), safe_serialization=True)
     finder.config.finding_verifier = "verifier" if verifier is not None else ""
-    finder.save_pretrained(str(out_dir / name), safe_serialization=True)
-    if verifier is not None:
-        verifier.save_pretrained(str(out_dir / name / "verifier"), safe_serialization=True)
+    with _quiet_loading():  # no "Writing model shards" bars: the CLI says one line
+        organs.save_pretrained(str(out_dir), safe_serialization=True)
+        finder.save_pretrained(str(out_dir / name), safe_serialization=True)
+        if verifier is not None:
+            verifier.save_pretrained(str(out_dir / name / "verifier"), safe_serialization=True)
     return out_dir
 
 
