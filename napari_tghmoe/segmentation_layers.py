@@ -149,9 +149,10 @@ def finding_label(finding: SegFinding) -> str:
 
 
 def finding_row(finding: SegFinding) -> str:
-    """One line of the findings list: kind, location, size in mL, probability."""
+    """One line of the findings list: kind, location, size in mL, probability (and the verifier's)."""
     where = finding.location or "location unknown"
-    return f"{finding.kind} \u2014 {where} \u2014 {finding.volume_ml:.2f} mL \u2014 p = {finding.probability:.2f}"
+    checked = "" if finding.verifier_probability is None else f", checked {finding.verifier_probability:.2f}"
+    return f"{finding.kind} \u2014 {where} \u2014 {finding.volume_ml:.2f} mL \u2014 p = {finding.probability:.2f}{checked}"
 
 
 def sorted_findings(result: SegmentationResult) -> list[SegFinding]:

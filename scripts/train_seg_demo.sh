@@ -46,10 +46,22 @@ finetune demo-4 1.0 --init "$RUN/demo-3" --set finetune.steps=500 --set finetune
 wait
 
 # The finding model reads the organ model's labels: bundle the organ model first so its recipe's
-# context_model points at the one it will sit beside.
-$TGHMOE finetune-seg --config recipes/med3d-findings.toml --out "$RUN/findings" --init "$RUN/pretrain" --no-progress \
-  --resume --set finetune.context_model="$RUN/demo-4" > "$RUN/findings.log" 2>&1
-$TGHMOE seg-bundle --organs "$RUN/demo-4" --findings "$RUN/findings" --out "$RUN/bundle"
+# context_model points at the one it will sit beside. Three phases (docs/results-med3d.md):
+# 1500 steps from the pretrained encoder, 1500 more, then 3000 with kind-balanced lesion crops and
+# hard-negative crops on look-alike structures; then the verifier learns from its proposals.
+FINDINGS=recipes/med3d-findings.toml
+CONTEXT=(--set finetune.context_model="$RUN/demo-4")
+LOOKALIKES="['bowel','bowel gas','stomach','pulmonary vessels','spinal canal','gallbladder','pancreas','esophagus','lymph node']"
+$TGHMOE finetune-seg --config "$FINDINGS" --out "$RUN/findings-1" --init "$RUN/pretrain" --no-progress --resume \
+  "${CONTEXT[@]}" > "$RUN/findings-1.log" 2>&1
+$TGHMOE finetune-seg --config "$FINDINGS" --out "$RUN/findings-2" --init "$RUN/findings-1" --no-progress --resume \
+  "${CONTEXT[@]}" > "$RUN/findings-2.log" 2>&1
+$TGHMOE finetune-seg --config "$FINDINGS" --out "$RUN/findings" --init "$RUN/findings-2" --no-progress --resume \
+  "${CONTEXT[@]}" --set finetune.steps=3000 --set finetune.lesion_crop_fraction=0.5 --set finetune.lesion_sampling=kind \
+  --set finetune.lookalike_crop_fraction=0.3 --set "finetune.lookalike_structures=$LOOKALIKES" > "$RUN/findings.log" 2>&1
+$TGHMOE train-verifier --config "$FINDINGS" --findings "$RUN/findings" --out "$RUN/verifier" --no-progress --resume \
+  "${CONTEXT[@]}" > "$RUN/verifier.log" 2>&1
+$TGHMOE seg-bundle --organs "$RUN/demo-4" --findings "$RUN/findings" --verifier "$RUN/verifier" --out "$RUN/bundle"
 $TGHMOE eval-seg --model "$RUN/bundle" --data "$HELDOUT" --out "$RUN/bundle/eval_results.json" > "$RUN/bundle.log" 2>&1
 
 SHIPPED="$RUN/demo-4"

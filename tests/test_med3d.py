@@ -673,6 +673,8 @@ def _constant_verifier(folder: Path, finder: Path, winner: str) -> Path:
 
 def test_the_verifier_has_the_last_word_on_each_proposal(tmp_path):
     """A proposal the verifier calls no finding goes back to the organs; one it confirms stays."""
+    import dataclasses
+
     from napari_tghmoe.med3d import segment_volume
     from napari_tghmoe.med3d.segment import SegModelError, attach_finding_model
     from napari_tghmoe.phantom import make_phantom
@@ -688,6 +690,10 @@ def test_the_verifier_has_the_last_word_on_each_proposal(tmp_path):
     kept = segment_volume(volume, attach_finding_model(organs, finder, tmp_path / "b-yes", verifier_dir=yes))
     assert {f.kind for f in kept.findings} == {"renal cyst"}
     assert all(f.verifier_probability > 0.99 for f in kept.findings)
+    from napari_tghmoe.segmentation_layers import finding_row
+
+    assert finding_row(kept.findings[0]).endswith(", checked 1.00")  # the dock's list shows the second look
+    assert "checked" not in finding_row(dataclasses.replace(kept.findings[0], verifier_probability=None))
     assert (tmp_path / "b-yes" / "findings" / "verifier" / "model.safetensors").is_file()
     # a verifier of another finding model (other kinds) is refused with the folder named
     other = _renal_cyst_everywhere(tmp_path / "other", finding_kinds=["renal cyst", "lung nodule"])

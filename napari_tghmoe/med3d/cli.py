@@ -182,7 +182,7 @@ def run_segment(args: argparse.Namespace) -> int:
         "structure_volumes_ml": result.structure_volumes_ml,
         "findings": [
             {"kind": f.kind, "location": f.location, "voxel_zyx": list(f.voxel_zyx), "position_mm": list(f.position_mm),
-             "volume_ml": f.volume_ml, "probability": f.probability}
+             "volume_ml": f.volume_ml, "probability": f.probability, "verifier_probability": f.verifier_probability}
             for f in result.findings
         ],
         "finding_presence": result.finding_presence,
