@@ -712,6 +712,7 @@ def test_train_verifier_learns_from_the_finding_models_own_proposals(tmp_path):
     settings = [
         f"verifier.data=['{data}']", "verifier.crop_size=[16,16,16]", "verifier.channels=[4,8]",
         "verifier.steps=3", "verifier.batch_size=2", "verifier.log_every=1", "verifier.warmup_steps=1",
+        "verifier.truth_data=['phantom:seeds=2-2,region=both,spacing=8x8x8']",  # true findings only, no proposals
     ]
     args = ["train-verifier", "--config", str(TINY_RECIPE), "--findings", str(finder), "--out", str(tmp_path / "v"), "--no-progress"]
     assert _run(args + [x for s in settings for x in ("--set", s)]) == 0
@@ -721,7 +722,8 @@ def test_train_verifier_learns_from_the_finding_models_own_proposals(tmp_path):
     kinds = load_seg_model(finder).config.finding_kinds
     phantoms = list(iter_phantoms(data))
     cysts = [sum(f.kind == "renal cyst" for f in p.findings) for p in phantoms]
-    true_findings = sum(sum(f.kind in kinds for f in p.findings) for p in phantoms)
+    true_findings = sum(sum(f.kind in kinds for f in p.findings) for p in phantoms + list(iter_phantoms(
+        "phantom:seeds=2-2,region=both,spacing=8x8x8")))
     proposals = mined.proposed == 1
     assert proposals.sum() == len(phantoms)  # "renal cyst" everywhere: one component per volume
     cyst_class = 1 + kinds.index("renal cyst")
@@ -733,3 +735,21 @@ def test_train_verifier_learns_from_the_finding_models_own_proposals(tmp_path):
     assert verifier.config.patch_size == [16, 16, 16] and verifier.config.verifier_min_probability == 0.5
     log = [json.loads(line) for line in (tmp_path / "v" / "train_log.jsonl").read_text().splitlines()]
     assert [e["step"] for e in log] == [1, 2, 3] and all(math.isfinite(e["total"]) for e in log)
+
+
+def test_the_second_look_is_the_mean_over_the_eight_flips_of_the_crop(tmp_path):
+    from napari_tghmoe.med3d.encoder import load_seg_model
+    from napari_tghmoe.med3d.verifier import Med3DFindingVerifier, candidate_crop, verifier_config, verify
+
+    finder = _renal_cyst_everywhere(tmp_path / "finder")
+    torch.manual_seed(1)
+    verifier = Med3DFindingVerifier(verifier_config(load_seg_model(finder).config, [16, 16, 16], [4, 8], 0.5)).eval()
+    image = np.random.default_rng(0).random((verifier.config.in_channels, 24, 24, 24)).astype(np.float32)
+    voxels = np.array([[12, 12, 12], [12, 13, 12]])
+    crop = torch.from_numpy(candidate_crop(image, voxels, [16, 16, 16]))[None]
+    kind = verifier.config.finding_kinds.index("renal cyst") + 1
+    with torch.no_grad():
+        views = [torch.softmax(verifier(torch.flip(crop, axes)), 1)[0, kind] for axes in
+                 [(), (2,), (3,), (4,), (2, 3), (2, 4), (3, 4), (2, 3, 4)]]
+    assert verify(verifier, image, [("renal cyst", voxels)])[0] == pytest.approx(float(torch.stack(views).mean()), abs=1e-5)
+    assert float(torch.stack(views).std()) > 0  # a random verifier does see the flips differently

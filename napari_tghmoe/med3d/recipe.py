@@ -81,7 +81,13 @@ class VerifierSettings(LoopSettings):
     crop_size: list[int] = field(default_factory=lambda: [40, 40, 40])  # voxels of the finding model's grid
     channels: list[int] = field(default_factory=lambda: [16, 32, 64, 128])
     min_probability: float = 0.5  # a proposal the verifier gives less for its kind is no finding
-    positive_fraction: float = 0.5  # share of true findings in a batch (the rest look-alikes)
+    positive_fraction: float = 0.5  # share of true findings in a batch (the rest look-alikes), each kind as often
+    # More true findings, without proposals (no finding-model pass): e.g. the finding model's own
+    # training phantoms, whose lesions are real lesions all the same. A hundred phantoms hold only
+    # five to thirty findings of each kind.
+    truth_data: list[str] = field(default_factory=list)
+    label_smoothing: float = 0.1  # keeps the second look's probabilities graded, so a threshold means something
+    max_shift: int = 4  # crops move up to this many voxels per axis (a proposal is rarely centred on its lesion)
 
 
 @dataclass

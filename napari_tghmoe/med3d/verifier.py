@@ -19,6 +19,7 @@ model's windows, context groups and grid, ``patch_size`` as its crop and ``verif
 
 from __future__ import annotations
 
+import itertools
 import json
 import time
 from dataclasses import dataclass
@@ -99,15 +100,25 @@ def candidate_crop(image: np.ndarray, voxels: np.ndarray, size: Sequence[int]) -
     return np.concatenate([crop(image, box, size).astype(np.float32), crop(mask, box, size)[None]], axis=0)
 
 
+#: The eight flips of a crop (sets of spatial axes): the verifier learnt with random flips, and the
+#: mean over all eight is steadier than any one view (test-time augmentation).
+FLIPS = [axes for n in range(4) for axes in itertools.combinations((2, 3, 4), n)]
+
+
 def verify(verifier: Med3DFindingVerifier, image: np.ndarray, candidates: Sequence[tuple[str, np.ndarray]]) -> list[float]:
-    """Probability the verifier gives each (kind, working-grid voxels) candidate of being that kind."""
+    """Probability the verifier gives each (kind, working-grid voxels) candidate of being that kind.
+
+    The mean of its softmax over the eight flips of each crop.
+    """
     if not candidates:
         return []
     config = verifier.config
-    crops = np.stack([candidate_crop(image, voxels, config.patch_size) for _, voxels in candidates])
-    device = next(verifier.parameters()).device
+    crops = torch.from_numpy(np.stack([candidate_crop(image, voxels, config.patch_size) for _, voxels in candidates]))
+    crops = crops.to(next(verifier.parameters()).device)
     with torch.inference_mode():
-        probabilities = torch.softmax(verifier(torch.from_numpy(crops).to(device)).float(), dim=1).cpu().numpy()
+        probabilities = torch.stack(
+            [torch.softmax(verifier(torch.flip(crops, axes) if axes else crops).float(), dim=1) for axes in FLIPS]
+        ).mean(0).cpu().numpy()
     return [float(probabilities[i, 1 + config.finding_kinds.index(kind)]) for i, (kind, _) in enumerate(candidates)]
 
 
@@ -129,6 +140,12 @@ class CandidateSet:
     def load(cls, path: Path) -> "CandidateSet":
         data = np.load(path)
         return cls(data["crops"], data["targets"], data["proposed"])
+
+    def __add__(self, other: "CandidateSet") -> "CandidateSet":
+        return CandidateSet(
+            np.concatenate([self.crops, other.crops]), np.concatenate([self.targets, other.targets]),
+            np.concatenate([self.proposed, other.proposed]),
+        )
 
 
 def proposals(labels: np.ndarray, config: Med3DConfig, min_voxels: int) -> list[tuple[str, np.ndarray]]:
@@ -153,12 +170,15 @@ def labelled_volumes(specs: Sequence[str], config: Med3DConfig, extra_channels: 
             yield phantom_working_volume(phantom, config, extra_channels)
 
 
-def mine_candidates(finder: Any, volumes: Iterable[Any], crop_size: Sequence[int], log: Any = None) -> CandidateSet:
+def mine_candidates(
+    finder: Any, volumes: Iterable[Any], crop_size: Sequence[int], log: Any = None, propose: bool = True
+) -> CandidateSet:
     """The finding model's proposals on labelled working volumes, each with its true class.
 
     A proposal of kind k is class k when it touches a true finding of kind k, else class 0 (a
     look-alike). Every true finding is also added once with its own mask (class = its kind), so
-    kinds the finding model still proposes rarely have examples too.
+    kinds the finding model still proposes rarely have examples too. ``propose=False``: the true
+    findings only (no finding-model pass).
     """
     from napari_tghmoe.med3d.finetune import finding_instances
     from napari_tghmoe.med3d.segment import predict_working_grid
@@ -170,7 +190,7 @@ def mine_candidates(finder: Any, volumes: Iterable[Any], crop_size: Sequence[int
     for volume in volumes:
         started = time.perf_counter()
         image = volume.image.astype(np.float32)
-        labels, _, _ = predict_working_grid(finder, image)
+        labels = predict_working_grid(finder, image)[0] if propose else np.zeros_like(volume.labels)
         false = 0
         for kind, voxels in proposals(labels, config, min_voxels):
             true = bool((volume.labels[tuple(voxels.T)] == config.finding_label(kind)).any())
@@ -230,8 +250,11 @@ def train_verifier(
     if cache.is_file():
         candidates = CandidateSet.load(cache)
     else:
-        volumes = labelled_volumes(settings.data, finder.config, organ_context_reader(finder.config, recipe.finetune))
-        candidates = mine_candidates(finder, volumes, crop_size, log=log)
+        context = organ_context_reader(finder.config, recipe.finetune)
+        candidates = mine_candidates(finder, labelled_volumes(settings.data, finder.config, context), crop_size, log=log)
+        if settings.truth_data:
+            truths = labelled_volumes(settings.truth_data, finder.config, context)
+            candidates = candidates + mine_candidates(finder, truths, crop_size, log=log, propose=False)
         candidates.save(cache)
     if len(candidates.targets) == 0:
         raise ValueError(f"{finder_dir}: the finding model proposed nothing and the data hold no finding to learn from")
@@ -240,10 +263,14 @@ def train_verifier(
     model = Med3DFindingVerifier(config)
     positives = np.flatnonzero(candidates.targets > 0)
     negatives = np.flatnonzero(candidates.targets == 0)
-    loss_fn = nn.CrossEntropyLoss()
+    by_kind = [np.flatnonzero(candidates.targets == k) for k in np.unique(candidates.targets[positives])]
+    loss_fn = nn.CrossEntropyLoss(label_smoothing=settings.label_smoothing)
 
     def draw(rng: np.random.Generator) -> int:
-        pool = positives if (rng.random() < settings.positive_fraction and len(positives)) or not len(negatives) else negatives
+        if (rng.random() < settings.positive_fraction and len(positives)) or not len(negatives):
+            pool = by_kind[int(rng.integers(len(by_kind)))]  # each kind as often, however rare
+        else:
+            pool = negatives
         return int(pool[int(rng.integers(len(pool)))])
 
     def step(model: Any, rng: np.random.Generator) -> dict[str, Any]:
@@ -252,6 +279,9 @@ def train_verifier(
         for axis in (2, 3, 4):  # left-right and other flips: a lesion is a lesion either way round
             flip = rng.random(len(chosen)) < 0.5
             batch[flip] = np.flip(batch[flip], axis=axis)
+        if settings.max_shift > 0:
+            for i, shift in enumerate(rng.integers(-settings.max_shift, settings.max_shift + 1, (len(chosen), 3))):
+                batch[i] = np.roll(batch[i], tuple(int(v) for v in shift), axis=(1, 2, 3))
         device = next(model.parameters()).device
         logits = model(torch.from_numpy(np.ascontiguousarray(batch)).to(device))
         targets = torch.from_numpy(candidates.targets[chosen]).to(device)
