@@ -8,11 +8,11 @@
 #    {100 %, 10 %} labels, each evaluated on the held-out phantoms (tghmoe eval-seg).
 # 3. The demo model: 500 steps from the pretrained encoder, continued 400, 500 and 500 steps.
 # 4. The finding model of the cascade (recipes/med3d-findings.toml: 2 mm, findings only, the organ
-#    model's labels as context channels) from the pretrained encoder.
-# 5. Both are joined in $RUN/bundle (`tghmoe seg-bundle`) and evaluated. resources/demo-seg-model
-#    gets the cascade only with SHIP_CASCADE=1 (the finding model does not yet meet the false-finding
-#    target: docs/results-med3d.md); otherwise the organ model alone, as shipped. The card README.md
-#    is written by hand from the eval_results.json and the training summaries.
+#    model's labels as context channels) from the pretrained encoder, in three phases, and its
+#    verifier (tghmoe train-verifier: a second look trained on the finder's own proposals).
+# 5. All three are joined in $RUN/bundle (`tghmoe seg-bundle`), evaluated on the held-out phantoms
+#    and copied to resources/demo-seg-model (SHIP_CASCADE=0 ships the organ model alone). The card
+#    README.md is written by hand from eval_results.json and the training summaries.
 # One thread per run (TGHMOE_TRAIN_THREADS=1): on 2 shared cores two threads per process were
 # 10x slower (oversubscription). Runs that do not depend on each other go side by side.
 set -euo pipefail
@@ -64,8 +64,8 @@ $TGHMOE train-verifier --config "$FINDINGS" --findings "$RUN/findings" --out "$R
 $TGHMOE seg-bundle --organs "$RUN/demo-4" --findings "$RUN/findings" --verifier "$RUN/verifier" --out "$RUN/bundle"
 $TGHMOE eval-seg --model "$RUN/bundle" --data "$HELDOUT" --out "$RUN/bundle/eval_results.json" > "$RUN/bundle.log" 2>&1
 
-SHIPPED="$RUN/demo-4"
-[ "${SHIP_CASCADE:-0}" = 1 ] && SHIPPED="$RUN/bundle"
+SHIPPED="$RUN/bundle"
+[ "${SHIP_CASCADE:-1}" = 0 ] && SHIPPED="$RUN/demo-4"
 rm -rf resources/demo-seg-model.new
 cp -r "$SHIPPED" resources/demo-seg-model.new
 rm -rf resources/demo-seg-model.new/checkpoints resources/demo-seg-model.new/train_log.jsonl
