@@ -49,10 +49,11 @@ def window_count(image_size: tuple[int, ...], roi: tuple[int, ...], overlap: flo
 _cached: dict[str, Any] = {}
 
 
-def _model(folder: Path, keep_others: bool = False) -> Any:
+def _model(folder: Path, keep_others: bool = False, loader: Callable[[Path], Any] | None = None) -> Any:
     """Load once per folder (the dock segments several volumes with one model).
 
-    ``keep_others``: a cascade's finding model is cached beside its organ model.
+    ``keep_others``: a cascade's finding model (and its verifier, ``loader``) is cached beside
+    its organ model.
     """
     from napari_tghmoe.med3d.encoder import load_seg_model
 
@@ -61,7 +62,7 @@ def _model(folder: Path, keep_others: bool = False) -> Any:
     if key not in _cached or _cached[key][0] != stamp:
         if not keep_others:
             _cached.clear()
-        _cached[key] = (stamp, load_seg_model(folder))
+        _cached[key] = (stamp, (loader or load_seg_model)(folder))
     return _cached[key][1]
 
 
@@ -285,7 +286,7 @@ def verifier_of(folder: Path, finder_config: Any) -> Any | None:
     from napari_tghmoe.med3d.verifier import load_verifier
 
     sub = folder / finder_config.finding_verifier
-    verifier = load_verifier(sub)
+    verifier = _model(sub, keep_others=True, loader=load_verifier)
     check_verifier(finder_config, verifier.config, sub)
     return verifier
 
