@@ -1,7 +1,7 @@
 """Segmentation benchmark: ``segment_volume`` on a 300x512x512 CT against plain MONAI.
 
 The CT is a phantom rendered at 300x512x512 (1.0 x 0.7 x 0.7 mm, so its extent is a real
-abdomen scan's). Two paths segment it with the same network (the bundled demo segmentation
+abdomen scan's). Two paths segment it with the same network(s) (the bundled demo segmentation
 model unless ``--model``):
 
 * ``segment_volume``: this project's path (box-average + trilinear resample to the working
@@ -13,10 +13,26 @@ model unless ``--model``):
   It yields the label map only (no findings, no presence). A model with ``position_channels``
   gets the same three position channels (``napari_tghmoe.med3d.data.position_channels``).
 
+A cascade folder (its config names a ``finding_model`` sub-folder) runs both networks in both
+paths. The baseline then does, with plain MONAI as above: the organ model on its grid, organ
+labels = ``argmax`` over the background and organ channels only (as ``organ_only_labels``);
+the finding model on its own working spacing (``Spacing`` of the CT again, its own windows)
+with the organ-context channels (``napari_tghmoe.med3d.data.organ_context_channels``: the
+organ labels by nearest neighbour on the finder's grid, one channel per ``context_groups``
+entry), ``sliding_window_inference`` with the finder's window / overlap / batch, ``argmax``;
+finding labels (as the organ model's label values) drawn over the organ labels on the finder's
+grid (organ labels ``Resize`` nearest onto it), and that map ``Resize`` (nearest) back to the
+scan's shape. The finding verifier (``finding_verifier``, a second look at each proposed
+finding component, eight flips of one crop each) is not part of the baseline: it is extra
+work ``segment_volume`` does, and its cost is inside ``segment_volume``'s time. Nor are the
+finder's ``min_finding_probability`` and ``finding_sites``: the baseline's map keeps every
+finding voxel the finder labels, where ``segment_volume`` gives rejected components back to
+the organs.
+
 Each path runs in its own fresh process (rounds interleaved, like ``bench_io.py``): time is
 the median and best of the timed runs after one warm-up; peak memory is the process's
 ``VmHWM`` minus that of a process that only imports the same libraries and loads the CT.
-On a GPU machine (``--device cuda``) both paths put the network on the GPU.
+On a GPU machine (``--device cuda``) both paths put the networks (and the verifier) on the GPU.
 
 Run: ``.venv/bin/python benchmarks/bench_seg.py [--rounds 3] [--threads 2] [--model DIR]``
 """
@@ -56,33 +72,68 @@ device = {device!r}
 PATHS = {
     "segment_volume": """
 import napari_tghmoe.med3d.segment as seg
-model = seg._model(seg._resolve_model_dir(model_dir)).to(device)
+folder = seg._resolve_model_dir(model_dir)
+model = seg._model(folder).to(device)
+finder = seg.finding_model_of(folder, model.config)  # a cascade's finding model, cached beside it
+if finder is not None:
+    finder.to(device)
+    verifier = seg.verifier_of(folder / model.config.finding_model, finder.config)  # cached too
+    if verifier is not None:
+        verifier.to(device)
 def run():
     result = segment_volume(volume, model_dir)
     return result.labels
 """,
     "MONAI baseline": """
+import os
+from monai.data import MetaTensor
 from monai.transforms import Resize, ScaleIntensityRange, Spacing
 model = load_seg_model(model_dir).to(device)
 config = model.config
-def run():
-    from monai.data import MetaTensor
-    affine = torch.diag(torch.tensor([*volume.spacing, 1.0], dtype=torch.float64))
-    image = MetaTensor(torch.from_numpy(volume.hu.astype(np.float32))[None], affine=affine)
-    resampled = Spacing(pixdim=tuple(config.working_spacing), mode="bilinear")(image)
+finder = None  # a cascade's finding model
+if config.finding_model:
+    finder = load_seg_model(os.path.join(model_dir, config.finding_model)).to(device)
+
+def predict(net, image, label_count=None, organ_labels=None):
+    # Spacing to the net's grid, its windows (+ extra channels), sliding windows, argmax
+    net_config = net.config
+    resampled = Spacing(pixdim=tuple(net_config.working_spacing), mode="bilinear")(image)
     channels = torch.cat([
         ScaleIntensityRange(a_min=c - w / 2, a_max=c + w / 2, b_min=0.0, b_max=1.0, clip=True)(resampled)
-        for c, w in config.ct_windows
+        for c, w in net_config.ct_windows
     ])
-    if config.position_channels:  # the network's extra input: position in the body's box
+    if net_config.position_channels:  # the network's extra input: position in the body's box
         from napari_tghmoe.med3d.data import position_channels
         channels = torch.cat([channels, torch.from_numpy(position_channels(resampled[0].numpy()))])
+    if net_config.context_groups:  # a finding model's extra input: the organ model's labels
+        from napari_tghmoe.med3d.data import organ_context_channels
+        context = organ_context_channels(
+            organ_labels, config.label_names, net_config.context_groups, channels.shape[1:]
+        )
+        channels = torch.cat([channels, torch.from_numpy(context.astype(np.float32))])
     with torch.inference_mode():
         logits = sliding_window_inference(
-            channels[None].float().to(device), tuple(config.patch_size), config.sw_batch_size,
-            lambda x: model(x)[0], overlap=config.sw_overlap, mode="gaussian",
+            channels[None].float().to(device), tuple(net_config.patch_size), net_config.sw_batch_size,
+            lambda x: net(x)[0], overlap=net_config.sw_overlap, mode="gaussian",
         )
-    labels = logits[0].argmax(0, keepdim=True).cpu().as_tensor() if hasattr(logits, "as_tensor") else logits[0].argmax(0, keepdim=True).cpu()
+    logits = logits[0, :label_count]  # a cascade's organ pass: background and organs only
+    labels = logits.argmax(0, keepdim=True).cpu()
+    return labels.as_tensor() if hasattr(labels, "as_tensor") else labels
+
+def run():
+    affine = torch.diag(torch.tensor([*volume.spacing, 1.0], dtype=torch.float64))
+    image = MetaTensor(torch.from_numpy(volume.hu.astype(np.float32))[None], affine=affine)
+    if finder is None:
+        labels = predict(model, image)
+    else:
+        organs = predict(model, image, 1 + len(config.organ_names))
+        found = predict(finder, image, organ_labels=organs[0].numpy().astype(np.uint8))
+        lut = torch.zeros(finder.config.num_labels_total, dtype=torch.long)
+        for kind in finder.config.finding_kinds:  # finder label values -> the organ model's
+            lut[finder.config.finding_label(kind)] = config.finding_label(kind)
+        found = lut[found]
+        organs = Resize(spatial_size=found.shape[1:], mode="nearest")(organs.float()).long()
+        labels = torch.where(found > 0, found, organs)
     back = Resize(spatial_size=volume.shape, mode="nearest")(labels.float())
     return np.asarray(back[0]).astype(np.uint8)
 """,
@@ -158,8 +209,11 @@ def main() -> int:
                 "memory_ratio": round(peaks[name] / max(1, peaks[reference]), 2),
             }
         )
-    print(f"CT {shape} at (1.0, 0.7, 0.7) mm, model {model}, {args.threads} thread(s), device {args.device}, "
-          f"{args.rounds} round(s) x {args.repeats}")
+    with open(os.path.join(model, "config.json")) as handle:
+        finding_model = json.load(handle).get("finding_model") or ""
+    kind = f"cascade: organ model + finding model {finding_model!r}" if finding_model else "single model"
+    print(f"CT {shape} at (1.0, 0.7, 0.7) mm, model {model} ({kind}), {args.threads} thread(s), "
+          f"device {args.device}, {args.rounds} round(s) x {args.repeats}")
     print("| path | median s | best s | peak MiB above imports | time / baseline | memory / baseline |")
     print("|---|---|---|---|---|---|")
     for row in rows:
