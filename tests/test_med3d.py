@@ -753,3 +753,19 @@ def test_the_second_look_is_the_mean_over_the_eight_flips_of_the_crop(tmp_path):
                  [(), (2,), (3,), (4,), (2, 3), (2, 4), (3, 4), (2, 3, 4)]]
     assert verify(verifier, image, [("renal cyst", voxels)])[0] == pytest.approx(float(torch.stack(views).mean()), abs=1e-5)
     assert float(torch.stack(views).std()) > 0  # a random verifier does see the flips differently
+
+
+def test_a_component_too_small_to_report_is_not_left_labelled_as_a_finding(tmp_path):
+    """The label map and the findings list agree: no finding voxels without a reported finding."""
+    from napari_tghmoe.med3d import segment_volume
+    from napari_tghmoe.med3d.segment import attach_finding_model
+    from napari_tghmoe.phantom import make_phantom
+
+    volume = make_phantom(3, "abdomen", spacing=(8.0, 8.0, 8.0)).volume
+    organs = _biased_seg_model(tmp_path / "organs", "liver", min_finding_ml=1e6)  # the cascade's size rule
+    finder = _renal_cyst_everywhere(tmp_path / "finder")
+    result = segment_volume(volume, attach_finding_model(organs, finder, tmp_path / "bundle"))
+    assert result.findings == []
+    assert set(np.unique(result.labels).tolist()) == {1}
+    assert "renal cyst" not in result.structure_volumes_ml
+    assert result.structure_volumes_ml["liver"] == pytest.approx(volume.hu.size * np.prod(volume.spacing) / 1000, rel=1e-3)

@@ -418,7 +418,10 @@ def segment_volume(
         if not (source_labels == source_value).any():  # skip full-grid searches for absent kinds
             continue
         value = config.finding_label(kind)
-        for voxels in finding_components(labels, value, min_voxels):
+        for voxels in finding_components(labels, value):
+            if len(voxels) < min_voxels:  # too small to report: not left labelled as a finding either
+                labels[tuple(voxels.T)] = 0 if organ_scan is None else organ_scan[tuple(voxels.T)]
+                continue
             inside = source.probabilities[source_value][tuple(source.working_indices(voxels, order).T)]
             probability = float(inside.mean())
             location = _location(organ_labels_work, organ_pass.working_indices(voxels, order), organ_count, names)
@@ -451,7 +454,11 @@ def segment_volume(
                 )
             )
     findings.sort(key=lambda f: -f.probability)
-    counts = np.bincount(labels.ravel(), minlength=len(names))
+    # slab by slab: one bincount over a 78 M-voxel map makes a 600 MB int64 copy (and stalled
+    # for seconds in the kernel here: docs/benchmarks.md)
+    counts = np.zeros(len(names), dtype=np.int64)
+    for slab in labels:
+        counts += np.bincount(slab.ravel(), minlength=len(names))[: len(names)]
     structure_volumes = {names[v]: round(float(counts[v]) * voxel_ml, 3) for v in range(1, len(names)) if counts[v]}
     grid = organ_pass.grid
     return SegmentationResult(
