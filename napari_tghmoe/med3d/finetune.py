@@ -103,18 +103,13 @@ def finding_instances(labels: list[np.ndarray], config: Any) -> dict[str, list[t
 
     One finding is one connected component (26-neighbour) of its kind's label.
     """
-    from scipy import ndimage
+    from napari_tghmoe.med3d.segment import finding_components
 
     instances: dict[str, list[tuple[int, np.ndarray]]] = {}
     for index, volume_labels in enumerate(labels):
         for kind in config.finding_kinds:
-            mask = volume_labels == config.finding_label(kind)
-            if not mask.any():
-                continue
-            components, _ = ndimage.label(mask, structure=np.ones((3, 3, 3), bool))
-            for number, box in enumerate(ndimage.find_objects(components), start=1):
-                offset = np.array([s.start for s in box])
-                instances.setdefault(kind, []).append((index, np.argwhere(components[box] == number) + offset))
+            for voxels in finding_components(volume_labels, config.finding_label(kind)):
+                instances.setdefault(kind, []).append((index, voxels))
     return instances
 
 

@@ -127,7 +127,7 @@ def finding_components(labels: np.ndarray, value: int, min_voxels: int = 1) -> l
     return found
 
 
-def _snapped_centre(voxels: np.ndarray) -> tuple[int, int, int]:
+def snapped_centre(voxels: np.ndarray) -> tuple[int, int, int]:
     """The component voxel nearest its centre of mass (inside even for a crescent)."""
     centre = voxels.mean(axis=0)
     nearest = voxels[np.argmin(((voxels - centre) ** 2).sum(axis=1))]
@@ -437,7 +437,7 @@ def segment_volume(
             if rejected:
                 labels[tuple(voxels.T)] = 0 if organ_scan is None else organ_scan[tuple(voxels.T)]
                 continue
-            centre = _snapped_centre(voxels)
+            centre = snapped_centre(voxels)
             position = volume.index_to_patient(centre)
             findings.append(
                 SegFinding(

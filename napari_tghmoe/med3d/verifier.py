@@ -84,19 +84,14 @@ def load_verifier(folder: str | Path) -> Med3DFindingVerifier:
 # --------------------------------------------------------------------------- crops
 
 
-def nearest_to_centre(voxels: np.ndarray) -> np.ndarray:
-    """The voxel of (N, 3) ``voxels`` nearest their centre of mass (inside even for a crescent)."""
-    centre = voxels.mean(axis=0)
-    return voxels[np.argmin(((voxels - centre) ** 2).sum(axis=1))]
-
-
 def candidate_crop(image: np.ndarray, voxels: np.ndarray, size: Sequence[int]) -> np.ndarray:
     """(C + 1, *size) float32: ``image`` channels around the candidate plus its mask (1 on ``voxels``)."""
     from napari_tghmoe.med3d.data import crop, crop_box
+    from napari_tghmoe.med3d.segment import snapped_centre
 
     mask = np.zeros(image.shape[1:], dtype=np.float32)
     mask[tuple(voxels.T)] = 1.0
-    box = crop_box(mask.shape, size, nearest_to_centre(voxels))
+    box = crop_box(mask.shape, size, snapped_centre(voxels))
     return np.concatenate([crop(image, box, size).astype(np.float32), crop(mask, box, size)[None]], axis=0)
 
 
