@@ -769,3 +769,94 @@ def test_a_component_too_small_to_report_is_not_left_labelled_as_a_finding(tmp_p
     assert set(np.unique(result.labels).tolist()) == {1}
     assert "renal cyst" not in result.structure_volumes_ml
     assert result.structure_volumes_ml["liver"] == pytest.approx(volume.hu.size * np.prod(volume.spacing) / 1000, rel=1e-3)
+
+
+# --------------------------------------------------------------------------- oblique series
+
+
+def _oblique_coronal_volume() -> CTVolume:
+    """A synthetic coronal series turned 25 degrees in its plane: array axes (k, j, i) ~ (P, -S, L)."""
+    c, s = math.cos(math.radians(25.0)), math.sin(math.radians(25.0))
+    coronal = np.array([[0.0, 0.0, 1.0], [1.0, 0.0, 0.0], [0.0, -1.0, 0.0]])
+    about_p = np.array([[c, 0.0, s], [0.0, 1.0, 0.0], [-s, 0.0, c]])
+    return CTVolume(hu=np.zeros((30, 26, 34), np.int16), spacing=(5.0, 3.0, 4.0), origin=(-40.0, 12.5, 300.0),
+                    direction=about_p @ coronal)
+
+
+def test_an_oblique_scan_goes_to_the_patient_axes_and_its_labels_come_back():
+    """patient_axis_grid: trilinear HU on the patient axes is exact for a linear field; labels round-trip."""
+    from scipy import ndimage
+
+    from napari_tghmoe.io._geometry import orientation_name
+    from napari_tghmoe.io._types import AXIAL_DIRECTION
+    from napari_tghmoe.med3d.segment import is_oblique, patient_axis_grid
+    from napari_tghmoe.phantom import make_phantom
+
+    phantom = make_phantom(3, "abdomen", spacing=(8.0, 6.0, 7.0), plane="oblique")
+    assert orientation_name(phantom.volume.direction) == "oblique" and is_oblique(phantom.volume.direction)
+    for plane in ("axial", "coronal", "sagittal"):
+        assert not is_oblique(make_phantom(3, "abdomen", spacing=(8.0, 8.0, 8.0), plane=plane).volume.direction)
+    in_plane_turn = _oblique_coronal_volume()
+    assert orientation_name(in_plane_turn.direction) == "coronal" and is_oblique(in_plane_turn.direction)
+
+    for volume, spacing in ((phantom.volume, (8.0, 6.0, 7.0)), (in_plane_turn, (3.0, 5.0, 4.0))):
+        grid = patient_axis_grid(volume)
+        assert grid.spacing == pytest.approx(spacing)  # each scan spacing on its nearest patient axis
+        # every scan voxel centre lies on the grid
+        corners = np.array(np.meshgrid(*[(0, n - 1) for n in volume.shape], indexing="ij")).reshape(3, -1).T
+        inside = np.linalg.solve(grid.matrix, (corners - grid.offset).T).T
+        assert (inside > -1e-6).all() and (inside < np.asarray(grid.shape) - 1 + 1e-6).all()
+
+        def field(index_to_lps, shape):  # HU rising 1, 2 and 3 per mm along x, y, z
+            index = np.indices(shape).reshape(3, -1).astype(float)
+            return (np.array([1.0, 2.0, 3.0]) @ index_to_lps(index)).reshape(shape)
+
+        scan_field = field(lambda i: np.asarray(volume.origin)[:, None] + volume.direction @ (np.asarray(volume.spacing)[:, None] * i), volume.shape)
+        grid_field = field(lambda i: np.asarray(grid.origin)[:, None] + AXIAL_DIRECTION @ (np.asarray(grid.spacing)[:, None] * i), grid.shape)
+        resampled = grid.to_grid(scan_field, order=1, cval=-1024.0, dtype=np.float64)
+        scan_index = (grid.matrix @ np.indices(grid.shape).reshape(3, -1) + grid.offset[:, None]).T.reshape(*grid.shape, 3)
+        covered = ((scan_index > 1e-6) & (scan_index < np.asarray(volume.shape) - 1 - 1e-6)).all(axis=-1)
+        assert covered.mean() > 0.2
+        assert np.allclose(resampled[covered], grid_field[covered], atol=1e-6)
+        assert (resampled[~((scan_index > -1) & (scan_index < np.asarray(volume.shape))).all(axis=-1)] == -1024.0).all()
+
+        block = np.zeros(volume.shape, np.uint8)
+        block[tuple(slice(n // 4, n - n // 4) for n in volume.shape)] = 7
+        back = grid.to_scan(grid.to_grid(block, order=0, cval=0), volume.shape)
+        assert back.shape == volume.shape and back.dtype == np.uint8
+        cube = np.ones((3, 3, 3), bool)
+        assert (back[ndimage.binary_erosion(block > 0, cube)] == 7).all()
+        assert (back[~ndimage.binary_dilation(block > 0, cube)] == 0).all()
+
+
+def test_segment_volume_of_an_oblique_series_answers_on_the_scans_own_grid(tmp_path):
+    """Labels, findings (voxels of their own kind, positions, mL) on the oblique scan's own grid, and a warning."""
+    from napari_tghmoe.med3d import segment_volume
+    from napari_tghmoe.med3d.segment import OBLIQUE_WARNING, attach_finding_model
+    from napari_tghmoe.phantom import make_phantom
+
+    volume = make_phantom(3, "abdomen", spacing=(8.0, 8.0, 8.0), plane="oblique").volume
+    organs = _biased_seg_model(tmp_path / "organs", "liver")
+    bundle = attach_finding_model(organs, _renal_cyst_everywhere(tmp_path / "finder"), tmp_path / "bundle")
+    result = segment_volume(volume, bundle)
+    assert result.labels.shape == volume.shape and result.labels.dtype == np.uint8
+    assert OBLIQUE_WARNING in result.warnings
+    cyst = [v for v, n in result.label_names.items() if n == "renal cyst"][0]
+    assert [f.kind for f in result.findings] == ["renal cyst"]
+    voxel_ml = float(np.prod(volume.spacing)) / 1000
+    for finding in result.findings:
+        assert result.labels[finding.voxel_zyx] == finding.label == cyst
+        assert np.allclose(finding.position_mm, volume.index_to_patient(finding.voxel_zyx), atol=0.01)
+        assert finding.voxel_count == int((result.labels == cyst).sum())
+        assert finding.volume_ml == pytest.approx(finding.voxel_count * voxel_ml, abs=1e-3)
+    # the finder calls all of the body's box a cyst: every body voxel of the scan, not the far air
+    assert (result.labels[volume.hu > -500] == cyst).all() and (result.labels == 0).any()
+    assert set(np.unique(result.labels).tolist()) == {0, cyst}
+    assert result.structure_volumes_ml == {"renal cyst": pytest.approx(result.findings[0].voxel_count * voxel_ml, abs=1e-3)}
+
+    model = _biased_seg_model(tmp_path / "nodules", "lung nodule")  # one model, no cascade
+    alone = segment_volume(volume, model)
+    assert OBLIQUE_WARNING in alone.warnings and alone.labels.shape == volume.shape
+    assert alone.findings and all(alone.labels[f.voxel_zyx] == f.label for f in alone.findings)
+    axial = segment_volume(make_phantom(3, "abdomen", spacing=(8.0, 8.0, 8.0)).volume, model)
+    assert axial.warnings == []  # axis-aligned: not resampled

@@ -8,6 +8,8 @@ runs on every window; a kind's volume-level presence is its highest window proba
 
 from __future__ import annotations
 
+import dataclasses
+import itertools
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -16,6 +18,8 @@ from typing import Any, Callable
 import numpy as np
 
 from napari_tghmoe.io import CTVolume
+from napari_tghmoe.io._geometry import ALIGNED_COSINE, orientation_name
+from napari_tghmoe.io._types import AXIAL_DIRECTION
 from napari_tghmoe.med3d.types import SegFinding, SegmentationResult, SegmentationStopped, SegModelError
 
 def _resolve_model_dir(model_dir: str | Path | None) -> Path:
@@ -180,6 +184,76 @@ def _from_axial(array: np.ndarray, order, flips) -> np.ndarray:
     return np.ascontiguousarray(np.transpose(array, np.argsort(order)))
 
 
+def is_oblique(direction: np.ndarray) -> bool:
+    """True when some array axis is not along a patient axis (the slice normal or an in-plane one)."""
+    direction = np.asarray(direction, dtype=float).reshape(3, 3)
+    norms = np.linalg.norm(direction, axis=0)
+    cosines = np.abs(direction) / np.where(norms > 0, norms, 1.0)
+    return orientation_name(direction) == "oblique" or bool((cosines.max(axis=0) < ALIGNED_COSINE).any())
+
+
+@dataclass
+class PatientAxisGrid:
+    """An axial grid (z, y, x towards S, P, L) over a scan, and the affine map between the two."""
+
+    shape: tuple[int, int, int]
+    spacing: tuple[float, float, float]
+    origin: tuple[float, float, float]  # LPS (x, y, z) mm of grid voxel [0, 0, 0]
+    matrix: np.ndarray  # scan index (k, j, i) = matrix @ grid index (z, y, x) + offset
+    offset: np.ndarray
+
+    def to_grid(self, scan_array: np.ndarray, *, order: int, cval: float, dtype: Any = None) -> np.ndarray:
+        """A scan-grid array sampled on this grid (``order`` 1: trilinear, 0: nearest); ``cval`` outside the scan."""
+        from scipy import ndimage
+
+        return ndimage.affine_transform(
+            scan_array, self.matrix, self.offset, output_shape=self.shape, output=dtype, order=order,
+            mode="constant", cval=cval,
+        )
+
+    def to_scan(self, grid_array: np.ndarray, scan_shape: tuple[int, ...]) -> np.ndarray:
+        """A map on this grid sampled back on the scan's own grid by nearest neighbour."""
+        from scipy import ndimage
+
+        inverse = np.linalg.inv(self.matrix)
+        # every scan voxel centre lies inside the grid; "nearest" only absorbs rounding at its corners
+        return ndimage.affine_transform(
+            grid_array, inverse, -inverse @ self.offset, output_shape=tuple(scan_shape), order=0, mode="nearest"
+        )
+
+    def scan_index(self, grid_index: Any) -> np.ndarray:
+        """The (fractional) scan index of a grid index."""
+        return self.matrix @ np.asarray(grid_index, dtype=float) + self.offset
+
+
+def patient_axis_grid(volume: CTVolume) -> PatientAxisGrid:
+    """The axis-aligned grid an oblique ``volume`` is segmented on.
+
+    The networks only saw scans whose array axes run along the patient's axes; an oblique series
+    reaches them turned and they find nothing in it. So it is resampled onto this grid: axes
+    towards (S, P, L) as an axial scan, each with the spacing of the scan axis nearest to it, just
+    large enough to hold every scan voxel centre (centred on them).
+    """
+    direction = np.asarray(volume.direction, dtype=float)
+    order, _ = axial_view(direction)
+    spacing = np.array([volume.spacing[a] for a in order], dtype=float)
+    scan_to_lps = direction @ np.diag(volume.spacing)  # scan index -> LPS mm from the origin
+    corners = np.array(list(itertools.product(*[(0, n - 1) for n in volume.shape])), dtype=float)
+    corners_zyx = (np.asarray(volume.origin) + corners @ scan_to_lps.T)[:, ::-1]
+    lo, hi = corners_zyx.min(axis=0), corners_zyx.max(axis=0)
+    shape = np.ceil((hi - lo) / spacing - 1e-6).astype(int) + 1
+    first_zyx = (lo + hi) / 2.0 - spacing * (shape - 1) / 2.0
+    grid_to_lps = AXIAL_DIRECTION @ np.diag(spacing)  # grid index (z, y, x) -> LPS mm
+    lps_to_scan = np.linalg.inv(scan_to_lps)
+    return PatientAxisGrid(
+        shape=tuple(int(n) for n in shape),  # type: ignore[arg-type]
+        spacing=tuple(float(v) for v in spacing),  # type: ignore[arg-type]
+        origin=tuple(float(v) for v in first_zyx[::-1]),  # type: ignore[arg-type]
+        matrix=lps_to_scan @ grid_to_lps,
+        offset=lps_to_scan @ (first_zyx[::-1] - np.asarray(volume.origin)),
+    )
+
+
 @dataclass
 class _GridPrediction:
     """One model's prediction on its working grid, and how scan voxels index into that grid."""
@@ -335,6 +409,16 @@ def attach_finding_model(
     return out_dir
 
 
+def _structure_volumes(labels: np.ndarray, names: list[str], voxel_ml: float) -> dict[str, float]:
+    """mL of every labelled structure in ``labels``."""
+    # slab by slab: one bincount over a 78 M-voxel map makes a 600 MB int64 copy (and stalled
+    # for seconds in the kernel here: docs/benchmarks.md)
+    counts = np.zeros(len(names), dtype=np.int64)
+    for slab in labels:
+        counts += np.bincount(slab.ravel(), minlength=len(names))[: len(names)]
+    return {names[v]: round(float(counts[v]) * voxel_ml, 3) for v in range(1, len(names)) if counts[v]}
+
+
 def segment_volume(
     volume: CTVolume,
     model_dir: str | Path | None = None,
@@ -348,12 +432,26 @@ def segment_volume(
     labels on its grid, the finer finding model the finding labels on its own grid; finding
     voxels are drawn over the organs. ``progress(done, total)`` is called after each batch of
     sliding windows (of both models); when ``should_stop()`` returns True the run ends with
-    :class:`SegmentationStopped`.
+    :class:`SegmentationStopped`. An oblique series (:func:`is_oblique`) is segmented on
+    :func:`patient_axis_grid` and its results brought back, with :data:`OBLIQUE_WARNING`.
     """
-    from napari_tghmoe.med3d.data import working_shape
-
     started = time.perf_counter()
     check_ct_volume(volume)
+    if not is_oblique(volume.direction):
+        return _segment_on_grid(volume, model_dir, progress, should_stop, started)
+    return _segment_oblique(volume, model_dir, progress, should_stop, started)
+
+
+def _segment_on_grid(
+    volume: CTVolume,
+    model_dir: str | Path | None,
+    progress: Callable[[int, int], None] | None,
+    should_stop: Callable[[], bool] | None,
+    started: float,
+) -> SegmentationResult:
+    """:func:`segment_volume` on an axis-aligned volume (axial, coronal or sagittal storage)."""
+    from napari_tghmoe.med3d.data import working_shape
+
     folder = _resolve_model_dir(model_dir)
     model = _model(folder)
     config = model.config
@@ -454,12 +552,7 @@ def segment_volume(
                 )
             )
     findings.sort(key=lambda f: -f.probability)
-    # slab by slab: one bincount over a 78 M-voxel map makes a 600 MB int64 copy (and stalled
-    # for seconds in the kernel here: docs/benchmarks.md)
-    counts = np.zeros(len(names), dtype=np.int64)
-    for slab in labels:
-        counts += np.bincount(slab.ravel(), minlength=len(names))[: len(names)]
-    structure_volumes = {names[v]: round(float(counts[v]) * voxel_ml, 3) for v in range(1, len(names)) if counts[v]}
+    structure_volumes = _structure_volumes(labels, names, voxel_ml)
     grid = organ_pass.grid
     return SegmentationResult(
         labels=labels,
@@ -470,4 +563,95 @@ def segment_volume(
         model_name=folder.name,
         seconds=round(time.perf_counter() - started, 3),
         working_spacing=tuple(n * s / g for n, s, g in zip(axial.shape, axial.spacing, grid)),  # type: ignore[arg-type]
+    )
+
+
+#: Told to the user when :func:`segment_volume` resampled an oblique series.
+OBLIQUE_WARNING = "oblique series: resampled to the patient axes for segmentation"
+
+#: Air kept on each side of the body when an oblique series is segmented on the patient axes (mm).
+BODY_MARGIN_MM = 10.0
+
+
+def _body_box(hu: np.ndarray, spacing: tuple[float, float, float]) -> tuple[slice, slice, slice]:
+    """The box of the voxels above ``BODY_HU`` plus :data:`BODY_MARGIN_MM` (all of ``hu`` without a body).
+
+    An oblique series turned onto the patient axes gains wedges and slabs of air; the networks,
+    trained on fields of view fitted to the body, call such air lung or liver (seed 300007:
+    eight findings in it, the liver three times its size), so they only see the body's box.
+    """
+    from napari_tghmoe.med3d.data import BODY_HU
+
+    body = hu > BODY_HU
+    box = []
+    for axis in range(3):
+        present = np.nonzero(body.any(axis=tuple(a for a in range(3) if a != axis)))[0]
+        if not len(present):
+            return (slice(None),) * 3  # type: ignore[return-value]
+        margin = int(np.ceil(BODY_MARGIN_MM / spacing[axis]))
+        box.append(slice(max(int(present[0]) - margin, 0), min(int(present[-1]) + 1 + margin, hu.shape[axis])))
+    return tuple(box)  # type: ignore[return-value]
+
+
+def _segment_oblique(
+    volume: CTVolume,
+    model_dir: str | Path | None,
+    progress: Callable[[int, int], None] | None,
+    should_stop: Callable[[], bool] | None,
+    started: float,
+) -> SegmentationResult:
+    """:func:`segment_volume` of an oblique series: segmented on :func:`patient_axis_grid` (the body's
+    box of it), results brought back to the scan's own grid (labels by nearest neighbour, each
+    finding's component with them; its centre, position and volume measured there)."""
+    grid = patient_axis_grid(volume)
+    hu = grid.to_grid(np.asarray(volume.hu), order=1, cval=-1024.0, dtype=np.float32)
+    box = _body_box(hu, grid.spacing)
+    start = np.array([b.indices(n)[0] for b, n in zip(box, grid.shape)])
+    axial = CTVolume(
+        hu=hu[box],
+        spacing=grid.spacing,
+        origin=tuple(np.asarray(grid.origin) + AXIAL_DIRECTION @ (np.asarray(grid.spacing) * start)),
+        modality=volume.modality,
+        source=volume.source,
+        description=volume.description,
+    )
+    result = _segment_on_grid(axial, model_dir, progress, should_stop, started)
+    on_grid = np.zeros(grid.shape, dtype=result.labels.dtype)  # outside the body's box: background
+    on_grid[box] = result.labels
+    labels = grid.to_scan(on_grid, volume.shape)
+    # each finding's component (1-based, in findings order) on the grid, sampled back exactly as the labels
+    owner = np.zeros(grid.shape, dtype=np.uint16)
+    for value in sorted({f.label for f in result.findings}):
+        for voxels in finding_components(result.labels, value):
+            for number, finding in enumerate(result.findings, start=1):
+                if finding.label == value and (voxels == finding.voxel_zyx).all(axis=1).any():
+                    owner[tuple((voxels + start).T)] = number
+    owner_scan = grid.to_scan(owner, volume.shape) if result.findings else owner
+    voxel_ml = float(np.prod(volume.spacing)) / 1000.0
+    findings = []
+    for number, finding in enumerate(result.findings, start=1):
+        voxels = np.argwhere(owner_scan == number)
+        if len(voxels):
+            centre = snapped_centre(voxels)
+            count, volume_ml = len(voxels), round(len(voxels) * voxel_ml, 3)
+        else:  # thinner than the scan's voxels: one voxel marks it, its volume is the grid's
+            index = np.rint(grid.scan_index(np.asarray(finding.voxel_zyx) + start)).astype(int)
+            centre = tuple(int(v) for v in np.clip(index, 0, np.asarray(volume.shape) - 1))
+            labels[centre] = finding.label
+            count, volume_ml = 1, finding.volume_ml
+        position = volume.index_to_patient(centre)
+        findings.append(
+            dataclasses.replace(
+                finding, voxel_zyx=centre, position_mm=tuple(round(float(p), 2) for p in position),
+                volume_ml=volume_ml, voxel_count=int(count),
+            )
+        )
+    names = [result.label_names[v] for v in range(len(result.label_names))]
+    return dataclasses.replace(
+        result,
+        labels=labels,
+        findings=findings,
+        structure_volumes_ml=_structure_volumes(labels, names, voxel_ml),
+        seconds=round(time.perf_counter() - started, 3),
+        warnings=[*result.warnings, OBLIQUE_WARNING],
     )
