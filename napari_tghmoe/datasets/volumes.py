@@ -46,7 +46,9 @@ def load_sample_volume(sample: Sample) -> CTVolume:
             metadata={"source_format": "M3D npy", "intensity": declared or INTENSITY_UNIT},
         )
     if name.endswith(".npz"):
-        return read_phantom_cache(path).volume
+        volume = read_phantom_cache(path).volume
+        volume.source = volume.source or str(path)  # names the scan (e.g. its evidence cache)
+        return volume
     from napari_tghmoe.io import load_volume
 
     ct = load_volume(path)

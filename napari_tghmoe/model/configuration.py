@@ -23,6 +23,8 @@ from napari_tghmoe.model.preprocess import (
 from napari_tghmoe.model.prompts import DEFAULT_GROUP_NAMES, SHARED_GROUP
 
 LLM_LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+#: What the 3D encoder's tokens carry (``volume_token_source``).
+VOLUME_TOKEN_SOURCES = ("encoder", "evidence")
 
 
 @strict
@@ -72,6 +74,11 @@ class TGHMoEConfig(Qwen2_5_VLConfig):
         volume_encoder_channels, volume_presence_features: the encoder's bottleneck channels and its
             finding kinds (the projector's input); written when the encoder is attached.
         volume_token_id: the placeholder token whose input embeddings the projected tokens replace.
+        volume_token_source: what the tokens carry. "encoder": the encoder's pooled bottleneck and
+            finding presences (one token per ``volume_tokens_grid`` cell). "evidence": what the
+            encoder's segmentation found (``napari_tghmoe.med3d.evidence``: a scan token with
+            organ attenuation and the stored plane, then ``volume_evidence_findings`` finding
+            slots with kind, organ, position and certainty); the folder is then a whole cascade.
     """
 
     model_type = "tghmoe_qwen2_5_vl"
@@ -113,6 +120,8 @@ class TGHMoEConfig(Qwen2_5_VLConfig):
     volume_encoder_channels: int = 0
     volume_presence_features: int = 0
     volume_token_id: int | None = None
+    volume_token_source: str = "encoder"
+    volume_evidence_findings: int = 6
 
     def __post_init__(self, **kwargs: Any) -> None:
         super().__post_init__(**kwargs)
@@ -209,12 +218,17 @@ class TGHMoEConfig(Qwen2_5_VLConfig):
             raise ValueError(f"volume_encoder_windows must be >= 1, got {self.volume_encoder_windows}")
         if self.volume_projector_hidden is not None and self.volume_projector_hidden < 1:
             raise ValueError(f"volume_projector_hidden must be >= 1 or None, got {self.volume_projector_hidden}")
+        if self.volume_token_source not in VOLUME_TOKEN_SOURCES:
+            raise ValueError(f"volume_token_source must be one of {VOLUME_TOKEN_SOURCES}, got {self.volume_token_source!r}")
+        if self.volume_evidence_findings < 0:
+            raise ValueError(f"volume_evidence_findings must be >= 0, got {self.volume_evidence_findings}")
         if not self.volume_encoder:
             return
         name = self.volume_encoder
         if "/" in name or "\\" in name or name.startswith(".") or name != name.strip():
             raise ValueError(f"volume_encoder must be a plain sub-folder name, got {name!r}")
-        if self.volume_encoder_channels < 1 or self.volume_presence_features < 0:
+        minimum_channels = 1 if self.volume_token_source == "encoder" else 0
+        if self.volume_encoder_channels < minimum_channels or self.volume_presence_features < 0:
             raise ValueError(
                 "a volume encoder needs volume_encoder_channels >= 1 and volume_presence_features >= 0, "
                 f"got {self.volume_encoder_channels} and {self.volume_presence_features}"
@@ -233,6 +247,8 @@ class TGHMoEConfig(Qwen2_5_VLConfig):
         """LLM tokens the 3D encoder adds to a prompt (0 without a volume encoder)."""
         if not self.volume_encoder:
             return 0
+        if self.volume_token_source == "evidence":
+            return 1 + int(self.volume_evidence_findings)
         z, y, x = self.volume_tokens_grid
         return z * y * x
 

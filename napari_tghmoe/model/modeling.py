@@ -250,8 +250,14 @@ class TGHMoEForConditionalGeneration(Qwen2_5_VLForConditionalGeneration):
         sub = Path(folder) / self.config.volume_encoder
         if not sub.is_dir():
             raise VolumeEncoderError(f"{sub}: the volume encoder folder config.json names is missing")
-        encoder = load_volume_encoder(sub)
-        channels, kinds = int(encoder.config.encoder_channels), len(encoder.config.finding_kinds)
+        config = self.config
+        encoder = load_volume_encoder(sub, config.volume_token_source, config.volume_evidence_findings)
+        if config.volume_token_source == "evidence":
+            from napari_tghmoe.med3d.evidence import EVIDENCE_FEATURES
+
+            channels, kinds = 0, EVIDENCE_FEATURES
+        else:
+            channels, kinds = int(encoder.config.encoder_channels), len(encoder.config.finding_kinds)
         if (channels, kinds) != (self.config.volume_encoder_channels, self.config.volume_presence_features):
             raise VolumeEncoderError(
                 f"{sub}: the encoder gives {channels} channels and {kinds} finding kinds, the projector expects "
@@ -260,11 +266,14 @@ class TGHMoEForConditionalGeneration(Qwen2_5_VLForConditionalGeneration):
         self.set_volume_encoder(encoder, sub)
 
     def volume_features(self, volume: Any, spacing: Any = None) -> torch.Tensor:
-        """(N, C + K) encoder features of one CT (``volume_tokens.encode_volume``), on the CPU."""
-        from napari_tghmoe.model.volume_tokens import encode_volume
+        """(N, F) token features of one CT, on the CPU: the encoder's pooled tokens
+        (``volume_tokens.encode_volume``), or what its segmentation found (``EvidenceReader``)."""
+        from napari_tghmoe.model.volume_tokens import EvidenceReader, encode_volume
 
         if self.volume_encoder is None:
             raise ValueError("this model has no volume encoder loaded")
+        if isinstance(self.volume_encoder, EvidenceReader):
+            return self.volume_encoder.features(volume, spacing)
         config = self.config
         return encode_volume(
             self.volume_encoder, volume, config.volume_tokens_grid, spacing, max_windows=config.volume_encoder_windows

@@ -69,17 +69,24 @@ class VolumeTokenProjector(nn.Module):
         num_tokens: int,
         num_experts: int,
         expert_hidden: int,
+        verbal: bool = False,
     ) -> None:
         super().__init__()
         self.encoder_channels = int(encoder_channels)
         features = self.encoder_channels + int(presence_features)
-        self.norm = nn.LayerNorm(self.encoder_channels)
+        # evidence tokens (no encoder channels) are already on a fixed scale: nothing to normalise
+        self.norm = nn.LayerNorm(self.encoder_channels) if self.encoder_channels else nn.Identity()
         self.w_in = nn.Parameter(torch.empty(num_experts, features, expert_hidden))
         self.b_in = nn.Parameter(torch.empty(num_experts, expert_hidden))
         self.w_out = nn.Parameter(torch.empty(num_experts, expert_hidden, hidden_size))
         self.b_out = nn.Parameter(torch.empty(num_experts, hidden_size))
         self.position = nn.Parameter(torch.empty(num_tokens, hidden_size))
         self.gate = nn.Linear(text_size, num_experts)
+        # evidence tokens: a linear path from the named features (a kind, an organ, a site) that
+        # starts at the names' word embeddings (init_verbal_path), so a finding token first reads
+        # to the LLM like the words of what was found, and the MLP experts learn the rest
+        if verbal:
+            self.verbal = nn.Parameter(torch.zeros(features - self.encoder_channels, hidden_size))
         self.reset_parameters()
 
     @property
@@ -92,14 +99,17 @@ class VolumeTokenProjector(nn.Module):
 
         ``transformers.initialization`` leaves tensors that ``from_pretrained`` loaded alone.
         """
-        init.ones_(self.norm.weight)
-        init.zeros_(self.norm.bias)
+        if isinstance(self.norm, nn.LayerNorm):
+            init.ones_(self.norm.weight)
+            init.zeros_(self.norm.bias)
         bound_in = 1.0 / math.sqrt(self.w_in.shape[1])
         init.uniform_(self.w_in, -bound_in, bound_in)
         init.uniform_(self.b_in, -bound_in, bound_in)
         init.zeros_(self.w_out)
         init.zeros_(self.b_out)
         init.zeros_(self.position)
+        if "verbal" in self._parameters:
+            init.zeros_(self.verbal)
         bound_text = 1.0 / math.sqrt(self.gate.weight.shape[1])
         init.uniform_(self.gate.weight, -bound_text, bound_text)
         init.zeros_(self.gate.bias)
@@ -113,7 +123,23 @@ class VolumeTokenProjector(nn.Module):
         hidden = F.gelu(torch.einsum("bnf,efh->bneh", x, self.w_in) + self.b_in)
         experts = torch.einsum("bneh,eho->bneo", hidden, self.w_out) + self.b_out  # (B, N, E, D)
         tokens = (experts * gate.to(dtype)[:, None, :, None]).sum(2) + self.position
+        if "verbal" in self._parameters:
+            tokens = tokens + presence @ self.verbal
         return tokens, gate
+
+    @torch.no_grad()
+    def init_verbal_path(self, named_features: dict[int, str], embeddings: torch.Tensor, tokenizer: Any) -> int:
+        """Row i of the verbal path := the mean input embedding of the words ``named_features[i]``
+        (indices into the non-encoder features). Returns how many rows were set."""
+        if "verbal" not in self._parameters:
+            raise ValueError("this projector has no verbal path (only evidence tokens have one)")
+        done = 0
+        for index, text in named_features.items():
+            ids = tokenizer(str(text), add_special_tokens=False)["input_ids"]
+            if ids:
+                self.verbal[int(index)] = embeddings[torch.tensor(ids)].mean(0).to(self.verbal.dtype)
+                done += 1
+        return done
 
 
 def build_projector(config: Any) -> VolumeTokenProjector:
@@ -127,18 +153,93 @@ def build_projector(config: Any) -> VolumeTokenProjector:
         num_tokens=int(config.num_volume_tokens),
         num_experts=int(config.volume_projector_experts),
         expert_hidden=int(config.volume_projector_hidden or hidden),
+        verbal=getattr(config, "volume_token_source", "encoder") == "evidence",
     )
 
 
 # --------------------------------------------------------------------------- the encoder
 
 
-def load_volume_encoder(folder: str | Path) -> Any:
-    """A Med3DInsight segmentation model folder as a frozen encoder (CPU, fp32, eval mode)."""
+class EvidenceReader:
+    """The "evidence" volume encoder: a whole segmentation cascade whose findings become tokens.
+
+    ``features(volume)`` segments the CT (:func:`napari_tghmoe.med3d.segment.segment_volume`),
+    sums it up (:func:`napari_tghmoe.med3d.evidence.scan_evidence`) and returns
+    :func:`~napari_tghmoe.med3d.evidence.evidence_tokens`. Segmenting takes seconds, so the
+    evidence is kept per scan: in memory for the last few volumes asked about, and on disk when
+    ``TGHMOE_EVIDENCE_CACHE`` names a folder and the volume came from a file (JSON named after
+    the file; training and evaluation fill it once, ``scripts/scan_evidence.py`` in parallel).
+    It has no trainable weights: the cascade stays frozen in its folder.
+    """
+
+    memory_size = 4
+
+    def __init__(self, folder: str | Path, max_findings: int) -> None:
+        from napari_tghmoe.med3d.encoder import load_seg_model
+
+        self.folder = Path(folder)
+        self.config = load_seg_model(self.folder).config  # a bad folder fails here, with its name
+        if not self.config.finding_model:
+            raise VolumeEncoderError(f"{self.folder}: evidence tokens need a cascade (organ + finding model)")
+        self.max_findings = int(max_findings)
+        self._memory: list[tuple[Any, Any]] = []
+        from napari_tghmoe.med3d.sites import SiteHead
+
+        self.site_head = SiteHead.load(self.folder)  # None until one is trained (tghmoe ... sites)
+
+    def parameters(self):  # the frozen cascade is not the chat model's to train or save anew
+        return iter(())
+
+    def evidence(self, volume: Any) -> Any:
+        """The scan's :class:`~napari_tghmoe.med3d.evidence.ScanEvidence` (cached, see the class)."""
+        import json
+        import os
+
+        from napari_tghmoe.med3d.evidence import ScanEvidence, scan_evidence
+        from napari_tghmoe.med3d.segment import segment_volume
+
+        key = getattr(volume, "hu", volume)
+        for held, found in self._memory:
+            if held is key:
+                return found
+        source = getattr(volume, "source", None)
+        cache_dir = os.environ.get("TGHMOE_EVIDENCE_CACHE", "")
+        cached = Path(cache_dir) / f"{Path(source).stem}.json" if cache_dir and source else None
+        if cached is not None and cached.is_file():
+            found = ScanEvidence.from_json(json.loads(cached.read_text(encoding="utf-8")))
+        else:
+            found = scan_evidence(volume, segment_volume(volume, self.folder))
+            if cached is not None:
+                cached.parent.mkdir(parents=True, exist_ok=True)
+                staging = cached.with_suffix(f".{os.getpid()}.tmp")
+                staging.write_text(json.dumps(found.to_json()), encoding="utf-8")
+                os.replace(staging, cached)
+        self._memory = [*self._memory[-(self.memory_size - 1) :], (key, found)]
+        return found
+
+    def features(self, volume: Any, spacing: Any = None) -> torch.Tensor:
+        from napari_tghmoe.io import CTVolume
+        from napari_tghmoe.med3d.evidence import evidence_tokens
+
+        if not hasattr(volume, "hu"):
+            volume = _hu_axial(volume, spacing)  # an array: a CTVolume in HU (axial, no geometry)
+        elif not isinstance(volume, CTVolume):  # pragma: no cover - duck-typed volumes
+            volume = CTVolume(hu=np.asarray(volume.hu), spacing=tuple(volume.spacing), modality="CT")
+        return torch.from_numpy(evidence_tokens(self.evidence(volume), self.max_findings, self.site_head))
+
+
+def load_volume_encoder(folder: str | Path, source: str = "encoder", max_findings: int = 6) -> Any:
+    """A Med3DInsight segmentation model folder as a frozen encoder (CPU, fp32, eval mode), or for
+    ``source="evidence"`` the whole cascade as an :class:`EvidenceReader`."""
     from napari_tghmoe.med3d.encoder import load_seg_model
     from napari_tghmoe.med3d.types import SegModelError
 
     folder = Path(folder)
+    if source == "evidence":
+        try:
+            return EvidenceReader(folder, max_findings)
+        except SegModelError as err:
+            raise VolumeEncoderError(str(err)) from None
     try:
         encoder = load_seg_model(folder)
     except SegModelError as err:
@@ -277,9 +378,11 @@ class VolumeFeatureCache:
         key = str(source) if isinstance(source, (str, Path)) else id(source)
         found = self._features.get(key)
         if found is None:
-            features = encode_volume(
-                self.encoder, load_sample_volume(sample), self.tokens_grid, max_windows=self.max_windows
-            )
+            volume = load_sample_volume(sample)
+            if isinstance(self.encoder, EvidenceReader):
+                features = self.encoder.features(volume)
+            else:
+                features = encode_volume(self.encoder, volume, self.tokens_grid, max_windows=self.max_windows)
             found = (source, features)
             self._features[key] = found
         return found[1]
@@ -333,6 +436,7 @@ def attach_volume_encoder(
     experts: int | None = None,
     hidden: int | None = None,
     name: str = DEFAULT_ENCODER_FOLDER,
+    source: str | None = None,
 ) -> bool:
     """Give a TGH-MoE model a frozen 3D encoder and a fresh projector, in place.
 
@@ -344,7 +448,9 @@ def attach_volume_encoder(
     config = model.config
     if config.volume_encoder:
         raise VolumeEncoderError("the model already has a volume encoder")
-    encoder = load_volume_encoder(encoder_folder)
+    if source is not None:
+        config.volume_token_source = str(source)
+    encoder = load_volume_encoder(encoder_folder, config.volume_token_source, config.volume_evidence_findings)
     token_id, added = choose_volume_token(
         tokenizer, int(config.text_config.vocab_size), getattr(config.text_config, "pad_token_id", None)
     )
@@ -353,8 +459,13 @@ def attach_volume_encoder(
         config.volume_projector_experts = int(experts)
     if hidden is not None:
         config.volume_projector_hidden = int(hidden)
-    config.volume_encoder_channels = int(encoder.config.encoder_channels)
-    config.volume_presence_features = len(encoder.config.finding_kinds)
+    if config.volume_token_source == "evidence":
+        from napari_tghmoe.med3d.evidence import EVIDENCE_FEATURES
+
+        config.volume_encoder_channels, config.volume_presence_features = 0, EVIDENCE_FEATURES
+    else:
+        config.volume_encoder_channels = int(encoder.config.encoder_channels)
+        config.volume_presence_features = len(encoder.config.finding_kinds)
     config.volume_token_id = token_id
     config.volume_encoder = name
     try:
@@ -364,6 +475,13 @@ def attach_volume_encoder(
         raise
     model._install_volume_projector(match_base_placement=True)
     model.set_volume_encoder(encoder, Path(encoder_folder))
+    if isinstance(encoder, EvidenceReader) and hasattr(model, "get_input_embeddings"):
+        from napari_tghmoe.med3d.evidence import evidence_feature_names
+
+        site_names = encoder.site_head.names if encoder.site_head is not None else []
+        model.volume_projector.init_verbal_path(
+            evidence_feature_names(site_names), model.get_input_embeddings().weight, tokenizer
+        )
     return added
 
 

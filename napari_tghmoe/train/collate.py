@@ -7,6 +7,8 @@ and pixels it is asked with.
 
 from __future__ import annotations
 
+import weakref
+
 from collections.abc import Sequence
 from typing import Any
 
@@ -54,7 +56,6 @@ def collate(
     """
     import torch
 
-    from napari_tghmoe.model.preprocess import prepare_volume
     from napari_tghmoe.model.prompts import PromptBuilder, instruction_for, routing_label
 
     if not samples:
@@ -69,7 +70,7 @@ def collate(
     rows: list[tuple[list[int], list[int], list[bool]]] = []
     pixels, grids, seconds, task_labels, volumes = [], [], [], [], []
     for sample in samples:
-        inputs = prepare_volume(load_sample_volume(sample), None, model_config)
+        inputs = _prepared_volume(sample, model_config)
         instruction = instruction_for(sample.prompt) if rewrite_like_engine else sample.prompt.strip()
         prompt = builder.build_inputs(instruction, inputs.num_video_tokens)
         prompt_ids = prompt.input_ids[0].tolist()
@@ -128,3 +129,24 @@ def make_collate_fn(tokenizer: Any, model_config: Any, **options: Any):
     import functools
 
     return functools.partial(collate, tokenizer=tokenizer, model_config=model_config, **options)
+
+
+#: Prepared video inputs per loaded volume (a preloaded CTVolume is shared by its samples): a
+#: full-size CT is resampled to the model grid once, not at every step it is drawn.
+_PREPARED: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+def _prepared_volume(sample: Any, model_config: Any) -> Any:
+    from napari_tghmoe.model.preprocess import prepare_volume
+
+    volume = load_sample_volume(sample)
+    signature = (id(model_config), tuple(getattr(model_config, "volume_grid", ()) or ()))
+    try:
+        held = _PREPARED.get(volume)
+    except TypeError:  # not weak-referenceable: prepare every time
+        return prepare_volume(volume, None, model_config)
+    if held is not None and held[0] == signature:
+        return held[1]
+    inputs = prepare_volume(volume, None, model_config)
+    _PREPARED[volume] = (signature, inputs)
+    return inputs

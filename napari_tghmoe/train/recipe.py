@@ -62,6 +62,9 @@ class ModelSpec:
     #: encoder (``napari_tghmoe.model.volume_tokens``); "" = none. Stage 1 trains its projector,
     #: both stages the projector's text gate; the encoder's weights never change.
     volume_encoder: str = ""
+    #: What its tokens carry: "encoder" (pooled bottleneck) or "evidence" (what its segmentation
+    #: found: ``napari_tghmoe.med3d.evidence``; the folder must be a cascade).
+    volume_token_source: str = "encoder"
 
     def volume_encoder_path(self) -> Path | None:
         if not self.volume_encoder:

@@ -135,7 +135,7 @@ def _with_volume_encoder(model: Any, recipe: Recipe, tokenizer: Any) -> Any:
     from napari_tghmoe.model.volume_tokens import VolumeEncoderError, attach_volume_encoder
 
     try:
-        attach_volume_encoder(model, path, tokenizer)
+        attach_volume_encoder(model, path, tokenizer, source=recipe.model.volume_token_source)
     except VolumeEncoderError as err:
         raise RecipeError(f"{recipe.path}: [model] volume_encoder: {err}") from None
     return model
