@@ -277,3 +277,22 @@ def test_dicom_seg_of_a_coronal_series_lands_on_the_source_frames(tmp_path):
     )
     expected = np.select([hu > 40, hu < -40], [2, 1], 0)  # the same rule on the source frames
     assert np.array_equal(frames, expected)
+
+
+def test_an_oblique_series_is_segmented_with_a_notification_saying_it_was_resampled(
+    make_napari_viewer, dock_factory, qtbot
+):
+    from napari_tghmoe.phantom import make_phantom
+
+    oblique = make_phantom(11, "abdomen", spacing=(8.0, 8.0, 8.0), plane="oblique").volume
+    viewer = make_napari_viewer()
+    viewer.add_image(oblique.hu, **ct_layer_kwargs(oblique))
+    dock = dock_factory(viewer)
+    notes = []
+    notification_manager.notification_ready.connect(notes.append)
+    try:
+        layer = _segment(qtbot, dock)
+    finally:
+        notification_manager.notification_ready.disconnect(notes.append)
+    assert layer is not None and layer.data.shape == oblique.hu.shape  # back on the scan's own grid
+    assert any("oblique series" in str(n.message) for n in notes)

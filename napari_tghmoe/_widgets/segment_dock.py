@@ -306,6 +306,8 @@ class SegmentDock(ViewerDockMixin, QWidget):
         if self._closing or isinstance(item, str):
             return
         self.show_result(item, volume, geometry)
+        for warning in getattr(item, "warnings", ()) or ():
+            show_info(warning)  # e.g. an oblique series was resampled to the patient axes
 
     def _on_error(self, err: BaseException, model_dir: str | None) -> None:
         from napari_tghmoe.med3d.types import SegmentationStopped

@@ -187,6 +187,7 @@ def run_segment(args: argparse.Namespace) -> int:
         ],
         "finding_presence": result.finding_presence,
         "seconds": result.seconds,
+        "warnings": list(result.warnings),
     }
     print(json.dumps(summary, indent=2))
     return 0

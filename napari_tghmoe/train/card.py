@@ -188,6 +188,11 @@ def package(
         source = model_dir / name
         if source.is_file():
             shutil.copy2(source, dest / name)
+    encoder = json.loads((model_dir / "config.json").read_text()).get("volume_encoder")
+    if encoder:  # the 3D encoder's folder (a cascade for evidence tokens) ships inside the model
+        if (dest / encoder).exists():
+            shutil.rmtree(dest / encoder)
+        shutil.copytree(model_dir / encoder, dest / encoder)
     results = json.loads(results_path.read_text())
     summaries = []
     for folder in (stage1_dir, model_dir):
