@@ -137,12 +137,19 @@ class InferenceEngine:
         return self.prompts.render(instruction)
 
     def build_inputs(
-        self, instruction: str, num_video_tokens: int, history: Any = (), max_length: int | None = None
+        self,
+        instruction: str,
+        num_video_tokens: int,
+        history: Any = (),
+        max_length: int | None = None,
+        evidence_words: str = "",
     ) -> PromptInputs:
         """Token inputs of one prompt (see :meth:`PromptBuilder.build_inputs`)."""
         if not history:
-            return self.prompts.build_inputs(instruction, num_video_tokens)
-        return self.prompts.build_inputs(instruction, num_video_tokens, history=history, max_length=max_length)
+            return self.prompts.build_inputs(instruction, num_video_tokens, evidence_words=evidence_words)
+        return self.prompts.build_inputs(
+            instruction, num_video_tokens, history=history, max_length=max_length, evidence_words=evidence_words
+        )
 
     # ------------------------------------------------------------------ answering
 
@@ -159,6 +166,7 @@ class InferenceEngine:
         inputs = prepare_volume(volume, spacing, self.model.config)
         if self.has_volume_encoder:
             inputs.volume_features = self.model.volume_features(volume, spacing)
+            inputs.evidence_words = self.model.volume_words(volume, spacing)
         return inputs
 
     @property
@@ -238,7 +246,9 @@ class InferenceEngine:
             intensity_note = self.intensity_warning(inputs)
             window = context_length(self.model.config)
             budget = window - max_new_tokens if window and history else None
-            prompt = self.build_inputs(plan.text, inputs.num_video_tokens, history, budget)
+            prompt = self.build_inputs(
+                plan.text, inputs.num_video_tokens, history, budget, getattr(inputs, "evidence_words", "")
+            )
             preprocess_s = time.perf_counter() - t_start
 
             device = self.model.device

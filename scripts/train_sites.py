@@ -1,4 +1,4 @@
-"""Train the cascade's site head on cached scan evidence (issue 15; napari_tghmoe.med3d.sites).
+"""Train the cascade's site and phase heads on cached scan evidence (issue 15; napari_tghmoe.med3d.sites).
 
     python scripts/train_sites.py --evidence runs/ablation/evidence --seeds 300000-300199 \\
         --out resources/demo-seg-model
@@ -27,7 +27,8 @@ def _records(folder: Path, first: int, last: int) -> list[dict]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from napari_tghmoe.med3d.sites import train_site_head, training_pairs
+    from napari_tghmoe.med3d.evidence import ScanEvidence
+    from napari_tghmoe.med3d.sites import train_phase_head, train_site_head, training_pairs
 
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--evidence", required=True, type=Path)
@@ -60,6 +61,12 @@ def main(argv: list[str] | None = None) -> int:
     summary["final_pairs"] = len(fit) + len(check)
     summary["final_fit_accuracy"] = round(final_accuracy, 3)
     final.save(args.out)
+    phase, phase_fit = train_phase_head(records[:cut])
+    held = records[cut:]
+    right = sum(phase.phase(ScanEvidence.from_json(r))[0] == r["truth"]["phase"] for r in held)
+    summary["phase"] = {"fit_accuracy": round(phase_fit, 3), "check_scans": len(held), "check_accuracy": round(right / max(len(held), 1), 3)}
+    phase, _ = train_phase_head(records)
+    phase.save(args.out)
     (args.out / "sites_check.json").write_text(json.dumps(summary, indent=1) + "\n", encoding="utf-8")
     print(json.dumps(summary, indent=1))
     return 0

@@ -219,3 +219,51 @@ def test_an_organ_model_alone_is_no_evidence_encoder(tmp_path):
 def test_the_organ_and_kind_vocabularies_are_the_bundled_models():
     config = json.loads((__import__("pathlib").Path(__file__).resolve().parents[1] / "resources/demo-seg-model/config.json").read_text())
     assert tuple(config["organ_names"]) == EVIDENCE_ORGANS and tuple(config["finding_kinds"]) == EVIDENCE_KINDS
+
+
+def test_the_evidence_in_words_names_plane_phase_and_the_sure_findings_at_their_sites():
+    from napari_tghmoe.med3d.evidence import evidence_words, finding_size_mm, stored_plane
+    from napari_tghmoe.med3d.sites import train_phase_head
+
+    volume, result = _segmented_ct()
+    evidence = scan_evidence(volume, result)
+    unsure = ScanEvidence.from_json(evidence.to_json()).findings[0]
+    unsure.kind, unsure.verifier_probability = "renal cyst", 0.2
+    evidence.findings.append(unsure)
+    assert stored_plane(evidence) == "axial"
+    assert finding_size_mm(evidence.findings[0]) == 7  # 0.2 mL: a 7 mm sphere
+    # a phase head learnt from the aorta's attenuation
+    records = []
+    for phase, aorta in (("arterial", 300.0), ("non-contrast", 40.0)) * 6:
+        record = evidence.to_json()
+        record["organ_hu"] = {**record["organ_hu"], "aorta": aorta}
+        record["truth"] = {"phase": phase}
+        records.append(record)
+    phase_head, accuracy = train_phase_head(records, steps=300)
+    assert accuracy == 1.0
+    words = evidence_words(evidence, phase_head=phase_head)
+    assert words == "3D encoder: axial series, arterial phase. Found: 7 mm hypodense liver lesion in the liver."
+    nothing = evidence_words(ScanEvidence([], {}, {}, (0.0, 0.6, 0.8)))
+    assert nothing == "3D encoder: oblique series. Found: nothing."
+
+
+def test_the_evidence_words_follow_the_volume_tokens_in_the_prompt_and_guide_no_router(cascade):
+    from napari_tghmoe.model.modeling import adapt_2d_mllm
+    from napari_tghmoe.model.prompts import PromptBuilder
+    from napari_tghmoe.model.tiny import build_tiny_base_model
+    from napari_tghmoe.model.tokenizer import DEFAULT_CORPUS, build_tokenizer
+    from napari_tghmoe.model import volume_tokens
+
+    model = adapt_2d_mllm(build_tiny_base_model(seed=0, vocab_size=512), {"volume_grid": [8, 64, 64], "moe_blocks": [2, 3]})
+    tokenizer = build_tokenizer(DEFAULT_CORPUS, vocab_size=512)
+    volume_tokens.attach_volume_encoder(model, cascade, tokenizer, source="evidence")
+    builder = PromptBuilder(tokenizer, model.config)
+    words = "3D encoder: axial series. Found: nothing."
+    plain = builder.build_inputs("Which plane?", 4)
+    told = builder.build_inputs("Which plane?", 4, evidence_words=words)
+    word_ids = tokenizer(words, add_special_tokens=False)["input_ids"]
+    ids = told.input_ids[0].tolist()
+    end = ids.index(int(model.config.volume_token_id)) + model.config.num_volume_tokens + 1  # the volume block's end
+    assert ids[end : end + len(word_ids)] == word_ids
+    assert told.input_ids.shape[1] == plain.input_ids.shape[1] + len(word_ids)
+    assert told.text_guidance_mask.sum() == plain.text_guidance_mask.sum()  # the instruction alone guides

@@ -196,7 +196,12 @@ def score_results(
     if closed:
         summary = M.closed_vqa_accuracy(
             [predictions[i] for i in closed],
-            [samples[i].meta.get("answer_letter") or samples[i].target.strip()[:1] for i in closed],
+            [
+                samples[i].meta.get("answer_letter")
+                or M.parse_answer_letter(samples[i].target, samples[i].meta.get("choices"))
+                or ""
+                for i in closed
+            ],
             qtypes=[samples[i].qtype for i in closed],
             choices=[samples[i].meta.get("choices") for i in closed],
         )

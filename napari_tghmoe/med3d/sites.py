@@ -7,7 +7,8 @@ and relative to the aorta; :mod:`napari_tghmoe.med3d.evidence`) to the site name
 at in training. It is trained on the cascade's own findings matched to phantom truth
 (:func:`training_pairs`), so it learns the cascade's habits too (a para-aortic node the organ
 model calls "left kidney"). It lives beside the cascade in a chat model's evidence folder
-(``sites.safetensors`` + ``sites.json``).
+(``sites.safetensors`` + ``sites.json``), with the phase head (``phase.*``), the same small
+classifier reading the organs' attenuation.
 """
 
 from __future__ import annotations
@@ -20,8 +21,6 @@ from typing import Any
 
 import numpy as np
 
-SITE_WEIGHTS = "sites.safetensors"
-SITE_CONFIG = "sites.json"
 #: Site slots of a finding token (the head's names, zero-padded).
 MAX_SITES = 32
 
@@ -31,6 +30,61 @@ def site_input(finding: Any) -> np.ndarray:
     from napari_tghmoe.med3d.evidence import finding_geometry_vector
 
     return finding_geometry_vector(finding)
+
+
+def _head_probabilities(weights: dict[str, np.ndarray], x: np.ndarray, allowed: np.ndarray) -> np.ndarray:
+    """A one-hidden-layer MLP's softmax over the allowed outputs (zeros when none is allowed)."""
+    if not allowed.any():
+        return np.zeros(allowed.size, dtype=np.float32)
+    hidden = np.maximum(x @ weights["w1"] + weights["b1"], 0.0)
+    logits = np.where(allowed, hidden @ weights["w2"] + weights["b2"], -np.inf)
+    exp = np.exp(logits - logits[allowed].max())
+    return (exp / exp.sum()).astype(np.float32)
+
+
+def _fit_head(
+    x: np.ndarray, y: np.ndarray, allowed: np.ndarray, hidden: int, steps: int, seed: int
+) -> tuple[dict[str, np.ndarray], float]:
+    """Full-batch AdamW fit of that MLP; (weights, training accuracy)."""
+    import torch
+
+    inputs, targets = torch.tensor(x, dtype=torch.float32), torch.tensor(y)
+    mask = torch.tensor(allowed)
+    generator = torch.Generator().manual_seed(seed)
+    w1 = (torch.randn(inputs.shape[1], hidden, generator=generator) / np.sqrt(inputs.shape[1])).requires_grad_()
+    b1 = torch.zeros(hidden, requires_grad=True)
+    w2 = (torch.randn(hidden, mask.shape[1], generator=generator) / np.sqrt(hidden)).requires_grad_()
+    b2 = torch.zeros(mask.shape[1], requires_grad=True)
+    optimiser = torch.optim.AdamW([w1, b1, w2, b2], lr=1e-2, weight_decay=1e-2)
+    for _ in range(steps):
+        logits = torch.relu(inputs @ w1 + b1) @ w2 + b2
+        loss = torch.nn.functional.cross_entropy(logits.masked_fill(~mask, -1e9), targets)
+        optimiser.zero_grad()
+        loss.backward()
+        optimiser.step()
+    with torch.no_grad():
+        logits = (torch.relu(inputs @ w1 + b1) @ w2 + b2).masked_fill(~mask, -1e9)
+        accuracy = float((logits.argmax(1) == targets).float().mean())
+    weights = {name: t.detach().numpy().copy() for name, t in zip(("w1", "b1", "w2", "b2"), (w1, b1, w2, b2))}
+    return weights, accuracy
+
+
+def _save_head(folder: str | Path, prefix: str, weights: dict[str, np.ndarray], config: dict[str, Any]) -> None:
+    from safetensors.numpy import save_file
+
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    save_file({k: np.ascontiguousarray(v, dtype=np.float32) for k, v in weights.items()}, str(folder / f"{prefix}.safetensors"))
+    (folder / f"{prefix}.json").write_text(json.dumps(config, indent=1), encoding="utf-8")
+
+
+def _load_head(folder: str | Path, prefix: str) -> tuple[dict[str, np.ndarray], dict[str, Any]] | None:
+    from safetensors.numpy import load_file
+
+    folder = Path(folder)
+    if not (folder / f"{prefix}.json").is_file():
+        return None
+    return load_file(str(folder / f"{prefix}.safetensors")), json.loads((folder / f"{prefix}.json").read_text(encoding="utf-8"))
 
 
 @dataclass
@@ -43,15 +97,8 @@ class SiteHead:
 
     def probabilities(self, finding: Any) -> np.ndarray:
         """(len(names),) probabilities of the finding's site (zeros for a kind never seen)."""
-        x = site_input(finding)
-        hidden = np.maximum(x @ self.weights["w1"] + self.weights["b1"], 0.0)
-        logits = hidden @ self.weights["w2"] + self.weights["b2"]
         allowed = np.asarray([name in self.kinds.get(finding.kind, ()) for name in self.names])
-        if not allowed.any():
-            return np.zeros(len(self.names), dtype=np.float32)
-        logits = np.where(allowed, logits, -np.inf)
-        exp = np.exp(logits - logits[allowed].max())
-        return (exp / exp.sum()).astype(np.float32)
+        return _head_probabilities(self.weights, site_input(finding), allowed)
 
     def site(self, finding: Any) -> tuple[str | None, float]:
         probs = self.probabilities(finding)
@@ -61,24 +108,55 @@ class SiteHead:
         return self.names[best], float(probs[best])
 
     def save(self, folder: str | Path) -> None:
-        from safetensors.numpy import save_file
-
-        folder = Path(folder)
-        folder.mkdir(parents=True, exist_ok=True)
-        save_file({k: np.ascontiguousarray(v, dtype=np.float32) for k, v in self.weights.items()}, str(folder / SITE_WEIGHTS))
-        (folder / SITE_CONFIG).write_text(json.dumps({"names": self.names, "kinds": self.kinds}, indent=1), encoding="utf-8")
+        _save_head(folder, "sites", self.weights, {"names": self.names, "kinds": self.kinds})
 
     @classmethod
     def load(cls, folder: str | Path) -> SiteHead | None:
         """The head saved in ``folder``, or None when there is none."""
-        from safetensors.numpy import load_file
-
-        folder = Path(folder)
-        if not (folder / SITE_CONFIG).is_file():
+        found = _load_head(folder, "sites")
+        if found is None:
             return None
-        config = json.loads((folder / SITE_CONFIG).read_text(encoding="utf-8"))
-        weights = load_file(str(folder / SITE_WEIGHTS))
+        weights, config = found
         return cls(names=list(config["names"]), kinds={k: list(v) for k, v in config["kinds"].items()}, weights=weights)
+
+
+@dataclass
+class PhaseHead:
+    """The contrast phase from the organs' attenuation (the scan token's features)."""
+
+    names: list[str]
+    weights: dict[str, np.ndarray]
+
+    def probabilities(self, evidence: Any) -> np.ndarray:
+        from napari_tghmoe.med3d.evidence import scan_vector
+
+        return _head_probabilities(self.weights, scan_vector(evidence), np.ones(len(self.names), dtype=bool))
+
+    def phase(self, evidence: Any) -> tuple[str, float]:
+        probabilities = self.probabilities(evidence)
+        best = int(np.argmax(probabilities))
+        return self.names[best], float(probabilities[best])
+
+    def save(self, folder: str | Path) -> None:
+        _save_head(folder, "phase", self.weights, {"names": self.names})
+
+    @classmethod
+    def load(cls, folder: str | Path) -> PhaseHead | None:
+        found = _load_head(folder, "phase")
+        return None if found is None else cls(names=list(found[1]["names"]), weights=found[0])
+
+
+def train_phase_head(records: Sequence[dict[str, Any]], steps: int = 1500, seed: int = 0) -> tuple[PhaseHead, float]:
+    """A phase head fitted on scan evidence records with ``truth.phase``."""
+    from napari_tghmoe.med3d.evidence import ScanEvidence, scan_vector
+
+    if not records:
+        raise ValueError("no scans to train a phase head on")
+    names = sorted({str(r["truth"]["phase"]) for r in records})
+    x = np.stack([scan_vector(ScanEvidence.from_json(r)) for r in records])
+    y = np.asarray([names.index(str(r["truth"]["phase"])) for r in records])
+    weights, accuracy = _fit_head(x, y, np.ones((len(records), len(names)), dtype=bool), 32, steps, seed)
+    return PhaseHead(names=names, weights=weights), accuracy
 
 
 def training_pairs(records: Iterable[dict[str, Any]], max_distance_mm: float = 30.0) -> list[tuple[Any, str]]:
@@ -109,10 +187,7 @@ def training_pairs(records: Iterable[dict[str, Any]], max_distance_mm: float = 3
 def train_site_head(
     pairs: Sequence[tuple[Any, str]], hidden: int = 64, steps: int = 1500, seed: int = 0
 ) -> tuple[SiteHead, float]:
-    """A site head fitted on ``pairs`` (full batch Adam, weight decay); returns it and its
-    training accuracy."""
-    import torch
-
+    """A site head fitted on ``pairs`` (full batch AdamW); returns it and its training accuracy."""
     if not pairs:
         raise ValueError("no matched findings to train a site head on")
     names = sorted({site for _, site in pairs})
@@ -123,23 +198,8 @@ def train_site_head(
         kinds.setdefault(finding.kind, [])
         if site not in kinds[finding.kind]:
             kinds[finding.kind].append(site)
-    x = torch.tensor(np.stack([site_input(f) for f, _ in pairs]), dtype=torch.float32)
-    y = torch.tensor([names.index(site) for _, site in pairs])
-    mask = torch.tensor([[name in kinds[f.kind] for name in names] for f, _ in pairs])
-    generator = torch.Generator().manual_seed(seed)
-    w1 = (torch.randn(x.shape[1], hidden, generator=generator) / np.sqrt(x.shape[1])).requires_grad_()
-    b1 = torch.zeros(hidden, requires_grad=True)
-    w2 = (torch.randn(hidden, len(names), generator=generator) / np.sqrt(hidden)).requires_grad_()
-    b2 = torch.zeros(len(names), requires_grad=True)
-    optimiser = torch.optim.AdamW([w1, b1, w2, b2], lr=1e-2, weight_decay=1e-3)
-    for _ in range(steps):
-        logits = torch.relu(x @ w1 + b1) @ w2 + b2
-        loss = torch.nn.functional.cross_entropy(logits.masked_fill(~mask, -1e9), y)
-        optimiser.zero_grad()
-        loss.backward()
-        optimiser.step()
-    with torch.no_grad():
-        logits = (torch.relu(x @ w1 + b1) @ w2 + b2).masked_fill(~mask, -1e9)
-        accuracy = float((logits.argmax(1) == y).float().mean())
-    weights = {name: tensor.detach().numpy().copy() for name, tensor in zip(("w1", "b1", "w2", "b2"), (w1, b1, w2, b2))}
+    x = np.stack([site_input(f) for f, _ in pairs])
+    y = np.asarray([names.index(site) for _, site in pairs])
+    allowed = np.asarray([[name in kinds[f.kind] for name in names] for f, _ in pairs])
+    weights, accuracy = _fit_head(x, y, allowed, hidden, steps, seed)
     return SiteHead(names=names, kinds=kinds, weights=weights), accuracy

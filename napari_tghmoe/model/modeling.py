@@ -279,6 +279,14 @@ class TGHMoEForConditionalGeneration(Qwen2_5_VLForConditionalGeneration):
             self.volume_encoder, volume, config.volume_tokens_grid, spacing, max_windows=config.volume_encoder_windows
         )
 
+    def volume_words(self, volume: Any, spacing: Any = None) -> str:
+        """The evidence line that follows the volume tokens ("" unless the encoder gives evidence)."""
+        from napari_tghmoe.model.volume_tokens import EvidenceReader
+
+        if isinstance(self.volume_encoder, EvidenceReader):
+            return self.volume_encoder.words(volume, spacing)
+        return ""
+
     def save_pretrained(self, save_directory: str | Path, *args: Any, **kwargs: Any) -> Any:
         """``PreTrainedModel.save_pretrained`` plus the volume encoder's sub-folder."""
         result = super().save_pretrained(save_directory, *args, **kwargs)

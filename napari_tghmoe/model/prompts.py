@@ -232,8 +232,12 @@ class PromptBuilder:
         num_video_tokens: int,
         history: Sequence[HistoryTurn] = (),
         max_length: int | None = None,
+        evidence_words: str = "",
     ) -> PromptInputs:
         """Tokenise the prompt, expand the video placeholder, mark the instruction tokens.
+
+        ``evidence_words``: the 3D encoder's evidence line (``volume_tokens.EvidenceReader.words``),
+        placed right after the volume block (never instruction tokens).
 
         ``history``: earlier (instruction, answer) turns, oldest first. With ``max_length`` (the
         tokens the prompt may take, video included) the oldest turns are dropped until it fits;
@@ -241,12 +245,14 @@ class PromptBuilder:
         """
         history = list(history)
         while True:
-            inputs = self._build(instruction, num_video_tokens, history)
+            inputs = self._build(instruction, num_video_tokens, history, evidence_words)
             if not history or max_length is None or inputs.input_ids.shape[1] <= max_length:
                 return inputs
             history = history[1:]  # the oldest turn goes first
 
-    def _build(self, instruction: str, num_video_tokens: int, history: list[HistoryTurn]) -> PromptInputs:
+    def _build(
+        self, instruction: str, num_video_tokens: int, history: list[HistoryTurn], evidence_words: str = ""
+    ) -> PromptInputs:
         import torch
 
         prompt = self.render(instruction, history)
@@ -265,7 +271,8 @@ class PromptBuilder:
         if ids.count(self.video_token_id) != num_video_tokens:
             raise RuntimeError("the tokenizer split the video placeholder: tokenizer and model do not match")
         if self.num_volume_tokens:
-            ids, guidance = self._with_volume_block(ids, guidance)
+            words = self.tokenizer(evidence_words, add_special_tokens=False)["input_ids"] if evidence_words else []
+            ids, guidance = self._with_volume_block(ids, guidance, words)
         input_ids = torch.tensor([ids], dtype=torch.long)
         return PromptInputs(
             input_ids=input_ids,
@@ -276,14 +283,16 @@ class PromptBuilder:
             history_used=len(history),
         )
 
-    def _with_volume_block(self, ids: list[int], guidance: list[bool]) -> tuple[list[int], list[bool]]:
-        """``<|vision_start|>`` + N volume placeholders + ``<|vision_end|>`` right after the video's
-        ``<|vision_end|>`` (never instruction tokens)."""
+    def _with_volume_block(
+        self, ids: list[int], guidance: list[bool], words: list[int] = ()
+    ) -> tuple[list[int], list[bool]]:
+        """``<|vision_start|>`` + N volume placeholders + ``<|vision_end|>`` (+ the evidence words)
+        right after the video's ``<|vision_end|>`` (never instruction tokens)."""
         after_video = len(ids) - ids[::-1].index(self.video_token_id)  # index of the video's <|vision_end|>
         if after_video >= len(ids) or ids[after_video] != self.volume_block_ids[-1]:
             raise RuntimeError("the video block does not end with <|vision_end|>: cannot place the volume tokens")
         at = after_video + 1
-        block = self.volume_block_ids
+        block = self.volume_block_ids + list(words)
         return ids[:at] + block + ids[at:], guidance[:at] + [False] * len(block) + guidance[at:]
 
 

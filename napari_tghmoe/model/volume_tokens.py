@@ -183,9 +183,11 @@ class EvidenceReader:
             raise VolumeEncoderError(f"{self.folder}: evidence tokens need a cascade (organ + finding model)")
         self.max_findings = int(max_findings)
         self._memory: list[tuple[Any, Any]] = []
-        from napari_tghmoe.med3d.sites import SiteHead
+        from napari_tghmoe.med3d.sites import PhaseHead, SiteHead
 
-        self.site_head = SiteHead.load(self.folder)  # None until one is trained (tghmoe ... sites)
+        # None until trained (scripts/train_sites.py writes them into the cascade's folder)
+        self.site_head = SiteHead.load(self.folder)
+        self.phase_head = PhaseHead.load(self.folder)
 
     def parameters(self):  # the frozen cascade is not the chat model's to train or save anew
         return iter(())
@@ -217,15 +219,25 @@ class EvidenceReader:
         self._memory = [*self._memory[-(self.memory_size - 1) :], (key, found)]
         return found
 
-    def features(self, volume: Any, spacing: Any = None) -> torch.Tensor:
+    def _scan(self, volume: Any, spacing: Any = None) -> Any:
         from napari_tghmoe.io import CTVolume
-        from napari_tghmoe.med3d.evidence import evidence_tokens
 
         if not hasattr(volume, "hu"):
             volume = _hu_axial(volume, spacing)  # an array: a CTVolume in HU (axial, no geometry)
         elif not isinstance(volume, CTVolume):  # pragma: no cover - duck-typed volumes
             volume = CTVolume(hu=np.asarray(volume.hu), spacing=tuple(volume.spacing), modality="CT")
-        return torch.from_numpy(evidence_tokens(self.evidence(volume), self.max_findings, self.site_head))
+        return self.evidence(volume)
+
+    def features(self, volume: Any, spacing: Any = None) -> torch.Tensor:
+        from napari_tghmoe.med3d.evidence import evidence_tokens
+
+        return torch.from_numpy(evidence_tokens(self._scan(volume, spacing), self.max_findings, self.site_head))
+
+    def words(self, volume: Any, spacing: Any = None) -> str:
+        """The same evidence as the line of text that follows the volume tokens in the prompt."""
+        from napari_tghmoe.med3d.evidence import evidence_words
+
+        return evidence_words(self._scan(volume, spacing), self.site_head, self.phase_head, max_findings=self.max_findings)
 
 
 def load_volume_encoder(folder: str | Path, source: str = "encoder", max_findings: int = 6) -> Any:
@@ -367,9 +379,23 @@ class VolumeFeatureCache:
         self.tokens_grid = [int(g) for g in tokens_grid]
         self.max_windows = int(max_windows)
         self._features: dict[Any, tuple[Any, torch.Tensor]] = {}
+        self._words: dict[Any, str] = {}
 
     def __len__(self) -> int:
         return len(self._features)
+
+    def words(self, sample: Any) -> str:
+        """The evidence line of the sample's volume ("" for an encoder without one)."""
+        from napari_tghmoe.datasets.volumes import load_sample_volume
+
+        if not isinstance(self.encoder, EvidenceReader):
+            return ""
+        source = sample.volume
+        key = str(source) if isinstance(source, (str, Path)) else id(source)
+        if key not in self._words:
+            self.features(sample)  # keeps the volume object alive under its id
+            self._words[key] = self.encoder.words(load_sample_volume(sample))
+        return self._words[key]
 
     def features(self, sample: Any) -> torch.Tensor:
         from napari_tghmoe.datasets.volumes import load_sample_volume

@@ -117,7 +117,9 @@ class VQAItem:
 
     @property
     def target(self) -> str:
-        return f"{self.answer_letter}. {self.answer_text}"
+        from napari_tghmoe.datasets.samples import closed_vqa_target  # one answer format for all data
+
+        return closed_vqa_target(self.answer_letter, self.answer_text)
 
 
 @dataclass

@@ -72,7 +72,8 @@ def collate(
     for sample in samples:
         inputs = _prepared_volume(sample, model_config)
         instruction = instruction_for(sample.prompt) if rewrite_like_engine else sample.prompt.strip()
-        prompt = builder.build_inputs(instruction, inputs.num_video_tokens)
+        words = volume_features.words(sample) if num_volume_tokens and hasattr(volume_features, "words") else ""
+        prompt = builder.build_inputs(instruction, inputs.num_video_tokens, evidence_words=words)
         prompt_ids = prompt.input_ids[0].tolist()
         guidance = prompt.text_guidance_mask[0].tolist()
         target_ids = tokenizer(sample.target.strip(), add_special_tokens=False)["input_ids"] + [eos_id]
