@@ -134,7 +134,7 @@ def test_m3d_vqa_closed_prompt_and_target_are_exactly_m3d(tmp_path):
     closed, opened, closed2, _ = samples
     assert closed.task == "vqa_closed" and opened.task == "vqa_open"
     assert closed.prompt == "Which organ shows a lesion? Choices: A. lung B. liver C. kidney D. spleen"
-    assert closed.target == "liver. Answer: B."
+    assert closed.target == "B. liver"
     assert opened.prompt == "Which organ shows a lesion?" and opened.target == "liver"
     assert closed.qtype == "organ" and closed2.qtype == "plane"  # numeric type 3 = organ (M3D order)
     assert closed.meta["answer_letter"] == "B" and closed.meta["choices"] == ["lung", "liver", "kidney", "spleen"]
@@ -211,7 +211,7 @@ def test_phantoms_are_generated_once_and_read_back_from_the_cache(tmp_path):
     opened = [s for s in samples if s.task == "vqa_open"]
     assert len(closed) == len(opened) == len(phantom.vqa)
     item = phantom.vqa[0]
-    assert closed[0].target == f"{item.answer_text}. Answer: {item.answer_letter}." and opened[0].target == item.answer_text
+    assert closed[0].target == f"{item.answer_letter}. {item.answer_text}" and opened[0].target == item.answer_text
     assert closed[0].prompt.endswith(" Choices: " + " ".join(f"{l}. {c}" for l, c in zip("ABCD", item.choices)))
 
 

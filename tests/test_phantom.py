@@ -342,7 +342,7 @@ def test_vqa_items_are_well_formed_and_cover_the_five_types():
             assert q.answer_letter in "ABCD"
             assert q.choices["ABCD".index(q.answer_letter)] == q.answer_text
             assert q.prompt.startswith(q.question + " Choices: A. ")
-            assert q.target == f"{q.answer_text}. Answer: {q.answer_letter}."
+            assert q.target == f"{q.answer_letter}. {q.answer_text}"
             letters.append(q.answer_letter)
     assert {q.qtype for p in cases() for q in p.vqa} == set(QTYPES)
     counts = {letter: letters.count(letter) for letter in "ABCD"}

@@ -66,11 +66,7 @@ def closed_vqa_prompt(question: str, choices: Sequence[str]) -> str:
 
 
 def closed_vqa_target(letter: str, answer: str) -> str:
-    """The answer's words, then its letter ("liver. Answer: B."): a small model names what it sees,
-    then copies the letter that stands before those words in the choices (an induction step),
-    instead of looking the letter up before it has said anything. Both M3D's rule (the text holds
-    "B.") and ``parse_answer_letter`` read it."""
-    return f"{str(answer).strip()}. Answer: {letter.strip().upper()}."
+    return f"{letter.strip().upper()}. {str(answer).strip()}"
 
 
 class Phrasing:
