@@ -117,9 +117,7 @@ class VQAItem:
 
     @property
     def target(self) -> str:
-        from napari_tghmoe.datasets.samples import closed_vqa_target  # one answer format for all data
-
-        return closed_vqa_target(self.answer_letter, self.answer_text)
+        return f"{self.answer_letter}. {self.answer_text}"
 
 
 @dataclass
