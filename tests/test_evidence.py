@@ -267,3 +267,25 @@ def test_the_evidence_words_follow_the_volume_tokens_in_the_prompt_and_guide_no_
     assert ids[end : end + len(word_ids)] == word_ids
     assert told.input_ids.shape[1] == plain.input_ids.shape[1] + len(word_ids)
     assert told.text_guidance_mask.sum() == plain.text_guidance_mask.sum()  # the instruction alone guides
+
+
+def test_a_model_built_to_take_another_models_weights_keeps_its_vocabulary(cascade):
+    """Ablation arms built anew from a recipe with the evidence encoder (dense LoRA, text-blind)
+    copy a trained model's tensors: the embedding table must keep that model's size (no row is
+    added for the volume placeholder), or the embeddings and the LM head are not copied."""
+    from pathlib import Path
+
+    from napari_tghmoe.model.tokenizer import DEFAULT_CORPUS, build_tokenizer
+    from napari_tghmoe.train.cli import load_recipe_with_overrides
+    from napari_tghmoe.train.trainer import build_model
+
+    tiny = Path(__file__).resolve().parents[1] / "recipes" / "tiny-test.toml"
+    recipe = load_recipe_with_overrides(
+        str(tiny), [f'model.volume_encoder="{cascade}"', 'model.volume_token_source="evidence"']
+    )
+    tokenizer = build_tokenizer(DEFAULT_CORPUS, vocab_size=512)
+    size = len(tokenizer)
+    copied = build_model(recipe, tokenizer=tokenizer, weights_from="trained-model-folder")
+    assert copied.get_input_embeddings().weight.shape[0] == size == len(tokenizer)
+    fresh = build_model(recipe, tokenizer=build_tokenizer(DEFAULT_CORPUS, vocab_size=512))
+    assert fresh.get_input_embeddings().weight.shape[0] == size + 1  # a new model gets its placeholder row

@@ -161,6 +161,11 @@ def test_demo_model_is_small_safetensors_with_its_card():
         assert name in files, name
     assert sum(files.values()) <= 25 * 1024 * 1024
     assert not any(name.endswith((".bin", ".pt", ".pkl", ".pth")) for name in files)
+    encoder = json.loads((DEMO / "config.json").read_text()).get("volume_encoder")
+    if encoder:  # its 3D encoder ships inside it: weights as safetensors only, and complete
+        inside = [p for p in (DEMO / encoder).rglob("*") if p.is_file()]
+        assert not any(p.suffix in (".bin", ".pt", ".pkl", ".pth") for p in inside)
+        assert (DEMO / encoder / "model.safetensors").is_file() and (DEMO / encoder / "findings" / "model.safetensors").is_file()
     card = (DEMO / "README.md").read_text()
     assert "synthetic" in card.lower() and "not for clinical use" in card.lower()
 

@@ -87,9 +87,13 @@ def build_tokenizer_for(recipe: Recipe, samples: list[Any]) -> Any:
     return AutoTokenizer.from_pretrained(folder, local_files_only=True)
 
 
-def build_model(recipe: Recipe, init: str | Path | None = None, tokenizer: Any = None) -> Any:
+def build_model(
+    recipe: Recipe, init: str | Path | None = None, tokenizer: Any = None, weights_from: str | Path | None = None
+) -> Any:
     """Stage-1 model from the recipe (base folder or tiny shape, then ``adapt_2d_mllm``), or the
-    TGH-MoE model saved in ``init`` (stage 2, or continuing)."""
+    TGH-MoE model saved in ``init`` (stage 2, or continuing). ``weights_from``: the folder whose
+    matching tensors will be copied in (its tokenizer is ``tokenizer``): the embedding table then
+    keeps that model's size, so no row is added for the volume placeholder."""
     import torch
 
     from napari_tghmoe.model.loading import OFFLINE_LOAD_KWARGS
@@ -115,7 +119,7 @@ def build_model(recipe: Recipe, init: str | Path | None = None, tokenizer: Any =
 
     tiny = dict(recipe.model.tiny)
     if tokenizer is not None:
-        if recipe.model.volume_encoder and "vocab_size" not in tiny:
+        if recipe.model.volume_encoder and "vocab_size" not in tiny and weights_from is None:
             from napari_tghmoe.model.volume_tokens import reserve_volume_token
 
             reserve_volume_token(tokenizer)  # a model built here gets a row for the placeholder
@@ -418,7 +422,7 @@ def train(
         tokenizer = AutoTokenizer.from_pretrained(str(init_weights), local_files_only=True)
     else:
         tokenizer = build_tokenizer_for(recipe, samples)
-    model = build_model(recipe, init=init, tokenizer=tokenizer)
+    model = build_model(recipe, init=init, tokenizer=tokenizer, weights_from=init_weights)
     if init is None:  # a new model is trained on its data's intensities (HU or [0, 1]); stage 2 keeps stage 1's
         from napari_tghmoe.datasets import samples_intensity
 
