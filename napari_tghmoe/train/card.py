@@ -51,6 +51,20 @@ def card_check(model_dir: str | Path, data: str, limit: int = 16, max_new_tokens
     }
 
 
+def encoder_lines(config: dict[str, Any]) -> list[str]:
+    """The card's words on the model's 3D encoder (none without one)."""
+    if not config.get("volume_encoder"):
+        return []
+    if config.get("volume_token_source") == "evidence":
+        return [
+            f"- 3D encoder: `{config['volume_encoder']}/`, a Med3DInsight segmentation cascade (with its site and "
+            "phase heads) that segments the CT at its own spacing; what it found goes in as "
+            f"{1 + int(config.get('volume_evidence_findings', 6))} evidence tokens and one line of words after the "
+            "video tokens (napari_tghmoe.med3d.evidence). The first question about a scan segments it.",
+        ]
+    return [f"- 3D encoder: `{config['volume_encoder']}/`, a Med3DInsight encoder read beside the video tokens."]
+
+
 def results_tables(results: dict[str, Any]) -> str:
     """The held-out numbers as Markdown (report, closed VQA per type, open VQA)."""
     from napari_tghmoe.eval.evaluate import results_to_markdown
@@ -128,6 +142,7 @@ def write_card(
         f"{config['experts_per_group']} experts per group, top-{config['router_top_k']}, LoRA rank {config['lora_rank']}; "
         f"LLM LoRA rank {config['llm_lora_rank']} on {config['llm_lora_targets']}.",
         f"- Input: the CT resampled to {config['volume_grid']} (slices x rows x columns).",
+        *encoder_lines(config),
         input_intensity_line(config),
         f"- Files: {size_mb:.1f} MB in total, safetensors weights.",
         "- Base weights: none exist offline, so stage 1 also trained the (randomly initialised) base",
