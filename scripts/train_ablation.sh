@@ -27,13 +27,13 @@ export HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1
 export TGHMOE_EVIDENCE_CACHE=${TGHMOE_EVIDENCE_CACHE:-$OUT/evidence}
 T="$PY -m napari_tghmoe.cli train --config $R --no-progress"
 E="$PY -m napari_tghmoe.cli eval --device cpu --no-progress --no-bertscore"
-recipe() { $PY -c "from napari_tghmoe.train.recipe import load_recipe, stage1_phases; r = load_recipe('$R'); p = stage1_phases(r)[-1]; print($1)"; }
+recipe() { $PY -c "from napari_tghmoe.train.recipe import load_recipe, stage1_phases; r = load_recipe('$R'); p = stage1_phases(r)[7]; print($1)"; }
 DATA=$(recipe r.eval.data)
 TRAIN=$(recipe 'p.data.train[0]')
 MAXTOK=$(recipe r.eval.max_new_tokens)
 mkdir -p "$OUT/eval"
 
-# Phase 8 = the last [[stage1_continue]] of the recipe, run from phase 7 (with and without the encoder).
+# Phase 8 = the recipe's eighth [[stage1_continue]] entry, run from phase 7 (with and without the encoder).
 P8=(--set seed=7 --set stage1.steps=$STEPS --set stage1.lr=5e-4 --set stage1.warmup_steps=20 --set stage1.save_every=200
     --set stage1.lm_loss_per_sample=true --set "data.train=[\"$TRAIN\"]"
     --set 'data.task_weights={report = 0.3, vqa_closed = 0.5, vqa_open = 0.2}')
