@@ -29,35 +29,12 @@ from torch import nn
 from transformers import AutoConfig, PretrainedConfig, PreTrainedModel
 
 from napari_tghmoe.ct_windows import LUNG, SOFT_TISSUE
-from napari_tghmoe.med3d.types import SegModelError
+from napari_tghmoe.med3d.types import DEFAULT_FINDING_KINDS, DEFAULT_ORGANS, SegModelError
 
 MODEL_TYPE = "med3dinsight"
 SEG_ARCHITECTURE = "Med3DSegModel"
 PRETRAIN_ARCHITECTURE = "Med3DPretrainModel"
 
-#: Organs segmented by default (phantom ``label_names`` names); everything else is background.
-DEFAULT_ORGANS = (
-    "liver",
-    "spleen",
-    "right kidney",
-    "left kidney",
-    "aorta",
-    "right upper lobe",
-    "right middle lobe",
-    "right lower lobe",
-    "left upper lobe",
-    "left lower lobe",
-)
-#: Focal finding kinds (phantom ``FINDING_KINDS``), one label each.
-DEFAULT_FINDING_KINDS = (
-    "lung nodule",
-    "pleural effusion",
-    "enlarged lymph node",
-    "hypodense liver lesion",
-    "hyperdense liver lesion",
-    "renal cyst",
-    "hypodense splenic lesion",
-)
 #: (centre, width) HU windows, one input channel each: lung, soft tissue (napari_tghmoe.ct_windows).
 DEFAULT_WINDOWS = (LUNG, SOFT_TISSUE)
 

@@ -24,29 +24,13 @@ from typing import Any
 
 import numpy as np
 
+from napari_tghmoe.med3d.sites import MAX_SITES
+from napari_tghmoe.med3d.types import DEFAULT_FINDING_KINDS, DEFAULT_ORGANS
+
 #: Organ names the evidence knows (the bundled organ model's): a token slot each.
-EVIDENCE_ORGANS = (
-    "liver",
-    "spleen",
-    "right kidney",
-    "left kidney",
-    "aorta",
-    "right upper lobe",
-    "right middle lobe",
-    "right lower lobe",
-    "left upper lobe",
-    "left lower lobe",
-)
+EVIDENCE_ORGANS = DEFAULT_ORGANS
 #: Finding kinds, in the bundled models' order (a slot each in a finding token).
-EVIDENCE_KINDS = (
-    "lung nodule",
-    "pleural effusion",
-    "enlarged lymph node",
-    "hypodense liver lesion",
-    "hyperdense liver lesion",
-    "renal cyst",
-    "hypodense splenic lesion",
-)
+EVIDENCE_KINDS = DEFAULT_FINDING_KINDS
 #: Finding slots per scan: more findings than this keep the most certain ones.
 DEFAULT_MAX_FINDINGS = 6
 
@@ -222,13 +206,7 @@ FINDING_FEATURES = 2 + GEOMETRY_FEATURES + 3
 SCAN_FEATURES = 1 + 3 * len(EVIDENCE_ORGANS) + 3
 
 
-def _site_slots() -> int:
-    from napari_tghmoe.med3d.sites import MAX_SITES
-
-    return MAX_SITES
-
-
-SCAN_OFFSET = FINDING_FEATURES + _site_slots()
+SCAN_OFFSET = FINDING_FEATURES + MAX_SITES
 EVIDENCE_FEATURES = SCAN_OFFSET + SCAN_FEATURES
 
 
@@ -263,7 +241,7 @@ def finding_geometry_vector(finding: EvidenceFinding) -> np.ndarray:
 
 def _finding_vector(finding: EvidenceFinding, site_head: Any = None) -> np.ndarray:
     certainty = [finding.probability, finding.peak_probability, finding.certainty]
-    sites = np.zeros(_site_slots(), dtype=np.float32)
+    sites = np.zeros(MAX_SITES, dtype=np.float32)
     if site_head is not None:
         probabilities = site_head.probabilities(finding)
         sites[: probabilities.size] = probabilities

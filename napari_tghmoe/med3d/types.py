@@ -6,6 +6,30 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+#: Organs segmented by default (phantom ``label_names`` names); everything else is background.
+DEFAULT_ORGANS = (
+    "liver",
+    "spleen",
+    "right kidney",
+    "left kidney",
+    "aorta",
+    "right upper lobe",
+    "right middle lobe",
+    "right lower lobe",
+    "left upper lobe",
+    "left lower lobe",
+)
+#: Focal finding kinds (phantom ``FINDING_KINDS``), one label each.
+DEFAULT_FINDING_KINDS = (
+    "lung nodule",
+    "pleural effusion",
+    "enlarged lymph node",
+    "hypodense liver lesion",
+    "hyperdense liver lesion",
+    "renal cyst",
+    "hypodense splenic lesion",
+)
+
 
 class SegmentationStopped(Exception):
     """Raised by :func:`segment_volume` when its ``should_stop`` callback returns True."""
