@@ -19,7 +19,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from napari_tghmoe.model.prompts import SHARED_GROUP, HistoryTurn, PromptBuilder, PromptInputs, context_length
+from napari_tghmoe.model.prompts import (
+    SHARED_GROUP,
+    HistoryTurn,
+    PromptBuilder,
+    PromptInputs,
+    closed_choices,
+    context_length,
+)
 
 __all__ = ["Answer", "InferenceEngine", "PromptInputs"]
 
@@ -46,6 +53,11 @@ class Answer:
     tokens_after_stop: int = 0  # tokens the streamer received after stop_event was set
     warnings: list[str] = field(default_factory=list)
     history_used: int = 0  # earlier turns of the conversation that went into the prompt
+    # A multiple-choice question is answered with the option the model finds most likely
+    # (:meth:`InferenceEngine.rank_choices`); its own free words stay here, and each option's
+    # mean log-probability per token (letter -> score) beside them.
+    generated_text: str = ""
+    choice_scores: dict[str, float] = field(default_factory=dict)
 
 
 def _token_streamer(tokenizer: Any, stop_event: threading.Event):
@@ -95,10 +107,12 @@ def _stop_criteria(*events: threading.Event):
 class InferenceEngine:
     """A loaded model + tokenizer answering questions about CT volumes (thread-safe, one at a time)."""
 
-    def __init__(self, model: Any, tokenizer: Any, info: Any = None):
+    def __init__(self, model: Any, tokenizer: Any, info: Any = None, rank_choices: bool = True):
         self.model = model
         self.tokenizer = tokenizer
         self.info = info
+        #: answer multiple-choice questions with the most likely option (see :meth:`rank_choices`)
+        self.ranks_choices = rank_choices
         self._lock = threading.Lock()
         self.prompts = PromptBuilder(tokenizer, model.config)
         forward_params = inspect.signature(model.forward).parameters
@@ -321,9 +335,17 @@ class InferenceEngine:
                 "tokens_per_s": (n_tokens - 1) / decode_s if n_tokens > 1 and decode_s > 0 else 0.0,
                 "n_tokens": float(n_tokens),
             }
-            answer_text = "".join(pieces).strip()
+            generated_text = "".join(pieces).strip()
+            answer_text, choice_scores = generated_text, {}
+            choices = closed_choices(plan.text) if plan.closed and self.ranks_choices else []
+            if choices and not stop_event.is_set():
+                choice_scores = self.rank_choices(model_kwargs, choices)
+                best = max(choice_scores, key=choice_scores.__getitem__)
+                answer_text = f"{best}. {dict(choices)[best]}"
             yield Answer(
                 text=answer_text,
+                generated_text=generated_text,
+                choice_scores=choice_scores,
                 task_probs=task_probs,
                 routing=routing,
                 timings=timings,
@@ -340,6 +362,41 @@ class InferenceEngine:
                 warnings=list(getattr(self.info, "warnings", []) or []) + ([intensity_note] if intensity_note else []),
                 history_used=prompt.history_used,
             )
+
+    def rank_choices(self, model_kwargs: dict[str, Any], choices: list[tuple[str, str]]) -> dict[str, float]:
+        """Each option's mean log-probability per token, as the answer "X. option" after the prompt.
+
+        Why: a small model can name the right option and still write the wrong letter before it
+        (the demo model: right option named 0.69, right letter 0.44, docs/results.md, issue 15).
+        Scoring the options' words, each after its own letter, is how multiple-choice benchmarks
+        are read out of language models (the likelihood readout of lm-evaluation-harness); the
+        mean per token keeps long options ("left kidney, upper pole") from losing to short ones.
+        One teacher-forced forward per option, on the prompt of the answer just generated.
+        """
+        import torch
+
+        scores: dict[str, float] = {}
+        prompt_ids = model_kwargs["input_ids"]
+        device = prompt_ids.device
+        for letter, option in choices:
+            head = self.tokenizer.encode(f"{letter}.", add_special_tokens=False)
+            whole = self.tokenizer.encode(f"{letter}. {option}", add_special_tokens=False)
+            scored_from = len(head) if whole[: len(head)] == head and len(whole) > len(head) else 0
+            added = torch.tensor([whole], dtype=prompt_ids.dtype, device=device)
+            kwargs = dict(model_kwargs)
+            kwargs["input_ids"] = torch.cat([prompt_ids, added], dim=1)
+            kwargs["attention_mask"] = torch.cat([model_kwargs["attention_mask"], torch.ones_like(added)], dim=1)
+            kwargs["mm_token_type_ids"] = torch.cat([model_kwargs["mm_token_type_ids"], torch.zeros_like(added)], dim=1)
+            if "text_guidance_mask" in model_kwargs:
+                mask = model_kwargs["text_guidance_mask"]
+                kwargs["text_guidance_mask"] = torch.cat([mask, torch.zeros(added.shape, dtype=mask.dtype, device=device)], dim=1)
+            with torch.inference_mode():
+                logits = self.model(**kwargs).logits[0].float()
+            start = prompt_ids.shape[1]
+            log_probs = logits[start - 1 : start - 1 + len(whole)].log_softmax(-1)
+            picked = log_probs[torch.arange(len(whole)), torch.tensor(whole, device=logits.device)]
+            scores[letter] = float(picked[scored_from:].mean())
+        return scores
 
     def ask(self, volume: Any, question: str, **kwargs: Any) -> Answer:
         """Run :meth:`answer` to the end and return only the :class:`Answer`."""

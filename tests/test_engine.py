@@ -12,6 +12,7 @@ from napari_tghmoe.engine import Answer, InferenceEngine
 from napari_tghmoe.io import CTVolume
 from napari_tghmoe.model.prompts import (
     REPORT_PROMPTS,
+    closed_choices,
     format_closed_question,
     is_closed_question,
     is_report_request,
@@ -286,3 +287,55 @@ def test_closed_questions_keep_the_m3d_choices_format():
     assert not is_closed_question("What are my choices for treatment?")
     with pytest.raises(ValueError):
         format_closed_question("Q?", ["only one"])
+
+
+def test_the_options_of_a_closed_question_are_read_back_in_order():
+    options = ["right upper lobe", "left kidney, upper pole", "spleen", "liver"]
+    text = format_closed_question("Where is the finding?", options)
+    assert closed_choices(text) == list(zip("ABCD", options))
+    assert closed_choices("In which plane? Choices: A. axial B. coronal C. sagittal.") == [
+        ("A", "axial"), ("B", "coronal"), ("C", "sagittal")
+    ]
+    assert closed_choices("Is the liver normal?") == []
+    assert closed_choices("Pick one. Choices: B. liver C. lung") == []  # letters must start at A
+
+
+class _Biased:
+    """The engine's model with the logits of some tokens raised in plain forward calls (those that
+    score options); ``generate`` and everything else are the model's own."""
+
+    def __init__(self, model, token_ids, bias=8.0):
+        self._model, self._ids, self._bias = model, token_ids, bias
+
+    def __getattr__(self, name):
+        return getattr(self._model, name)
+
+    def __call__(self, **kwargs):
+        output = self._model(**kwargs)
+        output.logits[..., self._ids] += self._bias
+        return output
+
+
+CHOICES = ["liver", "lung", "kidney", "spleen"]
+
+
+def test_a_closed_question_is_answered_with_the_option_the_model_finds_most_likely(engine, volume):
+    question = format_closed_question("Which organ is abnormal?", CHOICES)
+    favoured = engine.tokenizer.encode(" kidney", add_special_tokens=False)
+    ranked = InferenceEngine(_Biased(engine.model, favoured), engine.tokenizer, engine.info)
+    answer = ranked.ask(volume, question, max_new_tokens=6, trace=False)
+    assert answer.text == "C. kidney"
+    assert set(answer.choice_scores) == set("ABCD")
+    assert max(answer.choice_scores, key=answer.choice_scores.get) == "C"
+    assert all(score <= 0.0 for score in answer.choice_scores.values())  # mean log-probabilities
+    free = engine.ask(volume, question, max_new_tokens=6, trace=False)
+    assert answer.generated_text == free.generated_text  # the model's own words are kept beside
+
+
+def test_without_ranking_or_for_open_questions_the_answer_is_the_generated_text(engine, volume):
+    question = format_closed_question("Which organ is abnormal?", CHOICES)
+    free = InferenceEngine(engine.model, engine.tokenizer, engine.info, rank_choices=False)
+    answer = free.ask(volume, question, max_new_tokens=6, trace=False)
+    assert answer.text == answer.generated_text and answer.choice_scores == {}
+    opened = engine.ask(volume, "Which organ is abnormal?", max_new_tokens=6, trace=False)
+    assert opened.text == opened.generated_text and opened.choice_scores == {}

@@ -18,6 +18,7 @@ from napari_tghmoe.med3d.evidence import (
     EVIDENCE_ORGANS,
     ScanEvidence,
     evidence_tokens,
+    evidence_words,
     scan_evidence,
 )
 from napari_tghmoe.med3d.sites import SiteHead, train_site_head, training_pairs
@@ -289,3 +290,52 @@ def test_a_model_built_to_take_another_models_weights_keeps_its_vocabulary(casca
     assert copied.get_input_embeddings().weight.shape[0] == size == len(tokenizer)
     fresh = build_model(recipe, tokenizer=build_tokenizer(DEFAULT_CORPUS, vocab_size=512))
     assert fresh.get_input_embeddings().weight.shape[0] == size + 1  # a new model gets its placeholder row
+
+
+# ------------------------------------------------------------------ simulated evidence (training)
+
+
+@pytest.fixture(scope="module")
+def chest_phantom():
+    from napari_tghmoe.phantom import make_phantom
+
+    for seed in range(40):  # the first chest phantom with two findings or more
+        phantom = make_phantom(seed, "chest", shape=(32, 64, 96), plane="axial")
+        if len(phantom.findings) >= 2:
+            return phantom
+    raise AssertionError("no chest phantom with two findings in seeds 0-39")
+
+
+def test_a_noiseless_simulated_cascade_finds_every_lesion_inside_it(chest_phantom):
+    from napari_tghmoe.med3d.oracle_evidence import NO_NOISE, truth_segmentation
+
+    result = truth_segmentation(chest_phantom, NO_NOISE)
+    assert sorted(f.kind for f in result.findings) == sorted(f.kind for f in chest_phantom.findings)
+    for finding in result.findings:
+        index = [t.kind for t in chest_phantom.findings].index(finding.kind)
+        assert chest_phantom.lesions[finding.voxel_zyx] == index + 1  # its centre lies in its own lesion
+        assert finding.verifier_probability >= 0.55
+    evidence = scan_evidence(chest_phantom.volume, result)
+    assert {f.kind for f in evidence.findings} == {f.kind for f in chest_phantom.findings}
+    assert set(evidence.organ_hu) >= {"aorta", "right upper lobe", "left lower lobe"}
+    assert evidence_words(evidence).startswith("3D encoder: axial series.")
+
+
+def test_the_simulated_cascade_misses_and_invents_findings_as_told(chest_phantom):
+    from napari_tghmoe.med3d.oracle_evidence import CascadeNoise, truth_segmentation
+    from napari_tghmoe.med3d.types import DEFAULT_ORGANS
+
+    blind = truth_segmentation(chest_phantom, CascadeNoise(miss=1.0, unsure=0.0, false_per_scan=0.0))
+    assert blind.findings == []
+    unsure = truth_segmentation(chest_phantom, CascadeNoise(miss=0.0, unsure=1.0, false_per_scan=0.0))
+    assert len(unsure.findings) == len(chest_phantom.findings)
+    assert all(f.verifier_probability < 0.5 for f in unsure.findings)  # in the tokens, not the words
+    assert "Found: nothing." in evidence_words(scan_evidence(chest_phantom.volume, unsure))
+    invented = truth_segmentation(
+        chest_phantom, CascadeNoise(miss=1.0, unsure=0.0, false_per_scan=6.0), np.random.default_rng(3)
+    )
+    assert invented.findings, "six false findings per scan on average: some must be drawn"
+    chest_kinds = {"lung nodule", "pleural effusion", "enlarged lymph node"}
+    for finding in invented.findings:
+        assert finding.kind in chest_kinds
+        assert finding.location in DEFAULT_ORGANS  # drawn inside an organ the scan shows

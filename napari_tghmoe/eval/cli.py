@@ -39,6 +39,12 @@ def register(subparsers: Any) -> None:
         help="feed zeros instead of the pixels (scores a model trained with [data] zero_image = true)",
     )
     parser.add_argument(
+        "--free-letters",
+        action="store_true",
+        help="score the letter the model writes itself, not the option it finds most likely "
+        "(InferenceEngine.rank_choices, the engine's default for multiple-choice questions)",
+    )
+    parser.add_argument(
         "--prior-train",
         metavar="SPEC",
         help="also learn the image-free prior on this (training) data and show it beside every closed-VQA accuracy",
@@ -73,6 +79,7 @@ def run_eval(args: argparse.Namespace) -> int:
 
     model_path = resolve_model_path(args.model)
     engine = load_engine(args)
+    engine.ranks_choices = not args.free_letters
     from napari_tghmoe.eval.evaluate import engine_generate_fn
 
     answer_with = engine_generate_fn(engine, args.max_new_tokens, zero_image=True) if args.zero_image else engine
@@ -89,6 +96,7 @@ def run_eval(args: argparse.Namespace) -> int:
             "device": engine.device,
             "precision": engine.precision,
             "zero_image": bool(args.zero_image),
+            "closed_answers": "free letters" if args.free_letters else "ranked options",
         },
     )
     if args.prior_train:

@@ -185,12 +185,21 @@ def training_pairs(records: Iterable[dict[str, Any]], max_distance_mm: float = 3
 
 
 def train_site_head(
-    pairs: Sequence[tuple[Any, str]], hidden: int = 64, steps: int = 1500, seed: int = 0
+    pairs: Sequence[tuple[Any, str]],
+    hidden: int = 64,
+    steps: int = 1500,
+    seed: int = 0,
+    names: Sequence[str] = (),
 ) -> tuple[SiteHead, float]:
-    """A site head fitted on ``pairs`` (full batch AdamW); returns it and its training accuracy."""
+    """A site head fitted on ``pairs`` (full batch AdamW); returns it and its training accuracy.
+
+    ``names``: site names to keep first, in this order (a retrained head keeps its predecessor's
+    slots, so a chat model that reads the site probabilities finds each site where it was);
+    sites only the pairs know follow, sorted."""
     if not pairs:
         raise ValueError("no matched findings to train a site head on")
-    names = sorted({site for _, site in pairs})
+    seen = {site for _, site in pairs}
+    names = [*names, *sorted(seen - set(names))]
     if len(names) > MAX_SITES:
         raise ValueError(f"{len(names)} site names, at most {MAX_SITES} fit a finding token")
     kinds: dict[str, list[str]] = {}

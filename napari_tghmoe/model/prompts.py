@@ -110,6 +110,24 @@ def is_closed_question(question: str) -> bool:
     return "choices" in question.lower() and len(_CHOICE.findall(question)) >= 2
 
 
+#: "Choices:" and everything after it, then each "X. option" in it.
+_CHOICES_TAIL = re.compile(r"\bchoices\s*:\s*(.*)$", re.IGNORECASE | re.DOTALL)
+_CHOICE_ITEM = re.compile(r"(?:^|\s)([A-H])[.)]\s+(.*?)(?=\s+[A-H][.)]\s+|\s*$)", re.DOTALL)
+
+
+def closed_choices(question: str) -> list[tuple[str, str]]:
+    """The (letter, option) pairs of an M3D-style closed question, in order; [] when it has
+    none (the inverse of :func:`format_closed_question`)."""
+    tail = _CHOICES_TAIL.search(question or "")
+    if tail is None:
+        return []
+    pairs = [(m.group(1), m.group(2).strip().rstrip(".").strip()) for m in _CHOICE_ITEM.finditer(tail.group(1))]
+    letters = [letter for letter, _ in pairs]
+    if len(pairs) < 2 or letters != list("ABCDEFGH"[: len(pairs)]) or not all(text for _, text in pairs):
+        return []
+    return pairs
+
+
 def format_closed_question(question: str, choices: list[str] | tuple[str, ...]) -> str:
     """``question Choices: A. x B. y ...`` exactly as M3D-VQA writes closed questions."""
     if not 2 <= len(choices) <= 8:
