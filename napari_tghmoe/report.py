@@ -88,6 +88,19 @@ def _jsonable(value: Any) -> Any:
     return value
 
 
+def _choice_notes(answer: Any) -> list[str]:
+    """How a multiple-choice answer was chosen (``Answer.choice_scores``), with the model's own words."""
+    scores = getattr(answer, "choice_scores", None) or {}
+    if not scores:
+        return []
+    listed = ", ".join(f"{letter} {score:.2f}" for letter, score in sorted(scores.items()))
+    own = str(getattr(answer, "generated_text", "") or "").strip()
+    return [
+        f"Multiple choice: answered with the option the model finds most likely (mean log-probability per "
+        f"token: {listed}); the model itself wrote: \"{own}\"."
+    ]
+
+
 @dataclass
 class ReportDocument:
     """Everything a report export needs, already de-identified (unless asked otherwise)."""
@@ -161,7 +174,7 @@ class ReportDocument:
             peak_memory=getattr(answer, "peak_memory", None),
             task_probs={str(k): float(v) for k, v in dict(task_probs).items()},
             routing_summary=_jsonable(summary) if summary is not None else None,
-            notes=list(notes) + [str(w) for w in (getattr(answer, "warnings", None) or [])],
+            notes=list(notes) + [str(w) for w in (getattr(answer, "warnings", None) or [])] + _choice_notes(answer),
         )
         doc.findings = findings_of_answer(answer, doc.answer if doc.prompt_kind == "report" else "")
         if volume is not None:

@@ -330,6 +330,10 @@ def test_a_closed_question_is_answered_with_the_option_the_model_finds_most_like
     assert all(score <= 0.0 for score in answer.choice_scores.values())  # mean log-probabilities
     free = engine.ask(volume, question, max_new_tokens=6, trace=False)
     assert answer.generated_text == free.generated_text  # the model's own words are kept beside
+    from napari_tghmoe.report import ReportDocument
+
+    note = [n for n in ReportDocument.from_answer(answer, volume).notes if n.startswith("Multiple choice")]
+    assert len(note) == 1 and f'wrote: "{answer.generated_text}"' in note[0] and "C " in note[0]
 
 
 def test_without_ranking_or_for_open_questions_the_answer_is_the_generated_text(engine, volume):
