@@ -166,7 +166,9 @@ def write_card(
         "",
         f"Data `{results.get('data')}`: seeds never used in training, request and question wordings from",
         "the held-out phrasing lists (never seen in training), greedy decoding through the same engine",
-        "the napari chat uses.",
+        "the napari chat uses. The engine answers a multiple-choice question with the option the model finds",
+        "most likely (`InferenceEngine.rank_choices`: each option's words scored after its letter); the",
+        "letters the model writes itself score lower (`tghmoe eval --free-letters`, docs/results.md).",
         "",
         f"- Closed-VQA accuracy: **{_fmt(closed.get('accuracy'))}** (target >= 0.85)",
         f"- Report finding recall: **{_fmt(findings.get('recall'))}** (target >= 0.7), precision: "
