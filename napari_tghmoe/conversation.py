@@ -22,6 +22,12 @@ segmentation (:mod:`napari_tghmoe.finding_links`): at once when a segmentation o
 known, else when the caller hands one to :meth:`Conversation.locate` (the chat dock runs the
 segmenter in a worker after the answer; :meth:`Conversation.ask` runs :attr:`segmenter` itself).
 
+A model that reads the CT through a segmentation cascade ("evidence", ``EvidenceReader``) and the
+finding links share one segmentation per scan: the one the model made for its answer places the
+answer's findings when its cascade is the segmenter's (:attr:`Conversation.segmenter_folder`), and
+a remembered segmentation made by the model's own cascade is handed to the engine before it reads
+the scan (``engine.remember_segmentation`` / ``engine.segmentation_of``, both optional).
+
 No qtpy or napari import; torch and transformers load only inside :func:`load_engine`.
 """
 
@@ -510,11 +516,15 @@ class Conversation:
         max_new_tokens: int = 256,
         context_limit: int = DEFAULT_CONTEXT_TURNS,
         segmenter: Callable[[CTVolume], Any] | None = None,
+        segmenter_folder: str | Path | None = None,
     ) -> None:
         """``transcript_path``: the JSONL file the turns autosave to (None: memory only).
 
         ``context_limit``: earlier turns a follow-up carries; ``segmenter``: ``CTVolume ->
-        SegmentationResult`` used by :meth:`ask` / :meth:`stream` to place stated findings.
+        SegmentationResult`` used by :meth:`ask` / :meth:`stream` to place stated findings;
+        ``segmenter_folder``: the cascade folder that places stated findings (None: the bundled
+        demo cascade, ``segment_volume``'s default). A segmentation the model made for its answer
+        is used instead of segmenting again only when it comes from that same cascade.
         """
         self.transcript = Transcript(transcript_path)
         self.records: dict[int, AnswerRecord] = {}
@@ -532,7 +542,9 @@ class Conversation:
         self._context_from = 0  # answers of turns from this id on may be context
         self._context_scan: _ScanRef | None = None  # the scan the context is about
         self.segmenter = segmenter
-        self._segmentations: dict[str, tuple[_ScanRef, Any]] = {}  # scan key -> SegmentationResult
+        self.segmenter_folder: str | None = str(segmenter_folder) if segmenter_folder else None
+        # scan key -> (the scan, its SegmentationResult, the cascade folder it came from or None)
+        self._segmentations: dict[str, tuple[_ScanRef, Any, Path | None]] = {}
 
     # ------------------------------------------------------------------ turns
     @property
@@ -702,11 +714,17 @@ class Conversation:
         stop_event, max_new_tokens = pending.stop_event, self.max_new_tokens
         history = [(c.question, c.answer) for c in pending.context]
         extra = {"history": history} if history else {}  # a single question is asked as it always was
+        handover = self._segmentation_for_engine(question)
         done = threading.Event()
         self._generation_done = done
 
         def generate() -> Iterator[Any]:
             try:
+                if handover is not None:  # the evidence reader takes it only from its own cascade
+                    try:
+                        engine.remember_segmentation(question.volume, *handover)
+                    except Exception:  # noqa: BLE001 - only a saving: the reader then segments the scan itself
+                        pass
                 yield from engine.answer(
                     question.volume, question.prompt, max_new_tokens=max_new_tokens, stop_event=stop_event, **extra
                 )
@@ -766,6 +784,8 @@ class Conversation:
             stated=[] if stopped else stated_findings(text, question.text),
         )
         known = self.known_segmentation(record.whole_volume)
+        if known is None:
+            known = self._segmentation_from_engine(question)
         if known is not None and record.stated:
             self._place_findings(record, known)
         self.transcript.update(turn, text, report=document.to_dict(), stopped=stopped, **self._finding_meta(record))
@@ -784,30 +804,77 @@ class Conversation:
         return record
 
     # ------------------------------------------------------------------ finding places
-    def remember_segmentation(self, volume: CTVolume, result: Any) -> None:
+    def remember_segmentation(self, volume: CTVolume, result: Any, folder: str | Path | None = None) -> None:
         """Keep a segmentation of the scan ``volume``: later answers about it use it at once.
 
-        Held while the scan lives (the scan itself is not kept alive by it).
+        ``folder``: the cascade folder it was made with, when known (None: not known; the same
+        result remembered again keeps the folder it had). The model's evidence reader may then use
+        it instead of segmenting the scan, if that is its own cascade. Held while the scan lives
+        (the scan itself is not kept alive by it).
         """
         ref = _ScanRef(volume)
-        for key in [k for k, (r, _) in self._segmentations.items() if r._ref() is None]:
+        for key in [k for k, (r, _, _) in self._segmentations.items() if r._ref() is None]:
             del self._segmentations[key]  # scans closed since
-        self._segmentations[ref.key] = (ref, result)
+        earlier = self._known_entry(volume)
+        if folder is None and earlier is not None and earlier[1] is result:
+            folder = earlier[2]
+        self._segmentations[ref.key] = (ref, result, Path(folder) if folder is not None else None)
+
+    def _known_entry(self, volume: CTVolume) -> tuple[_ScanRef, Any, Path | None] | None:
+        entry = self._segmentations.get(scan_key(volume))
+        return entry if entry is not None and entry[0].matches(volume) else None
 
     def known_segmentation(self, volume: CTVolume) -> Any:
         """The remembered segmentation of ``volume`` (None when there is none)."""
-        entry = self._segmentations.get(scan_key(volume))
-        return entry[1] if entry is not None and entry[0].matches(volume) else None
+        entry = self._known_entry(volume)
+        return entry[1] if entry is not None else None
 
-    def locate(self, turn_id: int, result: Any) -> AnswerRecord | None:
-        """Place the findings answer ``turn_id`` states with a ``SegmentationResult`` of its scan.
+    def known_segmentation_folder(self, volume: CTVolume) -> Path | None:
+        """The cascade folder the remembered segmentation of ``volume`` came from (None: none, or
+        not known)."""
+        entry = self._known_entry(volume)
+        return entry[2] if entry is not None else None
+
+    def _segmentation_for_engine(self, question: Question) -> tuple[Any, Path] | None:
+        """(segmentation, its folder) to offer the engine before it reads ``question``'s volume:
+        a remembered one of known provenance, when the model is shown the whole scan (a slab or a
+        region is segmented on its own grid) and the engine takes such offers."""
+        if question.volume is not question.whole_volume:
+            return None
+        if not callable(getattr(self.engine, "remember_segmentation", None)):
+            return None
+        entry = self._known_entry(question.volume)
+        if entry is None or entry[2] is None:
+            return None
+        return entry[1], entry[2]
+
+    def _segmentation_from_engine(self, question: Question) -> Any:
+        """The segmentation the model made of the whole scan while answering ``question``
+        (remembered with its folder), when its cascade is the one that places stated findings
+        (:attr:`segmenter_folder`); else None."""
+        lookup = getattr(self.engine, "segmentation_of", None)
+        if not callable(lookup) or question.volume is not question.whole_volume:
+            return None
+        found = lookup(question.volume, self.segmenter_folder)
+        if found is None:
+            return None
+        result, folder = found
+        labels = getattr(result, "labels", None)
+        if tuple(getattr(labels, "shape", ())) != tuple(getattr(question.volume, "shape", ())):
+            return None
+        self.remember_segmentation(question.whole_volume, result, folder)
+        return result
+
+    def locate(self, turn_id: int, result: Any, folder: str | Path | None = None) -> AnswerRecord | None:
+        """Place the findings answer ``turn_id`` states with a ``SegmentationResult`` of its scan
+        (made with the cascade in ``folder``, when known: see :meth:`remember_segmentation`).
 
         Emits ``findings_located`` when at least one got a place. None for an unknown turn.
         """
         record = self.records.get(turn_id)
         if record is None:
             return None
-        self.remember_segmentation(record.whole_volume, result)
+        self.remember_segmentation(record.whole_volume, result, folder)
         self._place_findings(record, result)
         self._save_findings(record)
         if record.finding_links:

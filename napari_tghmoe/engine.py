@@ -406,6 +406,31 @@ class InferenceEngine:
         assert isinstance(result, Answer)
         return result
 
+    # ------------------------------------------------------------------ shared segmentations
+
+    def _evidence_reader(self) -> Any:
+        from napari_tghmoe.model.volume_tokens import EvidenceReader
+
+        encoder = getattr(self.model, "volume_encoder", None)
+        return encoder if isinstance(encoder, EvidenceReader) else None
+
+    def remember_segmentation(self, volume: Any, result: Any, folder: str | Path | None) -> bool:
+        """Offer a segmentation of ``volume`` made with the cascade in ``folder`` (None: not known)
+        as its evidence, so the next answer about it does not segment again. True when the model's
+        evidence reader took it (only from its own cascade: ``EvidenceReader.adopt``)."""
+        reader = self._evidence_reader()
+        return reader is not None and reader.adopt(volume, result, folder)
+
+    def segmentation_of(self, volume: Any, folder: str | Path | None = None) -> tuple[Any, Path] | None:
+        """(``SegmentationResult``, its cascade folder) the evidence reader made of ``volume`` for the
+        last answer, when that cascade is the one in ``folder`` (None: the bundled demo cascade,
+        ``segment_volume``'s default), so the chat places stated findings with it; else None."""
+        reader = self._evidence_reader()
+        result = reader.segmentation(volume) if reader is not None else None
+        if result is None or not reader.same_cascade(folder):
+            return None
+        return result, reader.folder
+
     def _task_probs(self, routing: Any, model_kwargs: dict[str, Any]) -> dict[str, float]:
         """Task-group probabilities from the trace, else from the level-1 routers alone (cheap)."""
         if routing is not None and hasattr(routing, "task_probs"):

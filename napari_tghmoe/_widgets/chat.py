@@ -13,6 +13,9 @@ view, and questions (e.g. "What is this?") are then about that region, sent as i
 margin. Findings an answer states become links in its transcript line and points on the CT, at
 the places the 3D segmentation found (the Segment dock's result for the layer, else the
 segmenter run in a worker after the answer); a click moves the cursor and all planes there.
+A chat model that reads the CT through a segmentation cascade shares one segmentation per scan
+with them: the one it made for its answer places the findings (when it is the cascade the links
+use), and the Segment dock's, when made with the model's own cascade, is its evidence.
 
 Will it fit? For the chosen model folder, each device item says (tooltip, and the status line
 for the chosen one) how much memory the model needs there against what is free now; items that
@@ -202,8 +205,9 @@ class ChatWidget(ViewerDockMixin, QWidget):
         if autosave:
             saved_to = transcript_path if transcript_path is not None else default_transcript_path()
         context = self._settings.get("context_turns", DEFAULT_CONTEXT_TURNS)
-        self.conversation = Conversation(saved_to, max_new_tokens=max_new_tokens, context_limit=int(context))
-        self.seg_model_path = str(seg_model_path) if seg_model_path else None
+        self.conversation = Conversation(
+            saved_to, max_new_tokens=max_new_tokens, context_limit=int(context), segmenter_folder=seg_model_path
+        )
         self._load_worker: Any = None
         self._gen_worker: Any = None
         self._seg_worker: Any = None
@@ -256,6 +260,17 @@ class ChatWidget(ViewerDockMixin, QWidget):
             link.publish(self.conversation)
 
     # ------------------------------------------------------------------ the conversation's state
+    @property
+    def seg_model_path(self) -> str | None:
+        """The segmentation model folder that places stated findings (None: the bundled demo);
+        the conversation's ``segmenter_folder``, so a segmentation the chat model made with the
+        same cascade for its answer is used instead."""
+        return self.conversation.segmenter_folder
+
+    @seg_model_path.setter
+    def seg_model_path(self, folder: str | Path | None) -> None:
+        self.conversation.segmenter_folder = str(folder) if folder else None
+
     @property
     def engine(self) -> Any:
         """The loaded ``InferenceEngine`` (None until the first question loads it)."""
@@ -681,6 +696,7 @@ class ChatWidget(ViewerDockMixin, QWidget):
             asked.shown_text = f"{text} [{marked.region.describe()}]"
         if typed:
             self.question_box.clear()
+        self._share_layer_segmentation(layer, volume)
         self.conversation.begin(asked)
         self.conversation.choose_model(self._model_choice())
         if self.conversation.engine_ready:
@@ -845,6 +861,32 @@ class ChatWidget(ViewerDockMixin, QWidget):
             self._remove_findings_layers()
 
     # ------------------------------------------------------------------ finding places
+    def _segmentation_folder(self, result: Any) -> Path | None:
+        """The cascade folder a segmentation kept on a layer came from, as far as this dock can
+        tell: the Segment dock keeps only the result, whose ``model_name`` is its folder's name, so
+        of the folders it may have used that this dock knows (its own segmenter's, and the bundled
+        demo, the Segment dock's default) the one of that name; None when none is. A folder of the
+        same name elsewhere would pass for it; the chat model's evidence reader still compares that
+        folder's networks with its own before it uses the result as evidence."""
+        from napari_tghmoe._resources import resource_path
+
+        known = [Path(self.seg_model_path)] if self.seg_model_path else []
+        try:
+            known.append(resource_path("demo-seg-model"))
+        except FileNotFoundError:  # pragma: no cover - a checkout without the demo
+            pass
+        name = str(getattr(result, "model_name", ""))
+        return next((folder for folder in known if name and folder.name == name), None)
+
+    def _share_layer_segmentation(self, layer: Any, scan: Any) -> None:
+        """Tell the conversation about the layer's segmentation (the Segment dock's) before a
+        question, so the chat model's evidence reader may use it instead of segmenting the scan."""
+        known = layer_segmentation(layer) if layer is not None else None
+        if known is None or tuple(np.shape(known.labels)) != tuple(scan.shape):
+            return
+        if self.conversation.known_segmentation(scan) is not known:
+            self.conversation.remember_segmentation(scan, known, self._segmentation_folder(known))
+
     def locate_findings(self, record: AnswerRecord) -> bool:
         """Give the findings ``record`` states their places: from the layer's segmentation (the
         Segment dock's, or an earlier run), else by segmenting the scan in a worker. False when
@@ -852,10 +894,11 @@ class ChatWidget(ViewerDockMixin, QWidget):
         layer = record.layer
         scan = record.whole_volume
         known = layer_segmentation(layer) if layer is not None else None
+        folder = self._segmentation_folder(known) if known is not None else None
         if known is None:
-            known = self.conversation.known_segmentation(scan)
+            known = self.conversation.known_segmentation(scan)  # its folder stays remembered
         if known is not None and tuple(np.shape(known.labels)) == tuple(scan.shape):
-            self.conversation.locate(record.turn_id, known)  # -> _on_findings_located
+            self.conversation.locate(record.turn_id, known, folder)  # -> _on_findings_located
             return True
         if self._seg_worker is not None:
             if record.turn_id not in self._locate_queue:
@@ -879,7 +922,9 @@ class ChatWidget(ViewerDockMixin, QWidget):
                 done.set()
 
         worker = create_worker(run, _start_thread=False, _ignore_errors=True)  # errors: _on_segmentation_error
-        worker.returned.connect(lambda result, t=turn_id, r=weakref.ref(record): self._on_segmented(result, t, r))
+        worker.returned.connect(
+            lambda result, t=turn_id, r=weakref.ref(record), m=model_dir: self._on_segmented(result, t, r, m)
+        )
         worker.errored.connect(lambda err, t=turn_id: self._on_segmentation_error(err, t))
         worker.finished.connect(lambda w=worker: self._on_segmentation_finished(w))
         self._seg_worker = worker
@@ -887,16 +932,19 @@ class ChatWidget(ViewerDockMixin, QWidget):
         worker.start()
         return True
 
-    def _on_segmented(self, result: Any, turn_id: int, record_ref: Any) -> None:
+    def _on_segmented(self, result: Any, turn_id: int, record_ref: Any, model_dir: str | None = None) -> None:
         if self._closing:
             return
+        from napari_tghmoe._resources import resource_path
+
+        folder = Path(model_dir) if model_dir else resource_path("demo-seg-model")  # segment_volume's default
         record = record_ref()
         layer = record.layer if record is not None else None
         if layer is not None and tuple(np.shape(layer.data)) == tuple(np.shape(result.labels)):
             remember_layer_segmentation(layer, result)  # once per layer, shared with the Segment dock
         if record is not None:
-            self.conversation.remember_segmentation(record.whole_volume, result)
-        self.conversation.locate(turn_id, result)  # a no-op for an answer cleared meanwhile
+            self.conversation.remember_segmentation(record.whole_volume, result, folder)
+        self.conversation.locate(turn_id, result, folder)  # a no-op for an answer cleared meanwhile
         self._update_status()
 
     def _on_segmentation_error(self, err: BaseException, turn_id: int) -> None:

@@ -170,11 +170,20 @@ class EvidenceReader:
     ``TGHMOE_EVIDENCE_CACHE`` names a folder and the volume came from a file (JSON named after
     the file; training and evaluation fill it once, ``scripts/scan_evidence.py`` in parallel).
     It has no trainable weights: the cascade stays frozen in its folder.
+
+    The chat shares segmentations with it both ways: :meth:`segmentation` gives the
+    ``SegmentationResult`` of the last scan it segmented (the chat places the findings an answer
+    states with it instead of segmenting again), and :meth:`adopt` takes a segmentation made
+    elsewhere (the Segment dock, an earlier finding-link run) as a scan's evidence instead of
+    segmenting, but only one made by this very cascade (:meth:`same_cascade`): the site head and
+    the chat model's training assume its findings.
     """
 
     memory_size = 4
 
     def __init__(self, folder: str | Path, max_findings: int) -> None:
+        import threading
+
         from napari_tghmoe.med3d.encoder import load_seg_model
 
         self.folder = Path(folder)
@@ -182,7 +191,12 @@ class EvidenceReader:
         if not self.config.finding_model:
             raise VolumeEncoderError(f"{self.folder}: evidence tokens need a cascade (organ + finding model)")
         self.max_findings = int(max_findings)
+        # (the scan's voxel array, its evidence); the array is held, so its id is never reused
         self._memory: list[tuple[Any, Any]] = []
+        # the last segmentation this reader made or adopted, with the voxel array it is of: one
+        # label map at most (the chat takes it right after the answer and keeps it while the scan lives)
+        self._segmented: tuple[Any, Any] | None = None
+        self._lock = threading.Lock()  # the chat adopts on one thread while another may read
         from napari_tghmoe.med3d.sites import PhaseHead, SiteHead
 
         # None until trained (scripts/train_sites.py writes them into the cascade's folder)
@@ -191,6 +205,19 @@ class EvidenceReader:
 
     def parameters(self):  # the frozen cascade is not the chat model's to train or save anew
         return iter(())
+
+    def _remembered(self, key: Any) -> Any:
+        for held, found in self._memory:
+            if held is key:
+                return found
+        return None
+
+    def _keep(self, key: Any, found: Any, result: Any = None) -> None:
+        with self._lock:
+            others = [(held, kept) for held, kept in self._memory if held is not key]
+            self._memory = [*others[-(self.memory_size - 1) :], (key, found)]
+            if result is not None:
+                self._segmented = (key, result)
 
     def evidence(self, volume: Any) -> Any:
         """The scan's :class:`~napari_tghmoe.med3d.evidence.ScanEvidence` (cached, see the class)."""
@@ -201,23 +228,72 @@ class EvidenceReader:
         from napari_tghmoe.med3d.segment import segment_volume
 
         key = getattr(volume, "hu", volume)
-        for held, found in self._memory:
-            if held is key:
-                return found
+        found = self._remembered(key)
+        if found is not None:
+            return found
         source = getattr(volume, "source", None)
         cache_dir = os.environ.get("TGHMOE_EVIDENCE_CACHE", "")
         cached = Path(cache_dir) / f"{Path(source).stem}.json" if cache_dir and source else None
+        result = None
         if cached is not None and cached.is_file():
             found = ScanEvidence.from_json(json.loads(cached.read_text(encoding="utf-8")))
         else:
-            found = scan_evidence(volume, segment_volume(volume, self.folder))
+            result = segment_volume(volume, self.folder)
+            found = scan_evidence(volume, result)
             if cached is not None:
                 cached.parent.mkdir(parents=True, exist_ok=True)
                 staging = cached.with_suffix(f".{os.getpid()}.tmp")
                 staging.write_text(json.dumps(found.to_json()), encoding="utf-8")
                 os.replace(staging, cached)
-        self._memory = [*self._memory[-(self.memory_size - 1) :], (key, found)]
+        self._keep(key, found, result)
         return found
+
+    def segmentation(self, volume: Any) -> Any:
+        """The ``SegmentationResult`` this reader made (or adopted) of ``volume``'s voxels when it
+        is the last one, else None (e.g. evidence read from the disk cache carries no label map)."""
+        held = self._segmented
+        if held is None or held[0] is not getattr(volume, "hu", volume):
+            return None
+        return held[1]
+
+    def same_cascade(self, folder: str | Path | None) -> bool:
+        """``folder`` (None: the segmenter's default, the bundled demo cascade) holds the networks of
+        this reader's cascade: organ model, finding model and verifier, configs and weights byte for
+        byte (:func:`cascade_fingerprint`), wherever the copy lies (the demo model's
+        ``volume_encoder/`` is a copy of ``resources/demo-seg-model``). The site and phase heads are
+        not compared: they read a segmentation, they do not make it."""
+        from napari_tghmoe.med3d.segment import _resolve_model_dir  # the rule segment_volume applies
+
+        theirs = _resolve_model_dir(folder)
+        if theirs.resolve() == self.folder.resolve():
+            return True
+        mine = cascade_fingerprint(self.folder)
+        return mine is not None and cascade_fingerprint(theirs) == mine
+
+    def adopt(self, volume: Any, result: Any, folder: str | Path | None) -> bool:
+        """Take ``result``, a segmentation of ``volume`` made with the cascade in ``folder`` (None:
+        not known), as the scan's evidence, so :meth:`evidence` does not segment it again.
+
+        Refused (False) unless ``folder`` is known, the result names it (``model_name`` is the
+        folder's name) and it holds this reader's cascade, and the label map is on ``volume``'s grid:
+        evidence from another model's findings would be read by a site head and a chat model that
+        never saw them. True also when the reader already holds the scan's evidence.
+        """
+        from napari_tghmoe.med3d.evidence import scan_evidence
+
+        key = getattr(volume, "hu", None)
+        if key is None or result is None or folder is None:
+            return False
+        if self._remembered(key) is not None:
+            return True
+        if str(getattr(result, "model_name", "")) != Path(folder).name:
+            return False
+        if tuple(np.shape(getattr(result, "labels", ()))) != tuple(np.shape(key)):
+            return False
+        if not self.same_cascade(folder):
+            return False
+        self._keep(key, scan_evidence(volume, result), result)
+        return True
 
     def _scan(self, volume: Any, spacing: Any = None) -> Any:
         from napari_tghmoe.io import CTVolume
@@ -264,6 +340,40 @@ def load_volume_encoder(folder: str | Path, source: str = "encoder", max_finding
         )
     encoder.requires_grad_(False)
     return encoder
+
+
+#: (resolved folder, its network files' sizes and times) -> fingerprint, so a folder is read once
+_fingerprints: dict[tuple[Any, ...], str] = {}
+
+
+def cascade_fingerprint(folder: str | Path) -> str | None:
+    """A digest of what ``segment_volume`` loads from a cascade folder: every ``config.json`` and
+    ``model.safetensors`` in it (organ model, finding model, verifier), by relative path and
+    content. Two folders with the same fingerprint segment a scan alike. None for a folder that
+    cannot be read or holds no network."""
+    import hashlib
+
+    folder = Path(folder)
+    try:
+        files = sorted(
+            path for path in folder.rglob("*") if path.name in ("config.json", "model.safetensors") and path.is_file()
+        )
+        stamp = tuple((str(p.relative_to(folder)), p.stat().st_size, p.stat().st_mtime_ns) for p in files)
+        key = (str(folder.resolve()), stamp)
+        if not files:
+            return None
+        if key not in _fingerprints:
+            digest = hashlib.sha256()
+            for path in files:
+                digest.update(str(path.relative_to(folder).as_posix()).encode("utf-8") + b"\0")
+                with path.open("rb") as handle:
+                    for block in iter(lambda: handle.read(1 << 20), b""):
+                        digest.update(block)
+                digest.update(b"\0")
+            _fingerprints[key] = digest.hexdigest()
+        return _fingerprints[key]
+    except OSError:
+        return None
 
 
 def _hu_axial(volume: Any, spacing: Any = None) -> Any:
