@@ -76,6 +76,25 @@ def test_tghmoe_eval_runs_end_to_end_on_a_tiny_model(tiny_tghmoe_folder, tmp_pat
     assert "wrote" in captured.err
 
 
+def test_closed_questions_are_scored_by_ranked_options_unless_free_letters_are_asked(tiny_tghmoe_folder, tmp_path, capsys):
+    from napari_tghmoe.model.prompts import closed_choices
+
+    runs = {}
+    for name, extra in (("ranked", []), ("free", ["--free-letters"])):
+        out = tmp_path / f"{name}.json"
+        code = main(
+            ["eval", "--model", str(tiny_tghmoe_folder), "--data", "phantom:seeds=1-2,region=chest,shape=8x64x64",
+             "--task", "vqa_closed", "--out", str(out), "--limit", "4", "--max-new-tokens", "3", "--no-bertscore",
+             "--no-progress", "--device", "cpu", *extra]
+        )
+        assert code == 0, capsys.readouterr().err
+        runs[name] = json.loads(out.read_text())
+    assert runs["ranked"]["closed_answers"] == "ranked options" and runs["free"]["closed_answers"] == "free letters"
+    for record in runs["ranked"]["samples"]:  # every ranked answer is one of the question's options, verbatim
+        assert record["prediction"] in {f"{letter}. {text}" for letter, text in closed_choices(record["prompt"])}
+    assert [r["prediction"] for r in runs["free"]["samples"]] != [r["prediction"] for r in runs["ranked"]["samples"]]
+
+
 def test_tghmoe_eval_reports_a_bad_spec_in_one_line(tiny_tghmoe_folder, tmp_path, capsys):
     code = main(["eval", "--model", str(tiny_tghmoe_folder), "--data", "phantom:region=chest", "--out", str(tmp_path / "r.json")])
     captured = capsys.readouterr()
