@@ -229,6 +229,7 @@ def test_both_stages_run_the_stage1_phases_in_order_then_stage2_from_the_last(en
         + "\n[[stage1_continue]]\nseed = 6\nmodel = { tiny = { patch_size = 4, spatial_merge_size = 4 } }\n"
         + "stage1 = { steps = 2 }\n"
         + "\n[[stage1_continue]]\nseed = 7\nstage1 = { steps = 1 }\n"
+        + 'data = { train = ["phantom:seeds=4-5,region=both,shape=8x64x64"] }\n'
     )
     out = tmp_path / "run"
     assert main(["train", "--config", str(recipe), "--stage", "both", "--out", str(out), "--no-progress"]) == 0
@@ -246,6 +247,9 @@ def test_both_stages_run_the_stage1_phases_in_order_then_stage2_from_the_last(en
     assert third["init_weights"]["copied"] > 0
     assert fourth["init"] == str(out / "stage1-3") and fourth["recipe"]["model"]["tiny"]["patch_size"] == 4
     assert last["init"] == str(out / "stage1-4") and last["recipe"]["seed"] == 0
+    # stage 2 specialises on the data stage 1 ended on
+    assert last["recipe"]["data"]["train"] == fourth["recipe"]["data"]["train"] == ["phantom:seeds=4-5,region=both,shape=8x64x64"]
+    assert first["recipe"]["data"]["train"] == ["phantom:seeds=0-3,region=both,shape=8x64x64"]
     a = load_file(str(out / "stage1" / "model.safetensors"))
     b = load_file(str(out / "stage1-2" / "model.safetensors"))
     assert any(not torch.equal(a[key], b[key]) for key in a)

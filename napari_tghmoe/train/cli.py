@@ -79,18 +79,23 @@ def stage1_phase_dir(out: Path, index: int) -> Path:
 
 
 def train_both_stages(recipe: Any, out: Path, *, init: str | None, resume: bool, progress: bool) -> list[Any]:
-    """Stage 1 and its ``stage1_continue`` phases (each from the previous output), then stage 2.
+    """Stage 1 and its ``stage1_continue`` phases (each from the previous output), then stage 2
+    on the last phase's data (the task experts specialise on what stage 1 ended on: the demo
+    recipe's later phases read full-size phantoms and their evidence, its first ones small grids).
 
     With ``resume``, finished phases (their folder holds the saved model) are kept and the
     interrupted one continues from its last checkpoint.
     """
+    import dataclasses
+
     from napari_tghmoe.train.recipe import phase_changes_model, stage1_phases
     from napari_tghmoe.train.trainer import SUMMARY_NAME, TrainResult, load_training_samples, train
 
     results = []
     loaded: dict[str, Any] = {}
     previous = init
-    for index, phase in enumerate(stage1_phases(recipe), start=1):
+    phases = stage1_phases(recipe)
+    for index, phase in enumerate(phases, start=1):
         folder = stage1_phase_dir(out, index)
         if resume and (folder / SUMMARY_NAME).is_file() and (folder / "model.safetensors").is_file():
             results.append(TrainResult(folder, 1, phase.stage1.steps, phase.stage1.steps, 0.0, {}, finished=True))
@@ -108,7 +113,8 @@ def train_both_stages(recipe: Any, out: Path, *, init: str | None, resume: bool,
                 )
             )
         previous = str(folder)
-    results.append(train(recipe, 2, out / "stage2", init=previous, resume=resume, progress=progress))
+    stage2 = dataclasses.replace(recipe, data=phases[-1].data)
+    results.append(train(stage2, 2, out / "stage2", init=previous, resume=resume, progress=progress))
     return results
 
 
