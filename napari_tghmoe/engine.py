@@ -371,18 +371,64 @@ class InferenceEngine:
         Scoring the options' words, each after its own letter, is how multiple-choice benchmarks
         are read out of language models (the likelihood readout of lm-evaluation-harness); the
         mean per token keeps long options ("left kidney, upper pole") from losing to short ones.
-        One teacher-forced forward per option, on the prompt of the answer just generated.
+        The prompt (vision tower included) is read once; each option then continues from its
+        key/value cache, as generation does (:meth:`_option_log_probs`).
         """
         import torch
 
-        scores: dict[str, float] = {}
-        prompt_ids = model_kwargs["input_ids"]
-        device = prompt_ids.device
+        scored: list[tuple[str, list[int], int]] = []
         for letter, option in choices:
             head = self.tokenizer.encode(f"{letter}.", add_special_tokens=False)
             whole = self.tokenizer.encode(f"{letter}. {option}", add_special_tokens=False)
             scored_from = len(head) if whole[: len(head)] == head and len(whole) > len(head) else 0
-            added = torch.tensor([whole], dtype=prompt_ids.dtype, device=device)
+            scored.append((letter, whole, scored_from))
+        with torch.inference_mode():
+            per_option = self._option_log_probs(model_kwargs, [tokens for _, tokens, _ in scored])
+        return {letter: float(lp[start:].mean()) for (letter, _, start), lp in zip(scored, per_option)}
+
+    def _option_log_probs(self, model_kwargs: dict[str, Any], options: list[list[int]], cached: bool = True) -> list[Any]:
+        """Log-probabilities of each option's tokens after the prompt of ``model_kwargs``.
+
+        ``cached``: one forward of the prompt, then each option from a copy-free key/value cache
+        (cropped back to the prompt after each); else one full forward per option (the reference
+        the cached path is tested against, and the fallback for a model without a croppable cache).
+        """
+        import torch
+
+        prompt_ids = model_kwargs["input_ids"]
+        device = prompt_ids.device
+        length = prompt_ids.shape[1]
+
+        def picked(logits: Any, tokens: list[int]) -> Any:
+            log_probs = logits.float().log_softmax(-1)
+            return log_probs[torch.arange(len(tokens)), torch.tensor(tokens, device=log_probs.device)]
+
+        if cached:
+            prefill = self.model(**model_kwargs, use_cache=True)
+            cache = getattr(prefill, "past_key_values", None) or getattr(prefill, "cache", None)
+            # text after the prompt sits at its index plus the prompt's 3D-rope offset (Qwen2.5-VL)
+            deltas = getattr(getattr(self.model, "model", None), "rope_deltas", None)
+            if cache is not None and callable(getattr(cache, "crop", None)) and deltas is not None:
+                first = prefill.logits[0, -1:]
+                results = []
+                for tokens in options:
+                    added = torch.tensor([tokens], dtype=prompt_ids.dtype, device=device)
+                    mask = torch.cat([model_kwargs["attention_mask"], torch.ones_like(added)], dim=1)
+                    where = torch.arange(length, length + len(tokens), device=device)
+                    step = self.model(
+                        input_ids=added,
+                        attention_mask=mask,
+                        cache=cache,
+                        position_ids=(where + deltas.to(device)[0]).view(1, 1, -1).expand(3, 1, -1),
+                        cache_position=where,
+                        use_cache=True,
+                    )
+                    results.append(picked(torch.cat([first, step.logits[0, :-1]]), tokens))
+                    cache.crop(-len(tokens))  # back to the prompt alone
+                return results
+        results = []
+        for tokens in options:
+            added = torch.tensor([tokens], dtype=prompt_ids.dtype, device=device)
             kwargs = dict(model_kwargs)
             kwargs["input_ids"] = torch.cat([prompt_ids, added], dim=1)
             kwargs["attention_mask"] = torch.cat([model_kwargs["attention_mask"], torch.ones_like(added)], dim=1)
@@ -390,13 +436,9 @@ class InferenceEngine:
             if "text_guidance_mask" in model_kwargs:
                 mask = model_kwargs["text_guidance_mask"]
                 kwargs["text_guidance_mask"] = torch.cat([mask, torch.zeros(added.shape, dtype=mask.dtype, device=device)], dim=1)
-            with torch.inference_mode():
-                logits = self.model(**kwargs).logits[0].float()
-            start = prompt_ids.shape[1]
-            log_probs = logits[start - 1 : start - 1 + len(whole)].log_softmax(-1)
-            picked = log_probs[torch.arange(len(whole)), torch.tensor(whole, device=logits.device)]
-            scores[letter] = float(picked[scored_from:].mean())
-        return scores
+            logits = self.model(**kwargs).logits[0]
+            results.append(picked(logits[length - 1 : length - 1 + len(tokens)], tokens))
+        return results
 
     def ask(self, volume: Any, question: str, **kwargs: Any) -> Answer:
         """Run :meth:`answer` to the end and return only the :class:`Answer`."""

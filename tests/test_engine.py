@@ -343,3 +343,30 @@ def test_without_ranking_or_for_open_questions_the_answer_is_the_generated_text(
     assert answer.text == answer.generated_text and answer.choice_scores == {}
     opened = engine.ask(volume, "Which organ is abnormal?", max_new_tokens=6, trace=False)
     assert opened.text == opened.generated_text and opened.choice_scores == {}
+
+
+def test_the_options_scored_from_the_prompt_s_cache_score_as_full_forwards_do(engine, volume):
+    """The prompt is read once and each option continues from its key/value cache: the same
+    log-probabilities as one full forward per option (the 3D rope offsets of the video included)."""
+    import torch
+
+    inputs = engine.prepare(volume)
+    question = format_closed_question("Which organ is abnormal?", CHOICES)
+    prompt = engine.build_inputs(question, inputs.num_video_tokens)
+    kwargs = {
+        "input_ids": prompt.input_ids,
+        "attention_mask": prompt.attention_mask,
+        "mm_token_type_ids": prompt.mm_token_type_ids,
+        "text_guidance_mask": prompt.text_guidance_mask,
+        **inputs.model_kwargs(device="cpu"),
+    }
+    options = [engine.tokenizer.encode(f"{l}. {o}", add_special_tokens=False) for l, o in zip("ABCD", CHOICES)]
+    with torch.inference_mode():
+        cached = engine._option_log_probs(kwargs, options, cached=True)
+        full = engine._option_log_probs(kwargs, options, cached=False)
+    assert [len(c) for c in cached] == [len(o) for o in options]
+    for a, b in zip(cached, full):
+        torch.testing.assert_close(a, b, atol=1e-4, rtol=1e-4)
+    again = engine._option_log_probs(kwargs, options[::-1], cached=True)  # the cache is back to the prompt each time
+    for a, b in zip(again, full[::-1]):
+        torch.testing.assert_close(a, b, atol=1e-4, rtol=1e-4)
