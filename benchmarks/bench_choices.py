@@ -20,7 +20,6 @@ import argparse
 import copy
 import datetime as _dt
 import platform
-import re
 import statistics
 import sys
 from pathlib import Path
@@ -28,7 +27,7 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).parent))
-from bench_model import BENCH_GRID, interleaved, mid_size_base_model  # noqa: E402
+from bench_model import BENCH_GRID, interleaved, mid_size_base_model, replace_section  # noqa: E402
 
 QUESTION = "Which organ holds the abnormality? Choices: A. liver B. spleen C. kidney D. lymph node"
 SECTION = "## Multiple-choice readout"
@@ -98,15 +97,7 @@ Command: `.venv/bin/python benchmarks/bench_choices.py --docs docs/benchmarks.md
 
 {table}
 """
-    existing = path.read_text(encoding="utf-8") if path.exists() else "# Benchmarks\n"
-    pattern = re.compile(rf"^{re.escape(SECTION)}\n.*?(?=^## |\Z)", re.S | re.M)
-    if pattern.search(existing):
-        updated = pattern.sub(lambda _: section + "\n", existing, count=1)
-    else:
-        updated = existing.rstrip("\n") + "\n\n" + section
-    path.write_text(updated.rstrip("\n") + "\n", encoding="utf-8")
-    print(f"wrote the {SECTION[3:]} section of {path}")
-
+    replace_section(path, SECTION, section)
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -235,14 +235,19 @@ Command: `.venv/bin/python benchmarks/bench_model.py --docs docs/benchmarks.md`.
 
 {table}
 """
+    replace_section(path, "## Model", section)
+
+
+def replace_section(path: Path, heading: str, section: str) -> None:
+    """Put ``section`` (starting with ``heading``) in place of that section of ``path``, or at its end."""
     existing = path.read_text(encoding="utf-8") if path.exists() else "# Benchmarks\n"
-    pattern = re.compile(r"^## Model\n.*?(?=^## |\Z)", re.S | re.M)
+    pattern = re.compile(rf"^{re.escape(heading)}\n.*?(?=^## |\Z)", re.S | re.M)
     if pattern.search(existing):
         updated = pattern.sub(lambda _: section + "\n", existing, count=1)
     else:
         updated = existing.rstrip("\n") + "\n\n" + section
     path.write_text(updated.rstrip("\n") + "\n", encoding="utf-8")
-    print(f"wrote the Model section of {path}")
+    print(f"wrote the {heading[3:]} section of {path}")
 
 
 if __name__ == "__main__":
