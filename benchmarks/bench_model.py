@@ -214,8 +214,8 @@ def write_docs(path: Path, table: str, args: argparse.Namespace, peak_mib: float
     section = f"""## Model
 
 Machine: {platform.machine()} CPU, {args.threads} torch thread(s), shared with other
-jobs; **no GPU in this task**, so the GPU rows (a Qwen2.5-VL-3B-shaped model in
-4-bit vs bf16, peak GPU memory) are not measured. torch {torch.__version__}, transformers
+jobs, no GPU (the GPU rows, a Qwen2.5-VL-3B-shaped model in 4-bit vs bf16 on an H200, are in
+"Real size" below). torch {torch.__version__}, transformers
 {transformers.__version__}.
 
 Model: a random mid-size Qwen2.5-VL (vision: hidden 256, depth 8, patch 14, window 112, as the
