@@ -319,3 +319,24 @@ def test_stage2_of_a_topic_routed_arm_starts_from_a_stage1_output_with_init_weig
     patch_key = next(k for k in source if "patch_embed" in k)
     assert torch.equal(source[patch_key], arm[patch_key])  # stage 2 keeps the stage-1 base
     assert any(".groups.chest." in k for k in arm)
+
+
+def test_a_refreshed_card_keeps_what_the_model_is_and_takes_the_new_numbers():
+    """``card --refresh`` (a shipped model whose cascade changed) rewrites only the numbers."""
+    import copy
+
+    from napari_tghmoe.train.card import EVALUATION_HEADING, rewrite_evaluation
+
+    card = (DEMO / "README.md").read_text()
+    results = json.loads((DEMO / "eval_results.json").read_text())
+    check = json.loads((DEMO / "card_check.json").read_text())
+    assert rewrite_evaluation(card, results, check) == card  # the shipped card is what write_card wrote
+
+    changed = copy.deepcopy(results)
+    changed["vqa_closed"]["accuracy"] = 0.9
+    changed["report"]["findings"]["recall"] = 0.5
+    new = rewrite_evaluation(card, changed, dict(check, accuracy=0.75), note="The verifier was retrained.")
+    assert new.startswith(card[: card.index(EVALUATION_HEADING)])
+    assert "Closed-VQA accuracy: **0.900**" in new and "recall: **0.500**" in new
+    assert "The verifier was retrained." in new and "accuracy 0.750 on that subset" in new
+    assert "closed-VQA accuracy" not in new.split("**Targets missed**")[1].split(".\n")[0]  # 0.9 meets its target

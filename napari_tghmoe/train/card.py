@@ -106,6 +106,73 @@ def input_intensity_line(config: dict[str, Any]) -> str:
     )
 
 
+EVALUATION_HEADING = "## Evaluation on held-out phantoms"
+CHECK_HEADING = "## Check"
+
+
+def evaluation_section(results: dict[str, Any], note: str = "") -> str:
+    """The card's held-out numbers (``note``: one paragraph on what changed since training)."""
+    closed = results.get("vqa_closed") or {}
+    findings = (results.get("report") or {}).get("findings") or {}
+    lines = [
+        EVALUATION_HEADING,
+        "",
+        f"Data `{results.get('data')}`: seeds never used in training, request and question wordings from",
+        "the held-out phrasing lists (never seen in training), greedy decoding through the same engine",
+        "the napari chat uses. The engine answers a multiple-choice question with the option the model finds",
+        "most likely (`InferenceEngine.rank_choices`: each option's words scored after its letter); the",
+        "letters the model writes itself score lower (`tghmoe eval --free-letters`, docs/results.md).",
+        "",
+        *([note, ""] if note else []),
+        f"- Closed-VQA accuracy: **{_fmt(closed.get('accuracy'))}** (target >= 0.85)",
+        f"- Report finding recall: **{_fmt(findings.get('recall'))}** (target >= 0.7), precision: "
+        f"**{_fmt(findings.get('precision'))}** (target >= 0.8)",
+        "",
+        target_verdict(closed.get("accuracy"), findings.get("recall"), findings.get("precision")),
+        "",
+        results_tables(results),
+        "",
+    ]
+    return "\n".join(lines)
+
+
+def check_section(check: dict[str, Any]) -> str:
+    return "\n".join([
+        CHECK_HEADING,
+        "",
+        f"`card_check.json` holds this model's greedy answers to the first {check['limit']} closed questions of",
+        f"`{check['data']}` (accuracy {_fmt(check['accuracy'])} on that subset); `tests/test_train.py` re-runs",
+        "them and requires the same answers.",
+        "",
+    ])
+
+
+def refresh_evaluation(dest: Path, recipe_path: Path, results_path: Path, note: str = "") -> Path:
+    """Re-measure a shipped model whose weights stay and whose 3D encoder folder changed.
+
+    Why: the evidence a model reads comes from its cascade, so a retrained verifier changes its
+    answers without any LLM training. The card's check answers, ``eval_results.json`` and the
+    evaluation section are rewritten; what the card says of the model and its training is kept.
+    """
+    from napari_tghmoe.train.recipe import load_recipe
+
+    recipe = load_recipe(recipe_path)
+    results = json.loads(results_path.read_text())
+    check = card_check(dest, recipe.eval.data)
+    (dest / "card_check.json").write_text(json.dumps(check, indent=2) + "\n")
+    slim = {k: v for k, v in results.items() if k != "samples"}
+    (dest / "eval_results.json").write_text(json.dumps(slim, indent=2, default=str) + "\n")
+    (dest / "README.md").write_text(rewrite_evaluation((dest / "README.md").read_text(), results, check, note))
+    return dest
+
+
+def rewrite_evaluation(card: str, results: dict[str, Any], check: dict[str, Any], note: str = "") -> str:
+    """``card`` with its evaluation and check sections (everything from the evaluation heading on)
+    replaced by those of ``results`` and ``check``."""
+    head = card[: card.index(EVALUATION_HEADING)] if EVALUATION_HEADING in card else card.rstrip("\n") + "\n\n"
+    return head + evaluation_section(results, note) + "\n" + check_section(check)
+
+
 def write_card(
     dest: Path,
     recipe: Any,
@@ -119,9 +186,6 @@ def write_card(
     merge = config["vision_config"].get("spatial_merge_size", 2)  # patches per LLM token along each axis
     size_mb = sum(p.stat().st_size for p in dest.iterdir() if p.is_file()) / 1e6
     trainable = {f"stage {s['stage']}": s["trainable"]["trainable"] for s in summaries}
-    closed = results.get("vqa_closed") or {}
-    report = results.get("report") or {}
-    findings = report.get("findings") or {}
     lines = [
         "# napari-tghmoe demo model",
         "",
@@ -162,28 +226,8 @@ def write_card(
         f"- Trainable parameters: {trainable}.",
         f"- Hardware: {timings.get('hardware', 'CPU')}.",
         "",
-        "## Evaluation on held-out phantoms",
-        "",
-        f"Data `{results.get('data')}`: seeds never used in training, request and question wordings from",
-        "the held-out phrasing lists (never seen in training), greedy decoding through the same engine",
-        "the napari chat uses. The engine answers a multiple-choice question with the option the model finds",
-        "most likely (`InferenceEngine.rank_choices`: each option's words scored after its letter); the",
-        "letters the model writes itself score lower (`tghmoe eval --free-letters`, docs/results.md).",
-        "",
-        f"- Closed-VQA accuracy: **{_fmt(closed.get('accuracy'))}** (target >= 0.85)",
-        f"- Report finding recall: **{_fmt(findings.get('recall'))}** (target >= 0.7), precision: "
-        f"**{_fmt(findings.get('precision'))}** (target >= 0.8)",
-        "",
-        target_verdict(closed.get("accuracy"), findings.get("recall"), findings.get("precision")),
-        "",
-        results_tables(results),
-        "",
-        "## Check",
-        "",
-        f"`card_check.json` holds this model's greedy answers to the first {check['limit']} closed questions of",
-        f"`{check['data']}` (accuracy {_fmt(check['accuracy'])} on that subset); `tests/test_train.py` re-runs",
-        "them and requires the same answers.",
-        "",
+        evaluation_section(results),
+        check_section(check),
     ]
     return "\n".join(lines)
 
@@ -225,7 +269,7 @@ def package(
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--model", required=True, type=Path, help="trained (stage-2) model folder")
+    parser.add_argument("--model", type=Path, help="trained (stage-2) model folder")
     parser.add_argument("--stage1", type=Path, help="stage-1 folder (for its training summary)")
     parser.add_argument("--recipe", required=True, type=Path)
     parser.add_argument("--results", required=True, type=Path, help="tghmoe eval JSON on the held-out seeds")
@@ -235,7 +279,18 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--stage2-seconds", type=float, default=0.0)
     parser.add_argument("--hardware", default="CPU")
     parser.add_argument("--stage1-note", default="", help="how stage 1 was run when it took several commands")
+    parser.add_argument(
+        "--refresh", action="store_true",
+        help="--dest is a shipped model whose 3D encoder changed: re-run its check, rewrite its numbers (--model unused)",
+    )
+    parser.add_argument("--note", default="", help="with --refresh: a paragraph on what changed")
     args = parser.parse_args(argv)
+    if args.refresh:
+        refresh_evaluation(args.dest, args.recipe, args.results, args.note)
+        print(f"refreshed {args.dest}", file=sys.stderr)
+        return 0
+    if args.model is None:
+        parser.error("--model is required (unless --refresh)")
     timings = {"stage1_s": args.stage1_seconds, "stage2_s": args.stage2_seconds, "hardware": args.hardware, "stage1_note": args.stage1_note}
     dest = package(args.model, args.recipe, args.results, args.dest, args.command, timings, args.stage1)
     print(f"wrote {dest}", file=sys.stderr)
