@@ -405,7 +405,9 @@ class InferenceEngine:
 
         if cached:
             prefill = self.model(**model_kwargs, use_cache=True)
-            cache = getattr(prefill, "past_key_values", None) or getattr(prefill, "cache", None)
+            from napari_tghmoe.model.modeling import CACHE_FIELD
+
+            cache = getattr(prefill, CACHE_FIELD, None)  # the installed version's name: no deprecation notice
             # text after the prompt sits at its index plus the prompt's 3D-rope offset (Qwen2.5-VL)
             deltas = getattr(getattr(self.model, "model", None), "rope_deltas", None)
             if cache is not None and callable(getattr(cache, "crop", None)) and deltas is not None:
