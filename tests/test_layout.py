@@ -340,3 +340,20 @@ def test_bone_surface_is_a_mesh_on_the_bone_shown_in_the_3d_view_only(open_works
     assert not bone.visible
     viewer.dims.ndisplay = 3
     assert bone.visible
+
+
+def test_the_routing_figure_shows_the_3d_evidence_gate_when_the_model_has_one(open_workspace):
+    """A model with a 3D encoder also routes its evidence tokens by the text: the figure shows that
+    gate's weights; a model without one keeps the three routing plots."""
+    from napari_tghmoe._widgets.routing_view import VOLUME_GATE_TITLE, render_routing_figure
+
+    workspace = open_workspace()
+    trace = _routing_record(workspace.ct_layer, workspace.ct_layer.metadata["ct_volume"]).answer.routing
+    figure, _ = render_routing_figure(trace, 1, 8, (400, 500))
+    assert len(figure.axes) == 4 and VOLUME_GATE_TITLE not in [ax.get_title() for ax in figure.axes]  # 3 + colorbar
+
+    trace.volume_gate = np.array([[0.7, 0.2, 0.1]])
+    figure, rgba = render_routing_figure(trace, 1, 8, (400, 500))
+    gate_axes = [ax for ax in figure.axes if ax.get_title() == VOLUME_GATE_TITLE]
+    assert len(gate_axes) == 1 and rgba.shape == (500, 400, 4)
+    np.testing.assert_allclose([bar.get_height() for bar in gate_axes[0].patches], [0.7, 0.2, 0.1])

@@ -860,3 +860,45 @@ def test_segment_volume_of_an_oblique_series_answers_on_the_scans_own_grid(tmp_p
     assert alone.findings and all(alone.labels[f.voxel_zyx] == f.label for f in alone.findings)
     axial = segment_volume(make_phantom(3, "abdomen", spacing=(8.0, 8.0, 8.0)).volume, model)
     assert axial.warnings == []  # axis-aligned: not resampled
+
+
+def _lung_crop(mask_region: str) -> tuple[np.ndarray, object]:
+    """A 32^3 verifier crop in aerated lung holding a 12-voxel ball (not labelled lung, as the organ
+    model leaves nodules) and a vessel that runs out of the crop; the mask marks part of one."""
+    from types import SimpleNamespace
+
+    config = SimpleNamespace(
+        ct_windows=[[-600.0, 1500.0], [40.0, 400.0]],
+        context_groups=[["liver"], ["right upper lobe", "right lower lobe"]],
+    )
+    z, y, x = np.mgrid[:32, :32, :32]
+    ball = (z - 16) ** 2 + (y - 16) ** 2 + (x - 10) ** 2 <= 36
+    vessel = ((y - 16) ** 2 + (x - 26) ** 2 <= 4)  # along z, through both faces of the crop
+    hu = np.full((32, 32, 32), -850.0)
+    hu[ball | vessel] = 40.0
+    crop = np.zeros((5, 32, 32, 32), dtype=np.float32)
+    crop[0] = np.clip((hu + 1350.0) / 1500.0, 0, 1)
+    crop[3] = ~(ball | vessel)  # lungs: everything but the dense structures
+    structure = ball if mask_region == "ball" else vessel
+    crop[4] = structure & (z >= 16)  # the finder's partial component
+    return crop, config
+
+
+def test_a_partial_mask_on_a_lung_nodule_grows_to_the_whole_ball_but_not_along_a_vessel():
+    """The verifier sees a nodule's own extent, not the finder's partial guess; a vessel that leaves
+    the crop is not enclosed by the lungs and stays as proposed."""
+    from napari_tghmoe.med3d.verifier import grow_lung_mask
+
+    crop, config = _lung_crop("ball")
+    grown = grow_lung_mask(crop, config)
+    z, y, x = np.mgrid[:32, :32, :32]
+    ball = (z - 16) ** 2 + (y - 16) ** 2 + (x - 10) ** 2 <= 36
+    np.testing.assert_array_equal(grown[-1] > 0.5, ball)
+    np.testing.assert_array_equal(grown[:-1], crop[:-1])  # the image channels are untouched
+
+    vessel_crop, _ = _lung_crop("vessel")
+    np.testing.assert_array_equal(grow_lung_mask(vessel_crop, config)[-1], vessel_crop[-1])
+
+    outside = crop.copy()
+    outside[3] = 0.0  # not in the lungs (an abdominal candidate): left as proposed
+    np.testing.assert_array_equal(grow_lung_mask(outside, config)[-1], crop[-1])

@@ -464,10 +464,14 @@ def render_routing_figure(
                 ha="center", va="center", color=_FOREGROUND)
         ax.set_axis_off()
     else:
-        axes = figure.subplots(3, 1, height_ratios=[0.8, 1.0, 1.5])
+        gate = getattr(trace, "volume_gate", None)
+        ratios = [0.8, 1.0, 1.5] + ([0.6] if gate is not None else [])
+        axes = figure.subplots(len(ratios), 1, height_ratios=ratios)
         _plot_task_probs(axes[0], trace)
         _plot_utilisation(figure, axes[1], trace, block)
         _plot_dominant_per_slice(axes[2], trace, block, n_slices)
+        if gate is not None:
+            _plot_volume_gate(axes[3], gate)
     canvas.draw()
     rgba = np.asarray(canvas.buffer_rgba()).copy()
     return figure, rgba
@@ -482,6 +486,21 @@ def _plot_task_probs(ax: Any, trace: Any) -> None:
     for y, value in enumerate(values):
         ax.text(min(value + 0.02, 0.9), y, f"{value:.2f}", va="center", color=_FOREGROUND, fontsize=7)
     ax.set_title("What the text asked for: task-group probability")
+    _style(ax)
+
+
+VOLUME_GATE_TITLE = "What the text asked of the 3D evidence: projector expert weight"
+
+
+def _plot_volume_gate(ax: Any, gate: Any) -> None:
+    """The text-guided gate over the 3D evidence projector's experts (a model with a 3D encoder):
+    the same instruction that routes the vision experts also weights these, so a report request
+    and a question differ here too."""
+    weights = np.asarray(gate, dtype=float).reshape(-1, np.asarray(gate).shape[-1])[0]
+    ax.bar(range(len(weights)), weights, color=_ACCENT)
+    ax.set_xticks(range(len(weights)), [f"expert {i}" for i in range(len(weights))], fontsize=6)
+    ax.set_ylim(0, max(1.0, float(weights.max()) if weights.size else 1.0))
+    ax.set_title(VOLUME_GATE_TITLE)
     _style(ax)
 
 

@@ -88,6 +88,9 @@ class VerifierSettings(LoopSettings):
     truth_data: list[str] = field(default_factory=list)
     label_smoothing: float = 0.1  # keeps the second look's probabilities graded, so a threshold means something
     max_shift: int = 4  # crops move up to this many voxels per axis (a proposal is rarely centred on its lesion)
+    # A candidate in the lungs shows the verifier the structure's own extent (its component grown
+    # through denser-than-lung voxels inside the lungs' outline), not the finder's partial mask.
+    grow_lung_masks: bool = False
 
 
 @dataclass

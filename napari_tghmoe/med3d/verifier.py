@@ -60,7 +60,10 @@ class Med3DFindingVerifier(_Med3DBase):
         return self.net(crops)
 
 
-def verifier_config(finder_config: Med3DConfig, crop: Sequence[int], channels: Sequence[int], min_probability: float) -> Med3DConfig:
+def verifier_config(
+    finder_config: Med3DConfig, crop: Sequence[int], channels: Sequence[int], min_probability: float,
+    grow_lung_masks: bool = False,
+) -> Med3DConfig:
     """A verifier's config: the finding model's inputs (windows, context, grid, kinds), its own crop."""
     values = finder_config.to_dict()
     for key in ("architectures", "model_type", "transformers_version", "finding_model", "finding_verifier"):
@@ -71,6 +74,8 @@ def verifier_config(finder_config: Med3DConfig, crop: Sequence[int], channels: S
         verifier_min_probability=float(min_probability),
         architectures=[VERIFIER_ARCHITECTURE],
     )
+    if grow_lung_masks:
+        values["verifier_grow_lung_masks"] = True
     return Med3DConfig(**values)
 
 
@@ -95,6 +100,48 @@ def candidate_crop(image: np.ndarray, voxels: np.ndarray, size: Sequence[int]) -
     return np.concatenate([crop(image, box, size).astype(np.float32), crop(mask, box, size)[None]], axis=0)
 
 
+#: Denser than aerated lung: -400 HU (lung parenchyma is about -850, a nodule soft tissue).
+DENSER_THAN_LUNG_HU = -400.0
+
+
+def lung_channel(config: Any) -> int | None:
+    """Index of the lungs' organ-context channel in a verifier crop (None without one)."""
+    for index, group in enumerate(config.context_groups or []):
+        if any("lobe" in name or "lung" in name for name in group):
+            return len(config.ct_windows) + index
+    return None
+
+
+def grow_lung_mask(crop: np.ndarray, config: Any) -> np.ndarray:
+    """The crop with its mask channel grown to the structure's own extent, for a candidate in the lungs.
+
+    Why: the verifier reads the mask channel as the candidate's shape, and the finder's component
+    often covers only part of a true nodule; a partial mask inside a ball looks like a vessel cut
+    across, and such nodules were the ones the verifier dropped (docs/results-med3d.md). Grown
+    through the connected voxels denser than lung inside the lungs' outline (holes filled: the
+    organ model does not label nodule voxels as lung), a nodule shows as a whole ball. A candidate
+    whose surroundings are not mostly lung, or a crop without a lung channel, is left as it is.
+    """
+    from scipy import ndimage
+
+    channel = lung_channel(config)
+    mask = crop[-1] > 0.5
+    if channel is None or not mask.any():
+        return crop
+    lungs = crop[channel] > 0.5
+    shell = ndimage.binary_dilation(mask, iterations=2) & ~mask
+    if not shell.any() or lungs[shell].mean() < 0.5:
+        return crop
+    centre, width = config.ct_windows[0]
+    threshold = (DENSER_THAN_LUNG_HU - (centre - width / 2.0)) / width  # on the first window's [0, 1] scale
+    region = ((crop[0] > threshold) & ndimage.binary_fill_holes(lungs)) | mask
+    labels, _ = ndimage.label(region)
+    touched = np.unique(labels[mask])
+    grown = crop.copy()
+    grown[-1] = np.isin(labels, touched[touched > 0])
+    return grown
+
+
 #: The eight flips of a crop (sets of spatial axes): the verifier learnt with random flips, and the
 #: mean over all eight is steadier than any one view (test-time augmentation).
 FLIPS = [axes for n in range(4) for axes in itertools.combinations((2, 3, 4), n)]
@@ -108,7 +155,10 @@ def verify(verifier: Med3DFindingVerifier, image: np.ndarray, candidates: Sequen
     if not candidates:
         return []
     config = verifier.config
-    crops = torch.from_numpy(np.stack([candidate_crop(image, voxels, config.patch_size) for _, voxels in candidates]))
+    crops = np.stack([candidate_crop(image, voxels, config.patch_size) for _, voxels in candidates])
+    if getattr(config, "verifier_grow_lung_masks", False):
+        crops = np.stack([grow_lung_mask(crop, config) for crop in crops])
+    crops = torch.from_numpy(crops)
     crops = crops.to(next(verifier.parameters()).device)
     with torch.inference_mode():
         probabilities = torch.stack(
@@ -253,7 +303,12 @@ def train_verifier(
         candidates.save(cache)
     if len(candidates.targets) == 0:
         raise ValueError(f"{finder_dir}: the finding model proposed nothing and the data hold no finding to learn from")
-    config = verifier_config(finder.config, crop_size, settings.channels, settings.min_probability)
+    config = verifier_config(
+        finder.config, crop_size, settings.channels, settings.min_probability, settings.grow_lung_masks
+    )
+    if settings.grow_lung_masks:  # the cache holds the finder's own masks; grow them as verify() will
+        grown = [grow_lung_mask(crop.astype(np.float32), config).astype(np.float16) for crop in candidates.crops]
+        candidates = CandidateSet(np.stack(grown), candidates.targets, candidates.proposed)
     torch.manual_seed(recipe.seed + 3)
     model = Med3DFindingVerifier(config)
     positives = np.flatnonzero(candidates.targets > 0)
