@@ -215,7 +215,11 @@ def test_stop_ends_the_segmentation_without_a_layer(make_napari_viewer, dock_fac
     viewer.add_image(phantom_volume.hu, **ct_layer_kwargs(phantom_volume))
     dock = dock_factory(viewer)
     seen = []
-    dock.progress_changed.connect(lambda done, total: (seen.append(done), dock.stop()))
+    # Directly in the worker, at its first progress report: the stop is asked before the next
+    # batch however busy the machine is (a queued stop could arrive after a tiny model finished).
+    dock.progress_changed.connect(
+        lambda done, total: (seen.append(done), dock.request_stop()), Qt.ConnectionType.DirectConnection
+    )
 
     _segment(qtbot, dock)
 

@@ -292,9 +292,14 @@ class SegmentDock(ViewerDockMixin, QWidget):
 
     def stop(self) -> None:
         """Ask the running segmentation to end (the segmenter checks between windows)."""
-        self._stop_event.set()
+        self.request_stop()
         if self.is_busy:
             self.status_label.setText("Stopping...")
+
+    def request_stop(self) -> None:
+        """The thread-safe part of :meth:`stop` (no widget is touched): callable from any thread,
+        e.g. from a progress callback in the worker itself."""
+        self._stop_event.set()
 
     def _on_progress(self, done: int, total: int) -> None:
         if self._closing or not self.is_busy:
