@@ -155,10 +155,9 @@ def verify(verifier: Med3DFindingVerifier, image: np.ndarray, candidates: Sequen
     if not candidates:
         return []
     config = verifier.config
-    crops = np.stack([candidate_crop(image, voxels, config.patch_size) for _, voxels in candidates])
-    if getattr(config, "verifier_grow_lung_masks", False):
-        crops = np.stack([grow_lung_mask(crop, config) for crop in crops])
-    crops = torch.from_numpy(crops)
+    grow = getattr(config, "verifier_grow_lung_masks", False)
+    crops = [candidate_crop(image, voxels, config.patch_size) for _, voxels in candidates]
+    crops = torch.from_numpy(np.stack([grow_lung_mask(crop, config) if grow else crop for crop in crops]))
     crops = crops.to(next(verifier.parameters()).device)
     with torch.inference_mode():
         probabilities = torch.stack(

@@ -147,6 +147,16 @@ def check_section(check: dict[str, Any]) -> str:
     ])
 
 
+def write_check_and_results(dest: Path, recipe: Any, results: dict[str, Any]) -> dict[str, Any]:
+    """Re-run the card's check on ``dest`` and write ``card_check.json`` and ``eval_results.json``
+    (without the per-sample records); returns the check."""
+    check = card_check(dest, recipe.eval.data)
+    (dest / "card_check.json").write_text(json.dumps(check, indent=2) + "\n")
+    slim = {k: v for k, v in results.items() if k != "samples"}
+    (dest / "eval_results.json").write_text(json.dumps(slim, indent=2, default=str) + "\n")
+    return check
+
+
 def refresh_evaluation(dest: Path, recipe_path: Path, results_path: Path, note: str = "") -> Path:
     """Re-measure a shipped model whose weights stay and whose 3D encoder folder changed.
 
@@ -158,10 +168,7 @@ def refresh_evaluation(dest: Path, recipe_path: Path, results_path: Path, note: 
 
     recipe = load_recipe(recipe_path)
     results = json.loads(results_path.read_text())
-    check = card_check(dest, recipe.eval.data)
-    (dest / "card_check.json").write_text(json.dumps(check, indent=2) + "\n")
-    slim = {k: v for k, v in results.items() if k != "samples"}
-    (dest / "eval_results.json").write_text(json.dumps(slim, indent=2, default=str) + "\n")
+    check = write_check_and_results(dest, recipe, results)
     (dest / "README.md").write_text(rewrite_evaluation((dest / "README.md").read_text(), results, check, note))
     return dest
 
@@ -259,10 +266,7 @@ def package(
     for folder in (stage1_dir, model_dir):
         if folder is not None and (folder / "training_summary.json").is_file():
             summaries.append(json.loads((folder / "training_summary.json").read_text()))
-    check = card_check(dest, recipe.eval.data)
-    (dest / "card_check.json").write_text(json.dumps(check, indent=2) + "\n")
-    slim = {k: v for k, v in results.items() if k != "samples"}
-    (dest / "eval_results.json").write_text(json.dumps(slim, indent=2, default=str) + "\n")
+    check = write_check_and_results(dest, recipe, results)
     (dest / "README.md").write_text(write_card(dest, recipe, results, timings, command, summaries, check))
     return dest
 
