@@ -271,6 +271,46 @@ def test_report_requests_are_recognised(request_text):
 
 
 @pytest.mark.parametrize(
+    "request_text",
+    ["Interpret this CT scan.", "Please read this study.", "Could you do a write-up of this exam?",
+     "Dictate a report for this CT.", "Summarize the findings in this volume.", "Describe this CT volume.",
+     "What does this scan show?", "List the abnormalities seen in this CT scan.", "Give me your interpretation.",
+     "I'd like the impression for this exam, please.", "Go through the images and tell me the findings."],
+)
+def test_requests_for_the_whole_read_in_other_words_are_report_requests(request_text):
+    """Radiologists ask for a read in many words; each is the engine's report template."""
+    assert plan_prompt(request_text).kind == "report"
+
+
+@pytest.mark.parametrize(
+    "question",
+    ["Report the size of the nodule.", "Review the findings in the liver.", "Are there any findings?",
+     "What does the liver look like?", "Which lesions are benign?", "Describe the left kidney.",
+     "Quick question about this study: where is the lung nodule located?",
+     "The question is about a box on axial: voxels z 3-5. Describe the findings."],
+)
+def test_a_request_about_something_specific_stays_a_question(question):
+    assert not is_report_request(question) and plan_prompt(question).text == question
+
+
+def test_no_phantom_question_in_any_framing_is_taken_for_a_report_request():
+    from napari_tghmoe.datasets.phrasings import QUESTION_HELDOUT, QUESTION_TRAIN
+    from napari_tghmoe.datasets.samples import closed_vqa_prompt
+    from napari_tghmoe.phantom import make_phantom
+
+    asked = 0
+    for seed in range(12):
+        phantom = make_phantom(seed=seed, region="chest" if seed % 2 == 0 else "abdomen", shape=(16, 32, 48))
+        for item in phantom.vqa:
+            for framing in QUESTION_TRAIN + QUESTION_HELDOUT:
+                text = framing.format(question=item.question, question_lc=item.question[0].lower() + item.question[1:])
+                for typed in (text, closed_vqa_prompt(text, item.choices)):
+                    assert not is_report_request(typed), typed
+                    asked += 1
+    assert asked > 500
+
+
+@pytest.mark.parametrize(
     "question",
     ["Is there a fracture?", "Is there a report of a fracture?", "Describe the liver", "Is there a nodule in this CT scan?",
      "What is the finding in the left kidney?", "Which organ? Choices: A. liver B. lung"],

@@ -9,6 +9,7 @@ spirit, while real questions go to the model exactly as typed.
 
 from __future__ import annotations
 
+import functools
 import re
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -75,15 +76,20 @@ def normalise(text: str) -> str:
 
 
 def is_report_request(question: str) -> bool:
-    """True for "generate a report", "write the report", "describe the findings", ... .
+    """True for "generate a report", "dictate the findings", "interpret this CT", ... .
 
-    Matching is deliberately simple and conservative: the whole request, once normalised and
-    stripped of politeness fillers, must be a report phrase or "<verb> <report noun>" with an
-    optional "for/of this scan". A question about something specific ("is there a report of
-    a fracture?") stays a question.
+    A report request asks for the read of the whole study. Two readings, both conservative:
+    the old exact one (the whole request, normalised and stripped of politeness fillers, is a
+    report phrase or "<verb> <report noun>" with an optional "for/of this scan"), and a broader
+    one (:func:`_asks_for_the_whole_read`): the request names the read itself ("report",
+    "findings", "interpretation", "impression", "write up", ...) or asks to read, interpret or
+    describe the scan, and it is no question about something specific (no organ, finding, site,
+    plane or phase, and no clause opening with "is there", "which", "where", ...). A question
+    about something specific ("is there a report of a fracture?", "describe the liver") stays
+    a question.
     """
     text = normalise(question)
-    if not text:
+    if not text or is_closed_question(question):
         return False
     if text in _REPORT_PHRASES or text in REPORT_PROMPTS_NORMALISED:
         return True
@@ -94,7 +100,50 @@ def is_report_request(question: str) -> bool:
         for noun in _REPORT_NOUNS:
             if core in (f"{verb} {noun}", f"{verb} {noun}s", f"{verb} radiology {noun}"):
                 return True
-    return False
+    return _asks_for_the_whole_read(question)
+
+
+#: Words that name the read of a whole study (radiology usage: a report is written, dictated,
+#: read, interpreted; "a read", "a write-up", "the impression").
+_WHOLE_READ = re.compile(
+    r"\b(?:report|reports|findings|read|interpretation|interpret|impression|write up|writeup|"
+    r"dictate|dictation|summari[sz]e|abnormalities|lesions|caption)\b"
+)
+#: A request to describe or go through the scan itself ("describe this CT volume", "what does this scan show").
+_WHOLE_SCAN = re.compile(
+    r"\b(?:describe|go through|look through|review|what does|what do)\b.*\b(?:scan|ct|image|images|volume|study|exam|examination|series)\b"
+)
+#: A clause that opens like a question about something specific.
+_SPECIFIC_QUESTION = re.compile(
+    r"(?:^|[.:;,?!]\s*)(?:is|are|was|were|does|do|did|has|have|which|where|when|why|how|who|whose|whether)\b"
+)
+
+
+@functools.lru_cache(maxsize=1)
+def _specific_terms() -> re.Pattern:
+    """Organs, finding kinds, sites and the scan's own attributes: naming one makes a request a
+    question about it ("describe the liver", "where is the lung nodule")."""
+    from napari_tghmoe.phantom._types import KIND_LOCATIONS
+
+    words = {"plane", "phase", "contrast", "organ", "organs", "size", "fracture", "nodule", "nodules", "cyst", "cysts",
+             "effusion", "lymph", "node", "nodes", "mass", "masses", "tumour", "tumor", "lung", "lungs", "lobe",
+             "liver", "spleen", "kidney", "kidneys", "pancreas", "gallbladder", "aorta", "heart", "bone", "bones",
+             "pleura", "pleural", "adrenal", "bowel", "stomach", "bladder", "spine", "rib", "ribs", "brain", "how many",
+             "region", "voxel", "voxels", "box", "point", "here", "this area"}  # a question about a place (regions.py)
+    for kind, locations in KIND_LOCATIONS.items():
+        words.update(normalise(kind).split())
+        for location in locations:
+            words.update(w for w in normalise(location).split() if w not in ("the", "of", "region", "space"))
+    words -= {"right", "left", "upper", "lower", "in", "a", "an", "and", "the", "of"}
+    return re.compile(r"\b(?:" + "|".join(sorted(map(re.escape, words), key=len, reverse=True)) + r")\b")
+
+
+def _asks_for_the_whole_read(question: str) -> bool:
+    lowered = re.sub(r"\s+", " ", question.lower()).strip()
+    text = normalise(question)
+    if _SPECIFIC_QUESTION.search(lowered) or _specific_terms().search(text):
+        return False
+    return bool(_WHOLE_READ.search(text) or _WHOLE_SCAN.search(text))
 
 
 def _strip_fillers(text: str) -> str:

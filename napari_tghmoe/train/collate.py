@@ -30,6 +30,7 @@ def collate(
     rewrite_like_engine: bool = True,
     zero_image: bool = False,
     volume_features: Any = None,
+    faithful_reports: bool = False,
 ) -> dict[str, Any]:
     """Batch samples into keyword arguments for ``TGHMoEForConditionalGeneration.forward``.
 
@@ -53,6 +54,8 @@ def collate(
     ``volume_features`` (B, N, C + K), from ``volume_features.features(sample)``
     (a :class:`napari_tghmoe.model.volume_tokens.VolumeFeatureCache`: the frozen encoder runs
     once per volume); the prompt builder puts the N placeholders after the video block.
+    ``faithful_reports`` (recipe ``[data] faithful_reports``): a report target states only the
+    true findings its evidence words state (:func:`napari_tghmoe.train.faithful.faithful_report`).
     """
     import torch
 
@@ -76,7 +79,12 @@ def collate(
         prompt = builder.build_inputs(instruction, inputs.num_video_tokens, evidence_words=words)
         prompt_ids = prompt.input_ids[0].tolist()
         guidance = prompt.text_guidance_mask[0].tolist()
-        target_ids = tokenizer(sample.target.strip(), add_special_tokens=False)["input_ids"] + [eos_id]
+        target = sample.target
+        if faithful_reports and words and sample.task == "report" and "findings" in sample.meta:
+            from napari_tghmoe.train.faithful import faithful_report
+
+            target = faithful_report(target, sample.meta["findings"], words, sample.meta["region"])
+        target_ids = tokenizer(target.strip(), add_special_tokens=False)["input_ids"] + [eos_id]
         if max_length is not None:
             room = max_length - len(prompt_ids)
             if room < 1:

@@ -96,6 +96,9 @@ class DataSpec:
     #: Train on zeros instead of the image (same shapes, same batches): the control that says how
     #: much of a score the question and choices alone give a model trained on the same budget.
     zero_image: bool = False
+    #: Report targets state only the true findings the evidence words state (napari_tghmoe.train.faithful):
+    #: a model trained on findings it was not shown learns to invent findings.
+    faithful_reports: bool = False
 
 
 @dataclass
@@ -267,8 +270,9 @@ def _validate(recipe: Recipe) -> None:
     encoder = recipe.model.volume_encoder_path()
     if encoder is not None and not (encoder / "config.json").is_file():
         raise RecipeError(f"{where}: [model] volume_encoder {encoder}: not a model folder (no config.json)")
-    if not isinstance(recipe.data.zero_image, bool):
-        raise RecipeError(f"{where}: [data] zero_image must be true or false, got {recipe.data.zero_image!r}")
+    for flag in ("zero_image", "faithful_reports"):
+        if not isinstance(getattr(recipe.data, flag), bool):
+            raise RecipeError(f"{where}: [data] {flag} must be true or false, got {getattr(recipe.data, flag)!r}")
     for stage in (recipe.stage1, recipe.stage2):
         if stage.schedule not in ("cosine", "linear", "constant"):
             raise RecipeError(f"{where}: schedule must be cosine, linear or constant, got {stage.schedule!r}")

@@ -275,11 +275,18 @@ def make_batch(
     max_length: int | None,
     zero_image: bool = False,
     volume_features: Any = None,
+    faithful_reports: bool = False,
 ) -> dict:
     from napari_tghmoe.train.collate import collate
 
     batch = collate(
-        samples, tokenizer, collate_config, max_length=max_length, zero_image=zero_image, volume_features=volume_features
+        samples,
+        tokenizer,
+        collate_config,
+        max_length=max_length,
+        zero_image=zero_image,
+        volume_features=volume_features,
+        faithful_reports=faithful_reports,
     )
     if not collate_config.has_task_groups:
         batch.pop("task_labels", None)
@@ -506,7 +513,13 @@ def train(
         for micro in range(settings.gradient_accumulation_steps):
             chosen = sampler.draw(step, micro, settings.batch_size, accelerator.process_index)
             batch = make_batch(
-                chosen, tokenizer, collate_config, recipe.data.max_length, recipe.data.zero_image, volume_cache
+                chosen,
+                tokenizer,
+                collate_config,
+                recipe.data.max_length,
+                recipe.data.zero_image,
+                volume_cache,
+                recipe.data.faithful_reports,
             )
             batch = {k: v.to(accelerator.device) for k, v in batch.items()}
             if first_batch is None:

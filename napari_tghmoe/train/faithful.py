@@ -1,0 +1,82 @@
+"""Report targets that state only what the model was shown (issue 15, fourth round).
+
+Why: a phantom's report states every true finding, but the evidence line the chat model reads
+misses some of them (the cascade's misses and unsure findings, ~20 % on training phantoms). Trained
+on the full report, the demo LLM learnt that a report holds more findings than its evidence and
+invented them: on the held-out set it stated 41 findings the words did not hold (precision 0.42
+against 0.77 for the words themselves). Grounded generation trains on targets the input supports
+(the "faithfulness filtering" of summarisation data); here the report keeps its wording and drops
+each true finding whose kind and location the evidence words do not state: its sentence leaves its
+organ's section (an emptied section gets that section's normal sentence), its impression item goes
+and the others are renumbered (none left: the normal impression). Nothing untrue is added: a false
+finding of the evidence stays out of the target.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Iterable, Mapping
+from typing import Any
+
+
+def stated_pairs(words: str) -> set[tuple[str, str | None]]:
+    """(kind, location) pairs the evidence line states after its "Found:" (the metric's reading)."""
+    from napari_tghmoe.eval.metrics import extract_stated_findings
+
+    found = words.split("Found:", 1)[1] if "Found:" in words else ""
+    return {(s.kind, s.location) for s in extract_stated_findings(found.replace(";", "."))}
+
+
+def _field(finding: Any, name: str) -> Any:
+    return finding[name] if isinstance(finding, Mapping) else getattr(finding, name)
+
+
+def report_without(report: str, dropped: Iterable[Any], region: str) -> str:
+    """``report`` (a phantom report) with the ``dropped`` findings taken out of its findings
+    sections and its impression; every other line stays as written."""
+    from napari_tghmoe.phantom._text import _NORMAL_IMPRESSION, _SECTIONS
+    from napari_tghmoe.phantom._types import FINDING_SENTENCE, IMPRESSION_ITEM
+
+    dropped = list(dropped)
+    if not dropped:
+        return report
+    sentences, items = set(), set()
+    for finding in dropped:
+        values = {"size": round(float(_field(finding, "size_mm"))), "kind": _field(finding, "kind"), "location": _field(finding, "location")}
+        sentences.add(FINDING_SENTENCE.format(**values))
+        items.add(IMPRESSION_ITEM.format(**values))
+    normals = {heading: options[0] for heading, _, options in _SECTIONS[region]}
+    lines, impression, in_impression = [], [], False
+    for line in report.split("\n"):
+        if line.startswith("IMPRESSION:"):
+            in_impression = True
+            lines.append(line)
+            continue
+        if in_impression:
+            item = re.sub(r"^\d+\.\s*", "", line)
+            if item and item not in items and re.match(r"^\d+\.", line):
+                impression.append(item)
+            elif item and not re.match(r"^\d+\.", line):
+                impression.append(None)  # a normal impression line: keep as it is
+                lines.append(line)
+            continue
+        heading, sep, text = line.partition(": ")
+        if sep and heading in normals:
+            for sentence in sentences:
+                text = text.replace(sentence, "")
+            text = re.sub(r"\s+", " ", text).strip()
+            line = f"{heading}: {text or normals[heading]}"
+        lines.append(line)
+    numbered = [item for item in impression if item is not None]
+    if numbered:
+        lines += [f"{i}. {item}" for i, item in enumerate(numbered, 1)]
+    elif None not in impression:
+        lines.append(_NORMAL_IMPRESSION[0].format(region=region))
+    return "\n".join(lines)
+
+
+def faithful_report(report: str, findings: Iterable[Any], words: str, region: str) -> str:
+    """The report stating only the true findings the evidence ``words`` state (kind and location)."""
+    shown = stated_pairs(words)
+    dropped = [f for f in findings if (_field(f, "kind"), _field(f, "location")) not in shown]
+    return report_without(report, dropped, region)

@@ -1,0 +1,118 @@
+"""Faithful report targets: a report the model is trained on states only what its evidence states."""
+
+from __future__ import annotations
+
+import copy
+
+import numpy as np
+import pytest
+
+from napari_tghmoe.eval.metrics import extract_stated_findings
+from napari_tghmoe.phantom import make_phantom
+from napari_tghmoe.train.faithful import faithful_report, stated_pairs
+
+
+@pytest.fixture(scope="module")
+def two_finding_phantom():
+    """A small chest phantom with at least two findings in different sections."""
+    for seed in range(40):
+        phantom = make_phantom(seed=2 * seed, region="chest", shape=(16, 32, 48))
+        if len({f.organ for f in phantom.findings}) >= 2:
+            return phantom
+    raise AssertionError("no chest phantom with findings in two organs among 40 seeds")
+
+
+def _words(*findings, extra: str = "") -> str:
+    found = "; ".join(f"{round(f.size_mm)} mm {f.kind} in the {f.location}" for f in findings)
+    found = "; ".join(p for p in (found, extra) if p) or "nothing"
+    return f"3D encoder: axial series, arterial phase. Found: {found}."
+
+
+def _pairs(report: str) -> set[tuple[str, str | None]]:
+    return {(s.kind, s.location) for s in extract_stated_findings(report)}
+
+
+def test_the_evidence_words_are_read_like_a_report():
+    words = "3D encoder: coronal series. Found: 14 mm lung nodule in the right upper lobe; 20 mm renal cyst in the left kidney, upper pole."
+    assert stated_pairs(words) == {("lung nodule", "right upper lobe"), ("renal cyst", "left kidney, upper pole")}
+    assert stated_pairs("3D encoder: axial series. Found: nothing.") == set()
+
+
+def test_a_finding_the_words_do_not_state_leaves_its_section_and_the_impression(two_finding_phantom):
+    phantom = two_finding_phantom
+    kept, dropped = phantom.findings[0], phantom.findings[1]
+    report = faithful_report(phantom.report, phantom.findings, _words(kept), phantom.region)
+    assert _pairs(report) == {(kept.kind, kept.location)}
+    assert dropped.sentence not in report and kept.sentence in report
+    impression = report.split("IMPRESSION:")[1].strip().splitlines()
+    assert impression == [f"1. {round(kept.size_mm)} mm {kept.kind} in the {kept.location}."]
+    # every other line is the phantom's own
+    assert report.split("FINDINGS:")[0] == phantom.report.split("FINDINGS:")[0]
+    assert len(report.splitlines()) == len(phantom.report.splitlines()) - (len(phantom.findings) - 1)
+
+
+def test_nothing_found_gives_a_normal_report_and_everything_found_the_report_itself(two_finding_phantom):
+    phantom = two_finding_phantom
+    normal = faithful_report(phantom.report, phantom.findings, _words(), phantom.region)
+    assert _pairs(normal) == set()
+    assert "1." not in normal.split("IMPRESSION:")[1] and normal.split("IMPRESSION:")[1].strip()
+    for line in normal.split("FINDINGS:")[1].split("IMPRESSION:")[0].strip().splitlines():
+        heading, _, text = line.partition(": ")
+        assert heading and text, line  # every section still says something
+    assert faithful_report(phantom.report, phantom.findings, _words(*phantom.findings), phantom.region) == phantom.report
+
+
+def test_a_false_finding_of_the_evidence_is_never_added(two_finding_phantom):
+    phantom = two_finding_phantom
+    words = _words(*phantom.findings, extra="15 mm renal cyst in the right kidney, lower pole")
+    assert faithful_report(phantom.report, phantom.findings, words, phantom.region) == phantom.report
+
+
+def test_a_location_the_words_get_wrong_does_not_count_as_stated(two_finding_phantom):
+    phantom = two_finding_phantom
+    wrong = copy.copy(phantom.findings[0])
+    wrong.location = next(loc for loc in ("left lower lobe", "right upper lobe", "left pleural space", "subcarinal region") if loc != wrong.location)
+    report = faithful_report(phantom.report, phantom.findings, _words(wrong, *phantom.findings[1:]), phantom.region)
+    assert (phantom.findings[0].kind, phantom.findings[0].location) not in _pairs(report)
+
+
+class _Evidence:
+    """What collate reads of a volume encoder: the evidence line and the volume features."""
+
+    def __init__(self, words: str, size: int):
+        self._words, self._size = words, size
+
+    def words(self, sample):
+        return self._words
+
+    def features(self, sample):
+        import torch
+
+        return torch.zeros(2, self._size)
+
+
+def test_collate_trains_on_the_faithful_report_when_the_recipe_asks(two_finding_phantom):
+    from napari_tghmoe.datasets import Sample
+    from napari_tghmoe.train.collate import collate
+    from napari_tghmoe.model.tiny import tiny_base_config
+    from napari_tghmoe.model.tokenizer import DEFAULT_CORPUS, build_tokenizer
+
+    phantom = two_finding_phantom
+    tokenizer = build_tokenizer(list(DEFAULT_CORPUS) + [phantom.report], vocab_size=512)
+    config = tiny_base_config()
+    config.volume_grid = (8, 64, 64)
+    config.group_names = ["shared", "report", "vqa_closed", "vqa_open"]
+    config.num_volume_tokens, config.volume_token_id = 2, int(tokenizer.eos_token_id)
+    hu = np.random.default_rng(0).normal(0, 100, (8, 32, 32)).astype(np.float32)
+    findings = [{"kind": f.kind, "location": f.location, "size_mm": f.size_mm, "organ": f.organ} for f in phantom.findings]
+    sample = Sample(hu, "Write the report.", phantom.report, "report", meta={"spacing": (5.0, 1.0, 1.0), "findings": findings, "region": "chest"})
+    evidence = _Evidence(_words(phantom.findings[0]), 4)
+
+    def target(batch):
+        labels = batch["labels"][0]
+        return tokenizer.decode(labels[labels != -100][:-1].tolist())
+
+    plain = collate([sample], tokenizer, config, volume_features=evidence)
+    faithful = collate([sample], tokenizer, config, volume_features=evidence, faithful_reports=True)
+    assert _pairs(target(plain)) == {(f.kind, f.location) for f in phantom.findings}
+    assert _pairs(target(faithful)) == {(phantom.findings[0].kind, phantom.findings[0].location)}
