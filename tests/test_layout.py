@@ -214,6 +214,19 @@ def test_keys_pick_presets_and_reset_and_help_lists_them(open_workspace, qtbot):
         qtbot.keyClick(canvas, key)
         np.testing.assert_allclose(ct.contrast_limits, WINDOW_PRESETS[name].contrast_limits)
 
+    # With a segmentation selected, the number keys are napari's Labels tools, not presets.
+    labels = workspace.viewer.add_labels(np.zeros(ct.data.shape, dtype=np.uint8), name="seg")
+    assert workspace.viewer.layers.selection.active is labels
+    assert not any(workspace.shortcuts[key].isEnabled() for key in PRESET_KEYS)
+    workspace.viewer.window._qt_viewer.canvas.native.setFocus()
+    qtbot.keyClick(workspace.viewer.window._qt_viewer.canvas.native, "2")
+    assert labels.mode == "paint"
+    np.testing.assert_allclose(ct.contrast_limits, WINDOW_PRESETS["brain"].contrast_limits)  # untouched
+    workspace.viewer.layers.selection.active = ct
+    assert all(workspace.shortcuts[key].isEnabled() for key in PRESET_KEYS)
+    qtbot.keyClick(canvas, "1")
+    np.testing.assert_allclose(ct.contrast_limits, WINDOW_PRESETS["lung"].contrast_limits)
+
     axial = workspace.ortho_views.views["axial"].viewer_model
     fitted_zoom = axial.camera.zoom
     axial.camera.zoom = fitted_zoom * 3

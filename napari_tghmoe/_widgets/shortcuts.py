@@ -3,7 +3,9 @@
 ``R`` resets the views, ``1``-``6`` pick the window presets in the order of
 ``WINDOW_PRESETS``. They are window-wide ``QShortcut``s, so they work whichever canvas has
 the focus, while text fields (the chat's question box) keep their keys: Qt gives a focused
-text field the key before any shortcut.
+text field the key before any shortcut. The preset keys step aside while a layer with tools of
+its own on those keys is the active one (napari's Labels: 1 erase, 2 paint, 3 fill...; Points
+and Shapes likewise): a user editing a segmentation gets napari's tools, as in any napari.
 """
 
 from __future__ import annotations
@@ -34,7 +36,14 @@ MOUSE_AND_KEYS: tuple[tuple[str, str], ...] = (
         (key, f"window preset: {name} (W {WINDOW_PRESETS[name].width:g} / L {WINDOW_PRESETS[name].level:g})")
         for key, name in PRESET_KEYS.items()
     ),
+    ("1-6 with a Labels, Points or Shapes layer selected", "that layer's own tools (napari), not the presets"),
 )
+
+
+def presets_own_the_number_keys(layer: Any) -> bool:
+    """Whether ``1``-``6`` pick window presets while ``layer`` is active: yes for an image (the CT)
+    or no layer, no for the layers whose own tools napari puts on the number keys."""
+    return layer is None or getattr(layer, "_type_string", "image") not in ("labels", "points", "shapes")
 
 
 def shortcuts_html() -> str:
@@ -75,6 +84,14 @@ def install_shortcuts(
     for key, name in PRESET_KEYS.items():
         bind(key, lambda n=name: apply_preset(n))
 
+    def follow_active_layer(event: Any = None) -> None:
+        enabled = presets_own_the_number_keys(viewer.layers.selection.active)
+        for key in PRESET_KEYS:
+            shortcuts[key].setEnabled(enabled)
+
+    viewer.layers.selection.events.active.connect(follow_active_layer)
+    follow_active_layer()
+
     from napari_tghmoe._widgets.layout import _find_menu
 
     help_menu = _find_menu(window, "Help")
@@ -97,6 +114,10 @@ def install_shortcuts(
     shortcuts["help_action"] = action
 
     def release() -> None:  # the callbacks hold the workspace; napari deletes the window later
+        try:
+            viewer.layers.selection.events.active.disconnect(follow_active_layer)
+        except (TypeError, RuntimeError, ValueError):
+            pass
         for shortcut in shortcuts.values():
             try:
                 (shortcut.activated if hasattr(shortcut, "activated") else shortcut.triggered).disconnect()
