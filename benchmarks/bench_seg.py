@@ -191,9 +191,13 @@ def main() -> int:
         prelude = PRELUDE.format(threads=args.threads, ct=ct_path, model=model, device=args.device)
         baseline_kib = _run(prelude + BASELINE)["peak_kib"]
         times: dict[str, list[float]] = {name: [] for name in PATHS}
-        for _ in range(args.rounds):
+        for round_index in range(1, args.rounds + 1):
             for name, code in PATHS.items():
-                times[name] += _run(prelude + code + TIMED.format(repeats=args.repeats))["times"]
+                measured = _run(prelude + code + TIMED.format(repeats=args.repeats))["times"]
+                times[name] += measured
+                # each round as it ends (stderr, flushed): a run cut off by a time limit still says what it measured
+                print(f"round {round_index}/{args.rounds}: {name}: " + ", ".join(f"{t:.2f} s" for t in measured),
+                      file=sys.stderr, flush=True)
         peaks = {name: _run(prelude + code + PEAK)["peak_kib"] - baseline_kib for name, code in PATHS.items()}
     rows = []
     reference = "MONAI baseline"
