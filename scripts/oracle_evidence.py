@@ -12,11 +12,7 @@ evaluation reads the real cascade.
 
 from __future__ import annotations
 
-import argparse
-import json
-import os
 import sys
-from concurrent.futures import ProcessPoolExecutor
 from dataclasses import asdict
 from pathlib import Path
 
@@ -27,6 +23,7 @@ def _one(args: tuple[int, tuple[float, float, float], str]) -> str:
 
     from napari_tghmoe.datasets.phantom import phantom_cache_path, phantom_region, write_phantom_cache
     from napari_tghmoe.med3d.evidence import scan_evidence
+    from napari_tghmoe.med3d.evidence_files import truth_record, write_evidence_file
     from napari_tghmoe.med3d.oracle_evidence import CascadeNoise, truth_segmentation
     from napari_tghmoe.phantom import make_phantom
 
@@ -44,36 +41,15 @@ def _one(args: tuple[int, tuple[float, float, float], str]) -> str:
     evidence = scan_evidence(phantom.volume, result).to_json()
     evidence["seed"] = seed
     evidence["extra"] = {"simulated": asdict(noise)}
-    evidence["truth"] = {
-        "phase": phantom.phase,
-        "plane": phantom.plane,
-        "spacing": [float(v) for v in phantom.volume.spacing],
-        "findings": [
-            {"kind": f.kind, "location": f.location, "organ": f.organ, "center_voxel": [int(v) for v in f.center_voxel]}
-            for f in phantom.findings
-        ],
-    }
-    temporary = target.with_suffix(".tmp")
-    temporary.write_text(json.dumps(evidence), encoding="utf-8")
-    os.replace(temporary, target)
+    evidence["truth"] = truth_record(phantom.phase, phantom.plane, phantom.volume.spacing, phantom.findings)
+    write_evidence_file(target, evidence)
     return f"{seed}: {len(result.findings)} simulated, {len(phantom.findings)} true"
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--seeds", required=True, help="A-B (inclusive)")
-    parser.add_argument("--spacing", default="2.5x1.5x1.5")
-    parser.add_argument("--out", required=True)
-    parser.add_argument("--workers", type=int, default=2)
-    args = parser.parse_args(argv)
-    first, last = (int(v) for v in args.seeds.split("-"))
-    spacing = tuple(float(v) for v in args.spacing.split("x"))
-    Path(args.out).mkdir(parents=True, exist_ok=True)
-    jobs = [(seed, spacing, args.out) for seed in range(first, last + 1)]
-    with ProcessPoolExecutor(max_workers=args.workers) as pool:
-        for line in pool.map(_one, jobs):
-            print(line, flush=True)
-    return 0
+    from napari_tghmoe.med3d.evidence_files import seeds_main
+
+    return seeds_main(__doc__.split("\n")[0], _one, argv)
 
 
 if __name__ == "__main__":

@@ -10,12 +10,8 @@ killed run continues. ``--workers`` processes of one torch thread each.
 
 from __future__ import annotations
 
-import argparse
-import json
-import os
 import sys
 import time
-from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
 
@@ -27,6 +23,7 @@ def _one(args: tuple[int, tuple[float, float, float], str, str, tuple[str, ...]]
     from napari_tghmoe.datasets.phantom import cached_phantom, phantom_region
     from napari_tghmoe.io._geometry import orientation_name
     from napari_tghmoe.med3d.evidence import scan_evidence
+    from napari_tghmoe.med3d.evidence_files import truth_record, write_evidence_file
     from napari_tghmoe.med3d.segment import segment_volume
 
     started = time.perf_counter()
@@ -40,39 +37,22 @@ def _one(args: tuple[int, tuple[float, float, float], str, str, tuple[str, ...]]
     result = segment_volume(cached.volume, model or None)
     evidence = scan_evidence(cached.volume, result).to_json()
     evidence["seed"] = seed
-    evidence["truth"] = {
-        "phase": cached.phase,
-        "plane": orientation_name(cached.volume.direction),
-        "spacing": [float(v) for v in cached.volume.spacing],
-        "findings": [
-            {"kind": f["kind"], "location": f["location"], "organ": f["organ"], "center_voxel": list(f["center_voxel"])}
-            for f in cached.findings
-        ],
-    }
-    temporary = target.with_suffix(".tmp")
-    temporary.write_text(json.dumps(evidence), encoding="utf-8")
-    os.replace(temporary, target)
+    evidence["truth"] = truth_record(cached.phase, plane, cached.volume.spacing, cached.findings)
+    write_evidence_file(target, evidence)
     return f"{seed}: {len(evidence['findings'])} found, {len(cached.findings)} true, {time.perf_counter() - started:.1f} s"
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--seeds", required=True, help="A-B (inclusive)")
-    parser.add_argument("--spacing", default="2.5x1.5x1.5")
-    parser.add_argument("--out", required=True)
-    parser.add_argument("--model", default="", help="segmentation model folder (default: the bundled cascade)")
-    parser.add_argument("--workers", type=int, default=2)
-    parser.add_argument("--planes", default="", help="only phantoms stored in these planes (comma-separated)")
-    args = parser.parse_args(argv)
-    first, last = (int(v) for v in args.seeds.split("-"))
-    spacing = tuple(float(v) for v in args.spacing.split("x"))
-    Path(args.out).mkdir(parents=True, exist_ok=True)
-    planes = tuple(p for p in args.planes.split(",") if p)
-    jobs = [(seed, spacing, args.out, args.model, planes) for seed in range(first, last + 1)]
-    with ProcessPoolExecutor(max_workers=args.workers) as pool:
-        for line in pool.map(_one, jobs):
-            print(line, flush=True)
-    return 0
+    from napari_tghmoe.med3d.evidence_files import seeds_main
+
+    def add_arguments(parser) -> None:
+        parser.add_argument("--model", default="", help="segmentation model folder (default: the bundled cascade)")
+        parser.add_argument("--planes", default="", help="only phantoms stored in these planes (comma-separated)")
+
+    def job(seed, spacing, args) -> tuple:
+        return (seed, spacing, args.out, args.model, tuple(p for p in args.planes.split(",") if p))
+
+    return seeds_main(__doc__.split("\n")[0], _one, argv, add_arguments=add_arguments, job=job)
 
 
 if __name__ == "__main__":

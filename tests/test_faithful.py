@@ -116,3 +116,40 @@ def test_collate_trains_on_the_faithful_report_when_the_recipe_asks(two_finding_
     faithful = collate([sample], tokenizer, config, volume_features=evidence, faithful_reports=True)
     assert _pairs(target(plain)) == {(f.kind, f.location) for f in phantom.findings}
     assert _pairs(target(faithful)) == {(phantom.findings[0].kind, phantom.findings[0].location)}
+
+
+# --------------------------------------------------------------------------- evidence files
+
+
+def _write_seed(job):
+    from pathlib import Path
+
+    from napari_tghmoe.med3d.evidence_files import write_evidence_file
+
+    seed, spacing, out = job
+    write_evidence_file(Path(out) / f"{seed}.json", {"seed": seed, "spacing": list(spacing)})
+    return f"{seed}: written"
+
+
+def test_evidence_writers_share_one_command_line_and_write_whole_files(tmp_path, capsys):
+    import json
+
+    from napari_tghmoe.med3d.evidence_files import seeds_main
+
+    assert seeds_main("test", _write_seed, ["--seeds", "3-5", "--out", str(tmp_path / "ev"), "--spacing", "2x1x1", "--workers", "2"]) == 0
+    assert capsys.readouterr().out.splitlines() == ["3: written", "4: written", "5: written"]  # in seed order
+    assert sorted(p.name for p in (tmp_path / "ev").iterdir()) == ["3.json", "4.json", "5.json"]  # no .tmp left
+    assert json.loads((tmp_path / "ev" / "4.json").read_text()) == {"seed": 4, "spacing": [2.0, 1.0, 1.0]}
+
+
+def test_the_truth_beside_the_evidence_reads_findings_as_objects_or_dicts(two_finding_phantom):
+    from dataclasses import asdict
+
+    from napari_tghmoe.med3d.evidence_files import truth_record
+
+    phantom = two_finding_phantom
+    as_objects = truth_record(phantom.phase, "axial", phantom.volume.spacing, phantom.findings)
+    as_dicts = truth_record(phantom.phase, "axial", phantom.volume.spacing, [asdict(f) for f in phantom.findings])
+    assert as_objects == as_dicts
+    assert [f["kind"] for f in as_objects["findings"]] == [f.kind for f in phantom.findings]
+    assert all(isinstance(v, int) for f in as_objects["findings"] for v in f["center_voxel"])
