@@ -206,6 +206,44 @@ def test_an_evidence_encoder_feeds_one_scan_token_and_the_finding_slots(cascade,
     assert loaded.config.volume_token_source == "evidence" and loaded.config.num_volume_tokens == 4
     assert isinstance(loaded.volume_encoder, volume_tokens.EvidenceReader)
     assert (tmp_path / "model" / loaded.config.volume_encoder / "findings" / "config.json").is_file()
+    assert loaded.volume_encoder.words_min_certainty == 0.5  # the default cut of the words
+
+
+def test_the_words_cut_is_the_models_own_and_a_recipe_may_set_it(cascade, tmp_path):
+    from napari_tghmoe.med3d.evidence import ScanEvidence
+    from napari_tghmoe.model import volume_tokens
+    from napari_tghmoe.model.modeling import TGHMoEForConditionalGeneration, adapt_2d_mllm
+    from napari_tghmoe.model.tiny import build_tiny_base_model
+    from napari_tghmoe.model.tokenizer import DEFAULT_CORPUS, build_tokenizer
+    from napari_tghmoe.train.recipe import recipe_from_dict
+    from napari_tghmoe.train.trainer import build_model
+
+    volume, result = _segmented_ct()
+    evidence = scan_evidence(volume, result)
+    unsure = ScanEvidence.from_json(evidence.to_json()).findings[0]
+    unsure.kind, unsure.verifier_probability = "renal cyst", 0.7  # certainty 0.7: between the cuts
+    evidence.findings.append(unsure)
+
+    model = adapt_2d_mllm(build_tiny_base_model(seed=0, vocab_size=512), {"volume_grid": [8, 64, 64], "moe_blocks": [2, 3]})
+    tokenizer = build_tokenizer(DEFAULT_CORPUS, vocab_size=512)
+    model.config.volume_words_min_certainty = 0.8
+    volume_tokens.attach_volume_encoder(model, cascade, tokenizer, source="evidence")
+    reader = model.volume_encoder
+    reader._scan = lambda *a, **k: evidence  # the evidence above, for any scan
+    assert "renal cyst" not in reader.words(volume)  # under 0.8: in the tokens only
+    model.save_pretrained(tmp_path / "model")
+    tokenizer.save_pretrained(tmp_path / "model")
+    loaded = TGHMoEForConditionalGeneration.from_pretrained(str(tmp_path / "model"))
+    assert loaded.config.volume_words_min_certainty == 0.8 and loaded.volume_encoder.words_min_certainty == 0.8
+
+    recipe = recipe_from_dict({"model": {"tiny": {"text_hidden": 64}, "evidence_words_min_certainty": 0.6},
+                               "tokenizer": {"source": "build"}, "data": {"train": ["phantom:seeds=0"]}}, "test recipe")
+    continued = build_model(recipe, init=tmp_path / "model", tokenizer=tokenizer)
+    assert continued.config.volume_words_min_certainty == 0.6
+    continued.volume_encoder._scan = lambda *a, **k: evidence
+    assert "renal cyst" in continued.volume_encoder.words(volume)
+    with pytest.raises(ValueError, match="volume_words_min_certainty"):
+        type(loaded.config)(volume_words_min_certainty=1.5)
 
 
 def test_an_organ_model_alone_is_no_evidence_encoder(tmp_path):

@@ -79,6 +79,9 @@ class TGHMoEConfig(Qwen2_5_VLConfig):
             encoder's segmentation found (``napari_tghmoe.med3d.evidence``: a scan token with
             organ attenuation and the stored plane, then ``volume_evidence_findings`` finding
             slots with kind, organ, position and certainty); the folder is then a whole cascade.
+        volume_words_min_certainty: with "evidence", the findings at least this certain are also
+            written out in the line of words after the tokens (``evidence_words``); the others
+            are in the tokens only.
     """
 
     model_type = "tghmoe_qwen2_5_vl"
@@ -122,6 +125,7 @@ class TGHMoEConfig(Qwen2_5_VLConfig):
     volume_token_id: int | None = None
     volume_token_source: str = "encoder"
     volume_evidence_findings: int = 6
+    volume_words_min_certainty: float = 0.5
 
     def __post_init__(self, **kwargs: Any) -> None:
         super().__post_init__(**kwargs)
@@ -222,6 +226,8 @@ class TGHMoEConfig(Qwen2_5_VLConfig):
             raise ValueError(f"volume_token_source must be one of {VOLUME_TOKEN_SOURCES}, got {self.volume_token_source!r}")
         if self.volume_evidence_findings < 0:
             raise ValueError(f"volume_evidence_findings must be >= 0, got {self.volume_evidence_findings}")
+        if not 0.0 <= float(self.volume_words_min_certainty) <= 1.0:
+            raise ValueError(f"volume_words_min_certainty must be in [0, 1], got {self.volume_words_min_certainty}")
         if not self.volume_encoder:
             return
         name = self.volume_encoder

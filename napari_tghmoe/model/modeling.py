@@ -251,7 +251,9 @@ class TGHMoEForConditionalGeneration(Qwen2_5_VLForConditionalGeneration):
         if not sub.is_dir():
             raise VolumeEncoderError(f"{sub}: the volume encoder folder config.json names is missing")
         config = self.config
-        encoder = load_volume_encoder(sub, config.volume_token_source, config.volume_evidence_findings)
+        encoder = load_volume_encoder(
+            sub, config.volume_token_source, config.volume_evidence_findings, config.volume_words_min_certainty
+        )
         if config.volume_token_source == "evidence":
             from napari_tghmoe.med3d.evidence import EVIDENCE_FEATURES
 

@@ -181,7 +181,7 @@ class EvidenceReader:
 
     memory_size = 4
 
-    def __init__(self, folder: str | Path, max_findings: int) -> None:
+    def __init__(self, folder: str | Path, max_findings: int, words_min_certainty: float = 0.5) -> None:
         import threading
 
         from napari_tghmoe.med3d.encoder import load_seg_model
@@ -191,6 +191,7 @@ class EvidenceReader:
         if not self.config.finding_model:
             raise VolumeEncoderError(f"{self.folder}: evidence tokens need a cascade (organ + finding model)")
         self.max_findings = int(max_findings)
+        self.words_min_certainty = float(words_min_certainty)
         # (the scan's voxel array, its evidence); the array is held, so its id is never reused
         self._memory: list[tuple[Any, Any]] = []
         # the last segmentation this reader made or adopted, with the voxel array it is of: one
@@ -313,10 +314,15 @@ class EvidenceReader:
         """The same evidence as the line of text that follows the volume tokens in the prompt."""
         from napari_tghmoe.med3d.evidence import evidence_words
 
-        return evidence_words(self._scan(volume, spacing), self.site_head, self.phase_head, max_findings=self.max_findings)
+        return evidence_words(
+            self._scan(volume, spacing), self.site_head, self.phase_head,
+            min_certainty=self.words_min_certainty, max_findings=self.max_findings,
+        )
 
 
-def load_volume_encoder(folder: str | Path, source: str = "encoder", max_findings: int = 6) -> Any:
+def load_volume_encoder(
+    folder: str | Path, source: str = "encoder", max_findings: int = 6, words_min_certainty: float = 0.5
+) -> Any:
     """A Med3DInsight segmentation model folder as a frozen encoder (CPU, fp32, eval mode), or for
     ``source="evidence"`` the whole cascade as an :class:`EvidenceReader`."""
     from napari_tghmoe.med3d.encoder import load_seg_model
@@ -325,7 +331,7 @@ def load_volume_encoder(folder: str | Path, source: str = "encoder", max_finding
     folder = Path(folder)
     if source == "evidence":
         try:
-            return EvidenceReader(folder, max_findings)
+            return EvidenceReader(folder, max_findings, words_min_certainty)
         except SegModelError as err:
             raise VolumeEncoderError(str(err)) from None
     try:
@@ -586,7 +592,9 @@ def attach_volume_encoder(
         raise VolumeEncoderError("the model already has a volume encoder")
     if source is not None:
         config.volume_token_source = str(source)
-    encoder = load_volume_encoder(encoder_folder, config.volume_token_source, config.volume_evidence_findings)
+    encoder = load_volume_encoder(
+        encoder_folder, config.volume_token_source, config.volume_evidence_findings, config.volume_words_min_certainty
+    )
     token_id, added = choose_volume_token(
         tokenizer, int(config.text_config.vocab_size), getattr(config.text_config, "pad_token_id", None)
     )

@@ -65,6 +65,9 @@ class ModelSpec:
     #: What its tokens carry: "encoder" (pooled bottleneck) or "evidence" (what its segmentation
     #: found: ``napari_tghmoe.med3d.evidence``; the folder must be a cascade).
     volume_token_source: str = "encoder"
+    #: With "evidence": the certainty from which a finding is also written in the words after the
+    #: tokens (``TGHMoEConfig.volume_words_min_certainty``); None keeps the model's.
+    evidence_words_min_certainty: float | None = None
 
     def volume_encoder_path(self) -> Path | None:
         if not self.volume_encoder:

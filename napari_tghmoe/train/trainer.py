@@ -130,14 +130,21 @@ def build_model(
 
 
 def _with_volume_encoder(model: Any, recipe: Recipe, tokenizer: Any) -> Any:
-    """Attach the recipe's 3D encoder (a fresh projector) unless the model already has one."""
+    """Attach the recipe's 3D encoder (a fresh projector) unless the model already has one; set
+    the recipe's certainty cut of the evidence words on it (the model keeps its own otherwise)."""
     path = recipe.model.volume_encoder_path()
+    cut = recipe.model.evidence_words_min_certainty
     if path is None or model.config.volume_encoder:
+        if cut is not None and model.config.volume_encoder:
+            model.config.volume_words_min_certainty = float(cut)
+            model.volume_encoder.words_min_certainty = float(cut)
         return model
     if tokenizer is None:
         raise RecipeError(f"{recipe.path}: attaching [model] volume_encoder needs the tokenizer")
     from napari_tghmoe.model.volume_tokens import VolumeEncoderError, attach_volume_encoder
 
+    if cut is not None:
+        model.config.volume_words_min_certainty = float(cut)
     try:
         attach_volume_encoder(model, path, tokenizer, source=recipe.model.volume_token_source)
     except VolumeEncoderError as err:
