@@ -273,6 +273,28 @@ def test_a_stage1_phase_may_not_change_the_tokenizer():
         )
 
 
+def test_a_phase_that_sets_only_the_words_cut_continues_from_the_previous_model_whole():
+    from napari_tghmoe.train.recipe import phase_changes_model, stage1_phases
+
+    recipe = recipe_from_dict(
+        {
+            "model": {"tiny": {"text_hidden": 64}},
+            "tokenizer": {"source": "build"},
+            "data": {"train": ["phantom:seeds=0-1"]},
+            "stage1_continue": [
+                {"model": {"evidence_words_min_certainty": 0.6}, "data": {"faithful_reports": True}},
+                {"model": {"volume_token_source": "evidence"}},
+            ],
+        },
+        "inline",
+    )
+    assert [phase_changes_model(recipe, i) for i in (1, 2, 3)] == [False, False, True]
+    phases = stage1_phases(recipe)
+    assert phases[1].model.evidence_words_min_certainty == 0.6 and phases[1].data.faithful_reports
+    assert phases[2].model.evidence_words_min_certainty == 0.6  # a model setting carries over
+    assert phases[0].model.evidence_words_min_certainty is None and not phases[0].data.faithful_reports
+
+
 def test_an_ablation_arm_starts_from_the_trained_base_with_its_own_adapters(env, two_stages, tmp_path):
     """--init-weights: the dense-LoRA arm takes every base tensor of a TGH-MoE run and keeps its
     own (differently shaped) adapters as built."""

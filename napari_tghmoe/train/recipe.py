@@ -231,9 +231,15 @@ def stage1_phases(recipe: Recipe) -> list[Recipe]:
     return phases
 
 
+#: Model settings that change how the model is used, not its tensors: a phase may set them and
+#: still continue from the previous phase's folder whole.
+SETTINGS_NOT_OF_THE_NETWORK = frozenset({"evidence_words_min_certainty"})
+
+
 def phase_changes_model(recipe: Recipe, index: int) -> bool:
-    """Does stage-1 phase ``index`` (1 = the recipe's own stage 1) change the model table?"""
-    return index >= 2 and "model" in recipe.stage1_continue[index - 2]
+    """Does stage-1 phase ``index`` (1 = the recipe's own stage 1) change the network (its model
+    table, beyond :data:`SETTINGS_NOT_OF_THE_NETWORK`)?"""
+    return index >= 2 and bool(set(recipe.stage1_continue[index - 2].get("model", {})) - SETTINGS_NOT_OF_THE_NETWORK)
 
 
 def recipe_from_dict(values: dict[str, Any], source: str = "recipe") -> Recipe:
