@@ -288,6 +288,13 @@ class InferenceEngine:
                 "pad_token_id": self.tokenizer.pad_token_id,
                 **(generation_options or {}),
             }
+            copy_bias = self._copy_bias(getattr(inputs, "evidence_words", ""), prompt.input_ids.shape[1])
+            if copy_bias is not None:
+                from transformers import LogitsProcessorList
+
+                generate_kwargs["logits_processor"] = LogitsProcessorList(
+                    [copy_bias, *generate_kwargs.get("logits_processor", [])]
+                )
             outcome: dict[str, Any] = {}
             recording = trace and hasattr(self.model, "record_routing")
 
@@ -362,6 +369,16 @@ class InferenceEngine:
                 warnings=list(getattr(self.info, "warnings", []) or []) + ([intensity_note] if intensity_note else []),
                 history_used=prompt.history_used,
             )
+
+    def _copy_bias(self, evidence_words: str, prompt_length: int) -> Any:
+        """The model's evidence copy bias for this prompt (``napari_tghmoe.model.copying``), or None."""
+        bias = float(getattr(self.model.config, "volume_words_copy_bias", 0.0) or 0.0)
+        if bias <= 0.0 or not evidence_words:
+            return None
+        from napari_tghmoe.model.copying import EvidenceCopyBias
+
+        ids = self.tokenizer(evidence_words, add_special_tokens=False)["input_ids"]
+        return EvidenceCopyBias(ids, bias, prompt_length)
 
     def rank_choices(self, model_kwargs: dict[str, Any], choices: list[tuple[str, str]]) -> dict[str, float]:
         """Each option's mean log-probability per token, as the answer "X. option" after the prompt.

@@ -82,6 +82,9 @@ class TGHMoEConfig(Qwen2_5_VLConfig):
         volume_words_min_certainty: with "evidence", the findings at least this certain are also
             written out in the line of words after the tokens (``evidence_words``); the others
             are in the tokens only.
+        volume_words_copy_bias: with "evidence", a logit bias toward ending a phrase the answer has
+            begun to copy from the evidence words as the words end it (``napari_tghmoe.model.copying``;
+            0 = off). A decoding setting: the weights do not depend on it.
     """
 
     model_type = "tghmoe_qwen2_5_vl"
@@ -126,6 +129,7 @@ class TGHMoEConfig(Qwen2_5_VLConfig):
     volume_token_source: str = "encoder"
     volume_evidence_findings: int = 6
     volume_words_min_certainty: float = 0.5
+    volume_words_copy_bias: float = 0.0
 
     def __post_init__(self, **kwargs: Any) -> None:
         super().__post_init__(**kwargs)
@@ -226,6 +230,8 @@ class TGHMoEConfig(Qwen2_5_VLConfig):
             raise ValueError(f"volume_token_source must be one of {VOLUME_TOKEN_SOURCES}, got {self.volume_token_source!r}")
         if self.volume_evidence_findings < 0:
             raise ValueError(f"volume_evidence_findings must be >= 0, got {self.volume_evidence_findings}")
+        if float(self.volume_words_copy_bias) < 0.0:
+            raise ValueError(f"volume_words_copy_bias must be >= 0, got {self.volume_words_copy_bias}")
         if not 0.0 <= float(self.volume_words_min_certainty) <= 1.0:
             raise ValueError(f"volume_words_min_certainty must be in [0, 1], got {self.volume_words_min_certainty}")
         if not self.volume_encoder:
