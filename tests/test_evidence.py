@@ -236,14 +236,19 @@ def test_the_words_cut_is_the_models_own_and_a_recipe_may_set_it(cascade, tmp_pa
     loaded = TGHMoEForConditionalGeneration.from_pretrained(str(tmp_path / "model"))
     assert loaded.config.volume_words_min_certainty == 0.8 and loaded.volume_encoder.words_min_certainty == 0.8
 
-    recipe = recipe_from_dict({"model": {"tiny": {"text_hidden": 64}, "evidence_words_min_certainty": 0.6},
+    recipe = recipe_from_dict({"model": {"tiny": {"text_hidden": 64}, "evidence_words_min_certainty": 0.6, "evidence_words_copy_bias": 3.0},
                                "tokenizer": {"source": "build"}, "data": {"train": ["phantom:seeds=0"]}}, "test recipe")
     continued = build_model(recipe, init=tmp_path / "model", tokenizer=tokenizer)
-    assert continued.config.volume_words_min_certainty == 0.6
+    assert continued.config.volume_words_min_certainty == 0.6 and continued.config.volume_words_copy_bias == 3.0
     continued.volume_encoder._scan = lambda *a, **k: evidence
     assert "renal cyst" in continued.volume_encoder.words(volume)
     with pytest.raises(ValueError, match="volume_words_min_certainty"):
         type(loaded.config)(volume_words_min_certainty=1.5)
+    from napari_tghmoe.train.recipe import RecipeError
+
+    with pytest.raises(RecipeError, match="evidence_words_copy_bias"):
+        recipe_from_dict({"model": {"tiny": {"text_hidden": 64}, "evidence_words_copy_bias": -1.0},
+                          "tokenizer": {"source": "build"}, "data": {"train": ["phantom:seeds=0"]}}, "test recipe")
 
 
 def test_an_organ_model_alone_is_no_evidence_encoder(tmp_path):

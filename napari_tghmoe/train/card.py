@@ -61,6 +61,14 @@ def encoder_lines(config: dict[str, Any]) -> list[str]:
             "phase heads) that segments the CT at its own spacing; what it found goes in as "
             f"{1 + int(config.get('volume_evidence_findings', 6))} evidence tokens and one line of words after the "
             "video tokens (napari_tghmoe.med3d.evidence). The first question about a scan segments it.",
+            f"- Evidence words: the findings of certainty {float(config.get('volume_words_min_certainty', 0.5)):g} or more "
+            "(the others are in the tokens only)"
+            + (
+                f"; answers are decoded with an evidence copy bias of {float(config['volume_words_copy_bias']):g} "
+                "(a phrase begun from the words ends as the words end it; napari_tghmoe.model.copying)."
+                if float(config.get("volume_words_copy_bias", 0.0) or 0.0) > 0
+                else "."
+            ),
         ]
     return [f"- 3D encoder: `{config['volume_encoder']}/`, a Med3DInsight encoder read beside the video tokens."]
 

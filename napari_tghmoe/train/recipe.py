@@ -68,6 +68,17 @@ class ModelSpec:
     #: With "evidence": the certainty from which a finding is also written in the words after the
     #: tokens (``TGHMoEConfig.volume_words_min_certainty``); None keeps the model's.
     evidence_words_min_certainty: float | None = None
+    #: With "evidence": the decoding bias toward copying the evidence words
+    #: (``TGHMoEConfig.volume_words_copy_bias``, ``napari_tghmoe.model.copying``); None keeps the model's.
+    evidence_words_copy_bias: float | None = None
+
+    def evidence_settings(self) -> dict[str, float]:
+        """The evidence settings this recipe sets, as ``TGHMoEConfig`` fields."""
+        chosen = {
+            "volume_words_min_certainty": self.evidence_words_min_certainty,
+            "volume_words_copy_bias": self.evidence_words_copy_bias,
+        }
+        return {key: float(value) for key, value in chosen.items() if value is not None}
 
     def volume_encoder_path(self) -> Path | None:
         if not self.volume_encoder:
@@ -233,7 +244,7 @@ def stage1_phases(recipe: Recipe) -> list[Recipe]:
 
 #: Model settings that change how the model is used, not its tensors: a phase may set them and
 #: still continue from the previous phase's folder whole.
-SETTINGS_NOT_OF_THE_NETWORK = frozenset({"evidence_words_min_certainty"})
+SETTINGS_NOT_OF_THE_NETWORK = frozenset({"evidence_words_min_certainty", "evidence_words_copy_bias"})
 
 
 def phase_changes_model(recipe: Recipe, index: int) -> bool:
@@ -279,6 +290,11 @@ def _validate(recipe: Recipe) -> None:
     encoder = recipe.model.volume_encoder_path()
     if encoder is not None and not (encoder / "config.json").is_file():
         raise RecipeError(f"{where}: [model] volume_encoder {encoder}: not a model folder (no config.json)")
+    cut, bias = recipe.model.evidence_words_min_certainty, recipe.model.evidence_words_copy_bias
+    if cut is not None and not 0.0 <= float(cut) <= 1.0:
+        raise RecipeError(f"{where}: [model] evidence_words_min_certainty must be in [0, 1], got {cut!r}")
+    if bias is not None and float(bias) < 0.0:
+        raise RecipeError(f"{where}: [model] evidence_words_copy_bias must be >= 0, got {bias!r}")
     for flag in ("zero_image", "faithful_reports"):
         if not isinstance(getattr(recipe.data, flag), bool):
             raise RecipeError(f"{where}: [data] {flag} must be true or false, got {getattr(recipe.data, flag)!r}")

@@ -131,20 +131,22 @@ def build_model(
 
 def _with_volume_encoder(model: Any, recipe: Recipe, tokenizer: Any) -> Any:
     """Attach the recipe's 3D encoder (a fresh projector) unless the model already has one; set
-    the recipe's certainty cut of the evidence words on it (the model keeps its own otherwise)."""
+    the recipe's evidence settings on it (words' cut, copy bias; the model keeps its own otherwise)."""
     path = recipe.model.volume_encoder_path()
-    cut = recipe.model.evidence_words_min_certainty
+    settings = recipe.model.evidence_settings()
     if path is None or model.config.volume_encoder:
-        if cut is not None and model.config.volume_encoder:
-            model.config.volume_words_min_certainty = float(cut)
-            model.volume_encoder.words_min_certainty = float(cut)
+        if model.config.volume_encoder:
+            for key, value in settings.items():
+                setattr(model.config, key, value)
+            if "volume_words_min_certainty" in settings:
+                model.volume_encoder.words_min_certainty = settings["volume_words_min_certainty"]
         return model
     if tokenizer is None:
         raise RecipeError(f"{recipe.path}: attaching [model] volume_encoder needs the tokenizer")
     from napari_tghmoe.model.volume_tokens import VolumeEncoderError, attach_volume_encoder
 
-    if cut is not None:
-        model.config.volume_words_min_certainty = float(cut)
+    for key, value in settings.items():
+        setattr(model.config, key, value)
     try:
         attach_volume_encoder(model, path, tokenizer, source=recipe.model.volume_token_source)
     except VolumeEncoderError as err:
