@@ -32,6 +32,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--results", required=True, type=Path, help="tghmoe eval JSON with per-sample records")
     parser.add_argument("--heads", default="resources/demo-seg-model", help="folder with the site and phase heads")
     parser.add_argument("--evidence", default=os.environ.get("TGHMOE_EVIDENCE_CACHE", ""))
+    parser.add_argument("--words-cut", type=float, default=0.5, help="the model's volume_words_min_certainty")
     args = parser.parse_args(argv)
     if not args.evidence:
         print("error: give --evidence or set TGHMOE_EVIDENCE_CACHE", file=sys.stderr)
@@ -46,7 +47,7 @@ def main(argv: list[str] | None = None) -> int:
 
     def words(seed: int) -> str:
         if seed not in words_of:
-            words_of[seed] = evidence_words(ScanEvidence.from_json(by_seed[seed]), sites, phases)
+            words_of[seed] = evidence_words(ScanEvidence.from_json(by_seed[seed]), sites, phases, min_certainty=args.words_cut)
         return words_of[seed]
 
     results = json.loads(args.results.read_text(encoding="utf-8"))
