@@ -274,8 +274,10 @@ def evidence_tokens(
 
 # --------------------------------------------------------------------------- the evidence in words
 
-#: Findings less certain than this stay out of the words (chosen on training phantoms 300000-300199:
-#: recall 0.80, precision 0.85 of the cascade's findings by kind there; docs/results.md).
+#: Findings less certain than this stay out of the words (chosen on training phantoms 300000-300199
+#: with the first cascade: recall 0.80, precision 0.85 of its findings by kind there). A model
+#: carries its own cut (``TGHMoEConfig.volume_words_min_certainty``; the demo model's is 0.6,
+#: chosen again with the current cascade; docs/results.md, issue 15, fourth round).
 DEFAULT_WORDS_MIN_CERTAINTY = 0.5
 PLANE_BY_AXIS = ("sagittal", "coronal", "axial")  # slice normal along x (L), y (P), z (S)
 

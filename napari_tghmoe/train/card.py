@@ -240,6 +240,7 @@ def write_card(
         f"{timings.get('stage2_s', 0) / 60:.1f} min.",
         f"- Trainable parameters: {trainable}.",
         f"- Hardware: {timings.get('hardware', 'CPU')}.",
+        *([f"- Chosen: {timings['chosen']}"] if timings.get("chosen") else []),
         "",
         evaluation_section(results),
         check_section(check),
@@ -291,6 +292,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--stage2-seconds", type=float, default=0.0)
     parser.add_argument("--hardware", default="CPU")
     parser.add_argument("--stage1-note", default="", help="how stage 1 was run when it took several commands")
+    parser.add_argument("--chosen", default="", help="how this model was chosen among candidates, and on which data")
     parser.add_argument(
         "--refresh", action="store_true",
         help="--dest is a shipped model whose 3D encoder changed: re-run its check, rewrite its numbers (--model unused)",
@@ -303,7 +305,10 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     if args.model is None:
         parser.error("--model is required (unless --refresh)")
-    timings = {"stage1_s": args.stage1_seconds, "stage2_s": args.stage2_seconds, "hardware": args.hardware, "stage1_note": args.stage1_note}
+    timings = {
+        "stage1_s": args.stage1_seconds, "stage2_s": args.stage2_seconds, "hardware": args.hardware,
+        "stage1_note": args.stage1_note, "chosen": args.chosen,
+    }
     dest = package(args.model, args.recipe, args.results, args.dest, args.command, timings, args.stage1)
     print(f"wrote {dest}", file=sys.stderr)
     return 0
