@@ -43,7 +43,9 @@ MOUSE_AND_KEYS: tuple[tuple[str, str], ...] = (
 def presets_own_the_number_keys(layer: Any) -> bool:
     """Whether ``1``-``6`` pick window presets while ``layer`` is active: yes for an image (the CT)
     or no layer, no for the layers whose own tools napari puts on the number keys."""
-    return layer is None or getattr(layer, "_type_string", "image") not in ("labels", "points", "shapes")
+    from napari.layers import Labels, Points, Shapes
+
+    return not isinstance(layer, (Labels, Points, Shapes))
 
 
 def shortcuts_html() -> str:

@@ -46,32 +46,23 @@ def report_without(report: str, dropped: Iterable[Any], region: str) -> str:
         sentences.add(FINDING_SENTENCE.format(**values))
         items.add(IMPRESSION_ITEM.format(**values))
     normals = {heading: options[0] for heading, _, options in _SECTIONS[region]}
-    lines, impression, in_impression = [], [], False
+    lines, kept, in_impression = [], [], False
     for line in report.split("\n"):
-        if line.startswith("IMPRESSION:"):
-            in_impression = True
-            lines.append(line)
+        numbered = re.match(r"^\d+\.\s*(.*)$", line)
+        if in_impression and numbered:  # an impression item: kept unless dropped, renumbered below
+            if numbered.group(1) not in items:
+                kept.append(numbered.group(1))
             continue
-        if in_impression:
-            item = re.sub(r"^\d+\.\s*", "", line)
-            if item and item not in items and re.match(r"^\d+\.", line):
-                impression.append(item)
-            elif item and not re.match(r"^\d+\.", line):
-                impression.append(None)  # a normal impression line: keep as it is
-                lines.append(line)
-            continue
+        in_impression = in_impression or line.startswith("IMPRESSION:")
         heading, sep, text = line.partition(": ")
-        if sep and heading in normals:
+        if not in_impression and sep and heading in normals:
             for sentence in sentences:
                 text = text.replace(sentence, "")
             text = re.sub(r"\s+", " ", text).strip()
             line = f"{heading}: {text or normals[heading]}"
         lines.append(line)
-    numbered = [item for item in impression if item is not None]
-    if numbered:
-        lines += [f"{i}. {item}" for i, item in enumerate(numbered, 1)]
-    elif None not in impression:
-        lines.append(_NORMAL_IMPRESSION[0].format(region=region))
+    # a report with a finding to drop had numbered items; none left: the normal impression
+    lines += [f"{i}. {item}" for i, item in enumerate(kept, 1)] or [_NORMAL_IMPRESSION[0].format(region=region)]
     return "\n".join(lines)
 
 

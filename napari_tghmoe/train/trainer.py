@@ -133,20 +133,20 @@ def _with_volume_encoder(model: Any, recipe: Recipe, tokenizer: Any) -> Any:
     """Attach the recipe's 3D encoder (a fresh projector) unless the model already has one; set
     the recipe's evidence settings on it (words' cut, copy bias; the model keeps its own otherwise)."""
     path = recipe.model.volume_encoder_path()
+    has_encoder = bool(model.config.volume_encoder)
+    if path is None and not has_encoder:
+        return model
     settings = recipe.model.evidence_settings()
-    if path is None or model.config.volume_encoder:
-        if model.config.volume_encoder:
-            for key, value in settings.items():
-                setattr(model.config, key, value)
-            if "volume_words_min_certainty" in settings:
-                model.volume_encoder.words_min_certainty = settings["volume_words_min_certainty"]
+    for key, value in settings.items():  # an encoder attached below reads its cut from the config
+        setattr(model.config, key, value)
+    if has_encoder:
+        if "volume_words_min_certainty" in settings:
+            model.volume_encoder.words_min_certainty = settings["volume_words_min_certainty"]
         return model
     if tokenizer is None:
         raise RecipeError(f"{recipe.path}: attaching [model] volume_encoder needs the tokenizer")
     from napari_tghmoe.model.volume_tokens import VolumeEncoderError, attach_volume_encoder
 
-    for key, value in settings.items():
-        setattr(model.config, key, value)
     try:
         attach_volume_encoder(model, path, tokenizer, source=recipe.model.volume_token_source)
     except VolumeEncoderError as err:
