@@ -166,7 +166,10 @@ def organ_context_channels(
 
 
 def parse_phantom_spec(spec: str) -> dict[str, Any]:
-    """``phantom:seeds=0-39,region=both[,spacing=2.5x1.5x1.5][,shape=...]`` -> make_phantom arguments."""
+    """``phantom:seeds=0-39,region=both[,spacing=2.5x1.5x1.5][,shape=...][,plane=drawn]`` -> make_phantom arguments.
+
+    ``plane``: the plane the slices are stored in (axial, coronal, sagittal, oblique, or ``drawn``
+    from each seed as the chat's phantoms are); default axial."""
     from napari_tghmoe.datasets.specs import _shape_or_spacing, _spec_parts, parse_seed_range
 
     kind, _, body = spec.partition(":")
@@ -180,18 +183,53 @@ def parse_phantom_spec(spec: str) -> dict[str, Any]:
         "region": options.get("region", "both"),
         "spacing": _shape_or_spacing(options["spacing"], float) if "spacing" in options else None,
         "shape": _shape_or_spacing(options["shape"], int) if "shape" in options else None,
+        "plane": _plane_option(spec, options.get("plane", "axial")),
     }
 
 
+def _plane_option(spec: str, plane: str) -> str | None:
+    from napari_tghmoe.phantom import PLANES
+
+    plane = plane.strip().lower()
+    if plane == "drawn":
+        return None
+    if plane not in PLANES:
+        raise ValueError(f"phantom spec {spec!r}: plane must be one of {', '.join(PLANES)} or drawn, got {plane!r}")
+    return plane
+
+
+def segmentation_view(phantom: Any) -> Any:
+    """``phantom`` as the cascade's networks see it: volume, labels and lesions on the axial grid
+    :func:`napari_tghmoe.med3d.segment.network_view` gives its stored scan (the same phantom when
+    it is stored axial). Each finding's ``center_voxel`` becomes its lesion voxel nearest the
+    lesion's centroid on that grid (one that was cut away keeps the stored one)."""
+    import dataclasses
+
+    from napari_tghmoe.med3d.segment import network_view, snapped_centre
+
+    if phantom.plane == "axial":
+        return phantom
+    volume, (labels, lesions) = network_view(phantom.volume, (phantom.labels, phantom.lesions))
+    findings = []
+    for number, finding in enumerate(phantom.findings, start=1):
+        voxels = np.argwhere(lesions == number)
+        findings.append(dataclasses.replace(finding, center_voxel=snapped_centre(voxels)) if len(voxels) else finding)
+    return dataclasses.replace(phantom, volume=volume, labels=labels, lesions=lesions, findings=findings, plane="axial")
+
+
 def iter_phantoms(spec: str):
-    """The phantoms (with their ground truth) a phantom spec names, one at a time."""
+    """The phantoms (with their ground truth) a phantom spec names, one at a time; one stored in
+    another plane than axial comes as the networks see it (:func:`segmentation_view`)."""
     from napari_tghmoe.phantom import make_phantom
     from napari_tghmoe.datasets.phantom import phantom_region
 
     parsed = parse_phantom_spec(spec)
     for seed in parsed["seeds"]:
         region = phantom_region(parsed["region"], int(seed))
-        yield make_phantom(int(seed), region, shape=parsed["shape"], spacing=parsed["spacing"] or (2.5, 1.5, 1.5))
+        phantom = make_phantom(
+            int(seed), region, shape=parsed["shape"], spacing=parsed["spacing"] or (2.5, 1.5, 1.5), plane=parsed["plane"]
+        )
+        yield segmentation_view(phantom)
 
 
 def compacted(volume: WorkingVolume) -> WorkingVolume:

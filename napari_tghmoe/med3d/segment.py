@@ -593,17 +593,8 @@ def _body_box(hu: np.ndarray, spacing: tuple[float, float, float]) -> tuple[slic
     return tuple(box)  # type: ignore[return-value]
 
 
-def _segment_oblique(
-    volume: CTVolume,
-    model_dir: str | Path | None,
-    progress: Callable[[int, int], None] | None,
-    should_stop: Callable[[], bool] | None,
-    started: float,
-) -> SegmentationResult:
-    """:func:`segment_volume` of an oblique series: segmented on :func:`patient_axis_grid` (the body's
-    box of it), results brought back to the scan's own grid (labels by nearest neighbour, each
-    finding's component with them; its centre, position and volume measured there)."""
-    grid = patient_axis_grid(volume)
+def _oblique_on_grid(volume: CTVolume, grid: PatientAxisGrid) -> tuple[CTVolume, tuple[slice, slice, slice]]:
+    """An oblique ``volume`` on ``grid`` (trilinear), cut to the body's box: what the networks read."""
     hu = grid.to_grid(np.asarray(volume.hu), order=1, cval=-1024.0, dtype=np.float32)
     box = _body_box(hu, grid.spacing)
     start = np.array([b.indices(n)[0] for b, n in zip(box, grid.shape)])
@@ -615,6 +606,48 @@ def _segment_oblique(
         source=volume.source,
         description=volume.description,
     )
+    return axial, box
+
+
+def network_view(volume: CTVolume, maps: tuple[np.ndarray, ...] = ()) -> tuple[CTVolume, list[np.ndarray]]:
+    """The axial volume :func:`segment_volume`'s networks read for ``volume``, and ``maps`` (label
+    maps on ``volume``'s grid) carried the same way by nearest neighbour.
+
+    A coronal or sagittal series is only reordered; an oblique one is resampled onto
+    :func:`patient_axis_grid` and cut to the body's box. Training data made with it (a phantom
+    stored in any plane, ``phantom:...,plane=drawn``) thus looks to a network as that scan will
+    at segmentation time: the cascade trained on axial phantoms only lost most small findings of
+    oblique series (docs/results-med3d.md).
+    """
+    if is_oblique(volume.direction):
+        grid = patient_axis_grid(volume)
+        axial, box = _oblique_on_grid(volume, grid)
+        carried = [grid.to_grid(np.asarray(m), order=0, cval=0, dtype=np.asarray(m).dtype)[box] for m in maps]
+        return axial, carried
+    order, flips = axial_view(volume.direction)
+    axial = CTVolume(
+        hu=np.ascontiguousarray(_to_axial(np.asarray(volume.hu), order, flips)),
+        spacing=tuple(volume.spacing[a] for a in order),
+        modality=volume.modality,
+        source=volume.source,
+        description=volume.description,
+    )
+    return axial, [np.ascontiguousarray(_to_axial(np.asarray(m), order, flips)) for m in maps]
+
+
+def _segment_oblique(
+    volume: CTVolume,
+    model_dir: str | Path | None,
+    progress: Callable[[int, int], None] | None,
+    should_stop: Callable[[], bool] | None,
+    started: float,
+) -> SegmentationResult:
+    """:func:`segment_volume` of an oblique series: segmented on :func:`patient_axis_grid` (the body's
+    box of it), results brought back to the scan's own grid (labels by nearest neighbour, each
+    finding's component with them; its centre, position and volume measured there)."""
+    grid = patient_axis_grid(volume)
+    axial, box = _oblique_on_grid(volume, grid)
+    start = np.array([b.indices(n)[0] for b, n in zip(box, grid.shape)])
     result = _segment_on_grid(axial, model_dir, progress, should_stop, started)
     on_grid = np.zeros(grid.shape, dtype=result.labels.dtype)  # outside the body's box: background
     on_grid[box] = result.labels
