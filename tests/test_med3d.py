@@ -702,6 +702,42 @@ def test_the_verifier_has_the_last_word_on_each_proposal(tmp_path):
         attach_finding_model(organs, finder, tmp_path / "b-stray", verifier_dir=stray)
 
 
+def test_an_ensemble_of_verifiers_gives_the_mean_of_its_members(tmp_path):
+    """Two verifiers, one sure it is a cyst and one sure it is not: the bundled ensemble says 0.5
+    for each proposal, keeps them at a cut of 0.4 and survives the folder round trip."""
+    from napari_tghmoe.med3d import segment_volume
+    from napari_tghmoe.med3d.segment import SegModelError, attach_finding_model
+    from napari_tghmoe.med3d.verifier import VerifierEnsemble, load_verifier, verify
+    from napari_tghmoe.phantom import make_phantom
+
+    volume = make_phantom(3, "abdomen", spacing=(8.0, 8.0, 8.0)).volume
+    organs = _biased_seg_model(tmp_path / "organs", "liver")
+    finder = _renal_cyst_everywhere(tmp_path / "finder")
+    no = _constant_verifier(tmp_path / "no", finder, "none")
+    yes = _constant_verifier(tmp_path / "yes", finder, "renal cyst")
+    assert _run(["seg-bundle", "--organs", str(organs), "--findings", str(finder), "--verifier", str(yes), str(no),
+                 "--out", str(tmp_path / "both")]) == 0
+    folder = tmp_path / "both" / "findings" / "verifier"
+    assert (folder / "member-1" / "model.safetensors").is_file()
+    ensemble = load_verifier(folder)
+    assert isinstance(ensemble, VerifierEnsemble) and len(ensemble.members) == 2
+    image = np.random.default_rng(0).random((ensemble.config.in_channels, 20, 20, 20)).astype(np.float32)
+    candidate = [("renal cyst", np.argwhere(np.ones((2, 2, 2))) + 8)]
+    alone = [verify(load_verifier(v), image, candidate)[0] for v in (yes, no)]
+    assert alone[0] > 0.99 and alone[1] < 0.01
+    assert verify(ensemble, image, candidate)[0] == pytest.approx(np.mean(alone), abs=1e-6)
+    config_path = folder / "config.json"
+    config_path.write_text(config_path.read_text().replace('"verifier_min_probability": 0.5', '"verifier_min_probability": 0.4'))
+    kept = segment_volume(volume, tmp_path / "both")  # the mean, 0.5, passes a cut of 0.4
+    assert kept.findings and all(f.verifier_probability == pytest.approx(0.5, abs=0.01) for f in kept.findings)
+    # a member for another finding model is refused, the member folder named
+    other = _renal_cyst_everywhere(tmp_path / "other", finding_kinds=["renal cyst", "lung nodule"])
+    stray = _constant_verifier(folder / "member-1", other, "none")
+    with pytest.raises(SegModelError, match="member-1: this ensemble member checks another finding model"):
+        load_verifier(folder)
+    assert stray == folder / "member-1"
+
+
 def test_train_verifier_learns_from_the_finding_models_own_proposals(tmp_path):
     """Mined classes: the finder's proposal is a look-alike unless it touches a true finding of its kind."""
     from napari_tghmoe.med3d.data import iter_phantoms

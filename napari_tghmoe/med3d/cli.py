@@ -39,7 +39,10 @@ def register(subparsers: Any) -> None:
     bundle = subparsers.add_parser("seg-bundle", help="one segmentation folder: an organ model plus a finer finding model")
     bundle.add_argument("--organs", required=True, metavar="DIR", help="segmentation model folder (organs and finding labels)")
     bundle.add_argument("--findings", required=True, metavar="DIR", help="finding model folder (finding kinds only, e.g. 2 mm)")
-    bundle.add_argument("--verifier", metavar="DIR", help="the finding model's verifier (tghmoe train-verifier)")
+    bundle.add_argument(
+        "--verifier", metavar="DIR", nargs="+",
+        help="the finding model's verifier (tghmoe train-verifier); several make an ensemble (their mean)",
+    )
     bundle.add_argument("--out", required=True, metavar="DIR")
     bundle.set_defaults(func=run_bundle)
 
@@ -120,7 +123,7 @@ def run_bundle(args: argparse.Namespace) -> int:
         out = attach_finding_model(args.organs, args.findings, args.out, verifier_dir=args.verifier)
     except SegModelError as err:
         raise CLIError(str(err)) from err
-    verified = f" + verifier {args.verifier}" if args.verifier else ""
+    verified = f" + verifier {' + '.join(args.verifier)}" if args.verifier else ""
     print(f"cascade: organs {args.organs} + findings {args.findings}{verified} -> {out}", file=sys.stderr)
     return 0
 

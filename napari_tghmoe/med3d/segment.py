@@ -378,13 +378,14 @@ def check_verifier(finder_config: Any, verifier_config: Any, where: Path) -> Non
 
 def attach_finding_model(
     organ_dir: str | Path, finding_dir: str | Path, out_dir: str | Path, name: str = "findings",
-    verifier_dir: str | Path | None = None,
+    verifier_dir: str | Path | list[str | Path] | None = None,
 ) -> Path:
     """One segmentation folder from an organ model and a finer finding model (``tghmoe seg-bundle``).
 
     ``out_dir`` gets the organ model's files with ``finding_model = name`` in its config and the
     finding model's files in ``out_dir/name``; ``tghmoe segment`` then runs both. A
-    ``verifier_dir`` (``tghmoe train-verifier``) goes to ``out_dir/name/verifier``.
+    ``verifier_dir`` (``tghmoe train-verifier``) goes to ``out_dir/name/verifier``; several make
+    one :class:`~napari_tghmoe.med3d.verifier.VerifierEnsemble` there.
     """
     from napari_tghmoe.med3d.encoder import _quiet_loading, load_seg_model
 
@@ -394,18 +395,23 @@ def attach_finding_model(
     check_cascade(organs.config, finder.config, finding_dir)
     verifier = None
     if verifier_dir is not None:
-        from napari_tghmoe.med3d.verifier import load_verifier
+        from napari_tghmoe.med3d.verifier import load_verifier, verifier_ensemble
 
-        verifier = load_verifier(verifier_dir)
-        check_verifier(finder.config, verifier.config, Path(verifier_dir))
+        folders = [Path(v) for v in (verifier_dir if isinstance(verifier_dir, list) else [verifier_dir])]
+        loaded = [load_verifier(folder) for folder in folders]
+        for folder, one in zip(folders, loaded):
+            check_verifier(finder.config, one.config, folder)
+        verifier = verifier_ensemble(loaded)
     out_dir.mkdir(parents=True, exist_ok=True)
     organs.config.finding_model = name
     finder.config.finding_verifier = "verifier" if verifier is not None else ""
     with _quiet_loading():  # no "Writing model shards" bars: the CLI says one line
         organs.save_pretrained(str(out_dir), safe_serialization=True)
         finder.save_pretrained(str(out_dir / name), safe_serialization=True)
-        if verifier is not None:
-            verifier.save_pretrained(str(out_dir / name / "verifier"), safe_serialization=True)
+    if verifier is not None:
+        from napari_tghmoe.med3d.verifier import save_verifier
+
+        save_verifier(verifier, out_dir / name / "verifier")
     return out_dir
 
 

@@ -79,11 +79,75 @@ def verifier_config(
     return Med3DConfig(**values)
 
 
-def load_verifier(folder: str | Path) -> Med3DFindingVerifier:
+@dataclass
+class VerifierEnsemble:
+    """Verifiers of one finding model whose probabilities are averaged; ``members[0]`` is the folder's own.
+
+    Why: two verifiers trained on different crops (v6 on axial phantoms, v7 with phantoms stored in
+    every plane) err on different candidates, so their mean separates findings from look-alikes
+    better than either (docs/results-med3d.md, "Scans in other planes"), as ensembles of CNNs did
+    for false-positive reduction in the LUNA16 challenge. The other members live in sub-folders
+    of the verifier folder named by its config's ``verifier_members``.
+    """
+
+    members: list[Med3DFindingVerifier]
+
+    @property
+    def config(self) -> Med3DConfig:
+        return self.members[0].config
+
+
+def _load_one_verifier(folder: Path) -> Med3DFindingVerifier:
     read_folder_config(folder, VERIFIER_ARCHITECTURE)
     with _quiet_loading():
         model = Med3DFindingVerifier.from_pretrained(str(folder), local_files_only=True, use_safetensors=True)
     return model.float().eval()
+
+
+def load_verifier(folder: str | Path) -> Med3DFindingVerifier | VerifierEnsemble:
+    """The verifier in ``folder``; a :class:`VerifierEnsemble` when its config names members."""
+    from napari_tghmoe.med3d.types import SegModelError
+
+    folder = Path(folder)
+    main = _load_one_verifier(folder)
+    names = list(getattr(main.config, "verifier_members", None) or [])
+    if not names:
+        return main
+    members = [main]
+    for name in names:
+        member = _load_one_verifier(folder / name)
+        same = (
+            list(member.config.finding_kinds) == list(main.config.finding_kinds)
+            and member.config.in_channels == main.config.in_channels
+            and list(member.config.working_spacing) == list(main.config.working_spacing)
+            and list(member.config.patch_size) == list(main.config.patch_size)
+        )
+        if not same:
+            raise SegModelError(f"{folder / name}: this ensemble member checks another finding model or crop than {folder}")
+        members.append(member)
+    return VerifierEnsemble(members)
+
+
+def save_verifier(verifier: Med3DFindingVerifier | VerifierEnsemble, folder: str | Path) -> None:
+    """``verifier`` into ``folder`` (an ensemble's other members as ``member-1``, ``member-2``... in it)."""
+    from napari_tghmoe.med3d.encoder import _quiet_loading as quiet
+
+    folder = Path(folder)
+    members = verifier.members if isinstance(verifier, VerifierEnsemble) else [verifier]
+    names = [f"member-{n}" for n in range(1, len(members))]
+    main = members[0]
+    main.config.verifier_members = names
+    with quiet():
+        main.save_pretrained(str(folder), safe_serialization=True)
+        for name, member in zip(names, members[1:]):
+            member.config.verifier_members = []
+            member.save_pretrained(str(folder / name), safe_serialization=True)
+
+
+def verifier_ensemble(verifiers: Sequence[Med3DFindingVerifier | VerifierEnsemble]) -> Med3DFindingVerifier | VerifierEnsemble:
+    """One verifier from several (``tghmoe seg-bundle --verifier A B``): the first alone, or their ensemble."""
+    members = [m for v in verifiers for m in (v.members if isinstance(v, VerifierEnsemble) else [v])]
+    return members[0] if len(members) == 1 else VerifierEnsemble(members)
 
 
 # --------------------------------------------------------------------------- crops
@@ -147,22 +211,30 @@ def grow_lung_mask(crop: np.ndarray, config: Any) -> np.ndarray:
 FLIPS = [axes for n in range(4) for axes in itertools.combinations((2, 3, 4), n)]
 
 
-def verify(verifier: Med3DFindingVerifier, image: np.ndarray, candidates: Sequence[tuple[str, np.ndarray]]) -> list[float]:
+def verify(
+    verifier: Med3DFindingVerifier | VerifierEnsemble, image: np.ndarray, candidates: Sequence[tuple[str, np.ndarray]]
+) -> list[float]:
     """Probability the verifier gives each (kind, working-grid voxels) candidate of being that kind.
 
-    The mean of its softmax over the eight flips of each crop.
+    The mean of its softmax over the eight flips of each crop (and over an ensemble's members).
     """
     if not candidates:
         return []
+    members = verifier.members if isinstance(verifier, VerifierEnsemble) else [verifier]
     config = verifier.config
-    grow = getattr(config, "verifier_grow_lung_masks", False)
-    crops = [candidate_crop(image, voxels, config.patch_size) for _, voxels in candidates]
-    crops = torch.from_numpy(np.stack([grow_lung_mask(crop, config) if grow else crop for crop in crops]))
-    crops = crops.to(next(verifier.parameters()).device)
-    with torch.inference_mode():
-        probabilities = torch.stack(
-            [torch.softmax(verifier(torch.flip(crops, axes) if axes else crops).float(), dim=1) for axes in FLIPS]
-        ).mean(0).cpu().numpy()
+    plain = [candidate_crop(image, voxels, config.patch_size) for _, voxels in candidates]
+    views: dict[bool, torch.Tensor] = {}
+    per_member = []
+    for member in members:
+        grow = bool(getattr(member.config, "verifier_grow_lung_masks", False))
+        if grow not in views:
+            views[grow] = torch.from_numpy(np.stack([grow_lung_mask(c, member.config) if grow else c for c in plain]))
+        crops = views[grow].to(next(member.parameters()).device)
+        with torch.inference_mode():
+            per_member.append(torch.stack(
+                [torch.softmax(member(torch.flip(crops, axes) if axes else crops).float(), dim=1) for axes in FLIPS]
+            ).mean(0).cpu())
+    probabilities = torch.stack(per_member).mean(0).numpy()
     return [float(probabilities[i, 1 + config.finding_kinds.index(kind)]) for i, (kind, _) in enumerate(candidates)]
 
 
