@@ -9,7 +9,8 @@
 # 3. The demo model: 500 steps from the pretrained encoder, continued 400, 500 and 500 steps.
 # 4. The finding model of the cascade (recipes/med3d-findings.toml: 2 mm, findings only, the organ
 #    model's labels as context channels) from the pretrained encoder, in three phases, and its
-#    verifier (tghmoe train-verifier: a second look trained on the finder's own proposals).
+#    verifiers (tghmoe train-verifier: a second look trained on the finder's own proposals; three,
+#    averaged as one ensemble).
 # 5. All three are joined in $RUN/bundle (`tghmoe seg-bundle`), evaluated on the held-out phantoms
 #    and copied to resources/demo-seg-model (SHIP_CASCADE=0 ships the organ model alone). The card
 #    README.md is written by hand from eval_results.json and the training summaries.
@@ -59,9 +60,24 @@ $TGHMOE finetune-seg --config "$FINDINGS" --out "$RUN/findings-2" --init "$RUN/f
 $TGHMOE finetune-seg --config "$FINDINGS" --out "$RUN/findings" --init "$RUN/findings-2" --no-progress --resume \
   "${CONTEXT[@]}" --set finetune.steps=3000 --set finetune.lesion_crop_fraction=0.5 --set finetune.lesion_sampling=kind \
   --set finetune.lookalike_crop_fraction=0.3 --set "finetune.lookalike_structures=$LOOKALIKES" > "$RUN/findings.log" 2>&1
-$TGHMOE train-verifier --config "$FINDINGS" --findings "$RUN/findings" --out "$RUN/verifier" --no-progress --resume \
-  "${CONTEXT[@]}" > "$RUN/verifier.log" 2>&1
-$TGHMOE seg-bundle --organs "$RUN/demo-4" --findings "$RUN/findings" --verifier "$RUN/verifier" --out "$RUN/bundle"
+# Three verifiers, averaged (docs/results-med3d.md, "Scans in other planes"): the recipe's (its data
+# includes phantoms stored in every plane), one on the axial phantoms only, and one on the axial
+# phantoms with the true findings of 100 more chest phantoms, trained twice as long.
+S="spacing=2.5x1.5x1.5"
+AXIAL="verifier.data=['phantom:seeds=120-199,region=both,$S','phantom:seeds=200-279,region=both,$S']"
+MORE_TRUTHS="verifier.truth_data=['phantom:seeds=0-119,region=both,$S','phantom:seeds=2000-2099,region=chest,$S']"
+verifier() {  # NAME [extra args...]
+  local name=$1
+  shift
+  $TGHMOE train-verifier --config "$FINDINGS" --findings "$RUN/findings" --out "$RUN/$name" --no-progress --resume \
+    "${CONTEXT[@]}" "$@" > "$RUN/$name.log" 2>&1
+}
+verifier verifier-axial --set "$AXIAL"
+verifier verifier-more-truths --set "$AXIAL" --set "$MORE_TRUTHS" --set verifier.steps=1600
+verifier verifier-planes
+# the first folder's config (its cut, the recipe's min_probability) is the ensemble's
+$TGHMOE seg-bundle --organs "$RUN/demo-4" --findings "$RUN/findings" \
+  --verifier "$RUN/verifier-axial" "$RUN/verifier-more-truths" "$RUN/verifier-planes" --out "$RUN/bundle"
 $TGHMOE eval-seg --model "$RUN/bundle" --data "$HELDOUT" --out "$RUN/bundle/eval_results.json" > "$RUN/bundle.log" 2>&1
 
 SHIPPED="$RUN/bundle"
