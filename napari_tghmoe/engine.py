@@ -346,7 +346,7 @@ class InferenceEngine:
             answer_text, choice_scores = generated_text, {}
             choices = closed_choices(plan.text) if plan.closed and self.ranks_choices else []
             if choices and not stop_event.is_set():
-                choice_scores = self.rank_choices(model_kwargs, choices)
+                choice_scores = self.rank_choices(model_kwargs, choices, copy_bias=copy_bias)
                 best = max(choice_scores, key=choice_scores.__getitem__)
                 answer_text = f"{best}. {dict(choices)[best]}"
             yield Answer(
@@ -380,7 +380,9 @@ class InferenceEngine:
         ids = self.tokenizer(evidence_words, add_special_tokens=False)["input_ids"]
         return EvidenceCopyBias(ids, bias, prompt_length)
 
-    def rank_choices(self, model_kwargs: dict[str, Any], choices: list[tuple[str, str]]) -> dict[str, float]:
+    def rank_choices(
+        self, model_kwargs: dict[str, Any], choices: list[tuple[str, str]], copy_bias: Any = None
+    ) -> dict[str, float]:
         """Each option's mean log-probability per token, as the answer "X. option" after the prompt.
 
         Why: a small model can name the right option and still write the wrong letter before it
@@ -389,7 +391,9 @@ class InferenceEngine:
         are read out of language models (the likelihood readout of lm-evaluation-harness); the
         mean per token keeps long options ("left kidney, upper pole") from losing to short ones.
         The prompt (vision tower included) is read once; each option then continues from its
-        key/value cache, as generation does (:meth:`_option_log_probs`).
+        key/value cache, as generation does (:meth:`_option_log_probs`). ``copy_bias``: the
+        model's evidence copy bias (:meth:`_copy_bias`), applied as decoding would apply it, so an
+        option is scored as the engine would write it.
         """
         import torch
 
@@ -400,10 +404,12 @@ class InferenceEngine:
             scored_from = len(head) if whole[: len(head)] == head and len(whole) > len(head) else 0
             scored.append((letter, whole, scored_from))
         with torch.inference_mode():
-            per_option = self._option_log_probs(model_kwargs, [tokens for _, tokens, _ in scored])
+            per_option = self._option_log_probs(model_kwargs, [tokens for _, tokens, _ in scored], copy_bias=copy_bias)
         return {letter: float(lp[start:].mean()) for (letter, _, start), lp in zip(scored, per_option)}
 
-    def _option_log_probs(self, model_kwargs: dict[str, Any], options: list[list[int]], cached: bool = True) -> list[Any]:
+    def _option_log_probs(
+        self, model_kwargs: dict[str, Any], options: list[list[int]], cached: bool = True, copy_bias: Any = None
+    ) -> list[Any]:
         """Log-probabilities of each option's tokens after the prompt of ``model_kwargs``.
 
         ``cached``: one forward of the prompt, then each option from a copy-free key/value cache
@@ -417,7 +423,10 @@ class InferenceEngine:
         length = prompt_ids.shape[1]
 
         def picked(logits: Any, tokens: list[int]) -> Any:
-            log_probs = logits.float().log_softmax(-1)
+            logits = logits.float()
+            if copy_bias is not None:
+                logits = copy_bias.along(tokens, logits)
+            log_probs = logits.log_softmax(-1)
             return log_probs[torch.arange(len(tokens)), torch.tensor(tokens, device=log_probs.device)]
 
         if cached:

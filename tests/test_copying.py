@@ -50,3 +50,37 @@ def test_the_engine_steers_generation_to_the_evidence_site_only_when_the_model_a
     assert tokenizer.decode(out[0, len(started):]) == tokenizer.decode(tokenizer(" upper pole", add_special_tokens=False)["input_ids"][:3])
     with pytest.raises(ValueError, match="volume_words_copy_bias"):
         type(engine.model.config)(volume_words_copy_bias=-1.0)
+
+
+def test_an_option_is_scored_with_the_bias_decoding_it_would_have_had():
+    """``along`` adds, at each token of a teacher-forced option, what the logits processor adds
+    when that option is decoded token by token."""
+    bias = EvidenceCopyBias([1, 2, 3, 4, 2, 3, 5], 2.0, prompt_length=0)
+    option = [1, 2, 3, 5]
+    logits = torch.randn(len(option), 8)
+    along = bias.along(option, logits)
+    for step in range(len(option)):
+        decoded = bias(torch.tensor([option[:step]], dtype=torch.long), logits[step : step + 1].clone())
+        torch.testing.assert_close(along[step : step + 1], decoded)
+    assert float(along[2, 3] - logits[2, 3]) == pytest.approx(2.0)  # after "1 2": 3
+    assert along[3].sub(logits[3]).abs().argmax() == 4 and float(along[3].sub(logits[3]).abs().sum()) == pytest.approx(2.0)
+    assert EvidenceCopyBias(option, 0.0, 0).along(option, logits) is logits
+
+
+def test_the_engine_reads_out_the_option_the_evidence_words_name(tiny_tghmoe_folder):
+    """With the copy bias, a closed question's option that the evidence words hold is the one the
+    engine ranks first; without it (bias 0) the same options keep the model's own order."""
+    from napari_tghmoe.engine import InferenceEngine
+
+    engine = InferenceEngine.from_pretrained(tiny_tghmoe_folder)
+    tokenizer = engine.tokenizer
+    prompt = torch.tensor([tokenizer("Where is the renal cyst?", add_special_tokens=False)["input_ids"]])
+    kwargs = {"input_ids": prompt, "attention_mask": torch.ones_like(prompt), "mm_token_type_ids": torch.zeros_like(prompt)}
+    choices = [("A", "left kidney, lower pole"), ("B", "left kidney, upper pole")]
+    plain = engine.rank_choices(kwargs, choices)
+    engine.model.config.volume_words_copy_bias = 1e4
+    for named in ("upper pole", "lower pole"):
+        words = f"3D encoder: axial series. Found: 22 mm renal cyst in the left kidney, {named}."
+        scores = engine.rank_choices(kwargs, choices, copy_bias=engine._copy_bias(words, prompt.shape[1]))
+        assert max(scores, key=scores.__getitem__) == ("B" if named == "upper pole" else "A")
+    assert engine.rank_choices(kwargs, choices, copy_bias=None) == plain

@@ -9,6 +9,11 @@ decoding-time form. When the last ``min_match`` or more generated tokens also oc
 evidence words, the token that follows them there gets ``bias`` added to its logit. The model still
 decides what to state and when to stop; the bias only makes a phrase it has begun to copy end the
 way the evidence line ends it. ``TGHMoEConfig.volume_words_copy_bias`` sets it (0: off).
+
+The engine reads a multiple-choice option as it would decode it: the option's tokens are scored
+with the same bias at each step (:meth:`EvidenceCopyBias.along`), so "right kidney, lower pole"
+after the words' "renal cyst in the right kidney, lower pole" is as likely to be read out as it is
+to be written (issue 15, fifth round).
 """
 
 from __future__ import annotations
@@ -49,3 +54,16 @@ class EvidenceCopyBias:
                 if token < scores.shape[-1]:
                     scores[row, token] += self.bias
         return scores
+
+    def along(self, tokens: Sequence[int], logits: Any) -> Any:
+        """``logits`` (one row per token of ``tokens``, each row the scores before that token) with
+        the bias that decoding ``tokens`` one by one would have added at each step."""
+        if self.bias == 0.0 or not self.words_ids:
+            return logits
+        logits = logits.clone()
+        tokens = [int(t) for t in tokens]
+        for step in range(len(tokens)):
+            for token in continuations(self.words_ids, tokens[:step], self.min_match):
+                if token < logits.shape[-1]:
+                    logits[step, token] += self.bias
+        return logits
