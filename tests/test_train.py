@@ -361,4 +361,5 @@ def test_a_refreshed_card_keeps_what_the_model_is_and_takes_the_new_numbers():
     assert new.startswith(card[: card.index(EVALUATION_HEADING)])
     assert "Closed-VQA accuracy: **0.900**" in new and "recall: **0.500**" in new
     assert "The verifier was retrained." in new and "accuracy 0.750 on that subset" in new
+    assert "Stored with the numbers." in rewrite_evaluation(card, dict(changed, card_note="Stored with the numbers."), check)
     assert "closed-VQA accuracy" not in new.split("**Targets missed**")[1].split(".\n")[0]  # 0.9 meets its target

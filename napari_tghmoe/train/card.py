@@ -119,7 +119,9 @@ CHECK_HEADING = "## Check"
 
 
 def evaluation_section(results: dict[str, Any], note: str = "") -> str:
-    """The card's held-out numbers (``note``: one paragraph on what changed since training)."""
+    """The card's held-out numbers (``note``: one paragraph on what changed since training; by
+    default the one a refresh stored in the results as ``card_note``)."""
+    note = note or str(results.get("card_note") or "")
     closed = results.get("vqa_closed") or {}
     findings = (results.get("report") or {}).get("findings") or {}
     lines = [
@@ -176,6 +178,8 @@ def refresh_evaluation(dest: Path, recipe_path: Path, results_path: Path, note: 
 
     recipe = load_recipe(recipe_path)
     results = json.loads(results_path.read_text())
+    if note:  # kept with the numbers it explains, so the card can be rewritten from its files alone
+        results["card_note"] = note
     check = write_check_and_results(dest, recipe, results)
     (dest / "README.md").write_text(rewrite_evaluation((dest / "README.md").read_text(), results, check, note))
     return dest
