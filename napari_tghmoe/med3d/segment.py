@@ -462,12 +462,7 @@ def _segment_on_grid(
     model = _model(folder)
     config = model.config
     finder = finding_model_of(folder, config)
-    order, flips = axial_view(volume.direction)
-    axial = CTVolume(
-        hu=_to_axial(np.asarray(volume.hu), order, flips),
-        spacing=tuple(volume.spacing[a] for a in order),
-        modality=volume.modality,
-    )
+    axial, order, flips = _reordered_axial(volume)
     stages = [model] if finder is None else [model, finder]
     totals = [
         window_count(working_shape(axial.shape, axial.spacing, m.config.working_spacing), tuple(m.config.patch_size), m.config.sw_overlap)
@@ -630,6 +625,13 @@ def network_view(volume: CTVolume, maps: tuple[np.ndarray, ...] = ()) -> tuple[C
         axial, box = _oblique_on_grid(volume, grid)
         carried = [grid.to_grid(np.asarray(m), order=0, cval=0, dtype=np.asarray(m).dtype)[box] for m in maps]
         return axial, carried
+    axial, order, flips = _reordered_axial(volume)
+    return axial, [np.ascontiguousarray(_to_axial(np.asarray(m), order, flips)) for m in maps]
+
+
+def _reordered_axial(volume: CTVolume) -> tuple[CTVolume, tuple[int, int, int], tuple[bool, bool, bool]]:
+    """An axis-aligned (axial, coronal or sagittal) ``volume`` reordered to axial, with the axis
+    order and flips that take results back to its own grid."""
     order, flips = axial_view(volume.direction)
     axial = CTVolume(
         hu=np.ascontiguousarray(_to_axial(np.asarray(volume.hu), order, flips)),
@@ -638,7 +640,7 @@ def network_view(volume: CTVolume, maps: tuple[np.ndarray, ...] = ()) -> tuple[C
         source=volume.source,
         description=volume.description,
     )
-    return axial, [np.ascontiguousarray(_to_axial(np.asarray(m), order, flips)) for m in maps]
+    return axial, order, flips
 
 
 def _segment_oblique(

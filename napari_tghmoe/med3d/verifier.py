@@ -130,14 +130,12 @@ def load_verifier(folder: str | Path) -> Med3DFindingVerifier | VerifierEnsemble
 
 def save_verifier(verifier: Med3DFindingVerifier | VerifierEnsemble, folder: str | Path) -> None:
     """``verifier`` into ``folder`` (an ensemble's other members as ``member-1``, ``member-2``... in it)."""
-    from napari_tghmoe.med3d.encoder import _quiet_loading as quiet
-
     folder = Path(folder)
     members = verifier.members if isinstance(verifier, VerifierEnsemble) else [verifier]
     names = [f"member-{n}" for n in range(1, len(members))]
     main = members[0]
     main.config.verifier_members = names
-    with quiet():
+    with _quiet_loading():
         main.save_pretrained(str(folder), safe_serialization=True)
         for name, member in zip(names, members[1:]):
             member.config.verifier_members = []
