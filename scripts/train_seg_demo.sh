@@ -11,7 +11,8 @@
 #    model's labels as context channels) from the pretrained encoder, in three phases, and its
 #    verifiers (tghmoe train-verifier: a second look trained on the finder's own proposals; three,
 #    averaged as one ensemble).
-# 5. All three are joined in $RUN/bundle (`tghmoe seg-bundle`), evaluated on the held-out phantoms
+# 5. All three are joined in $RUN/bundle (`tghmoe seg-bundle`), given the lung-nodule stage
+#    (scripts/nodule_stage.py), evaluated on the held-out phantoms
 #    and copied to resources/demo-seg-model (SHIP_CASCADE=0 ships the organ model alone). The card
 #    README.md is written by hand from eval_results.json and the training summaries.
 # One thread per run (TGHMOE_TRAIN_THREADS=1): on 2 shared cores two threads per process were
@@ -78,6 +79,15 @@ verifier verifier-planes
 # the first folder's config (its cut, the recipe's min_probability) is the ensemble's
 $TGHMOE seg-bundle --organs "$RUN/demo-4" --findings "$RUN/findings" \
   --verifier "$RUN/verifier-axial" "$RUN/verifier-more-truths" "$RUN/verifier-planes" --out "$RUN/bundle"
+# The lung-nodule stage (napari_tghmoe.med3d.nodules; docs/results-med3d.md, "The lung-nodule
+# stage"): a logistic over the ball measure at the scan's own spacing, fitted on the finder's
+# nodule proposals on 40 training chest phantoms; it is the nodules' second look in place of the
+# verifiers', at 0.7 (its own proposals of balls the finder missed stay off: more false than true
+# ones on training phantoms).
+.venv/bin/python scripts/nodule_stage.py collect --model "$RUN/bundle" --out "$RUN/nodule-candidates.json" \
+  --data "phantom:seeds=2000-2039,region=chest,$S" > "$RUN/nodule-stage.log" 2>&1
+.venv/bin/python scripts/nodule_stage.py fit "$RUN/nodule-candidates.json" --model "$RUN/bundle" --cut 0.7 \
+  >> "$RUN/nodule-stage.log" 2>&1
 $TGHMOE eval-seg --model "$RUN/bundle" --data "$HELDOUT" --out "$RUN/bundle/eval_results.json" > "$RUN/bundle.log" 2>&1
 
 SHIPPED="$RUN/bundle"

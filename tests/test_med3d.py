@@ -517,8 +517,8 @@ def test_background_weight_makes_missed_findings_cost_more_than_false_ones():
     assert weighted > 2.0 * plain
 
 
-def _renal_cyst_everywhere(folder: Path, **config) -> Path:
-    """A 4 mm finding model that calls every voxel a renal cyst, at p = e / (e + e^0.6) = 0.60."""
+def _renal_cyst_everywhere(folder: Path, kind: str = "renal cyst", **config) -> Path:
+    """A 4 mm finding model that calls every voxel a renal cyst (or ``kind``), at p = e / (e + e^0.6) = 0.60."""
     import torch
 
     from napari_tghmoe.med3d.encoder import build_tiny_seg_model, load_seg_model
@@ -530,7 +530,7 @@ def _renal_cyst_everywhere(folder: Path, **config) -> Path:
         final.weight.zero_()
         final.bias.fill_(-20.0)
         final.bias[0] = 0.6
-        final.bias[model.config.label_names.index("renal cyst")] = 1.0
+        final.bias[model.config.label_names.index(kind)] = 1.0
     model.save_pretrained(str(folder), safe_serialization=True)
     return folder
 

@@ -218,6 +218,31 @@ def test_per_sample_loss_weighs_a_one_token_answer_like_a_long_report():
     torch.testing.assert_close(per_sample_lm_loss(logits, labels), long)
 
 
+def test_one_phase_runs_alone_from_an_init_and_stage2_takes_its_data(env, tmp_path):
+    """``--phase N``: a new last phase is trained from a shipped stage-1 function without the phases
+    before it, and stage 2 then trains on that phase's data, as ``--stage both`` would."""
+    recipe = tmp_path / "phased.toml"
+    recipe.write_text(
+        TINY.read_text()
+        + "\n[[stage1_continue]]\nseed = 5\nstage1 = { steps = 1, lr = 1e-3 }\n"
+        + 'data = { train = ["phantom:seeds=4-5,region=both,shape=8x64x64"] }\n'
+    )
+    base = tmp_path / "base"
+    assert main(["train", "--config", str(TINY), "--stage", "1", "--out", str(base), "--no-progress", "--set", "stage1.steps=1"]) == 0
+    phase = tmp_path / "phase2"
+    assert main(["train", "--config", str(recipe), "--stage", "1", "--phase", "2", "--init", str(base), "--out", str(phase), "--no-progress"]) == 0
+    summary = json.loads((phase / "training_summary.json").read_text())
+    assert summary["init"] == str(base) and summary["steps"] == 1 and summary["recipe"]["seed"] == 5
+    assert summary["recipe"]["data"]["train"] == ["phantom:seeds=4-5,region=both,shape=8x64x64"]
+    stage2 = tmp_path / "stage2"
+    assert main(["train", "--config", str(recipe), "--stage", "2", "--phase", "2", "--init", str(phase), "--out", str(stage2),
+                 "--no-progress", "--set", "stage2.steps=1"]) == 0
+    last = json.loads((stage2 / "training_summary.json").read_text())
+    assert last["recipe"]["data"]["train"] == ["phantom:seeds=4-5,region=both,shape=8x64x64"] and last["recipe"]["seed"] == 0
+    assert main(["train", "--config", str(recipe), "--stage", "1", "--phase", "3", "--init", str(base), "--out", str(tmp_path / "x")]) != 0
+    assert main(["train", "--config", str(recipe), "--stage", "both", "--phase", "2", "--out", str(tmp_path / "y")]) != 0
+
+
 def test_both_stages_run_the_stage1_phases_in_order_then_stage2_from_the_last(env, tmp_path):
     """Each phase continues from the one before; a phase that changes the model (here a finer
     vision patch with a larger merge, the same LLM token count) is rebuilt and takes every

@@ -74,6 +74,9 @@ class Med3DConfig(PretrainedConfig):
     ``finding_verifier`` (a finding model's): a sub-folder holding a ``Med3DFindingVerifier``
     (:mod:`napari_tghmoe.med3d.verifier`) that looks again at each proposed component;
     ``verifier_channels`` and ``verifier_min_probability`` are the verifier's own settings.
+    ``nodule_stage`` (a finding model's): the lung-nodule stage's logistic and cut
+    (:class:`napari_tghmoe.med3d.nodules.NoduleShapeStage`); when set, it is the second look for
+    lung nodules, at the scan's own spacing, in place of the verifier's.
     """
 
     model_type = MODEL_TYPE
@@ -114,6 +117,7 @@ class Med3DConfig(PretrainedConfig):
         finding_verifier: str = "",
         verifier_channels: list[int] | tuple[int, ...] = (16, 32, 64, 128),
         verifier_min_probability: float = 0.5,
+        nodule_stage: dict[str, Any] | None = None,
         **kwargs: Any,
     ) -> None:
         self.encoder = str(encoder)
@@ -150,6 +154,7 @@ class Med3DConfig(PretrainedConfig):
         self.finding_verifier = str(finding_verifier)
         self.verifier_channels = [int(c) for c in verifier_channels]
         self.verifier_min_probability = float(verifier_min_probability)
+        self.nodule_stage = dict(nodule_stage) if nodule_stage else None
         super().__init__(**kwargs)
         self.validate_med3d()
 
@@ -158,6 +163,10 @@ class Med3DConfig(PretrainedConfig):
             raise ValueError(f"encoder must be 'segresnet' or 'swin_unetr', got {self.encoder!r}")
         if self.align not in ("ot", "infonce"):
             raise ValueError(f"align must be 'ot' or 'infonce', got {self.align!r}")
+        if self.nodule_stage:
+            from napari_tghmoe.med3d.nodules import NoduleShapeStage
+
+            NoduleShapeStage.from_config(self.nodule_stage)  # a malformed stage fails when the model loads
         if len(self.working_spacing) != 3 or min(self.working_spacing) <= 0:
             raise ValueError(f"working_spacing must be three positive mm values, got {self.working_spacing}")
         stride = self.encoder_stride

@@ -20,6 +20,7 @@ import numpy as np
 from napari_tghmoe.io import CTVolume
 from napari_tghmoe.io._geometry import ALIGNED_COSINE, orientation_name
 from napari_tghmoe.io._types import AXIAL_DIRECTION
+from napari_tghmoe.med3d.nodules import NODULE_KIND, NoduleShapeStage
 from napari_tghmoe.med3d.types import SegFinding, SegmentationResult, SegmentationStopped, SegModelError
 
 def _resolve_model_dir(model_dir: str | Path | None) -> Path:
@@ -62,7 +63,8 @@ def _model(folder: Path, keep_others: bool = False, loader: Callable[[Path], Any
     from napari_tghmoe.med3d.encoder import load_seg_model
 
     key = str(folder.resolve())
-    stamp = (folder / "model.safetensors").stat().st_mtime if (folder / "model.safetensors").exists() else None
+    # a new weights file or an edited config (a cut, a stage) loads again
+    stamp = tuple((folder / name).stat().st_mtime if (folder / name).exists() else None for name in ("model.safetensors", "config.json"))
     if key not in _cached or _cached[key][0] != stamp:
         if not keep_others:
             _cached.clear()
@@ -484,6 +486,7 @@ def _segment_on_grid(
     verifier = None
     presence = dict(zip(config.finding_kinds, organ_pass.presence))
     organ_scan: np.ndarray | None = None  # a cascade's organ labels under its findings
+    finder_nodules: np.ndarray | None = None  # a cascade's finder's lung-nodule voxels, kept or not
     if finder is None:
         for kind in config.finding_kinds:
             finding_passes[kind] = (organ_pass, config.finding_label(kind), organ_pass.labels)
@@ -499,6 +502,7 @@ def _segment_on_grid(
             finding_passes[kind] = (finder_pass, finder.config.finding_label(kind), finder_pass.labels)
         presence.update(zip(finder.config.finding_kinds, finder_pass.presence))
         finder_on_scan = lut[finder_pass.on_scan(finder_pass.labels, order, flips)]
+        finder_nodules = finder_on_scan == config.finding_label(NODULE_KIND) if NODULE_KIND in config.finding_kinds else None
         organ_scan = labels
         labels = np.where(finder_on_scan > 0, finder_on_scan, labels)
 
@@ -509,6 +513,7 @@ def _segment_on_grid(
     # a cascade's finding model sets how sure a finding must be; the organ model's own otherwise
     threshold = (finder.config if finder is not None else config).min_finding_probability
     sites = (finder.config if finder is not None else config).finding_sites
+    nodule_stage = NoduleShapeStage.from_config(getattr(finder.config if finder is not None else config, "nodule_stage", None))
     findings: list[SegFinding] = []
     for kind in config.finding_kinds:
         if kind not in finding_passes:
@@ -528,7 +533,11 @@ def _segment_on_grid(
             # its voxels go back to the organs
             rejected = probability < threshold or (kind in sites and location not in sites[kind])
             second_look = None
-            if not rejected and verifier is not None:  # the second look, on the finder's grid
+            if not rejected and nodule_stage is not None and kind == NODULE_KIND:
+                # the nodule's second look: is it a ball, on the scan's own voxels (med3d.nodules)
+                second_look = nodule_stage.probability(volume.hu, volume.spacing, snapped_centre(voxels))
+                rejected = second_look < nodule_stage.min_probability
+            elif not rejected and verifier is not None:  # the second look, on the finder's grid
                 from napari_tghmoe.med3d.verifier import verify
 
                 second_look = verify(verifier, source.image, [(kind, source.working_indices(voxels, order))])[0]
@@ -552,6 +561,30 @@ def _segment_on_grid(
                     verifier_probability=None if second_look is None else round(second_look, 4),
                 )
             )
+    if nodule_stage is not None and nodule_stage.propose_scales_mm and organ_scan is not None and NODULE_KIND in sites:
+        source, source_value, _ = finding_passes[NODULE_KIND]
+        for proposal in _stage_proposals(volume, organ_scan, names, sites[NODULE_KIND], finder_nodules, nodule_stage):
+            inside = source.probabilities[source_value][tuple(source.working_indices(proposal.voxels, order).T)]
+            location = _location(organ_labels_work, organ_pass.working_indices(proposal.voxels, order), organ_count, names)
+            if location not in sites[NODULE_KIND]:
+                continue
+            value = config.finding_label(NODULE_KIND)
+            labels[tuple(proposal.voxels.T)] = value
+            centre = snapped_centre(proposal.voxels)
+            findings.append(
+                SegFinding(
+                    kind=NODULE_KIND,
+                    label=value,
+                    voxel_zyx=centre,
+                    position_mm=tuple(round(float(p), 2) for p in volume.index_to_patient(centre)),  # type: ignore[arg-type]
+                    volume_ml=round(len(proposal.voxels) * voxel_ml, 3),
+                    probability=round(float(inside.mean()), 4),
+                    location=location,
+                    voxel_count=int(len(proposal.voxels)),
+                    peak_probability=round(float(inside.max()), 4),
+                    verifier_probability=round(proposal.probability, 4),
+                )
+            )
     findings.sort(key=lambda f: -f.probability)
     structure_volumes = _structure_volumes(labels, names, voxel_ml)
     grid = organ_pass.grid
@@ -565,6 +598,28 @@ def _segment_on_grid(
         seconds=round(time.perf_counter() - started, 3),
         working_spacing=tuple(n * s / g for n, s, g in zip(axial.shape, axial.spacing, grid)),  # type: ignore[arg-type]
     )
+
+
+def _stage_proposals(
+    volume: CTVolume, organ_scan: np.ndarray, names: list[str], lung_organs: list[str], finder_nodules: np.ndarray | None,
+    stage: NoduleShapeStage,
+) -> list[Any]:
+    """The nodule stage's own balls (:func:`napari_tghmoe.med3d.nodules.propose_nodules`): in the
+    organs a nodule may lie in (holes filled: the organ model does not label a nodule as lung), a
+    few mm away from anything the finder proposed as a nodule."""
+    from scipy import ndimage
+
+    from napari_tghmoe.med3d.nodules import SEARCH_RADIUS_MM, propose_nodules
+
+    lungs = np.isin(organ_scan, [names.index(n) for n in lung_organs if n in names])
+    lungs = np.stack([ndimage.binary_fill_holes(s) for s in lungs])  # per slice: a nodule at the wall is a notch in 3D
+    exclude = None
+    if finder_nodules is not None and finder_nodules.any():
+        spacing = np.asarray(volume.spacing)
+        reach = np.ceil(SEARCH_RADIUS_MM / spacing).astype(int)
+        offsets = np.stack(np.meshgrid(*[np.arange(-r, r + 1) for r in reach], indexing="ij"), -1)
+        exclude = ndimage.binary_dilation(finder_nodules, structure=((offsets * spacing) ** 2).sum(-1) <= SEARCH_RADIUS_MM**2)
+    return propose_nodules(volume.hu, volume.spacing, lungs, stage, exclude)
 
 
 #: Told to the user when :func:`segment_volume` resampled an oblique series.

@@ -34,6 +34,13 @@ def register(subparsers: Any) -> None:
         metavar="KEY=VALUE",
         help="override a recipe value, e.g. stage1.steps=200 or model.moe.text_guidance=false (TOML values)",
     )
+    parser.add_argument(
+        "--phase",
+        type=int,
+        metavar="N",
+        help="with --stage 1 or 2: only the recipe's stage-1 phase N (1 = its own stage 1, 2 = the first "
+        "[[stage1_continue]]...) from --init, or stage 2 on phase N's data (a new last phase without rerunning the others)",
+    )
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
     parser.set_defaults(func=run_train)
 
@@ -76,6 +83,21 @@ def load_recipe_with_overrides(path: str, overrides: list[str]):
 def stage1_phase_dir(out: Path, index: int) -> Path:
     """``OUT/stage1`` for the recipe's own stage 1, ``OUT/stage1-2``, ``OUT/stage1-3``... for its continuations."""
     return out / ("stage1" if index == 1 else f"stage1-{index}")
+
+
+def recipe_phase(recipe: Any, phase: int, stage: int) -> Any:
+    """The recipe as ``--phase`` runs it: stage 1 with phase ``phase``'s settings, or stage 2 on its data
+    (as :func:`train_both_stages` runs stage 2 on the last phase's data)."""
+    import dataclasses
+
+    from napari_tghmoe.cli import CLIError
+    from napari_tghmoe.train.recipe import stage1_phases
+
+    phases = stage1_phases(recipe)
+    if not 1 <= phase <= len(phases):
+        raise CLIError(f"{recipe.path}: --phase {phase}, but the recipe has stage-1 phases 1-{len(phases)}")
+    chosen = phases[phase - 1]
+    return chosen if stage == 1 else dataclasses.replace(recipe, data=chosen.data)
 
 
 def train_both_stages(recipe: Any, out: Path, *, init: str | None, resume: bool, progress: bool) -> list[Any]:
@@ -128,10 +150,14 @@ def run_train(args: argparse.Namespace) -> int:
     if args.init and not Path(args.init).is_dir():
         raise CLIError(f"{args.init}: --init folder not found")
     try:
+        if args.stage == "both" and args.phase is not None:
+            raise CLIError("--phase runs one phase: give --stage 1 or --stage 2")
         if args.stage == "both":
             results = train_both_stages(recipe, out, init=args.init, resume=args.resume, progress=not args.no_progress)
         else:
             stage = int(args.stage)
+            if args.phase is not None:
+                recipe = recipe_phase(recipe, args.phase, stage)
             if stage == 2 and not (args.init or args.init_weights):
                 # --init-weights: a stage-1 output whose matching tensors go into a model built
                 # from the recipe (an ablation that changes the routing of stage 2)
