@@ -149,3 +149,21 @@ def test_the_stage_finds_a_ball_the_finder_missed_but_not_a_vessel():
     assert propose_nodules(hu, SPACING, lungs, stage, exclude=ball) == []
     assert propose_nodules(hu, SPACING, np.zeros(shape, bool), stage) == []
     assert propose_nodules(hu, SPACING, lungs, dataclasses.replace(stage, propose_scales_mm=())) == []
+
+
+def test_the_bundled_cascades_confirm_nodules_with_the_stage():
+    """Both shipped copies of the cascade (the seg demo and the chat model's evidence encoder) carry
+    the same fitted stage, and it calls a ball a nodule and a vessel not."""
+    from napari_tghmoe.med3d.encoder import Med3DConfig
+
+    root = Path(__file__).resolve().parent.parent / "resources"
+    stages = [
+        NoduleShapeStage.from_config(Med3DConfig.from_pretrained(folder / "findings").nodule_stage)
+        for folder in (root / "demo-seg-model", root / "demo-model" / "volume_encoder")
+    ]
+    assert stages[0] is not None and stages[0] == stages[1]
+    stage = stages[0]
+    assert stage.min_probability == 0.7 and not stage.propose_scales_mm  # proposals are off (docs/results-med3d.md)
+    ball, centre = _lung_with("ball")
+    vessel, _ = _lung_with("vessel")
+    assert stage.probability(ball, SPACING, centre) > stage.min_probability > stage.probability(vessel, SPACING, centre)

@@ -348,6 +348,10 @@ def test_the_card_says_plainly_which_targets_are_met():
     verdict = target_verdict(0.5, 0.75, 0.6)
     assert "closed-VQA accuracy 0.500 is 0.35 below 0.85" in verdict and "precision 0.600" in verdict
     assert "recall" not in verdict
+    # every question type is held to 0.7 as well
+    typed = target_verdict(0.9, 0.75, 0.85, {"location": 0.672, "plane": 1.0})
+    assert typed == "**Targets missed**: closed-VQA location 0.672 is 0.03 below 0.7."
+    assert target_verdict(0.9, 0.75, 0.85, {"location": 0.75}) == "All targets are met."
 
 
 def test_stage2_of_a_topic_routed_arm_starts_from_a_stage1_output_with_init_weights(env, two_stages, tmp_path):
