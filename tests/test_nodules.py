@@ -167,3 +167,34 @@ def test_the_bundled_cascades_confirm_nodules_with_the_stage():
     ball, centre = _lung_with("ball")
     vessel, _ = _lung_with("vessel")
     assert stage.probability(ball, SPACING, centre) > stage.min_probability > stage.probability(vessel, SPACING, centre)
+
+
+def test_a_cascade_whose_stage_proposes_adds_the_ball_the_finder_missed(tmp_path):
+    """With proposal widths set, a ball in the lungs that the finder never labelled becomes a lung
+    nodule with its voxels on the scan and the stage's probability; without them nothing is found."""
+    from napari_tghmoe.io import CTVolume
+    from napari_tghmoe.med3d import segment_volume
+    from napari_tghmoe.med3d.segment import attach_finding_model
+    from test_med3d import _biased_seg_model
+
+    organs = _biased_seg_model(tmp_path / "organs", "right lower lobe")  # every voxel is lung
+    blind = _biased_seg_model(  # a finder that never proposes anything
+        tmp_path / "blind", "background", organ_names=[], finding_kinds=["lung nodule"], working_spacing=[4.0, 4.0, 4.0],
+        finding_sites={"lung nodule": ["right lower lobe"]},
+    )
+    config = json.loads((blind / "config.json").read_text())
+    stage = NoduleShapeStage(weights=(20.0, 0.0), bias=-14.0, min_probability=0.5, propose_scales_mm=(2.5, 3.5, 4.5))
+    config["nodule_stage"] = stage.to_config()
+    (blind / "config.json").write_text(json.dumps(config))
+    hu, centre = _lung_with("ball")
+    found = segment_volume(CTVolume(hu=hu, spacing=SPACING), attach_finding_model(organs, blind, tmp_path / "proposing"))
+    assert [(f.kind, f.location) for f in found.findings] == [("lung nodule", "right lower lobe")]
+    nodule = found.findings[0]
+    assert nodule.verifier_probability >= stage.propose_min_probability
+    assert np.linalg.norm((np.asarray(nodule.voxel_zyx) - centre) * SPACING) <= 3.0
+    assert (found.labels == nodule.label).sum() == nodule.voxel_count > 0
+
+    config["nodule_stage"] = dict(stage.to_config(), propose_scales_mm=[])
+    (blind / "config.json").write_text(json.dumps(config))
+    quiet = segment_volume(CTVolume(hu=hu, spacing=SPACING), attach_finding_model(organs, blind, tmp_path / "quiet"))
+    assert quiet.findings == []
