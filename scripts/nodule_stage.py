@@ -118,12 +118,14 @@ def fit(path: Path, model_dir: Path, cut: float, propose_scales: list[float], pr
 
 
 def _auc(scores: list[float], labels: list[bool]) -> float:
+    """ROC AUC as the Mann-Whitney U of the true candidates' scores over the look-alikes' (ties count half)."""
+    from scipy.stats import mannwhitneyu
+
     positive = [s for s, y in zip(scores, labels) if y]
     negative = [s for s, y in zip(scores, labels) if not y]
     if not positive or not negative:
         return float("nan")
-    wins = sum((p > n) + 0.5 * (p == n) for p in positive for n in negative)
-    return wins / (len(positive) * len(negative))
+    return float(mannwhitneyu(positive, negative).statistic) / (len(positive) * len(negative))
 
 
 def score(path: Path, model_dir: Path, cuts: list[float]) -> None:

@@ -192,6 +192,14 @@ DENSER_THAN_LUNG_HU = -400.0
 PROPOSAL_SEPARATION_MM = 10.0
 
 
+def ball_footprint(radius_mm: float, spacing: Sequence[float]) -> np.ndarray:
+    """A boolean ball of ``radius_mm`` on a grid of ``spacing`` (mm per axis), centred in its array."""
+    spacing_arr = np.asarray(spacing, dtype=float)
+    reach = np.ceil(radius_mm / spacing_arr).astype(int)
+    offsets = np.stack(np.meshgrid(*[np.arange(-r, r + 1) for r in reach], indexing="ij"), -1)
+    return ((offsets * spacing_arr) ** 2).sum(-1) <= radius_mm**2
+
+
 @dataclass
 class ProposedNodule:
     """A ball the finder did not propose, found by the stage itself."""
@@ -245,9 +253,7 @@ def propose_nodules(
         best_dot[better], best_ratio[better], best_scale[better] = dot[better], ratio[better], sigma_mm
     dot_map = np.zeros(crop.shape, dtype=np.float64)
     dot_map[where] = best_dot
-    reach = np.ceil(PROPOSAL_SEPARATION_MM / spacing_arr).astype(int)
-    offsets = np.stack(np.meshgrid(*[np.arange(-r, r + 1) for r in reach], indexing="ij"), -1)
-    footprint = ((offsets * spacing_arr) ** 2).sum(-1) <= PROPOSAL_SEPARATION_MM**2
+    footprint = ball_footprint(PROPOSAL_SEPARATION_MM, spacing_arr)
     peaks = (dot_map == ndimage.maximum_filter(dot_map, footprint=footprint, mode="constant")) & (dot_map > 0)
     index_of = np.full(crop.shape, -1, dtype=np.int64)
     index_of[where] = np.arange(len(where[0]))

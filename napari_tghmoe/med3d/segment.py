@@ -545,22 +545,7 @@ def _segment_on_grid(
             if rejected:
                 labels[tuple(voxels.T)] = 0 if organ_scan is None else organ_scan[tuple(voxels.T)]
                 continue
-            centre = snapped_centre(voxels)
-            position = volume.index_to_patient(centre)
-            findings.append(
-                SegFinding(
-                    kind=kind,
-                    label=value,
-                    voxel_zyx=centre,
-                    position_mm=tuple(round(float(p), 2) for p in position),  # type: ignore[arg-type]
-                    volume_ml=round(len(voxels) * voxel_ml, 3),
-                    probability=round(probability, 4),
-                    location=location,
-                    voxel_count=int(len(voxels)),
-                    peak_probability=round(float(inside.max()), 4),
-                    verifier_probability=None if second_look is None else round(second_look, 4),
-                )
-            )
+            findings.append(_seg_finding(kind, value, voxels, volume, voxel_ml, inside, location, second_look))
     if nodule_stage is not None and nodule_stage.propose_scales_mm and organ_scan is not None and NODULE_KIND in sites:
         source, source_value, _ = finding_passes[NODULE_KIND]
         for proposal in _stage_proposals(volume, organ_scan, names, sites[NODULE_KIND], finder_nodules, nodule_stage):
@@ -570,20 +555,8 @@ def _segment_on_grid(
                 continue
             value = config.finding_label(NODULE_KIND)
             labels[tuple(proposal.voxels.T)] = value
-            centre = snapped_centre(proposal.voxels)
             findings.append(
-                SegFinding(
-                    kind=NODULE_KIND,
-                    label=value,
-                    voxel_zyx=centre,
-                    position_mm=tuple(round(float(p), 2) for p in volume.index_to_patient(centre)),  # type: ignore[arg-type]
-                    volume_ml=round(len(proposal.voxels) * voxel_ml, 3),
-                    probability=round(float(inside.mean()), 4),
-                    location=location,
-                    voxel_count=int(len(proposal.voxels)),
-                    peak_probability=round(float(inside.max()), 4),
-                    verifier_probability=round(proposal.probability, 4),
-                )
+                _seg_finding(NODULE_KIND, value, proposal.voxels, volume, voxel_ml, inside, location, proposal.probability)
             )
     findings.sort(key=lambda f: -f.probability)
     structure_volumes = _structure_volumes(labels, names, voxel_ml)
@@ -600,6 +573,26 @@ def _segment_on_grid(
     )
 
 
+def _seg_finding(
+    kind: str, value: int, voxels: np.ndarray, volume: CTVolume, voxel_ml: float, inside: np.ndarray,
+    location: str | None, second_look: float | None,
+) -> SegFinding:
+    """A finding from its component's scan voxels and the finder's probabilities inside it."""
+    centre = snapped_centre(voxels)
+    return SegFinding(
+        kind=kind,
+        label=value,
+        voxel_zyx=centre,
+        position_mm=tuple(round(float(p), 2) for p in volume.index_to_patient(centre)),  # type: ignore[arg-type]
+        volume_ml=round(len(voxels) * voxel_ml, 3),
+        probability=round(float(inside.mean()), 4),
+        location=location,
+        voxel_count=int(len(voxels)),
+        peak_probability=round(float(inside.max()), 4),
+        verifier_probability=None if second_look is None else round(second_look, 4),
+    )
+
+
 def _stage_proposals(
     volume: CTVolume, organ_scan: np.ndarray, names: list[str], lung_organs: list[str], finder_nodules: np.ndarray | None,
     stage: NoduleShapeStage,
@@ -609,16 +602,13 @@ def _stage_proposals(
     few mm away from anything the finder proposed as a nodule."""
     from scipy import ndimage
 
-    from napari_tghmoe.med3d.nodules import SEARCH_RADIUS_MM, propose_nodules
+    from napari_tghmoe.med3d.nodules import SEARCH_RADIUS_MM, ball_footprint, propose_nodules
 
     lungs = np.isin(organ_scan, [names.index(n) for n in lung_organs if n in names])
     lungs = np.stack([ndimage.binary_fill_holes(s) for s in lungs])  # per slice: a nodule at the wall is a notch in 3D
     exclude = None
     if finder_nodules is not None and finder_nodules.any():
-        spacing = np.asarray(volume.spacing)
-        reach = np.ceil(SEARCH_RADIUS_MM / spacing).astype(int)
-        offsets = np.stack(np.meshgrid(*[np.arange(-r, r + 1) for r in reach], indexing="ij"), -1)
-        exclude = ndimage.binary_dilation(finder_nodules, structure=((offsets * spacing) ** 2).sum(-1) <= SEARCH_RADIUS_MM**2)
+        exclude = ndimage.binary_dilation(finder_nodules, structure=ball_footprint(SEARCH_RADIUS_MM, volume.spacing))
     return propose_nodules(volume.hu, volume.spacing, lungs, stage, exclude)
 
 
