@@ -1,5 +1,8 @@
 """Fit and check the lung-nodule stage (napari_tghmoe.med3d.nodules) on the finder's own proposals.
 
+``--kind`` (default "lung nodule") fits the same stage for another small focal kind, written to the
+finding model's ``lesion_stages``; ``--polarity -1`` measures dark balls (a cyst) at collect time.
+
     collect: every lung-nodule component the cascade's finder proposes on phantoms (its thresholds
              at 0), with its finder probability, site, the verifier's probability, the ball
              measure at the scan's own spacing and whether it is a true nodule;
@@ -11,6 +14,7 @@
     python scripts/nodule_stage.py collect --model resources/demo-seg-model --data "phantom:seeds=2000-2039,region=chest,spacing=2.5x1.5x1.5" --out train.json
     python scripts/nodule_stage.py fit train.json --model resources/demo-seg-model --cut 0.7 --propose-scales 2.5 3.5 4.5 --propose-cut 0.8
     python scripts/nodule_stage.py score val.json --model resources/demo-seg-model
+    python scripts/nodule_stage.py collect --kind "hyperdense liver lesion" --model resources/demo-seg-model --data "phantom:seeds=2000-2079,region=abdomen,spacing=2.5x1.5x1.5" --out liver.json
 """
 
 from __future__ import annotations
@@ -27,10 +31,17 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-KIND = "lung nodule"
+NODULE = "lung nodule"
 
 
-def collect(model_dir: Path, data: str, out: Path) -> None:
+def _stage_key(config: dict[str, Any], kind: str) -> tuple[dict[str, Any], str]:
+    """(the dict that holds ``kind``'s stage in a finding-model config, its key there)."""
+    if kind == NODULE:
+        return config, "nodule_stage"
+    return config.setdefault("lesion_stages", {}), kind
+
+
+def collect(model_dir: Path, data: str, out: Path, kind: str = NODULE, polarity: int = 1) -> None:
     from finding_candidates import _unthresholded_copy
 
     from napari_tghmoe.med3d.data import iter_phantoms
@@ -42,47 +53,54 @@ def collect(model_dir: Path, data: str, out: Path) -> None:
         folder = _unthresholded_copy(model_dir, Path(scratch))
         for config_path in folder.rglob("config.json"):  # the stage must not decide what it is measured on
             config = json.loads(config_path.read_text())
-            if config.pop("nodule_stage", None) is not None:
+            if config.pop("nodule_stage", None) is not None or config.pop("lesion_stages", None) is not None:
                 config_path.write_text(json.dumps(config, indent=2))
         for phantom in iter_phantoms(data):
             result = segment_volume(phantom.volume, folder)
-            truths = [i for i, f in enumerate(phantom.findings) if f.kind == KIND]
+            truths = [i for i, f in enumerate(phantom.findings) if f.kind == kind]
             candidates = []
             for finding in result.findings:
-                if finding.kind != KIND:
+                if finding.kind != kind:
                     continue
                 for voxels in finding_components(result.labels, finding.label):
                     if not (voxels == np.array(finding.voxel_zyx)).all(axis=1).any():
                         continue
                     lesion_ids = np.unique(phantom.lesions[tuple(voxels.T)])
                     hits = [int(i) - 1 for i in lesion_ids if i > 0 and int(i) - 1 in truths]
-                    measure = ball_measure(phantom.volume.hu, phantom.volume.spacing, finding.voxel_zyx)
+                    measure = ball_measure(phantom.volume.hu, phantom.volume.spacing, finding.voxel_zyx, polarity=polarity)
                     candidates.append({
                         "probability": finding.probability, "location": finding.location,
                         "verifier_probability": finding.verifier_probability, "volume_ml": finding.volume_ml,
                         "true_findings": hits, "sizes_mm": [phantom.findings[i].size_mm for i in hits], "ball": asdict(measure),
                     })
                     break
-            volumes.append({"seed": phantom.seed, "truth_sizes_mm": [phantom.findings[i].size_mm for i in truths], "truths": truths,
+            volumes.append({"seed": phantom.seed, "kind": kind, "polarity": polarity, "truth_sizes_mm": [phantom.findings[i].size_mm for i in truths], "truths": truths,
                             "candidates": candidates})
             found = {i for c in candidates for i in c["true_findings"]}
-            print(f"phantom {phantom.seed}: {len(found)}/{len(truths)} nodules proposed, "
+            print(f"phantom {phantom.seed}: {len(found)}/{len(truths)} {kind}s proposed, "
                   f"{sum(1 for c in candidates if not c['true_findings'])} look-alikes", flush=True)
             out.write_text(json.dumps({"model": str(model_dir), "data": data, "volumes": volumes}, indent=1) + "\n")
 
 
-def _finder_rules(model_dir: Path) -> tuple[float, list[str] | None]:
+def _finder_rules(model_dir: Path, kind: str) -> tuple[float, list[str] | None]:
     from napari_tghmoe.med3d.encoder import Med3DConfig
 
     organ = Med3DConfig.from_pretrained(model_dir)
     finder = Med3DConfig.from_pretrained(model_dir / organ.finding_model) if organ.finding_model else organ
-    return finder.min_finding_probability, finder.finding_sites.get(KIND)
+    return finder.min_finding_probability, finder.finding_sites.get(kind)
+
+
+def _collected(path: Path) -> tuple[list[dict[str, Any]], str, int]:
+    """(volumes, the kind they were collected for, its polarity)."""
+    volumes = json.loads(path.read_text())["volumes"]
+    first = volumes[0] if volumes else {}
+    return volumes, first.get("kind", NODULE), int(first.get("polarity", 1))
 
 
 def _passing(path: Path, model_dir: Path) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
     """(volumes, candidates that pass the finder's probability and site rules: the stage's input)."""
-    threshold, sites = _finder_rules(model_dir)
-    volumes = json.loads(path.read_text())["volumes"]
+    volumes, kind, _ = _collected(path)
+    threshold, sites = _finder_rules(model_dir, kind)
     kept = []
     for volume in volumes:
         for c in volume["candidates"]:
@@ -102,18 +120,21 @@ def fit(path: Path, model_dir: Path, cut: float, propose_scales: list[float], pr
     from napari_tghmoe.med3d.nodules import fit_nodule_stage
 
     _, candidates = _passing(path, model_dir)
+    _, kind, polarity = _collected(path)
     stage = fit_nodule_stage([_measure(c) for c in candidates], [bool(c["true_findings"]) for c in candidates])
     stage.min_probability = float(cut)
+    stage.polarity = polarity
     stage.propose_scales_mm = tuple(float(s) for s in propose_scales)
     stage.propose_min_probability = float(propose_cut)
     values = {**stage.to_config(), "fitted_on": json.loads(path.read_text())["data"]}
     organ = Med3DConfig.from_pretrained(model_dir)
     config_path = model_dir / (organ.finding_model or ".") / "config.json"
     config = json.loads(config_path.read_text())
-    config["nodule_stage"] = values
+    holder, key = _stage_key(config, kind)
+    holder[key] = values
     config_path.write_text(json.dumps(config, indent=2) + "\n")
     true = sum(1 for c in candidates if c["true_findings"])
-    print(f"fitted on {len(candidates)} candidates ({true} true nodules): {values}; written to {config_path}")
+    print(f"fitted on {len(candidates)} {kind} candidates ({true} true): {values}; written to {config_path}")
     return values
 
 
@@ -134,18 +155,19 @@ def score(path: Path, model_dir: Path, cuts: list[float]) -> None:
 
     organ = Med3DConfig.from_pretrained(model_dir)
     finder = Med3DConfig.from_pretrained(model_dir / organ.finding_model)
-    stage = NoduleShapeStage.from_config(getattr(finder, "nodule_stage", None))
+    _, kind, _ = _collected(path)
+    stage = NoduleShapeStage.from_config(finder.nodule_stage if kind == NODULE else finder.lesion_stages.get(kind))
     if stage is None:
-        raise SystemExit(f"{model_dir}: its finding model has no nodule_stage (run fit first)")
+        raise SystemExit(f"{model_dir}: its finding model has no stage for {kind} (run fit first)")
     volumes, candidates = _passing(path, model_dir)
     true_total = sum(len(v["truths"]) for v in volumes)
     proposed = len({(v["seed"], i) for v in volumes for c in v["candidates"] for i in c["true_findings"]})
-    print(f"{path}: {len(volumes)} volumes, {true_total} true nodules, {proposed} proposed by the finder at any probability, "
+    print(f"{path}: {len(volumes)} volumes, {true_total} true {kind}s, {proposed} proposed by the finder at any probability, "
           f"{len(candidates)} candidates pass the finder's rules")
     labels = [bool(c["true_findings"]) for c in candidates]
     rows = {
         "verifier": [c["verifier_probability"] or 0.0 for c in candidates],
-        "nodule stage": [stage.probability_of(_measure(c)) for c in candidates],
+        "shape stage": [stage.probability_of(_measure(c)) for c in candidates],
     }
     print("| second look | ROC AUC | " + " | ".join(f"cut {c}: found, false / volume" for c in cuts) + " |")
     print("|---|---|" + "---|" * len(cuts))
@@ -165,6 +187,8 @@ def main(argv: list[str] | None = None) -> int:
     c.add_argument("--model", required=True, type=Path)
     c.add_argument("--data", required=True)
     c.add_argument("--out", required=True, type=Path)
+    c.add_argument("--kind", default=NODULE, help="the finding kind whose candidates are collected")
+    c.add_argument("--polarity", type=int, choices=(1, -1), default=1, help="1: bright balls, -1: dark ones")
     f = sub.add_parser("fit")
     f.add_argument("candidates", type=Path)
     f.add_argument("--model", required=True, type=Path, help="cascade folder whose finding model gets the stage")
@@ -177,7 +201,7 @@ def main(argv: list[str] | None = None) -> int:
     s.add_argument("--cuts", type=float, nargs="+", default=[0.35, 0.5, 0.7])
     args = parser.parse_args(argv)
     if args.command == "collect":
-        collect(args.model, args.data, args.out)
+        collect(args.model, args.data, args.out, args.kind, args.polarity)
     elif args.command == "fit":
         fit(args.candidates, args.model, args.cut, args.propose_scales, args.propose_cut)
     else:

@@ -11,8 +11,8 @@
 #    model's labels as context channels) from the pretrained encoder, in three phases, and its
 #    verifiers (tghmoe train-verifier: a second look trained on the finder's own proposals; three,
 #    averaged as one ensemble).
-# 5. All three are joined in $RUN/bundle (`tghmoe seg-bundle`), given the lung-nodule stage
-#    (scripts/nodule_stage.py), evaluated on the held-out phantoms
+# 5. All three are joined in $RUN/bundle (`tghmoe seg-bundle`), given the lung-nodule and
+#    liver-lesion stages (scripts/nodule_stage.py), evaluated on the held-out phantoms
 #    and copied to resources/demo-seg-model (SHIP_CASCADE=0 ships the organ model alone). The card
 #    README.md is written by hand from eval_results.json and the training summaries.
 # One thread per run (TGHMOE_TRAIN_THREADS=1): on 2 shared cores two threads per process were
@@ -88,6 +88,12 @@ $TGHMOE seg-bundle --organs "$RUN/demo-4" --findings "$RUN/findings" \
   --data "phantom:seeds=2000-2039,region=chest,$S" > "$RUN/nodule-stage.log" 2>&1
 .venv/bin/python scripts/nodule_stage.py fit "$RUN/nodule-candidates.json" --model "$RUN/bundle" --cut 0.7 \
   >> "$RUN/nodule-stage.log" 2>&1
+# The same stage for hyperdense liver lesions (a bright ball in the liver; docs/results-med3d.md,
+# "The liver-lesion stage"), fitted on the finder's proposals on 50 training abdomen phantoms.
+.venv/bin/python scripts/nodule_stage.py collect --kind "hyperdense liver lesion" --model "$RUN/bundle" \
+  --out "$RUN/liver-candidates.json" --data "phantom:seeds=2000-2049,region=abdomen,$S" > "$RUN/liver-stage.log" 2>&1
+.venv/bin/python scripts/nodule_stage.py fit "$RUN/liver-candidates.json" --model "$RUN/bundle" --cut 0.7 \
+  >> "$RUN/liver-stage.log" 2>&1
 $TGHMOE eval-seg --model "$RUN/bundle" --data "$HELDOUT" --out "$RUN/bundle/eval_results.json" > "$RUN/bundle.log" 2>&1
 
 SHIPPED="$RUN/bundle"

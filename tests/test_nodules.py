@@ -169,6 +169,25 @@ def test_the_bundled_cascades_confirm_nodules_with_the_stage():
     assert stage.probability(ball, SPACING, centre) > stage.min_probability > stage.probability(vessel, SPACING, centre)
 
 
+def test_the_bundled_cascades_confirm_hyperdense_liver_lesions_with_a_stage():
+    """Both shipped cascades carry the same hyperdense-liver-lesion stage (bright balls in the
+    liver): a 14 mm lesion at +75 HU is one, an enhancing vessel of the same density is not."""
+    from napari_tghmoe.med3d.encoder import Med3DConfig
+
+    root = Path(__file__).resolve().parent.parent / "resources"
+    kind = "hyperdense liver lesion"
+    stages = [
+        NoduleShapeStage.from_config(Med3DConfig.from_pretrained(folder / "findings").lesion_stages.get(kind))
+        for folder in (root / "demo-seg-model", root / "demo-model" / "volume_encoder")
+    ]
+    assert stages[0] is not None and stages[0] == stages[1]
+    stage = stages[0]
+    assert stage.polarity == 1 and stage.min_probability == 0.7
+    ball, centre = _tissue_with("ball", tissue_hu=110.0, lesion_hu=185.0)
+    vessel, _ = _tissue_with("vessel", tissue_hu=110.0, lesion_hu=185.0)
+    assert stage.probability(ball, SPACING, centre) > stage.min_probability > stage.probability(vessel, SPACING, centre)
+
+
 def test_a_cascade_whose_stage_proposes_adds_the_ball_the_finder_missed(tmp_path):
     """With proposal widths set, a ball in the lungs that the finder never labelled becomes a lung
     nodule with its voxels on the scan and the stage's probability; without them nothing is found."""
@@ -198,3 +217,56 @@ def test_a_cascade_whose_stage_proposes_adds_the_ball_the_finder_missed(tmp_path
     (blind / "config.json").write_text(json.dumps(config))
     quiet = segment_volume(CTVolume(hu=hu, spacing=SPACING), attach_finding_model(organs, blind, tmp_path / "quiet"))
     assert quiet.findings == []
+
+
+def _tissue_with(structure: str, tissue_hu: float, lesion_hu: float, shape=(40, 64, 64), radius_mm=7.0):
+    """Solid tissue (liver, kidney) with a ball or a vessel of another density through the middle voxel."""
+    hu, centre = _lung_with(structure, shape=shape, radius_mm=radius_mm)
+    return np.where(hu == SOLID_HU, lesion_hu, tissue_hu).astype(np.float32), centre
+
+
+def test_a_dark_ball_in_bright_tissue_is_a_ball_at_polarity_minus_one():
+    """A cyst (0 HU) in an enhancing kidney (160 HU) is round on the negated HU, and no bright ball."""
+    hu, centre = _tissue_with("ball", tissue_hu=160.0, lesion_hu=0.0)
+    dark = ball_measure(hu, SPACING, centre, polarity=-1)
+    assert dark.ratio > 0.7, dark
+    assert ball_measure(hu, SPACING, centre, polarity=1).dot < 0.05 * dark.dot
+    hu, centre = _tissue_with("vessel", tissue_hu=160.0, lesion_hu=0.0)
+    assert ball_measure(hu, SPACING, centre, polarity=-1).ratio < 0.2
+    with pytest.raises(ValueError, match="polarity"):
+        ball_measure(hu, SPACING, centre, polarity=2)
+    stage = NoduleShapeStage(weights=(20.0, 0.0), bias=-10.0, polarity=-1)
+    assert NoduleShapeStage.from_config(json.loads(json.dumps(stage.to_config()))) == stage
+    with pytest.raises(ValueError, match="polarity"):
+        NoduleShapeStage.from_config({**stage.to_config(), "polarity": 0})
+
+
+def test_a_lesion_stage_decides_its_kind_in_place_of_the_verifier(tmp_path):
+    """``lesion_stages``: a hyperdense liver lesion candidate centred on a bright ball in the liver is
+    kept though the verifier says no finding; one on a bright vessel is dropped. A stage for a kind
+    the finder does not know fails when the model loads."""
+    from napari_tghmoe.io import CTVolume
+    from napari_tghmoe.med3d import segment_volume
+    from napari_tghmoe.med3d.encoder import Med3DConfig
+    from napari_tghmoe.med3d.segment import attach_finding_model
+    from test_med3d import _biased_seg_model, _constant_verifier, _renal_cyst_everywhere
+
+    kind = "hyperdense liver lesion"
+    organs = _biased_seg_model(tmp_path / "organs", "liver")
+    finder = _renal_cyst_everywhere(tmp_path / "finder", kind=kind, finding_kinds=[kind])
+    config = json.loads((finder / "config.json").read_text())
+    config["lesion_stages"] = {kind: NoduleShapeStage(weights=(20.0, 0.0), bias=-10.0, min_probability=0.5).to_config()}
+    (finder / "config.json").write_text(json.dumps(config))
+    assert Med3DConfig.from_pretrained(finder).lesion_stages[kind]["min_probability"] == 0.5
+    never = _constant_verifier(tmp_path / "never", finder, "none")
+    cascade = attach_finding_model(organs, finder, tmp_path / "cascade", verifier_dir=never)
+
+    hu, _ = _tissue_with("ball", tissue_hu=110.0, lesion_hu=185.0)
+    kept = segment_volume(CTVolume(hu=hu, spacing=SPACING), cascade)
+    assert [f.kind for f in kept.findings] == [kind]
+    assert kept.findings[0].verifier_probability > 0.9
+    hu, _ = _tissue_with("vessel", tissue_hu=110.0, lesion_hu=185.0)
+    assert segment_volume(CTVolume(hu=hu, spacing=SPACING), cascade).findings == []
+
+    with pytest.raises(ValueError, match="not one of finding_kinds"):
+        Med3DConfig(finding_kinds=["lung nodule"], lesion_stages={kind: config["lesion_stages"][kind]})

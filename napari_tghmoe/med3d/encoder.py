@@ -77,6 +77,8 @@ class Med3DConfig(PretrainedConfig):
     ``nodule_stage`` (a finding model's): the lung-nodule stage's logistic and cut
     (:class:`napari_tghmoe.med3d.nodules.NoduleShapeStage`); when set, it is the second look for
     lung nodules, at the scan's own spacing, in place of the verifier's.
+    ``lesion_stages`` (a finding model's): kind -> the same kind of stage for another small focal
+    kind (a hyperdense liver lesion), the second look for that kind in place of the verifier's.
     """
 
     model_type = MODEL_TYPE
@@ -118,6 +120,7 @@ class Med3DConfig(PretrainedConfig):
         verifier_channels: list[int] | tuple[int, ...] = (16, 32, 64, 128),
         verifier_min_probability: float = 0.5,
         nodule_stage: dict[str, Any] | None = None,
+        lesion_stages: dict[str, dict[str, Any]] | None = None,
         **kwargs: Any,
     ) -> None:
         self.encoder = str(encoder)
@@ -155,6 +158,7 @@ class Med3DConfig(PretrainedConfig):
         self.verifier_channels = [int(c) for c in verifier_channels]
         self.verifier_min_probability = float(verifier_min_probability)
         self.nodule_stage = dict(nodule_stage) if nodule_stage else None
+        self.lesion_stages = {str(k): dict(v) for k, v in (lesion_stages or {}).items()}
         super().__init__(**kwargs)
         self.validate_med3d()
 
@@ -163,10 +167,14 @@ class Med3DConfig(PretrainedConfig):
             raise ValueError(f"encoder must be 'segresnet' or 'swin_unetr', got {self.encoder!r}")
         if self.align not in ("ot", "infonce"):
             raise ValueError(f"align must be 'ot' or 'infonce', got {self.align!r}")
-        if self.nodule_stage:
-            from napari_tghmoe.med3d.nodules import NoduleShapeStage
+        from napari_tghmoe.med3d.nodules import NoduleShapeStage
 
+        if self.nodule_stage:
             NoduleShapeStage.from_config(self.nodule_stage)  # a malformed stage fails when the model loads
+        for kind, values in self.lesion_stages.items():
+            if kind not in self.finding_kinds:
+                raise ValueError(f"lesion_stages names {kind!r}, which is not one of finding_kinds {self.finding_kinds}")
+            NoduleShapeStage.from_config(values)
         if len(self.working_spacing) != 3 or min(self.working_spacing) <= 0:
             raise ValueError(f"working_spacing must be three positive mm values, got {self.working_spacing}")
         stride = self.encoder_stride

@@ -91,14 +91,19 @@ def ball_measure(
     spacing: Sequence[float],
     centre_zyx: Sequence[int],
     scales_mm: Sequence[float] = BALL_SCALES_MM,
+    polarity: int = 1,
 ) -> BallMeasure:
     """The ball measure of the structure at ``centre_zyx`` (scan voxel) of ``hu`` (HU, scan grid).
 
     At each scale the scale-normalised Hessian is taken at every voxel within
     :data:`SEARCH_RADIUS_MM` of the centre; the voxel and scale with the largest dot filter give
-    the measure (a candidate's centre need not be the ball's)."""
+    the measure (a candidate's centre need not be the ball's). ``polarity`` -1 measures a dark
+    ball in brighter tissue (a cyst in an enhancing kidney) on the negated HU."""
+    if polarity not in (1, -1):
+        raise ValueError(f"polarity must be 1 (a bright ball) or -1 (a dark one), got {polarity}")
     spacing_arr = np.asarray(spacing, dtype=float)
     crop, local = _crop(np.asarray(hu), spacing_arr, np.asarray(centre_zyx, dtype=int), CROP_HALF_MM)
+    crop = crop if polarity == 1 else -crop
     grid = np.stack(np.meshgrid(*[np.arange(n) for n in crop.shape], indexing="ij"), -1)
     where = np.nonzero((((grid - local) * spacing_arr) ** 2).sum(-1) <= SEARCH_RADIUS_MM**2)
     best = BallMeasure(ratio=0.0, dot=0.0, scale_mm=float(scales_mm[0]))
@@ -117,19 +122,22 @@ def ball_features(measure: BallMeasure) -> np.ndarray:
 
 @dataclass
 class NoduleShapeStage:
-    """A logistic over :func:`ball_features`: the probability a lung-nodule candidate is a nodule."""
+    """A logistic over :func:`ball_features`: the probability a lung-nodule candidate is a nodule
+    (or, as a finding model's ``lesion_stages``, that a candidate of another small focal kind is
+    one: a hyperdense liver lesion is a bright ball in the liver as a nodule is in the lung)."""
 
     weights: tuple[float, float]
     bias: float
     scales_mm: tuple[float, ...] = BALL_SCALES_MM
     min_probability: float = 0.5  # a candidate the stage gives less is not a nodule
+    polarity: int = 1  # 1: a bright ball; -1: a dark one (ball_measure)
     # balls the finder did not propose (propose_nodules): looked for at these widths (none: not at
     # all) and kept from this probability (the stage's own cut is for the finder's candidates)
     propose_scales_mm: tuple[float, ...] = ()
     propose_min_probability: float = 0.8
 
     def probability(self, hu: np.ndarray, spacing: Sequence[float], centre_zyx: Sequence[int]) -> float:
-        return self.probability_of(ball_measure(hu, spacing, centre_zyx, self.scales_mm))
+        return self.probability_of(ball_measure(hu, spacing, centre_zyx, self.scales_mm, self.polarity))
 
     def probability_of(self, measure: BallMeasure) -> float:
         z = float(np.dot(self.weights, ball_features(measure)) + self.bias)
@@ -141,6 +149,7 @@ class NoduleShapeStage:
             "bias": float(self.bias),
             "scales_mm": [float(s) for s in self.scales_mm],
             "min_probability": float(self.min_probability),
+            "polarity": int(self.polarity),
             "propose_scales_mm": [float(s) for s in self.propose_scales_mm],
             "propose_min_probability": float(self.propose_min_probability),
         }
@@ -152,11 +161,15 @@ class NoduleShapeStage:
         weights = [float(w) for w in values["weights"]]
         if len(weights) != 2:
             raise ValueError(f"nodule_shape_stage needs two weights (ratio, log dot), got {weights}")
+        polarity = int(values.get("polarity", 1))
+        if polarity not in (1, -1):
+            raise ValueError(f"a shape stage's polarity must be 1 or -1, got {polarity}")
         return cls(
             weights=(weights[0], weights[1]),
             bias=float(values["bias"]),
             scales_mm=tuple(float(s) for s in values.get("scales_mm", BALL_SCALES_MM)),
             min_probability=float(values.get("min_probability", 0.5)),
+            polarity=polarity,
             propose_scales_mm=tuple(float(s) for s in values.get("propose_scales_mm", ())),
             propose_min_probability=float(values.get("propose_min_probability", 0.8)),
         )

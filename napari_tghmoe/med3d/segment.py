@@ -513,7 +513,12 @@ def _segment_on_grid(
     # a cascade's finding model sets how sure a finding must be; the organ model's own otherwise
     threshold = (finder.config if finder is not None else config).min_finding_probability
     sites = (finder.config if finder is not None else config).finding_sites
-    nodule_stage = NoduleShapeStage.from_config(getattr(finder.config if finder is not None else config, "nodule_stage", None))
+    stage_config = finder.config if finder is not None else config
+    nodule_stage = NoduleShapeStage.from_config(getattr(stage_config, "nodule_stage", None))
+    # each small focal kind's second look at the scan's own spacing (med3d.nodules), where one is set
+    shape_stages = {kind: NoduleShapeStage.from_config(values) for kind, values in getattr(stage_config, "lesion_stages", {}).items() if values}
+    if nodule_stage is not None:
+        shape_stages[NODULE_KIND] = nodule_stage
     findings: list[SegFinding] = []
     for kind in config.finding_kinds:
         if kind not in finding_passes:
@@ -533,10 +538,11 @@ def _segment_on_grid(
             # its voxels go back to the organs
             rejected = probability < threshold or (kind in sites and location not in sites[kind])
             second_look = None
-            if not rejected and nodule_stage is not None and kind == NODULE_KIND:
-                # the nodule's second look: is it a ball, on the scan's own voxels (med3d.nodules)
-                second_look = nodule_stage.probability(volume.hu, volume.spacing, snapped_centre(voxels))
-                rejected = second_look < nodule_stage.min_probability
+            if not rejected and kind in shape_stages:
+                # the second look of a nodule (or another small focal kind): is it a ball, on the
+                # scan's own voxels (med3d.nodules)
+                second_look = shape_stages[kind].probability(volume.hu, volume.spacing, snapped_centre(voxels))
+                rejected = second_look < shape_stages[kind].min_probability
             elif not rejected and verifier is not None:  # the second look, on the finder's grid
                 from napari_tghmoe.med3d.verifier import verify
 
