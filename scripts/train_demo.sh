@@ -24,10 +24,10 @@ if [[ -n "${RESUME:-}" ]]; then resume=(--resume); fi
 # JSON, TGHMOE_EVIDENCE_CACHE), and give the cascade its site and phase heads (learnt from the
 # training phantoms' evidence and truth; resources/demo-seg-model/sites.*, phase.*).
 export TGHMOE_EVIDENCE_CACHE=${TGHMOE_EVIDENCE_CACHE:-$OUT/evidence}
-# Phases 10-12 also read simulated evidence of 600 more phantoms each (their truth with the cascade's kind
+# Phases 10-13 also read simulated evidence of 600 more phantoms each (phase 13: 200 of 310600-311599) (their truth with the cascade's kind
 # of errors; the site head also learns from 1,000 of them).
 $PY scripts/scan_evidence.py --seeds 300000-300199 --out "$TGHMOE_EVIDENCE_CACHE"
-$PY scripts/oracle_evidence.py --seeds 310000-310999 --out "$TGHMOE_EVIDENCE_CACHE"
+$PY scripts/oracle_evidence.py --seeds 310000-311599 --out "$TGHMOE_EVIDENCE_CACHE"
 $PY scripts/train_sites.py --evidence "$TGHMOE_EVIDENCE_CACHE" --seeds 300000-300199 --out resources/demo-seg-model \
     --simulated "$TGHMOE_EVIDENCE_CACHE" --simulated-seeds 310000-310999
 
