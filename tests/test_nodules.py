@@ -182,7 +182,7 @@ def test_the_bundled_cascades_confirm_hyperdense_liver_lesions_with_a_stage():
     ]
     assert stages[0] is not None and stages[0] == stages[1]
     stage = stages[0]
-    assert stage.polarity == 1 and stage.min_probability == 0.7
+    assert stage.polarity == 1 and stage.min_probability == 0.85  # chosen on validation (docs/results-med3d.md)
     ball, centre = _tissue_with("ball", tissue_hu=110.0, lesion_hu=185.0)
     vessel, _ = _tissue_with("vessel", tissue_hu=110.0, lesion_hu=185.0)
     assert stage.probability(ball, SPACING, centre) > stage.min_probability > stage.probability(vessel, SPACING, centre)
