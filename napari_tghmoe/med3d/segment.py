@@ -511,9 +511,9 @@ def _segment_on_grid(
     voxel_ml = float(np.prod(volume.spacing)) / 1000.0
     min_voxels = max(1, int(np.ceil(config.min_finding_ml / voxel_ml))) if config.min_finding_ml > 0 else 1
     # a cascade's finding model sets how sure a finding must be; the organ model's own otherwise
-    threshold = (finder.config if finder is not None else config).min_finding_probability
-    sites = (finder.config if finder is not None else config).finding_sites
     stage_config = finder.config if finder is not None else config
+    threshold = stage_config.min_finding_probability
+    sites = stage_config.finding_sites
     nodule_stage = NoduleShapeStage.from_config(getattr(stage_config, "nodule_stage", None))
     # each small focal kind's second look at the scan's own spacing (med3d.nodules), where one is set
     shape_stages = {kind: NoduleShapeStage.from_config(values) for kind, values in getattr(stage_config, "lesion_stages", {}).items() if values}
