@@ -118,6 +118,82 @@ def test_collate_trains_on_the_faithful_report_when_the_recipe_asks(two_finding_
     assert _pairs(target(faithful)) == {(phantom.findings[0].kind, phantom.findings[0].location)}
 
 
+# --------------------------------------------------------------------------- faithful answers
+
+
+def _location_meta(kind: str, answer: str, choices: list[str], region: str = "chest") -> dict:
+    return {"question": f"Where is the {kind} located?", "choices": choices, "answer_text": answer, "region": region}
+
+
+NODE_CHOICES = ["right paratracheal region", "subcarinal region", "left hilar region", "no enlarged lymph node is seen"]
+
+
+def test_a_location_question_is_answered_as_the_words_answer_it():
+    from napari_tghmoe.train.faithful import faithful_answer
+
+    node = "3D encoder: axial series. Found: 12 mm enlarged lymph node in the subcarinal region; 9 mm lung nodule in the left lower lobe."
+    nothing = "3D encoder: axial series. Found: nothing."
+    # the words missed the node: the target is the absence they state, not the truth
+    assert faithful_answer("location", _location_meta("enlarged lymph node", "subcarinal region", NODE_CHOICES), nothing) == "no enlarged lymph node is seen"
+    # the words name a node the truth lacks: the target is the node's place
+    assert faithful_answer("location", _location_meta("enlarged lymph node", "no enlarged lymph node is seen", NODE_CHOICES), node) == "subcarinal region"
+    # words that agree change nothing
+    assert faithful_answer("location", _location_meta("enlarged lymph node", "subcarinal region", NODE_CHOICES), node) == "subcarinal region"
+
+
+def test_the_truth_stays_where_the_words_answer_nothing_among_the_choices():
+    from napari_tghmoe.train.faithful import faithful_answer
+
+    two_nodes = "3D encoder: axial series. Found: 12 mm enlarged lymph node in the subcarinal region; 11 mm enlarged lymph node in the left hilar region."
+    no_absent = NODE_CHOICES[:3] + ["right pleural space"]
+    meta = _location_meta("enlarged lymph node", "subcarinal region", no_absent)
+    assert faithful_answer("location", meta, "3D encoder: axial series. Found: nothing.") == "subcarinal region"  # absence is no choice
+    assert faithful_answer("location", _location_meta("enlarged lymph node", "left hilar region", NODE_CHOICES), two_nodes) == "left hilar region"
+    words = "3D encoder: axial series, venous phase. Found: nothing."
+    assert faithful_answer("phase", {"question": "Which phase?", "choices": ["arterial", "venous"], "answer_text": "arterial", "region": "chest"}, words) == "arterial"
+
+
+def test_abnormality_and_organ_questions_follow_the_one_finding_the_words_state():
+    from napari_tghmoe.train.faithful import faithful_answer
+
+    words = "3D encoder: axial series. Found: 20 mm renal cyst in the left kidney, upper pole."
+    abnormality = {"question": "What abnormality is seen in the abdomen?", "region": "abdomen", "answer_text": "no abnormality",
+                   "choices": ["renal cyst", "no abnormality", "hypodense splenic lesion", "enlarged lymph node"]}
+    organ = {"question": "Which organ contains the abnormality?", "region": "abdomen", "answer_text": "liver",
+             "choices": ["liver", "kidney", "spleen", "none of these organs"]}
+    assert faithful_answer("abnormality", abnormality, words) == "renal cyst"
+    assert faithful_answer("organ", organ, words) == "kidney"
+    two = words[:-1] + "; 30 mm hypodense liver lesion in the left lobe of the liver."
+    assert faithful_answer("organ", organ, two) == "liver"  # two organs stated: the truth stays
+
+
+def test_collate_trains_closed_and_open_answers_on_the_words_when_the_recipe_asks():
+    from napari_tghmoe.datasets import Sample
+    from napari_tghmoe.datasets.samples import closed_vqa_prompt, closed_vqa_target
+    from napari_tghmoe.model.tiny import tiny_base_config
+    from napari_tghmoe.model.tokenizer import DEFAULT_CORPUS, build_tokenizer
+    from napari_tghmoe.train.collate import collate
+
+    question = "Where is the enlarged lymph node located?"
+    tokenizer = build_tokenizer(list(DEFAULT_CORPUS) + [question, *NODE_CHOICES], vocab_size=512)
+    config = tiny_base_config()
+    config.volume_grid = (8, 64, 64)
+    config.group_names = ["shared", "report", "vqa_closed", "vqa_open"]
+    config.num_volume_tokens, config.volume_token_id = 2, int(tokenizer.eos_token_id)
+    hu = np.random.default_rng(0).normal(0, 100, (8, 32, 32)).astype(np.float32)
+    meta = {"spacing": (5.0, 1.0, 1.0), "answer_letter": "B", **_location_meta("enlarged lymph node", "subcarinal region", NODE_CHOICES)}
+    closed = Sample(hu, closed_vqa_prompt(question, NODE_CHOICES), closed_vqa_target("B", "subcarinal region"), "vqa_closed", "location", dict(meta))
+    open_ = Sample(hu, question, "subcarinal region", "vqa_open", "location", dict(meta))
+    evidence = _Evidence("3D encoder: axial series. Found: nothing.", 4)
+
+    def targets(batch):
+        return [tokenizer.decode(row[row != -100][:-1].tolist()).strip() for row in batch["labels"]]
+
+    assert targets(collate([closed, open_], tokenizer, config, volume_features=evidence)) == ["B. subcarinal region", "subcarinal region"]
+    faithful = collate([closed, open_], tokenizer, config, volume_features=evidence, faithful_answers=True)
+    assert targets(faithful) == ["D. no enlarged lymph node is seen", "no enlarged lymph node is seen"]
+
+
 # --------------------------------------------------------------------------- evidence files
 
 

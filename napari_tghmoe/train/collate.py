@@ -31,6 +31,7 @@ def collate(
     zero_image: bool = False,
     volume_features: Any = None,
     faithful_reports: bool = False,
+    faithful_answers: bool = False,
 ) -> dict[str, Any]:
     """Batch samples into keyword arguments for ``TGHMoEForConditionalGeneration.forward``.
 
@@ -56,6 +57,8 @@ def collate(
     once per volume); the prompt builder puts the N placeholders after the video block.
     ``faithful_reports`` (recipe ``[data] faithful_reports``): a report target states only the
     true findings its evidence words state (:func:`napari_tghmoe.train.faithful.faithful_report`).
+    ``faithful_answers`` (recipe ``[data] faithful_answers``): a question about a finding is
+    answered as its evidence words answer it (:func:`napari_tghmoe.train.faithful.faithful_answer`).
     """
     import torch
 
@@ -84,6 +87,8 @@ def collate(
             from napari_tghmoe.train.faithful import faithful_report
 
             target = faithful_report(target, sample.meta["findings"], words, sample.meta["region"])
+        if faithful_answers and words and sample.task != "report" and "answer_text" in sample.meta:
+            target = _faithful_target(sample, words)
         target_ids = tokenizer(target.strip(), add_special_tokens=False)["input_ids"] + [eos_id]
         if max_length is not None:
             room = max_length - len(prompt_ids)
@@ -131,6 +136,19 @@ def collate(
         "task_labels": torch.tensor(task_labels, dtype=torch.long),
         **extra,
     }
+
+
+def _faithful_target(sample: Sample, words: str) -> str:
+    """A question's target with the answer its evidence words support (closed: letter and text)."""
+    from napari_tghmoe.datasets.samples import closed_vqa_target
+    from napari_tghmoe.train.faithful import faithful_answer
+
+    answer = faithful_answer(sample.qtype, sample.meta, words)
+    if answer == sample.meta["answer_text"]:
+        return sample.target
+    if sample.task == "vqa_open":
+        return answer
+    return closed_vqa_target("ABCD"[list(sample.meta["choices"]).index(answer)], answer)
 
 
 def make_collate_fn(tokenizer: Any, model_config: Any, **options: Any):

@@ -1,4 +1,5 @@
-"""Report targets that state only what the model was shown (issue 15, fourth round).
+"""Targets that state only what the model was shown (issue 15: reports in the fourth round,
+answers about findings in the eighth).
 
 Why: a phantom's report states every true finding, but the evidence line the chat model reads
 misses some of them (the cascade's misses and unsure findings, ~20 % on training phantoms). Trained
@@ -10,6 +11,13 @@ each true finding whose kind and location the evidence words do not state: its s
 organ's section (an emptied section gets that section's normal sentence), its impression item goes
 and the others are renumbered (none left: the normal impression). Nothing untrue is added: a false
 finding of the evidence stays out of the target.
+
+Answers (eighth round): a question about a finding (its location, the abnormality, its organ) was
+answered from the truth while the words missed ~20 % of findings and listed some false ones, so the
+model learnt to doubt its words: on held-out scans it answered "no enlarged lymph node is seen"
+beside words that named one, and named a node where the words named none.
+:func:`faithful_answer` gives the answer the words support instead, when that answer is one of
+the question's choices; otherwise the truth stays (plane and phase questions always keep it).
 """
 
 from __future__ import annotations
@@ -71,3 +79,49 @@ def faithful_report(report: str, findings: Iterable[Any], words: str, region: st
     shown = stated_pairs(words)
     dropped = [f for f in findings if (_field(f, "kind"), _field(f, "location")) not in shown]
     return report_without(report, dropped, region)
+
+
+#: Closed-question types whose answer is a finding (``napari_tghmoe.phantom._text.make_vqa``).
+FINDING_QTYPES = ("location", "abnormality", "organ")
+
+
+def _asked_kind(question: str) -> str | None:
+    """The finding kind a location question names (the longest kind found in it)."""
+    from napari_tghmoe.phantom._types import FINDING_KINDS
+
+    named = [kind for kind in FINDING_KINDS if kind in question.lower()]
+    return max(named, key=len) if named else None
+
+
+def supported_answer(qtype: str, question: str, words: str, region: str) -> str | None:
+    """The answer the evidence ``words`` give to a phantom question about a finding, or None when
+    they give none (two candidates, a kind without its location, another question type)."""
+    from napari_tghmoe.phantom._text import NO_ABNORMALITY, NONE_OF_THEM, _absent
+    from napari_tghmoe.phantom._types import FINDING_KINDS
+
+    pairs = stated_pairs(words)
+    if qtype == "location":
+        kind = _asked_kind(question)
+        if kind is None:
+            return None
+        places = {location for stated, location in pairs if stated == kind}
+        if not places:
+            return _absent(kind)
+        return next(iter(places)) if len(places) == 1 and None not in places else None
+    in_region = {kind for kind, _ in pairs if kind in FINDING_KINDS and region in FINDING_KINDS[kind][1]}
+    if qtype == "abnormality":
+        return NO_ABNORMALITY if not in_region else (next(iter(in_region)) if len(in_region) == 1 else None)
+    if qtype == "organ":
+        organs = {FINDING_KINDS[kind][0] for kind in in_region}
+        return NONE_OF_THEM if not organs else (next(iter(organs)) if len(organs) == 1 else None)
+    return None
+
+
+def faithful_answer(qtype: str | None, meta: Mapping[str, Any], words: str) -> str:
+    """The answer text a question about a finding is trained on: the one the words support when it
+    is among the choices, else the true one (``meta["answer_text"]``)."""
+    truth = str(meta["answer_text"])
+    if qtype not in FINDING_QTYPES or "region" not in meta:
+        return truth
+    supported = supported_answer(qtype, str(meta.get("question", "")), words, str(meta["region"]))
+    return supported if supported is not None and supported in list(meta.get("choices", ())) else truth

@@ -113,6 +113,10 @@ class DataSpec:
     #: Report targets state only the true findings the evidence words state (napari_tghmoe.train.faithful):
     #: a model trained on findings it was not shown learns to invent findings.
     faithful_reports: bool = False
+    #: Questions about a finding are answered as the evidence words answer them, where that answer
+    #: is a choice (napari_tghmoe.train.faithful.faithful_answer): truth the words contradict taught
+    #: the model to doubt its words.
+    faithful_answers: bool = False
 
 
 @dataclass
@@ -295,7 +299,7 @@ def _validate(recipe: Recipe) -> None:
         raise RecipeError(f"{where}: [model] evidence_words_min_certainty must be in [0, 1], got {cut!r}")
     if bias is not None and float(bias) < 0.0:
         raise RecipeError(f"{where}: [model] evidence_words_copy_bias must be >= 0, got {bias!r}")
-    for flag in ("zero_image", "faithful_reports"):
+    for flag in ("zero_image", "faithful_reports", "faithful_answers"):
         if not isinstance(getattr(recipe.data, flag), bool):
             raise RecipeError(f"{where}: [data] {flag} must be true or false, got {getattr(recipe.data, flag)!r}")
     for stage in (recipe.stage1, recipe.stage2):

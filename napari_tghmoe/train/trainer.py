@@ -285,6 +285,7 @@ def make_batch(
     zero_image: bool = False,
     volume_features: Any = None,
     faithful_reports: bool = False,
+    faithful_answers: bool = False,
 ) -> dict:
     from napari_tghmoe.train.collate import collate
 
@@ -296,6 +297,7 @@ def make_batch(
         zero_image=zero_image,
         volume_features=volume_features,
         faithful_reports=faithful_reports,
+        faithful_answers=faithful_answers,
     )
     if not collate_config.has_task_groups:
         batch.pop("task_labels", None)
@@ -529,6 +531,7 @@ def train(
                 recipe.data.zero_image,
                 volume_cache,
                 recipe.data.faithful_reports,
+                recipe.data.faithful_answers,
             )
             batch = {k: v.to(accelerator.device) for k, v in batch.items()}
             if first_batch is None:
