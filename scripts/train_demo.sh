@@ -3,7 +3,7 @@
 #   0. the cascade's evidence of the phase-8 phantoms and its site and phase heads,
 #   1. tghmoe train --config recipes/demo.toml --stage both: stage 1 (builds the BPE tokenizer on
 #      the phantom training corpus, then trains the randomly initialised base + shared experts +
-#      merger + LLM LoRA), its eleven continuation phases (the eighth attaches the 3D evidence encoder, the ninth goes on, the tenth and eleventh add simulated evidence, the twelfth trains on faithful report targets) ([[stage1_continue]] in the recipe: more
+#      merger + LLM LoRA), its thirteen continuation phases (the eighth attaches the 3D evidence encoder, the ninth goes on, the tenth and eleventh add simulated evidence, the twelfth trains on faithful report targets, the thirteenth oversamples scans with several findings, the fourteenth trains on faithful answers) ([[stage1_continue]] in the recipe: more
 #      closed questions, then the auxiliary vision loss and the per-sample LM loss, then mostly
 #      closed questions, then a longer one at a lower lr, then one on the current phantoms), then stage 2 (task experts and routers) from the last phase,
 #   2. evaluation on the recipe's held-out phantom seeds with held-out phrasings,
@@ -63,7 +63,7 @@ $PY -m napari_tghmoe.cli eval --model "$OUT/stage2" --data "$DATA" --task all --
 
 $PY -m napari_tghmoe.train.card --model "$OUT/stage2" --stage1 "$LAST1" --recipe "$RECIPE" \
     --results "$OUT/eval/heldout.json" --dest "$DEST" --command "scripts/train_demo.sh" \
-    --stage1-note "twelve phases: 400 steps (lr 2e-3) + 500 + 1000 (lr 1e-3, closed-VQA weight 0.6) + 1500 (auxiliary vision loss, per-sample LM loss) + 2000 (closed-VQA weight 0.7) + 2500 (lr 3e-4, closed-VQA weight 0.65) + 800 (lr 3e-4, phantoms in four planes and four phases, balanced choices) + 800 (lr 5e-4, full-size phantoms, the 3D evidence encoder attached) + 1000 (the same, new draws) + 1500 (600 more phantoms with simulated evidence) + 1500 (the next 600 of them) + 1500 (faithful report targets, the words' cut 0.6; shipped with 0.4), 15000 in all" \
+    --stage1-note "fourteen phases: 400 steps (lr 2e-3) + 500 + 1000 (lr 1e-3, closed-VQA weight 0.6) + 1500 (auxiliary vision loss, per-sample LM loss) + 2000 (closed-VQA weight 0.7) + 2500 (lr 3e-4, closed-VQA weight 0.65) + 800 (lr 3e-4, phantoms in four planes and four phases, balanced choices) + 800 (lr 5e-4, full-size phantoms, the 3D evidence encoder attached) + 1000 (the same, new draws) + 1500 (600 more phantoms with simulated evidence) + 1500 (the next 600 of them) + 1500 (faithful report targets, the words' cut 0.6) + 1500 (the words at 0.4, scans with several findings oversampled) + 1500 (faithful answers to questions about findings), 18000 in all" \
     --stage1-seconds $((t1 - t0)) --stage2-seconds $((t2 - t1)) \
     --hardware "$(nproc) CPU cores ($(uname -m)), shared with other jobs; no GPU"
 echo "demo model written to $DEST"

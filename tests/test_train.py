@@ -308,7 +308,7 @@ def test_a_phase_that_sets_only_the_words_cut_continues_from_the_previous_model_
             "data": {"train": ["phantom:seeds=0-1"]},
             "stage1_continue": [
                 {"model": {"evidence_words_min_certainty": 0.6}, "data": {"faithful_reports": True}},
-                {"model": {"volume_token_source": "evidence"}},
+                {"model": {"volume_token_source": "evidence"}, "data": {"faithful_answers": True}},
             ],
         },
         "inline",
@@ -318,6 +318,9 @@ def test_a_phase_that_sets_only_the_words_cut_continues_from_the_previous_model_
     assert phases[1].model.evidence_words_min_certainty == 0.6 and phases[1].data.faithful_reports
     assert phases[2].model.evidence_words_min_certainty == 0.6  # a model setting carries over
     assert phases[0].model.evidence_words_min_certainty is None and not phases[0].data.faithful_reports
+    assert phases[2].data.faithful_answers and not phases[1].data.faithful_answers
+    with pytest.raises(RecipeError, match="faithful_answers"):
+        recipe_from_dict({"model": {"tiny": {"text_hidden": 64}}, "tokenizer": {"source": "build"}, "data": {"train": ["phantom:seeds=0-1"], "faithful_answers": "yes"}}, "inline")
 
 
 def test_an_ablation_arm_starts_from_the_trained_base_with_its_own_adapters(env, two_stages, tmp_path):
