@@ -104,17 +104,21 @@ def supported_answer(qtype: str, question: str, words: str, region: str) -> str 
         kind = _asked_kind(question)
         if kind is None:
             return None
-        places = {location for stated, location in pairs if stated == kind}
-        if not places:
-            return _absent(kind)
-        return next(iter(places)) if len(places) == 1 and None not in places else None
+        return _the_one({location for stated, location in pairs if stated == kind}, _absent(kind))
     in_region = {kind for kind, _ in pairs if kind in FINDING_KINDS and region in FINDING_KINDS[kind][1]}
     if qtype == "abnormality":
-        return NO_ABNORMALITY if not in_region else (next(iter(in_region)) if len(in_region) == 1 else None)
+        return _the_one(in_region, NO_ABNORMALITY)
     if qtype == "organ":
-        organs = {FINDING_KINDS[kind][0] for kind in in_region}
-        return NONE_OF_THEM if not organs else (next(iter(organs)) if len(organs) == 1 else None)
+        return _the_one({FINDING_KINDS[kind][0] for kind in in_region}, NONE_OF_THEM)
     return None
+
+
+def _the_one(named: set[str | None], nothing: str) -> str | None:
+    """The answer of words that name ``named``: ``nothing`` for none, the one named (None for a kind
+    stated without its place), no answer (None) for several."""
+    if not named:
+        return nothing
+    return next(iter(named)) if len(named) == 1 else None
 
 
 def faithful_answer(qtype: str | None, meta: Mapping[str, Any], words: str) -> str:
